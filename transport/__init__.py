@@ -1,0 +1,11 @@
+"""transport: vsock addressing and fabric, the attested secure channel, streaming RPC framing,
+and the vsock-proxy / ingress proxies.
+
+This is the lowest layer of enclave-runtime: it imports no other package of the project. The
+project's root error (:class:`transport.errors.EnclaveError`) and the once-per-process logging
+set-up (:func:`transport.logs.configure_logging`) live here so every package can use them.
+"""
+
+from __future__ import annotations
+
+from transport.errors import EnclaveError as EnclaveError

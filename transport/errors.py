@@ -1,0 +1,93 @@
+"""The project's error tree.
+
+Every error raised on purpose by enclave-runtime derives from :class:`EnclaveError`, so a caller
+can catch "anything this library reports" in one clause while still telling faults apart::
+
+    EnclaveError                      root of the project (this module is the lowest layer)
+    ├── ConfigurationError            a config file, flag or argument is invalid (caller's fault)
+    ├── TransportError                transport/: addressing, fabric, channel, framing
+    │   ├── VsockError
+    │   │   └── VsockConnectionRefused    nobody listens there, or policy forbids it
+    │   ├── ProtocolError
+    │   │   ├── LocalProtocolError        *we* misused the protocol (a bug on this side)
+    │   │   └── RemoteProtocolError       the *peer* sent something invalid
+    │   │       └── AuthenticationFailed  opaque: the peer learns "failed" and nothing more
+    │   └── ChannelClosed                 the channel was closed (by us or cleanly by the peer)
+    ├── attest.errors.AttestError     attest/ (NSM, documents, verification)
+    ├── kms.errors.KmsError           kms/
+    ├── models.errors.ModelError      models/
+    └── runtime.errors.RuntimeErrorBase   runtime/ (carries nitro-cli's Exx code)
+
+Whose fault it is follows h11: local errors are bugs or misuse on this side, remote errors are the
+peer's. Authentication failures deliberately carry no detail in their message (the detail goes to
+our log, never to the peer), like ``cryptography.exceptions.InvalidTag``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EnclaveError",
+    "ConfigurationError",
+    "TransportError",
+    "VsockError",
+    "VsockConnectionRefused",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "AuthenticationFailed",
+    "ChannelClosed",
+]
+
+
+class EnclaveError(Exception):
+    """Root of every error enclave-runtime raises on purpose."""
+
+
+class ConfigurationError(EnclaveError, ValueError):
+    """A configuration file, command-line flag or constructor argument is invalid.
+
+    Raised at load time, before any work starts. It is also a :class:`ValueError` so generic
+    argument-checking code treats it as such.
+    """
+
+
+class TransportError(EnclaveError):
+    """Base class for errors from the transport layer."""
+
+
+class VsockError(TransportError):
+    """A vsock address is invalid or a vsock operation failed."""
+
+
+class VsockConnectionRefused(VsockError, ConnectionRefusedError):
+    """Nobody listens at the address, or the fabric's policy does not allow this connection.
+
+    Like a real ``AF_VSOCK`` connect, the two cases are not distinguished to the caller.
+    """
+
+
+class ProtocolError(TransportError):
+    """A wire protocol was violated."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side misused the protocol API (for example sent after closing): a bug here."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol (malformed, oversized, out of order)."""
+
+
+class AuthenticationFailed(RemoteProtocolError):
+    """Authentication or integrity failed: a bad tag, a rejected attestation, a truncation.
+
+    The message is intentionally uninformative ("authentication failed"); the reason is logged
+    locally by the code that detected it.
+    """
+
+    def __init__(self, message: str = "authentication failed") -> None:
+        super().__init__(message)
+
+
+class ChannelClosed(TransportError):
+    """The channel or stream was closed; no more data can be sent or received on it."""
