@@ -27,7 +27,7 @@ SUITES: dict[str, str] = {
     "attest": "attest.bench",
     "kms": "kms.bench",
     "runtime": "runtime.bench",
-    "inference": "models.bench",
+    "inference": "runtime.bench_inference",
 }
 
 BenchResult = dict[str, float | int | str | None]

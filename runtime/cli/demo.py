@@ -2,7 +2,7 @@
 
 Temporary state, the KMS daemon, the runtime, a sealed copy of the bundled digits model served by
 a non-debug enclave, the client streaming the test split through it; then a debug enclave refused
-the model key. Implemented by ``models.demo`` once the inference stack exists.
+the model key. Implemented by ``runtime.demo`` once the inference stack exists.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ def register(subparsers: SubParsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        demo = importlib.import_module("models.demo")
+        demo = importlib.import_module("runtime.demo")
     except ModuleNotFoundError as exc:
-        if exc.name != "models.demo":
+        if exc.name != "runtime.demo":
             raise
-        print("enclave demo: the end-to-end path is not built yet (models/demo.py is missing).",
+        print("enclave demo: the end-to-end path is not built yet (runtime/demo.py is missing).",
               file=sys.stderr)
         return 1
     result: int = demo.main(keep=args.keep)
