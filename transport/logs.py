@@ -85,6 +85,24 @@ def redact_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) ->
     return event_dict
 
 
+class _CurrentStderr:
+    """A file-like object that writes to whatever ``sys.stderr`` is *now*.
+
+    structlog's PrintLogger keeps the file it was given. Binding ``sys.stderr`` itself at
+    configure time breaks when the stream is later swapped (pytest's capsys closes its capture
+    file after each test), so the default stream resolves ``sys.stderr`` on every write.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def _processors(json: bool) -> list[Processor]:
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -115,16 +133,16 @@ def configure_logging(
         cache: cache loggers on first use (production). Tests pass False so that
             ``structlog.testing.capture_logs`` sees every entry.
     """
-    out = stream if stream is not None else sys.stderr
+    out: TextIO | _CurrentStderr = stream if stream is not None else _CurrentStderr()
     if level is None:
         level = os.environ.get("ENCLAVE_LOG_LEVEL", "info")
     numeric = logging.getLevelNamesMapping()[level.upper()] if isinstance(level, str) else level
     if json is None:
-        json = not (hasattr(out, "isatty") and out.isatty())
+        json = not out.isatty()
     structlog.configure(
         processors=_processors(json),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=cache,
     )
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 import structlog
 
 from transport.logs import REDACTED, configure_logging, is_secret_key, redact_secrets
@@ -55,5 +56,19 @@ def test_configure_logging_filters_by_level() -> None:
         structlog.get_logger().warning("loud")
         assert "quiet" not in buf.getvalue()
         assert "loud" in buf.getvalue()
+    finally:
+        structlog.reset_defaults()
+
+
+def test_default_stream_follows_sys_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", first)
+    configure_logging("info", json=True, cache=True)
+    try:
+        structlog.get_logger().info("one")
+        first.close()  # as pytest's capsys does after a test
+        monkeypatch.setattr("sys.stderr", second)
+        structlog.get_logger().info("two")
+        assert json.loads(second.getvalue())["event"] == "two"
     finally:
         structlog.reset_defaults()

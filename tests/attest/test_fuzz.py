@@ -1,0 +1,126 @@
+"""Hypothesis over the CBOR/COSE decoders: any bytes give a typed error or a value, quickly."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cbor2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from attest.ca import LocalCA
+from attest.document import AttestationDocument, parse_document, sign_document
+from attest.errors import DocumentFormatError, VerificationError
+from attest.nsm import protocol as p
+from attest.nsm.device import EnclaveIdentity, NsmDevice
+from attest.policy import Policy
+from attest.verify import Verifier
+
+from .helpers import MODULE_ID, T0, build_chain, make_doc, pcr
+
+CHAIN = build_chain(tag="fuzz")
+VALID = sign_document(make_doc(CHAIN, nonce=b"n" * 40, user_data=b"u" * 40), CHAIN.leaf_key)
+VERIFIER = Verifier([CHAIN.root])
+ANY = Policy(any_measurement=True, allow_debug=True)
+#: Generous per-input bound: parsing is linear in the (capped) input; catches blow-ups only.
+MAX_SECONDS = 0.5
+
+cbor_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.binary(max_size=64)
+    | st.text(max_size=16)
+    | st.floats(allow_nan=False),
+    lambda children: (
+        st.lists(children, max_size=6)
+        | st.dictionaries(st.text(max_size=8) | st.integers(-3, 40), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+def _parse(data: bytes) -> AttestationDocument | None:
+    start = time.perf_counter()
+    try:
+        return parse_document(data)
+    except DocumentFormatError:
+        return None
+    finally:
+        assert time.perf_counter() - start < MAX_SECONDS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2048))
+def test_parse_arbitrary_bytes(data: bytes) -> None:
+    _parse(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cbor_values, st.booleans())
+def test_parse_arbitrary_cbor(value: Any, tagged: bool) -> None:
+    _parse(cbor2.dumps(cbor2.CBORTag(18, value) if tagged else value))
+    # the same value as a payload inside a well-formed envelope
+    _parse(cbor2.dumps([bytes.fromhex("a1013822"), {}, cbor2.dumps(value), b"\x00" * 96]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(VALID) - 1), st.integers(1, 255)), min_size=1, max_size=4
+    ),
+    st.integers(0, len(VALID)),
+)
+def test_mutated_valid_document(flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(VALID)
+    for index, mask in flips:
+        data[index] ^= mask
+    for candidate in (bytes(data), bytes(data[:cut])):
+        _parse(candidate)
+        try:
+            VERIFIER.verify(candidate, policy=ANY, at=T0)
+        except VerificationError:
+            pass
+        else:  # only possible if every flip landed in ignored bytes (the unprotected map)
+            assert parse_document(candidate) == parse_document(VALID)
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory: pytest.TempPathFactory) -> NsmDevice:
+    ca = LocalCA.load_or_create(tmp_path_factory.mktemp("fuzz") / "ca")
+    return NsmDevice(EnclaveIdentity(MODULE_ID, {0: pcr(1)}), ca.new_signer(MODULE_ID))
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.binary(max_size=512),
+        cbor_values.map(cbor2.dumps),
+        st.dictionaries(
+            st.sampled_from(
+                ["DescribePCR", "ExtendPCR", "LockPCR", "LockPCRs", "Attestation", "Error"]
+            ),
+            cbor_values,
+            min_size=1,
+            max_size=1,
+        ).map(cbor2.dumps),
+    )
+)
+def test_device_answers_everything(device: NsmDevice, data: bytes) -> None:
+    response = p.decode_response(device.handle(data))  # never raises, always a valid response
+    assert isinstance(response, p.Response)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=512), cbor_values.map(cbor2.dumps)))
+def test_response_decoder(data: bytes) -> None:
+    code = None
+    try:
+        p.decode_response(data)
+    except p.MessageError as exc:
+        code = exc.code
+    assert code in (None, "InternalError")

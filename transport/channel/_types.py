@@ -1,0 +1,61 @@
+"""Public value types of ``enclave-channel/1``: suites, the verified peer, the injected callables.
+
+Pure: no I/O, no trio, no cryptography. The attester (enclave side) and the document verifier
+(client side) are *injected* so that ``transport`` stays the bottom layer: ``attest.channel``
+builds real ones from an NSM client and an ``attest.verify.Verifier`` + policy.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["Attester", "DocumentVerifier", "PeerAttestation", "Suite"]
+
+
+class Suite(enum.Enum):
+    """Key-establishment suites of ``enclave-channel/1``; the value is the one-byte wire id.
+
+    Both use HPKE base mode (RFC 9180) with HKDF-SHA256 and AES-256-GCM to seal the channel
+    secret; they differ in the KEM. Records are AES-256-GCM under either suite.
+    """
+
+    #: DHKEM(X25519, HKDF-SHA256): classical, required.
+    X25519 = 0x01
+    #: ML-KEM-768 + X25519 hybrid KEM (post-quantum + classical); the enclave's 1216-byte public
+    #: key travels beside the attestation document and the document carries its SHA-384.
+    MLKEM768_X25519 = 0x02
+
+
+@dataclass(frozen=True)
+class PeerAttestation:
+    """What a :class:`DocumentVerifier` established about the enclave at the other end.
+
+    Field names follow the Nitro attestation document. ``document`` is the exact bytes verified.
+    """
+
+    module_id: str
+    digest: str
+    timestamp_ms: int
+    pcrs: Mapping[int, bytes]
+    public_key: bytes | None
+    user_data: bytes | None
+    nonce: bytes | None
+    document: bytes
+
+
+class Attester(Protocol):
+    """Enclave side: obtain an attestation document from the NSM binding these three values."""
+
+    async def __call__(
+        self, *, nonce: bytes, public_key: bytes, user_data: bytes | None = None
+    ) -> bytes: ...
+
+
+class DocumentVerifier(Protocol):
+    """Client side: fully verify ``document`` (root, chain, signature, PCR policy, debug rule,
+    age) and check that its nonce equals ``nonce``. Raise an ``EnclaveError`` on any failure."""
+
+    def __call__(self, document: bytes, *, nonce: bytes) -> PeerAttestation: ...
