@@ -25,6 +25,7 @@ from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = ["configure_logging", "redact_secrets", "REDACTED", "is_secret_key"]
@@ -111,8 +112,19 @@ def _processors(json: bool) -> list[Processor]:
         redact_secrets,
     ]
     if json:
-        return [*shared, structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
-    return [*shared, structlog.dev.ConsoleRenderer(colors=False)]
+        # Never render local variables of a traceback: they hold keys and plaintexts and would
+        # bypass redact_secrets (structlog's dict_tracebacks shows locals by default).
+        tracebacks = structlog.processors.ExceptionRenderer(
+            ExceptionDictTransformer(show_locals=False)
+        )
+        return [*shared, tracebacks, structlog.processors.JSONRenderer()]
+    # plain_traceback (the explicit default) prints frames and source lines, never locals.
+    return [
+        *shared,
+        structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        ),
+    ]
 
 
 def configure_logging(

@@ -35,8 +35,12 @@ BenchResult = dict[str, float | int | str | None]
 
 def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser("bench", help="run the performance suites (ratios against anchors)")
-    p.add_argument("suites", nargs="*", metavar="SUITE",
-                   help=f"suites to run (default: all): {', '.join(SUITES)}")
+    p.add_argument(
+        "suites",
+        nargs="*",
+        metavar="SUITE",
+        help=f"suites to run (default: all): {', '.join(SUITES)}",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
     p.set_defaults(func=run)
@@ -60,6 +64,11 @@ def _fmt(value: float | int | str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     suites = list(args.suites) or list(SUITES)
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        print(f"enclave bench: unknown suite(s) {', '.join(unknown)}; "
+              f"choose from {', '.join(SUITES)}", file=sys.stderr)
+        return 2
     results: dict[str, BenchResult] = {}
     missing: list[str] = []
     for suite in suites:

@@ -16,8 +16,9 @@ def test_quick_bench_measures_every_figure() -> None:
         value = figures[key]
         assert isinstance(value, float)
         assert value > 0
+    # Figures are rounded to 3 decimals, hence the absolute tolerance.
     assert figures["channel_ratio"] == pytest.approx(
-        figures["channel_gbps"] / figures["aead_gbps"], rel=0.01
+        figures["channel_gbps"] / figures["aead_gbps"], rel=0.01, abs=0.002
     )
     rpc = figures["rpc_rtt_us"]
     assert rpc is None or (isinstance(rpc, float) and rpc > 0)

@@ -92,7 +92,9 @@ async def test_small_records_setting() -> None:
             while len(got) < 10_000:
                 got += await server.receive_some()
         assert got == b"z" * 10_000
-        assert client.statistics()["records_sent"] == 10
+        assert client.statistics().records_sent == 10
+        assert server.statistics().records_received == 10
+        assert server.statistics().bytes_buffered == 0
 
 
 async def test_one_byte_trickle() -> None:

@@ -10,8 +10,16 @@ from transport.logs import REDACTED, configure_logging, is_secret_key, redact_se
 
 
 def test_secret_names_are_recognised() -> None:
-    for name in ["plaintext", "data_key", "private_key", "recipient_private_key",
-                 "aws_secret_access_key", "session_token", "channel_secret", "Authorization"]:
+    for name in [
+        "plaintext",
+        "data_key",
+        "private_key",
+        "recipient_private_key",
+        "aws_secret_access_key",
+        "session_token",
+        "channel_secret",
+        "Authorization",
+    ]:
         assert is_secret_key(name), name
     for name in ["key_id", "module_id", "pcr0", "event", "digest"]:
         assert not is_secret_key(name), name
@@ -19,13 +27,17 @@ def test_secret_names_are_recognised() -> None:
 
 def test_redaction_hides_secret_fields_and_all_binary_values() -> None:
     secret = b"\x01" * 32
-    out = redact_secrets(None, "info", {
-        "event": "released",
-        "data_key": "c2VjcmV0",
-        "ciphertext": secret,
-        "nested": {"private_key": "pem", "ok": 1, "blob": bytearray(3)},
-        "key_id": "1234",
-    })
+    out = redact_secrets(
+        None,
+        "info",
+        {
+            "event": "released",
+            "data_key": "c2VjcmV0",
+            "ciphertext": secret,
+            "nested": {"private_key": "pem", "ok": 1, "blob": bytearray(3)},
+            "key_id": "1234",
+        },
+    )
     assert out["data_key"] == REDACTED
     assert out["ciphertext"] == "<32 bytes>"
     assert out["nested"] == {"private_key": REDACTED, "ok": 1, "blob": "<3 bytes>"}
@@ -70,5 +82,26 @@ def test_default_stream_follows_sys_stderr(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setattr("sys.stderr", second)
         structlog.get_logger().info("two")
         assert json.loads(second.getvalue())["event"] == "two"
+    finally:
+        structlog.reset_defaults()
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+def test_tracebacks_never_show_local_variables(as_json: bool) -> None:
+    buf = io.StringIO()
+    configure_logging("info", json=as_json, stream=buf, cache=False)
+    try:
+        def unwrap(data_key: bytes) -> None:
+            session = data_key.hex()  # a local holding secret material
+            raise ValueError(f"bad length {len(session)}")
+
+        try:
+            unwrap(b"\xaa" * 16)
+        except ValueError:
+            structlog.get_logger().exception("unwrap_failed")
+        text = buf.getvalue()
+        assert "unwrap_failed" in text
+        assert "ValueError" in text
+        assert "aa" * 16 not in text
     finally:
         structlog.reset_defaults()

@@ -34,6 +34,7 @@ from transport.channel._record import MAX_RECORD_PLAINTEXT as MAX_RECORD_PLAINTE
 from transport.channel._trio import HANDSHAKE_TIMEOUT_S as HANDSHAKE_TIMEOUT_S
 from transport.channel._trio import SOCKET_BUFFER_SIZE as SOCKET_BUFFER_SIZE
 from transport.channel._trio import ChannelAuthenticationFailed as ChannelAuthenticationFailed
+from transport.channel._trio import ChannelStatistics as ChannelStatistics
 from transport.channel._trio import SecureChannel as SecureChannel
 from transport.channel._trio import accept_channel as accept_channel
 from transport.channel._trio import connect_channel as connect_channel
@@ -48,6 +49,7 @@ __all__ = [
     "accept_channel",
     "SecureChannel",
     "ChannelAuthenticationFailed",
+    "ChannelStatistics",
     "HANDSHAKE_TIMEOUT_S",
     "SOCKET_BUFFER_SIZE",
     # injected callables and value types

@@ -406,12 +406,18 @@ class ChannelConnection:
     @property
     def buffered(self) -> int:
         """Received bytes not yet processed."""
-        return len(self._buf)
+        buf = self._buf
+        return buf._w - buf._r  # not len(): this sits on the per-message path
 
     @property
     def records_sent(self) -> int:
         """Records sealed under the current send key (0 before the handshake)."""
         return self._sealer.seq if self._sealer else 0
+
+    @property
+    def records_received(self) -> int:
+        """Records opened under the current receive key (0 before the handshake)."""
+        return self._opener.seq if self._opener else 0
 
     def _transition(self, inp: _Input) -> None:
         new = _TRANSITIONS.get((self._state, inp))
@@ -555,9 +561,10 @@ class ChannelConnection:
         for the close record, None if incomplete. The per-record hot path: no enums, no events.
         """
         buf = self._buf
-        raw = buf.raw
-        r = buf.start
-        avail = len(buf)
+        # Direct slot access, not the properties/len(): Python-level calls per record add up.
+        raw = buf._buf
+        r = buf._r
+        avail = buf._w - r
         if avail < HEADER_SIZE:
             if self._eof:
                 raise self._reject(

@@ -32,6 +32,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 import structlog
@@ -61,6 +62,9 @@ from transport.errors import AuthenticationFailed, LocalProtocolError
 
 __all__ = [
     "HANDSHAKE_TIMEOUT_S",
+    "CLOSE_TIMEOUT_S",
+    "SOCKET_BUFFER_SIZE",
+    "ChannelStatistics",
     "ChannelAuthenticationFailed",
     "SecureChannel",
     "accept_channel",
@@ -90,6 +94,24 @@ class ChannelAuthenticationFailed(AuthenticationFailed, trio.BrokenResourceError
     Opaque by design (the reason is logged locally). Both an
     :class:`~transport.errors.AuthenticationFailed` and a ``trio.BrokenResourceError``.
     """
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """What :meth:`SecureChannel.statistics` reports.
+
+    Attributes:
+        suite: the negotiated suite's name.
+        records_sent / records_received: records under the current keys, close included.
+        data_records_left: data records this side may still send before its limit.
+        bytes_buffered: received bytes not yet returned (ciphertext and plaintext).
+    """
+
+    suite: str
+    records_sent: int
+    records_received: int
+    data_records_left: int
+    bytes_buffered: int
 
 
 class _ConflictDetector:
@@ -423,9 +445,15 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         finally:
             await self.transport_stream.aclose()
 
-    def statistics(self) -> dict[str, int | str]:
-        """Counters for diagnostics (no secrets): records sent under the current key, suite."""
-        return {"suite": self.suite.name, "records_sent": self._conn.records_sent}
+    def statistics(self) -> ChannelStatistics:
+        """An immutable snapshot of counters for diagnostics (no secrets)."""
+        return ChannelStatistics(
+            suite=self.suite.name,
+            records_sent=self._conn.records_sent,
+            records_received=self._conn.records_received,
+            data_records_left=self._conn.data_records_left,
+            bytes_buffered=self._conn.buffered + sum(map(len, self._pending)),
+        )
 
 
 async def _handshake_io(
