@@ -1,2 +1,39 @@
 """kms: a local KMS daemon speaking the AWS KMS JSON protocol that releases keys only to
-attested enclaves, and the enclave-side client."""
+attested enclaves, and the enclave-side client.
+
+Layers: pure cores (``sigv4``, ``api``, ``policy``, ``ciphertext``, ``cms``; crypto recipes in
+``_wrap``) → the service (``service``, ``storage``, ``audit``, ``recipient``) → the HTTP adapter
+(``app``, ``daemon``) and the client (``client``). kms imports attest and transport only.
+"""
+
+from __future__ import annotations
+
+from .client import AttestedKmsClient as AttestedKmsClient
+from .client import Credentials as Credentials
+from .client import KmsClient as KmsClient
+from .cms import build_enveloped_data as build_enveloped_data
+from .cms import open_enveloped_data as open_enveloped_data
+from .config import KmsConfig as KmsConfig
+from .errors import KmsApiError as KmsApiError
+from .errors import KmsError as KmsError
+
+__all__ = [
+    "Credentials",
+    "KmsClient",
+    "AttestedKmsClient",
+    "KmsConfig",
+    "KmsError",
+    "KmsApiError",
+    "build_enveloped_data",
+    "open_enveloped_data",
+    "serve_kms",
+]
+
+
+def __getattr__(name: str) -> object:
+    # serve_kms pulls in the daemon (sqlite, attest); import it only when asked for.
+    if name == "serve_kms":
+        from .daemon import serve_kms
+
+        return serve_kms
+    raise AttributeError(name)

@@ -1,0 +1,235 @@
+"""The only module of kms/ that imports ``cryptography.hazmat``: small recipes over primitives.
+
+* :class:`Aead` - AES-256-GCM with a random 96-bit nonce per message (keys here encrypt few
+  messages each, far below the 2^32 random-nonce bound), used for key-material wrapping and for
+  CiphertextBlobs.
+* RSAES-OAEP with SHA-256 and MGF1-SHA-256, no label: the CMS key transport of Recipient answers.
+* AES-256-CBC with PKCS#7 padding: the CMS content encryption AWS uses (nitro.md §6.2). CBC is
+  unauthenticated; the format is fixed by AWS, and the CEK is fresh per answer and only ever
+  reaches the enclave holding the RSA private key.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import CiphertextFormatError
+
+__all__ = [
+    "AES_KEY_BYTES",
+    "GCM_NONCE_BYTES",
+    "GCM_TAG_BYTES",
+    "CBC_IV_BYTES",
+    "Aead",
+    "InvalidTag",
+    "random_bytes",
+    "rsa_oaep_sha256_encrypt",
+    "rsa_oaep_sha256_decrypt",
+    "aes256_cbc_encrypt",
+    "aes256_cbc_decrypt",
+    "generate_rsa_2048",
+    "load_rsa_spki",
+    "spki_der",
+    "RSAPublicKey",
+    "RSAPrivateKey",
+]
+
+#: AES-256 keys (KMS symmetric keys, data keys, the master key, the CMS CEK).
+AES_KEY_BYTES = 32
+#: The GCM nonce size NIST recommends (96 bits).
+GCM_NONCE_BYTES = 12
+#: Full 128-bit GCM tag.
+GCM_TAG_BYTES = 16
+#: AES block size = CBC IV size.
+CBC_IV_BYTES = 16
+#: RSA public exponent used by every SDK (F4).
+_RSA_E = 65537
+#: Smallest recipient modulus accepted (AWS requires RSA-2048 in the document).
+MIN_RSA_BITS = 2048
+#: Largest recipient modulus accepted (bounded work for the daemon).
+MAX_RSA_BITS = 4096
+
+RSAPublicKey = rsa.RSAPublicKey
+RSAPrivateKey = rsa.RSAPrivateKey
+
+_OAEP = asym_padding.OAEP(
+    mgf=asym_padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
+)
+
+
+def random_bytes(n: int) -> bytes:
+    """``n`` bytes from the OS CSPRNG."""
+    return os.urandom(n)
+
+
+class Aead:
+    """AES-256-GCM with random nonces; ``seal`` returns ``nonce ‖ ciphertext ‖ tag``."""
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != AES_KEY_BYTES:
+            raise ValueError("AES-256-GCM key must be 32 bytes.")
+        self._aead = AESGCM(key)  # reused: building one costs ~2 µs (perf-baseline §2.1)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        """Encrypt with a fresh random nonce."""
+        nonce = os.urandom(GCM_NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, plaintext, aad)
+
+    def seal_with_nonce(self, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+        """Test seam (Fernet's ``_encrypt_from_parts``): callers never choose nonces."""
+        return self._aead.encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        """Inverse of :meth:`seal`. Raises :class:`CiphertextFormatError` (opaque) on failure."""
+        if len(sealed) < GCM_NONCE_BYTES + GCM_TAG_BYTES:
+            raise CiphertextFormatError("ciphertext too short")
+        try:
+            return self._aead.decrypt(sealed[:GCM_NONCE_BYTES], sealed[GCM_NONCE_BYTES:], aad)
+        except InvalidTag:
+            raise CiphertextFormatError("ciphertext failed authentication") from None
+
+
+def rsa_oaep_sha256_encrypt(public_key: rsa.RSAPublicKey, data: bytes) -> bytes:
+    """RSAES-OAEP, SHA-256, MGF1-SHA-256, empty label."""
+    return public_key.encrypt(data, _OAEP)
+
+
+def rsa_oaep_sha256_decrypt(private_key: rsa.RSAPrivateKey, data: bytes) -> bytes:
+    """Inverse of :func:`rsa_oaep_sha256_encrypt`; opaque :class:`CiphertextFormatError`."""
+    try:
+        return private_key.decrypt(data, _OAEP)
+    except ValueError:
+        raise CiphertextFormatError("key transport failed") from None
+
+
+def aes256_cbc_encrypt(key: bytes, iv: bytes, plaintext: bytes) -> bytes:
+    """AES-256-CBC of PKCS#7-padded ``plaintext``."""
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(plaintext) + padder.finalize()
+    enc = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    return enc.update(padded) + enc.finalize()
+
+
+def aes256_cbc_decrypt(key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
+    """Inverse of :func:`aes256_cbc_encrypt`; opaque :class:`CiphertextFormatError`."""
+    if len(key) != AES_KEY_BYTES or len(iv) != CBC_IV_BYTES:
+        raise CiphertextFormatError("bad content-encryption parameters")
+    if not ciphertext or len(ciphertext) % CBC_IV_BYTES:
+        raise CiphertextFormatError("content is not a whole number of AES blocks")
+    dec = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
+    padded = dec.update(ciphertext) + dec.finalize()
+    unpadder = padding.PKCS7(128).unpadder()
+    try:
+        return unpadder.update(padded) + unpadder.finalize()
+    except ValueError:
+        raise CiphertextFormatError("content padding is invalid") from None
+
+
+def generate_rsa_2048() -> rsa.RSAPrivateKey:
+    """A fresh RSA-2048 key (~50 ms median here, perf-baseline §2.1: call it off the hot path)."""
+    return rsa.generate_private_key(public_exponent=_RSA_E, key_size=2048)
+
+
+def spki_der(public_key: rsa.RSAPublicKey) -> bytes:
+    """DER SubjectPublicKeyInfo of ``public_key`` (what goes into the attestation document)."""
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_rsa_spki(der: bytes) -> rsa.RSAPublicKey:
+    """Load a DER SPKI holding an RSA key of 2048..4096 bits.
+
+    Raises:
+        ValueError: not DER SPKI, not RSA, or a size outside the accepted range.
+    """
+    key = serialization.load_der_public_key(der)
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("public key is not RSA")
+    if not MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS:
+        raise ValueError(f"RSA key size {key.key_size} outside {MIN_RSA_BITS}..{MAX_RSA_BITS}")
+    return key
+
+
+def load_pkcs8_private_key(der: bytes) -> rsa.RSAPrivateKey:
+    """Load an unencrypted PKCS#8 DER RSA private key (test vectors)."""
+    key = serialization.load_der_private_key(der, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("private key is not RSA")
+    return key
+
+
+def es384_verify_rate(seconds: float) -> float:
+    """Benchmark anchor: ECDSA P-384/SHA-384 verifications per second on this core.
+
+    Verifies a signature over a 4.5 KiB message (the size of an attestation document's
+    Sig_structure) repeatedly for about ``seconds``.
+    """
+    import time
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    message = os.urandom(4608)
+    signature = key.sign(message, ec.ECDSA(hashes.SHA384()))
+    public = key.public_key()
+    algorithm = ec.ECDSA(hashes.SHA384())
+    n = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(20):
+            public.verify(signature, message, algorithm)
+        n += 20
+    return n / elapsed
+
+
+#: KMS data key pair specs this KMS can generate → (kind, parameter).
+KEY_PAIR_SPECS: dict[str, tuple[str, int | str]] = {
+    "RSA_2048": ("rsa", 2048),
+    "RSA_3072": ("rsa", 3072),
+    "RSA_4096": ("rsa", 4096),
+    "ECC_NIST_P256": ("ec", "secp256r1"),
+    "ECC_NIST_P384": ("ec", "secp384r1"),
+    "ECC_NIST_P521": ("ec", "secp521r1"),
+    "ECC_SECG_P256K1": ("ec", "secp256k1"),
+}
+
+
+def generate_key_pair(spec: str) -> tuple[bytes, bytes]:
+    """A fresh data key pair: ``(PKCS#8 DER private key, DER SubjectPublicKeyInfo)``.
+
+    RSA-4096 takes up to ~1 s (perf-baseline §2.1): call it from a worker thread.
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    kind, param = KEY_PAIR_SPECS[spec]
+    private: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    if kind == "rsa":
+        assert isinstance(param, int)
+        private = rsa.generate_private_key(public_exponent=_RSA_E, key_size=param)
+    else:
+        curve = {
+            "secp256r1": ec.SECP256R1(),
+            "secp384r1": ec.SECP384R1(),
+            "secp521r1": ec.SECP521R1(),
+            "secp256k1": ec.SECP256K1(),
+        }[str(param)]
+        private = ec.generate_private_key(curve)
+    der = private.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der, public

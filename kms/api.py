@@ -1,0 +1,419 @@
+"""The AWS KMS JSON 1.1 request layer (pure): operation table, JSON decoding and validation.
+
+:func:`parse_request` takes the ``X-Amz-Target`` value and the raw body and returns the
+operation name and a dict of validated Python values (base64 fields decoded to ``bytes``), or
+raises :class:`~kms.errors.KmsApiError` with the ``__type`` AWS uses:
+
+* ``UnknownOperationException`` - missing/unknown target;
+* ``SerializationException`` - body is not a JSON object, a field has the wrong JSON type, or a
+  blob is not base64;
+* ``ValidationException`` - a constraint fails (length, range, enum, required), in AWS's
+  "1 validation error detected: ..." wording (values are not echoed: they may be secret).
+
+Unknown fields are ignored, as AWS does (newer SDKs send members older services do not know).
+Work is bounded: the body size is capped by the adapter, JSON nesting by :data:`MAX_JSON_DEPTH`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import KmsApiError
+
+__all__ = ["OPERATIONS", "TARGET_PREFIX", "parse_request", "FieldSpec", "MAX_JSON_DEPTH"]
+
+#: Every KMS target is ``TrentService.<Operation>`` (the service's historical code name).
+TARGET_PREFIX = "TrentService."
+#: KMS requests nest at most 3 levels (Recipient / Tags); 8 leaves slack and bounds recursion.
+MAX_JSON_DEPTH = 8
+#: EncryptionContext pairs: AWS caps the whole context at 8192 characters.
+MAX_CONTEXT_CHARS = 8192
+
+_ENC_ALGS = ("SYMMETRIC_DEFAULT", "RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256", "SM2PKE")
+_KEY_SPECS = (
+    "RSA_2048",
+    "RSA_3072",
+    "RSA_4096",
+    "ECC_NIST_P256",
+    "ECC_NIST_P384",
+    "ECC_NIST_P521",
+    "ECC_SECG_P256K1",
+    "SYMMETRIC_DEFAULT",
+    "HMAC_224",
+    "HMAC_256",
+    "HMAC_384",
+    "HMAC_512",
+    "SM2",
+    "ML_DSA_44",
+    "ML_DSA_65",
+    "ML_DSA_87",
+)
+_KEY_USAGES = ("SIGN_VERIFY", "ENCRYPT_DECRYPT", "GENERATE_VERIFY_MAC", "KEY_AGREEMENT")
+_ORIGINS = ("AWS_KMS", "EXTERNAL", "AWS_CLOUDHSM", "EXTERNAL_KEY_STORE")
+_ALIAS_RE = re.compile(r"^[a-zA-Z0-9:/_-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSpec:
+    """One request member: JSON kind plus constraints."""
+
+    kind: str  # "str" | "blob" | "int" | "bool" | "map" | "strlist" | "recipient" | "tags"
+    required: bool = False
+    min: int | None = None
+    max: int | None = None
+    enum: tuple[str, ...] | None = None
+    pattern: re.Pattern[str] | None = None
+
+
+def _s(lo: int = 1, hi: int = 2048, *, req: bool = False, **kw: Any) -> FieldSpec:
+    return FieldSpec("str", req, lo, hi, **kw)
+
+
+def _e(values: tuple[str, ...], *, req: bool = False) -> FieldSpec:
+    return FieldSpec("str", req, enum=values)
+
+
+def _b(lo: int, hi: int, *, req: bool = False) -> FieldSpec:
+    return FieldSpec("blob", req, lo, hi)
+
+
+def _i(lo: int, hi: int, *, req: bool = False) -> FieldSpec:
+    return FieldSpec("int", req, lo, hi)
+
+
+_BOOL = FieldSpec("bool")
+_KEY_ID = _s(req=True)
+_CTX = FieldSpec("map")
+_GRANTS = FieldSpec("strlist", max=10)
+_RECIPIENT = FieldSpec("recipient")
+_LIMIT = _i(1, 1000)
+_MARKER = _s(1, 1024)
+_ALIAS = _s(1, 256, req=True, pattern=_ALIAS_RE)
+
+#: Operation → member specs. AWS member constraints from the KMS API reference.
+OPERATIONS: dict[str, dict[str, FieldSpec]] = {
+    "CreateKey": {
+        "Policy": _s(1, 32768),
+        "Description": _s(0, 8192),
+        "KeyUsage": _e(_KEY_USAGES),
+        "CustomerMasterKeySpec": _e(_KEY_SPECS),
+        "KeySpec": _e(_KEY_SPECS),
+        "Origin": _e(_ORIGINS),
+        "CustomKeyStoreId": _s(1, 64),
+        "BypassPolicyLockoutSafetyCheck": _BOOL,
+        "Tags": FieldSpec("tags", max=50),
+        "MultiRegion": _BOOL,
+        "XksKeyId": _s(1, 128),
+    },
+    "DescribeKey": {"KeyId": _KEY_ID, "GrantTokens": _GRANTS},
+    "ListKeys": {"Limit": _LIMIT, "Marker": _MARKER},
+    "CreateAlias": {"AliasName": _ALIAS, "TargetKeyId": _KEY_ID},
+    "UpdateAlias": {"AliasName": _ALIAS, "TargetKeyId": _KEY_ID},
+    "DeleteAlias": {"AliasName": _ALIAS},
+    "ListAliases": {"KeyId": _s(), "Limit": _LIMIT, "Marker": _MARKER},
+    "Encrypt": {
+        "KeyId": _KEY_ID,
+        "Plaintext": _b(1, 4096, req=True),
+        "EncryptionContext": _CTX,
+        "GrantTokens": _GRANTS,
+        "EncryptionAlgorithm": _e(_ENC_ALGS),
+        "DryRun": _BOOL,
+    },
+    "Decrypt": {
+        "CiphertextBlob": _b(1, 6144, req=True),
+        "EncryptionContext": _CTX,
+        "GrantTokens": _GRANTS,
+        "KeyId": _s(),
+        "EncryptionAlgorithm": _e(_ENC_ALGS),
+        "Recipient": _RECIPIENT,
+        "DryRun": _BOOL,
+    },
+    "ReEncrypt": {
+        "CiphertextBlob": _b(1, 6144, req=True),
+        "SourceEncryptionContext": _CTX,
+        "SourceKeyId": _s(),
+        "DestinationKeyId": _KEY_ID,
+        "DestinationEncryptionContext": _CTX,
+        "SourceEncryptionAlgorithm": _e(_ENC_ALGS),
+        "DestinationEncryptionAlgorithm": _e(_ENC_ALGS),
+        "GrantTokens": _GRANTS,
+        "DryRun": _BOOL,
+    },
+    "GenerateDataKey": {
+        "KeyId": _KEY_ID,
+        "EncryptionContext": _CTX,
+        "NumberOfBytes": _i(1, 1024),
+        "KeySpec": _e(("AES_256", "AES_128")),
+        "GrantTokens": _GRANTS,
+        "Recipient": _RECIPIENT,
+        "DryRun": _BOOL,
+    },
+    "GenerateDataKeyWithoutPlaintext": {
+        "KeyId": _KEY_ID,
+        "EncryptionContext": _CTX,
+        "KeySpec": _e(("AES_256", "AES_128")),
+        "NumberOfBytes": _i(1, 1024),
+        "GrantTokens": _GRANTS,
+        "DryRun": _BOOL,
+    },
+    "GenerateDataKeyPair": {
+        "KeyId": _KEY_ID,
+        "KeyPairSpec": _e(
+            (
+                "RSA_2048",
+                "RSA_3072",
+                "RSA_4096",
+                "ECC_NIST_P256",
+                "ECC_NIST_P384",
+                "ECC_NIST_P521",
+                "ECC_SECG_P256K1",
+                "SM2",
+                "ECC_NIST_EDWARDS25519",
+            ),
+            req=True,
+        ),
+        "EncryptionContext": _CTX,
+        "GrantTokens": _GRANTS,
+        "Recipient": _RECIPIENT,
+        "DryRun": _BOOL,
+    },
+    "GenerateDataKeyPairWithoutPlaintext": {
+        "KeyId": _KEY_ID,
+        "KeyPairSpec": _e(
+            (
+                "RSA_2048",
+                "RSA_3072",
+                "RSA_4096",
+                "ECC_NIST_P256",
+                "ECC_NIST_P384",
+                "ECC_NIST_P521",
+                "ECC_SECG_P256K1",
+                "SM2",
+                "ECC_NIST_EDWARDS25519",
+            ),
+            req=True,
+        ),
+        "EncryptionContext": _CTX,
+        "GrantTokens": _GRANTS,
+        "DryRun": _BOOL,
+    },
+    "GenerateRandom": {
+        "NumberOfBytes": _i(1, 1024),
+        "CustomKeyStoreId": _s(1, 64),
+        "Recipient": _RECIPIENT,
+    },
+    "GetKeyPolicy": {"KeyId": _KEY_ID, "PolicyName": _s(1, 128)},
+    "PutKeyPolicy": {
+        "KeyId": _KEY_ID,
+        "PolicyName": _s(1, 128),
+        "Policy": _s(1, 32768, req=True),
+        "BypassPolicyLockoutSafetyCheck": _BOOL,
+    },
+    "EnableKey": {"KeyId": _KEY_ID},
+    "DisableKey": {"KeyId": _KEY_ID},
+    "ScheduleKeyDeletion": {"KeyId": _KEY_ID, "PendingWindowInDays": _i(7, 30)},
+    "CancelKeyDeletion": {"KeyId": _KEY_ID},
+    "EnableKeyRotation": {"KeyId": _KEY_ID, "RotationPeriodInDays": _i(90, 2560)},
+    "DisableKeyRotation": {"KeyId": _KEY_ID},
+    "GetKeyRotationStatus": {"KeyId": _KEY_ID},
+    "RotateKeyOnDemand": {"KeyId": _KEY_ID},
+}
+
+
+def _member(name: str) -> str:
+    """AWS's validation messages name members in camelCase (``keyId``)."""
+    return name[:1].lower() + name[1:]
+
+
+def _validation(name: str, constraint: str) -> KmsApiError:
+    return KmsApiError(
+        "ValidationException",
+        f"1 validation error detected: Value at '{_member(name)}' failed to satisfy "
+        f"constraint: {constraint}",
+    )
+
+
+def _serialization(name: str, expected: str) -> KmsApiError:
+    return KmsApiError("SerializationException", f"Member '{name}' must be a JSON {expected}.")
+
+
+def _check_len(name: str, n: int, spec: FieldSpec) -> None:
+    if spec.min is not None and n < spec.min:
+        raise _validation(name, f"Member must have length greater than or equal to {spec.min}")
+    if spec.max is not None and n > spec.max:
+        raise _validation(name, f"Member must have length less than or equal to {spec.max}")
+
+
+def _str(name: str, value: Any, spec: FieldSpec) -> str:
+    if not isinstance(value, str):
+        raise _serialization(name, "string")
+    if spec.enum is not None:
+        if value not in spec.enum:
+            raise _validation(name, f"Member must satisfy enum value set: [{', '.join(spec.enum)}]")
+        return value
+    _check_len(name, len(value), spec)
+    if spec.pattern is not None and not spec.pattern.match(value):
+        raise _validation(
+            name, f"Member must satisfy regular expression pattern: {spec.pattern.pattern}"
+        )
+    return value
+
+
+def _blob(name: str, value: Any, spec: FieldSpec) -> bytes:
+    if not isinstance(value, str):
+        raise _serialization(name, "string (base64)")
+    # Bound the work before decoding: base64 is 4/3 of the raw size.
+    if spec.max is not None and len(value) > (spec.max + 2) // 3 * 4 + 4:
+        raise _validation(name, f"Member must have length less than or equal to {spec.max}")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise KmsApiError(
+            "SerializationException", f"Member '{name}' is not valid base64."
+        ) from None
+    _check_len(name, len(raw), spec)
+    return raw
+
+
+def _int(name: str, value: Any, spec: FieldSpec) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _serialization(name, "integer")
+    if spec.min is not None and value < spec.min:
+        raise _validation(name, f"Member must have value greater than or equal to {spec.min}")
+    if spec.max is not None and value > spec.max:
+        raise _validation(name, f"Member must have value less than or equal to {spec.max}")
+    return value
+
+
+def _bool(name: str, value: Any, spec: FieldSpec) -> bool:
+    if not isinstance(value, bool):
+        raise _serialization(name, "boolean")
+    return value
+
+
+def _map(name: str, value: Any, spec: FieldSpec) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _serialization(name, "object")
+    total = 0
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise _serialization(f"{name}.{k}", "string")
+        if not k:
+            raise _validation(name, "Map keys must have length greater than or equal to 1")
+        total += len(k) + len(v)
+    if total > MAX_CONTEXT_CHARS:
+        raise _validation(name, f"Map must have at most {MAX_CONTEXT_CHARS} characters")
+    return dict(value)
+
+
+def _strlist(name: str, value: Any, spec: FieldSpec) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _serialization(name, "list of strings")
+    _check_len(name, len(value), spec)
+    return list(value)
+
+
+def _recipient(name: str, value: Any, spec: FieldSpec) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _serialization(name, "object")
+    out: dict[str, Any] = {}
+    doc = value.get("AttestationDocument")
+    if doc is None:
+        raise _validation("Recipient.AttestationDocument", "Member must not be null")
+    out["AttestationDocument"] = _blob("AttestationDocument", doc, _b(1, 262144))
+    alg = value.get("KeyEncryptionAlgorithm", "RSAES_OAEP_SHA_256")
+    out["KeyEncryptionAlgorithm"] = _str("KeyEncryptionAlgorithm", alg, _e(("RSAES_OAEP_SHA_256",)))
+    return out
+
+
+def _tags(name: str, value: Any, spec: FieldSpec) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise _serialization(name, "list")
+    _check_len(name, len(value), spec)
+    out = []
+    for t in value:
+        if not isinstance(t, dict):
+            raise _serialization(name, "list of objects")
+        key = _str("TagKey", t.get("TagKey"), _s(1, 128))
+        val = _str("TagValue", t.get("TagValue"), _s(0, 256))
+        out.append({"TagKey": key, "TagValue": val})
+    return out
+
+
+_DECODERS: dict[str, Callable[[str, Any, FieldSpec], Any]] = {
+    "str": _str,
+    "blob": _blob,
+    "int": _int,
+    "bool": _bool,
+    "map": _map,
+    "strlist": _strlist,
+    "recipient": _recipient,
+    "tags": _tags,
+}
+
+
+def _depth_ok(value: Any, depth: int = 0) -> bool:
+    if depth > MAX_JSON_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(_depth_ok(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_depth_ok(v, depth + 1) for v in value)
+    return True
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate member {k!r}")
+        out[k] = v
+    return out
+
+
+def operation_of(target: str | None) -> str:
+    """The operation named by an ``X-Amz-Target`` header (UnknownOperationException if none)."""
+    if target is None or not target.startswith(TARGET_PREFIX):
+        raise KmsApiError("UnknownOperationException", "")
+    op = target[len(TARGET_PREFIX) :]
+    if op not in OPERATIONS:
+        raise KmsApiError("UnknownOperationException", "")
+    return op
+
+
+def validate(operation: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an already-decoded JSON object against ``operation``'s members."""
+    specs = OPERATIONS[operation]
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        value = doc.get(name)
+        if value is None:
+            if spec.required:
+                raise KmsApiError(
+                    "ValidationException",
+                    f"1 validation error detected: Value null at '{_member(name)}' failed to "
+                    "satisfy constraint: Member must not be null",
+                )
+            continue
+        out[name] = _DECODERS[spec.kind](name, value, spec)
+    return out
+
+
+def parse_request(target: str | None, body: bytes) -> tuple[str, dict[str, Any]]:
+    """Decode and validate one request. See the module docstring for the errors."""
+    operation = operation_of(target)
+    try:
+        doc = json.loads(body or b"{}", object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):
+        raise KmsApiError("SerializationException", "The request body is not valid JSON.") from None
+    if not isinstance(doc, dict):
+        raise KmsApiError("SerializationException", "The request body must be a JSON object.")
+    if not _depth_ok(doc):
+        raise KmsApiError("SerializationException", "The request body is nested too deeply.")
+    return operation, validate(operation, doc)

@@ -1,0 +1,285 @@
+"""The daemon's application object: state set-up (master key, store, seed, roots, audit) and
+one request from HTTP pieces to HTTP pieces, independent of the socket adapter
+(:mod:`kms.daemon`), so it is testable without sockets.
+
+Per request: SigV4 (:mod:`kms.sigv4`) → JSON validation (:mod:`kms.api`) → the operation
+(:mod:`kms.service`) → JSON or AWS error body; then exactly one audit line and one log line
+(``kms_request``) with the operation, principal, key, decision and - for denials - the reason,
+which never reaches the reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from transport.errors import ConfigurationError
+from transport.paths import ensure_private_dir
+
+from . import _wrap
+from .api import parse_request
+from .audit import AuditLog
+from .config import MASTER_KEY_ENV, KmsConfig
+from .errors import AuditChainError, KmsApiError
+from .service import Caller, KmsService, MasterKey, Outcome, RecipientVerifier, SeedKey
+from .sigv4 import SecretEntry, SigV4Failure, verify_request
+from .storage import SqliteStorage
+
+__all__ = [
+    "KmsApp",
+    "HttpReply",
+    "build_app",
+    "load_master_key",
+    "MASTER_KEY_FILE",
+    "DB_FILE",
+    "AUDIT_FILE",
+]
+
+log = structlog.get_logger()
+
+MASTER_KEY_FILE = "master.key"
+DB_FILE = "kms.sqlite3"
+AUDIT_FILE = "audit.jsonl"
+CONTENT_TYPE = "application/x-amz-json-1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpReply:
+    """A complete reply: status, headers, body."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
+    """The master key: env ``ENCLAVE_KMS_MASTER_KEY`` (base64), else ``<state>/master.key``.
+
+    The file is created on first start with mode 0600, atomically (written to a temporary file,
+    fsynced, then hard-linked into place so a concurrent or crashed start can never leave a
+    partial key); an existing file readable by others is refused.
+    """
+    if env.get(MASTER_KEY_ENV):
+        try:
+            key = base64.b64decode(env[MASTER_KEY_ENV], validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigurationError(f"{MASTER_KEY_ENV} is not base64") from None
+        if len(key) != _wrap.AES_KEY_BYTES:
+            raise ConfigurationError(f"{MASTER_KEY_ENV} must decode to 32 bytes")
+        return key
+    path = state_dir / MASTER_KEY_FILE
+    if not path.exists():
+        tmp = state_dir / f".{MASTER_KEY_FILE}.{os.getpid()}.{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, base64.b64encode(_wrap.random_bytes(_wrap.AES_KEY_BYTES)) + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # fails if another process created it first: use theirs
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        dfd = os.open(state_dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    st = path.stat()
+    if st.st_mode & 0o077:
+        raise ConfigurationError(f"{path} must not be accessible to group/others (chmod 600)")
+    try:
+        key = base64.b64decode(path.read_bytes().strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError(f"{path} is not a base64 master key") from None
+    if len(key) != _wrap.AES_KEY_BYTES:
+        raise ConfigurationError(f"{path} must hold 32 bytes")
+    return key
+
+
+@dataclass
+class KmsApp:
+    """Everything one daemon serves with; build with :func:`build_app`."""
+
+    config: KmsConfig
+    service: KmsService
+    audit: AuditLog
+    secrets: dict[str, SecretEntry]
+    clock: Callable[[], float] = time.time
+    recipient_enabled: bool = False
+    _closed: bool = field(default=False, repr=False)
+
+    def lookup(self, access_key_id: str) -> SecretEntry | None:
+        """SigV4 credential lookup."""
+        return self.secrets.get(access_key_id)
+
+    async def handle(
+        self, method: str, target: str, headers: Sequence[tuple[str, str]], body: bytes
+    ) -> HttpReply:
+        """Serve one complete HTTP request; always returns a reply and writes one audit line."""
+        start = time.perf_counter()
+        request_id = str(uuid.uuid4())
+        hdr = {k.lower(): v for k, v in headers}
+        target_hdr = hdr.get("x-amz-target")
+        operation = (target_hdr or "").removeprefix("TrentService.")[:64] or None
+        outcome = Outcome()
+        principal: str | None = None
+        status = 200
+        error: str | None = None
+        try:
+            if method != "POST":
+                raise KmsApiError("UnknownOperationException", "", status=405)
+            try:
+                verified = verify_request(
+                    method=method,
+                    target=target,
+                    headers=headers,
+                    body=body,
+                    lookup=self.lookup,
+                    region=self.config.region,
+                    now=datetime.fromtimestamp(self.clock(), tz=UTC),
+                    max_skew_s=self.config.clock_skew_s,
+                )
+            except SigV4Failure as exc:
+                outcome.decision, outcome.reason = "deny", f"sigv4: {exc.reason}"
+                raise KmsApiError(exc.type_name, exc.message) from None
+            principal = verified.principal_arn
+            op, params = parse_request(target_hdr, body)
+            answer = await self.service.handle(
+                op, params, Caller(principal, verified.access_key_id), outcome
+            )
+            payload = json.dumps(answer, separators=(",", ":")).encode()
+        except KmsApiError as exc:
+            status, error = exc.status, exc.type_name
+            payload = json.dumps({"__type": exc.type_name, "message": exc.message}).encode()
+        except Exception:
+            log.exception("kms_internal_error", request_id=request_id, operation=operation)
+            status, error = 500, "KMSInternalException"
+            outcome.decision = "error"
+            payload = json.dumps(
+                {"__type": "KMSInternalException", "message": "An internal error occurred."}
+            ).encode()
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(self.clock(), tz=UTC).isoformat(),
+            "request_id": request_id,
+            "principal": principal,
+            "access_key_id": _access_key_of(hdr.get("authorization")),
+            "operation": operation,
+            "key_id": outcome.key_arn,
+            "decision": outcome.decision,
+            "reason": outcome.reason,
+            "status": status,
+            "error": error,
+        }
+        if outcome.recipient is not None:
+            record["recipient"] = outcome.recipient
+        self.audit.append(record)
+        log_fields = {k: v for k, v in record.items() if k not in ("time",)}
+        log_fields["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        if outcome.decision == "deny":
+            log.warning("kms_request_denied", **log_fields)
+        else:
+            log.info("kms_request", **log_fields)
+        return HttpReply(
+            status,
+            [
+                ("Content-Type", CONTENT_TYPE),
+                ("x-amzn-RequestId", request_id),
+                ("Content-Length", str(len(payload))),
+            ],
+            payload,
+        )
+
+    def close(self) -> None:
+        """Close the audit log (logging its final hash) and the store."""
+        if not self._closed:
+            self._closed = True
+            log.info("kms_audit_closed", last_hash=self.audit.last_hash)
+            self.audit.close()
+            self.service.close()
+
+
+def _access_key_of(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    _, _, rest = authorization.partition("Credential=")
+    key_id = rest.split("/", 1)[0]
+    return key_id[:128] or None
+
+
+def build_app(
+    config: KmsConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
+    recipient_verifier: RecipientVerifier | None = None,
+    seed: tuple[SeedKey, ...] | None = None,
+) -> KmsApp:
+    """Set up state (blocking: run it in a thread from async code).
+
+    Raises:
+        ConfigurationError: no credentials, bad master key, unreadable roots or seed.
+    """
+    env = os.environ if env is None else env
+    creds = config.resolve_credentials(env)
+    state_dir = ensure_private_dir(config.resolved_state_dir)
+    master = MasterKey(load_master_key(state_dir, env))
+    if recipient_verifier is None and config.trust_roots:
+        from attest.roots import load_roots
+
+        from .recipient import AttestRecipientVerifier
+
+        roots = load_roots(list(config.trust_roots), state_dir=None)
+        recipient_verifier = AttestRecipientVerifier(
+            roots, max_document_age_s=config.max_document_age_s
+        )
+    if seed is None:
+        from .seed import load_seed
+
+        seed = load_seed(config.seed_file) if config.seed_file is not None else ()
+    storage = SqliteStorage(state_dir / DB_FILE)
+    try:
+        service = KmsService.open(
+            storage,
+            master,
+            region=config.region,
+            account_id=config.account_id,
+            recipient_verifier=recipient_verifier,
+            clock=clock,
+            seed=seed,
+        )
+        try:
+            audit = AuditLog(state_dir / AUDIT_FILE, fsync=config.audit_fsync)
+        except AuditChainError as exc:
+            raise ConfigurationError(
+                f"cannot continue the audit log {state_dir / AUDIT_FILE}: {exc.reason}; check it "
+                "with `enclave kms audit verify` and move it aside to start a new chain"
+            ) from None
+    except BaseException:
+        storage.close()
+        raise
+    secrets = {
+        c.access_key_id: SecretEntry(c.secret_access_key, c.principal_arn, c.session_token)
+        for c in creds
+    }
+    return KmsApp(
+        config=config,
+        service=service,
+        audit=audit,
+        secrets=secrets,
+        clock=clock,
+        recipient_enabled=recipient_verifier is not None,
+    )

@@ -1,0 +1,309 @@
+"""Daemon configuration: one frozen :class:`KmsConfig`, loaded from TOML or a mapping.
+
+Unknown keys are an error (STYLE B9). Durations are seconds (``_s``), sizes bytes. Example::
+
+    listen = "127.0.0.1:4599"
+    state_dir = "/var/lib/enclave/kms"
+    region = "us-east-1"
+    account_id = "111122223333"
+    trust_roots = ["local"]              # "aws", "local" (the state dir's attest CA) or PEM paths
+    max_document_age_s = 300.0
+    seed_file = "seed.json"
+
+    [[credentials]]
+    access_key_id = "AKIAEXAMPLE"
+    secret_access_key = "..."
+    principal_arn = "arn:aws:iam::111122223333:user/model-owner"
+
+With no ``[[credentials]]``, the pair in ``ENCLAVE_KMS_ACCESS_KEY_ID`` /
+``ENCLAVE_KMS_SECRET_ACCESS_KEY`` is used (principal ``arn:aws:iam::<account>:user/local``); with
+neither, :meth:`KmsConfig.resolve_credentials` refuses (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from transport.errors import ConfigurationError
+from transport.paths import default_state_dir
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_REGION",
+    "DEFAULT_ACCOUNT_ID",
+    "ACCESS_KEY_ENV",
+    "SECRET_KEY_ENV",
+    "MASTER_KEY_ENV",
+    "CredentialEntry",
+    "KmsConfig",
+    "parse_listen",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+#: Near LocalStack's 4566 (the port KMS emulators are usually found on) but distinct, so both
+#: can run side by side.
+DEFAULT_PORT = 4599
+DEFAULT_REGION = "us-east-1"
+#: The documentation account id AWS uses in examples (local-kms uses it too).
+DEFAULT_ACCOUNT_ID = "111122223333"
+ACCESS_KEY_ENV = "ENCLAVE_KMS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "ENCLAVE_KMS_SECRET_ACCESS_KEY"
+#: Base64 of the 32-byte master key; overrides the state directory's ``master.key`` file.
+MASTER_KEY_ENV = "ENCLAVE_KMS_MASTER_KEY"
+
+#: Largest legal KMS request: a 256 KiB attestation document is 341.4 KiB in base64, plus a
+#: 6 KiB ciphertext and small fields. 512 KiB leaves room and still bounds memory per request.
+DEFAULT_MAX_BODY_BYTES = 512 * 1024
+#: Attestation documents older than this are refused (AWS publishes no window; nitro.md §6.1).
+DEFAULT_MAX_DOCUMENT_AGE_S = 300.0
+#: In-flight requests get this long after SIGTERM (hypercorn's graceful_timeout).
+DEFAULT_GRACEFUL_TIMEOUT_S = 10.0
+#: Idle keep-alive connections are closed after this (AWS's front ends use ~60 s too).
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 60.0
+
+_ACCOUNT_RE = re.compile(r"^\d{12}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+_PRINCIPAL_RE = re.compile(r"^arn:aws:(iam|sts)::\d{12}:[\w+=,.@/-]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialEntry:
+    """One access key the daemon accepts, and the principal it authenticates as."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    principal_arn: str
+    session_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.access_key_id or not self.secret_access_key:
+            raise ConfigurationError("credentials need access_key_id and secret_access_key")
+        if not _PRINCIPAL_RE.match(self.principal_arn):
+            raise ConfigurationError(f"principal_arn {self.principal_arn!r} is not an IAM ARN")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[v6]:PORT`` accepted). Port 0 asks for an ephemeral port."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ConfigurationError(f"listen address must be HOST:PORT, got {value!r}")
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ConfigurationError(f"port out of range: {port}")
+    return host.strip("[]"), port
+
+
+@dataclass(frozen=True, slots=True)
+class KmsConfig:
+    """Configuration of one KMS daemon process.
+
+    Attributes:
+        host, port: where to listen (``port=0``: ephemeral; the actual one is reported).
+        state_dir: database, master key and audit log; None = ``default_state_dir()/"kms"``.
+        credentials: accepted access keys; empty = take them from the environment.
+        trust_roots: attestation roots: ``"aws"``, ``"local"``, or PEM file paths. Empty: Recipient
+            requests are refused (fail closed), everything else works.
+        max_document_age_s: freshness window of Recipient attestation documents.
+        seed_file: JSON/YAML seed (keys with fixed ids and material, aliases, policies).
+        region, account_id: the ARNs this endpoint mints and the SigV4 scope it accepts.
+        max_body_bytes: request bodies above this are refused with 413.
+        graceful_timeout_s: SIGTERM grace for in-flight requests.
+        keep_alive_timeout_s: idle connection timeout.
+        audit_fsync: fsync the audit log after every line (default: flush to the OS only, which
+            survives a process crash but not a power cut).
+        clock_skew_s: accepted X-Amz-Date skew (AWS: 5 minutes).
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    state_dir: Path | None = None
+    credentials: tuple[CredentialEntry, ...] = ()
+    trust_roots: tuple[str, ...] = ()
+    max_document_age_s: float = DEFAULT_MAX_DOCUMENT_AGE_S
+    seed_file: Path | None = None
+    region: str = DEFAULT_REGION
+    account_id: str = DEFAULT_ACCOUNT_ID
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
+    audit_fsync: bool = False
+    clock_skew_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not _ACCOUNT_RE.match(self.account_id):
+            raise ConfigurationError(f"account_id must be 12 digits, got {self.account_id!r}")
+        if not _REGION_RE.match(self.region):
+            raise ConfigurationError(f"region {self.region!r} is not an AWS region name")
+        if not 0 <= self.port <= 65535:
+            raise ConfigurationError(f"port out of range: {self.port}")
+        for name in (
+            "max_document_age_s",
+            "graceful_timeout_s",
+            "keep_alive_timeout_s",
+            "clock_skew_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0")
+        if not 4096 <= self.max_body_bytes <= 16 * 1024 * 1024:
+            raise ConfigurationError("max_body_bytes must be within 4 KiB..16 MiB")
+        seen: set[str] = set()
+        for c in self.credentials:
+            if c.access_key_id in seen:
+                raise ConfigurationError(f"duplicate access_key_id {c.access_key_id!r}")
+            seen.add(c.access_key_id)
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        """The state directory actually used."""
+        return self.state_dir if self.state_dir is not None else default_state_dir() / "kms"
+
+    def resolve_credentials(
+        self, env: Mapping[str, str] | None = None
+    ) -> tuple[CredentialEntry, ...]:
+        """The configured credentials, else the pair from the environment.
+
+        Raises:
+            ConfigurationError: none configured and none in the environment (fail closed).
+        """
+        if self.credentials:
+            return self.credentials
+        env = os.environ if env is None else env
+        key_id, secret = env.get(ACCESS_KEY_ENV), env.get(SECRET_KEY_ENV)
+        if not key_id or not secret:
+            raise ConfigurationError(
+                "no KMS credentials: add [[credentials]] to the config file or set "
+                f"{ACCESS_KEY_ENV} and {SECRET_KEY_ENV}; the daemon does not run without "
+                "authentication"
+            )
+        return (
+            CredentialEntry(
+                access_key_id=key_id,
+                secret_access_key=secret,
+                principal_arn=f"arn:aws:iam::{self.account_id}:user/local",
+            ),
+        )
+
+    def with_overrides(self, **changes: Any) -> KmsConfig:
+        """A copy with the given fields replaced (CLI flags override file values)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> KmsConfig:
+        """Load a TOML file (relative paths in it are relative to the file's directory)."""
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"cannot read KMS config {path}: {exc}") from exc
+        return cls.from_mapping(data, base_dir=Path(path).resolve().parent)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any], *, base_dir: Path | None = None) -> KmsConfig:
+        """Build from a mapping with the TOML layout above. Unknown keys are refused."""
+        allowed = {
+            "listen",
+            "host",
+            "port",
+            "state_dir",
+            "credentials",
+            "trust_roots",
+            "max_document_age_s",
+            "seed_file",
+            "region",
+            "account_id",
+            "max_body_bytes",
+            "graceful_timeout_s",
+            "keep_alive_timeout_s",
+            "audit_fsync",
+            "clock_skew_s",
+        }
+        unknown = set(m) - allowed
+        if unknown:
+            raise ConfigurationError(f"unknown KMS config keys: {sorted(unknown)}")
+
+        def path_of(v: Any) -> Path:
+            if not isinstance(v, str | Path):
+                raise ConfigurationError(f"expected a path, got {v!r}")
+            p = Path(v).expanduser()
+            return p if p.is_absolute() or base_dir is None else base_dir / p
+
+        kw: dict[str, Any] = {}
+        if "listen" in m:
+            if not isinstance(m["listen"], str):
+                raise ConfigurationError("listen must be a HOST:PORT string")
+            kw["host"], kw["port"] = parse_listen(m["listen"])
+        for name, typ in (("host", str), ("region", str), ("account_id", str)):
+            if name in m:
+                if not isinstance(m[name], typ):
+                    raise ConfigurationError(f"{name} must be a string")
+                kw[name] = m[name]
+        for name in ("port", "max_body_bytes"):
+            if name in m:
+                if not isinstance(m[name], int) or isinstance(m[name], bool):
+                    raise ConfigurationError(f"{name} must be an integer")
+                kw[name] = m[name]
+        for name in (
+            "max_document_age_s",
+            "graceful_timeout_s",
+            "keep_alive_timeout_s",
+            "clock_skew_s",
+        ):
+            if name in m:
+                if not isinstance(m[name], int | float) or isinstance(m[name], bool):
+                    raise ConfigurationError(f"{name} must be a number of seconds")
+                kw[name] = float(m[name])
+        if "audit_fsync" in m:
+            if not isinstance(m["audit_fsync"], bool):
+                raise ConfigurationError("audit_fsync must be true or false")
+            kw["audit_fsync"] = m["audit_fsync"]
+        if "state_dir" in m:
+            kw["state_dir"] = path_of(m["state_dir"])
+        if "seed_file" in m:
+            kw["seed_file"] = path_of(m["seed_file"])
+        if "trust_roots" in m:
+            roots = m["trust_roots"]
+            if not isinstance(roots, list | tuple) or not all(isinstance(r, str) for r in roots):
+                raise ConfigurationError("trust_roots must be a list of strings")
+            kw["trust_roots"] = tuple(
+                r if r in ("aws", "local") else str(path_of(r)) for r in roots
+            )
+        if "credentials" in m:
+            creds = m["credentials"]
+            if not isinstance(creds, list | tuple):
+                raise ConfigurationError("credentials must be a list of tables")
+            entries = []
+            for c in creds:
+                if not isinstance(c, Mapping):
+                    raise ConfigurationError("each credentials entry must be a table")
+                extra = set(c) - {
+                    "access_key_id",
+                    "secret_access_key",
+                    "principal_arn",
+                    "session_token",
+                }
+                if extra:
+                    raise ConfigurationError(f"unknown credentials keys: {sorted(extra)}")
+                account = kw.get("account_id", DEFAULT_ACCOUNT_ID)
+                try:
+                    entries.append(
+                        CredentialEntry(
+                            access_key_id=str(c["access_key_id"]),
+                            secret_access_key=str(c["secret_access_key"]),
+                            principal_arn=str(
+                                c.get("principal_arn", f"arn:aws:iam::{account}:user/local")
+                            ),
+                            session_token=(
+                                str(c["session_token"]) if "session_token" in c else None
+                            ),
+                        )
+                    )
+                except KeyError as exc:
+                    raise ConfigurationError(f"credentials entry lacks {exc.args[0]}") from None
+            kw["credentials"] = tuple(entries)
+        return cls(**kw)

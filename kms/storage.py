@@ -1,0 +1,231 @@
+"""Key store: a small synchronous storage interface and its SQLite implementation.
+
+The daemon keeps the whole key set in memory (it is small: metadata plus wrapped material) and
+writes every change through :class:`Storage` before acknowledging it. Every mutating method is
+one transaction, so a ``kill -9`` leaves either the old or the new state, never a mix.
+
+SQLite settings: WAL journal (readers never block the writer) and ``synchronous=FULL`` (the WAL
+is fsynced at every commit, so an acknowledged write survives a crash of the process or of the
+machine).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["KeyRow", "VersionRow", "AliasRow", "Snapshot", "Storage", "SqliteStorage"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    """A key's metadata (JSON text, see kms.service) and policy."""
+
+    key_id: str
+    meta: str
+    policy: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    """One version of a key's material, wrapped by the master key."""
+
+    key_id: str
+    version: int
+    wrapped: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class AliasRow:
+    """An alias name and the key id it points at."""
+
+    name: str
+    key_id: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything stored, as loaded at start-up."""
+
+    keys: Sequence[KeyRow]
+    versions: Sequence[VersionRow]
+    aliases: Sequence[AliasRow]
+
+
+class Storage(Protocol):
+    """What the service needs from a backend. Each method is atomic and durable on return."""
+
+    def load(self) -> Snapshot:
+        """Every key, version and alias."""
+        ...
+
+    def get_meta(self, name: str) -> bytes | None:
+        """A store-wide value (the master-key check), or None."""
+        ...
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        """Set a store-wide value."""
+        ...
+
+    def create_key(self, key: KeyRow, versions: Sequence[VersionRow]) -> None:
+        """Insert a key with its material versions (one transaction)."""
+        ...
+
+    def update_key(self, key: KeyRow) -> None:
+        """Replace a key's metadata and policy."""
+        ...
+
+    def add_version(self, key: KeyRow, version: VersionRow) -> None:
+        """Add a material version and the key's new metadata (one transaction)."""
+        ...
+
+    def delete_key(self, key_id: str) -> None:
+        """Delete a key, its versions and its aliases."""
+        ...
+
+    def put_alias(self, alias: AliasRow) -> None:
+        """Insert or replace an alias."""
+        ...
+
+    def delete_alias(self, name: str) -> None:
+        """Delete an alias."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend."""
+        ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, meta TEXT NOT NULL, policy TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS key_versions (
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    wrapped BLOB NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+#: Schema version stored in PRAGMA user_version; bump with a migration.
+SCHEMA_VERSION = 1
+
+
+class SqliteStorage:
+    """:class:`Storage` on one SQLite file (WAL, synchronous=FULL).
+
+    The connection may be used from any one thread at a time (the daemon serialises calls
+    through a single-thread limiter), hence ``check_same_thread=False``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(
+            str(path), isolation_level=None, check_same_thread=False, timeout=5.0
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise RuntimeError(f"key store schema {version} is newer than this daemon")
+        with self._tx():
+            if version == 0:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        self._db.execute(stmt)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def load(self) -> Snapshot:
+        keys = [KeyRow(*r) for r in self._db.execute("SELECT key_id, meta, policy FROM keys")]
+        versions = [
+            VersionRow(r[0], int(r[1]), bytes(r[2]), float(r[3]))
+            for r in self._db.execute("SELECT key_id, version, wrapped, created FROM key_versions")
+        ]
+        aliases = [
+            AliasRow(*r)
+            for r in self._db.execute("SELECT name, key_id, created, updated FROM aliases")
+        ]
+        return Snapshot(keys, versions, aliases)
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
+
+    def create_key(self, key: KeyRow, versions: Sequence[VersionRow]) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO keys VALUES (?, ?, ?)", (key.key_id, key.meta, key.policy)
+            )
+            for version in versions:
+                self._insert_version(version)
+
+    def _insert_version(self, v: VersionRow) -> None:
+        self._db.execute(
+            "INSERT INTO key_versions VALUES (?, ?, ?, ?)",
+            (v.key_id, v.version, v.wrapped, v.created),
+        )
+
+    def update_key(self, key: KeyRow) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE keys SET meta=?, policy=? WHERE key_id=?",
+                (key.meta, key.policy, key.key_id),
+            )
+
+    def add_version(self, key: KeyRow, version: VersionRow) -> None:
+        with self._tx():
+            self._insert_version(version)
+            self._db.execute(
+                "UPDATE keys SET meta=?, policy=? WHERE key_id=?",
+                (key.meta, key.policy, key.key_id),
+            )
+
+    def delete_key(self, key_id: str) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
+
+    def put_alias(self, alias: AliasRow) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO aliases VALUES (?, ?, ?, ?)",
+                (alias.name, alias.key_id, alias.created, alias.updated),
+            )
+
+    def delete_alias(self, name: str) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM aliases WHERE name=?", (name,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT`` (or ``ROLLBACK`` on error) in autocommit mode."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
