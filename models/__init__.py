@@ -1,2 +1,36 @@
 """models: sealed ONNX models, the in-enclave inference server, the client SDK and the bundled
-digits model."""
+digits model.
+
+Layers: pure cores (``sealed`` format, ``tensors`` wire format and signatures, the batching
+helpers of ``engine``) under trio adapters (``engine.ModelEngine``, ``service``, ``server``,
+``client``, ``store``); ``sealing`` joins the sealed format to KMS. Imports are lazy (onnxruntime
+and numpy are heavy); use the submodules: ``models.client``, ``models.sealing``...
+"""
+
+from __future__ import annotations
+
+from models.errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    ModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+    ModelUnavailableError,
+    OverloadedError,
+    SealedFormatError,
+    SealedIntegrityError,
+)
+
+__all__ = [
+    "ModelError",
+    "SealedFormatError",
+    "SealedIntegrityError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "ModelUnavailableError",
+    "InvalidInputError",
+    "InferenceTimeoutError",
+    "OverloadedError",
+    "InferenceError",
+]

@@ -3,9 +3,16 @@ tests in tests/integration/. Fixtures of general use come from the ``runtime.tes
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
+
+# Cached loggers escape structlog.testing.capture_logs: a test that runs the CLI (which
+# configures logging for its "process") must not freeze every logger for the tests after it.
+os.environ["ENCLAVE_LOG_CACHE"] = "0"
 
 #: ../shared beside the checkout (CI has it there too).
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -16,3 +23,10 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"../shared is missing (expected at {SHARED})")
     return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Each test starts from structlog's defaults, whatever the previous test configured."""
+    yield
+    structlog.reset_defaults()

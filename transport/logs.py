@@ -132,7 +132,7 @@ def configure_logging(
     *,
     json: bool | None = None,
     stream: TextIO | None = None,
-    cache: bool = True,
+    cache: bool | None = None,
 ) -> None:
     """Configure structlog for this process. Call once, at the process entry point.
 
@@ -142,8 +142,9 @@ def configure_logging(
         json: force JSON lines (True) or console rendering (False); default JSON unless
             ``stream`` is a terminal.
         stream: where log lines go; default ``sys.stderr``.
-        cache: cache loggers on first use (production). Tests pass False so that
-            ``structlog.testing.capture_logs`` sees every entry.
+        cache: cache loggers on first use (production default). ``ENCLAVE_LOG_CACHE=0`` in the
+            environment turns it off: the test suite sets it so that
+            ``structlog.testing.capture_logs`` still sees loggers first used after a CLI run.
     """
     out: TextIO | _CurrentStderr = stream if stream is not None else _CurrentStderr()
     if level is None:
@@ -151,6 +152,8 @@ def configure_logging(
     numeric = logging.getLevelNamesMapping()[level.upper()] if isinstance(level, str) else level
     if json is None:
         json = not out.isatty()
+    if cache is None:
+        cache = os.environ.get("ENCLAVE_LOG_CACHE", "1") != "0"
     structlog.configure(
         processors=_processors(json),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -1,0 +1,167 @@
+"""The inference server's configuration (``server.toml`` in the enclave app directory).
+
+The file is part of the measured image, so everything in it is attested by PCR0/PCR2. Secrets
+never go here: KMS credentials come from the host at start (see :mod:`models.store`), and
+model keys come from KMS only to an attested enclave. Unknown keys are errors.
+
+Example (the shipped ``models/server_app/server.toml``)::
+
+    listen_port = 5005            # vsock port the server accepts attested channels on
+    host_port = 7000              # host-side model store / provisioning service, on (3, port)
+    kms_proxy_port = 8000         # vsock-proxy to the KMS, on (3, port)
+    kms_region = "us-east-1"
+    suites = ["MLKEM768_X25519", "X25519"]   # channel suites offered, in preference order
+    max_connections = 64
+    max_streams_per_connection = 64
+    max_request_bytes = 16777216  # per request / stream message, all tensors together
+    max_concurrent_requests = 256
+    handshake_timeout_s = 10.0
+
+    [[models]]
+    name = "digits"
+    source = "store"              # "store": fetched from the host store; "image": a file here
+    # path = "sealed/digits.sealed"   # source = "image": relative to the app directory
+    intra_op_threads = 1
+    max_batch = 256
+    timeout_s = 10.0
+    execution = "auto"            # "auto" (measured), "inline" or "thread"
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
+
+from models.engine import EngineConfig
+from transport.errors import ConfigurationError
+
+__all__ = ["ModelConfig", "ServerConfig", "DEFAULT_LISTEN_PORT", "DEFAULT_HOST_PORT"]
+
+#: The server's vsock port (DESIGN.md §3).
+DEFAULT_LISTEN_PORT: Final = 5005
+#: The host-side model store / provisioning port on the parent (CID 3).
+DEFAULT_HOST_PORT: Final = 7000
+#: The vsock-proxy in front of KMS (Nitro's default, DESIGN.md §3).
+DEFAULT_KMS_PROXY_PORT: Final = 8000
+_SUITES: Final = ("MLKEM768_X25519", "X25519")
+_MAX_MODELS: Final = 64
+
+_ENGINE_KEYS: Final = {f.name for f in fields(EngineConfig)}
+
+
+def _port(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 < value < 2**32 - 1:
+        raise ConfigurationError(f"{what} must be a port number, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """One served model."""
+
+    name: str
+    source: str = "store"
+    path: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> ModelConfig:
+        known = {"name", "source", "path"} | _ENGINE_KEYS
+        unknown = sorted(set(m) - known)
+        if unknown:
+            raise ConfigurationError(f"unknown model config key(s): {unknown}")
+        name = m.get("name")
+        if not isinstance(name, str) or not 0 < len(name) <= 128 or "/" in name:
+            raise ConfigurationError(f"model name must be 1-128 characters, no '/': {name!r}")
+        source = m.get("source", "store")
+        if source not in ("store", "image"):
+            raise ConfigurationError(f"model {name}: source must be 'store' or 'image'")
+        path = m.get("path")
+        if source == "image":
+            if not isinstance(path, str) or not path:
+                raise ConfigurationError(f"model {name}: source 'image' needs a path")
+            pure = PurePosixPath(path)
+            if pure.is_absolute() or ".." in pure.parts:
+                raise ConfigurationError(f"model {name}: path must stay inside the app dir")
+        elif path is not None:
+            raise ConfigurationError(f"model {name}: path is only for source 'image'")
+        try:
+            engine = EngineConfig(**{k: v for k, v in m.items() if k in _ENGINE_KEYS})
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"model {name}: {exc}") from exc
+        return cls(name=name, source=source, path=path, engine=engine)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The whole server configuration (see the module docstring for the file format)."""
+
+    models: tuple[ModelConfig, ...]
+    listen_port: int = DEFAULT_LISTEN_PORT
+    host_port: int = DEFAULT_HOST_PORT
+    kms_proxy_port: int = DEFAULT_KMS_PROXY_PORT
+    kms_region: str = "us-east-1"
+    suites: tuple[str, ...] = _SUITES
+    max_connections: int = 64
+    max_streams_per_connection: int = 64
+    max_request_bytes: int = 16 << 20
+    max_concurrent_requests: int = 256
+    handshake_timeout_s: float = 10.0
+
+    @classmethod
+    def from_mapping(cls, m: Mapping[str, Any]) -> ServerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(m) - known)
+        if unknown:
+            raise ConfigurationError(f"unknown server config key(s): {unknown}")
+        raw_models = m.get("models", [])
+        if not isinstance(raw_models, list) or not 0 < len(raw_models) <= _MAX_MODELS:
+            raise ConfigurationError(f"models must be a list of 1-{_MAX_MODELS} tables")
+        models = tuple(ModelConfig.from_mapping(x) for x in raw_models)
+        names = [mc.name for mc in models]
+        if len(set(names)) != len(names):
+            raise ConfigurationError("model names must be unique")
+        suites = tuple(m.get("suites", _SUITES))
+        if not suites or any(s not in _SUITES for s in suites):
+            raise ConfigurationError(f"suites must be a non-empty subset of {list(_SUITES)}")
+        kwargs: dict[str, Any] = {"models": models, "suites": suites}
+        for key in ("listen_port", "host_port", "kms_proxy_port"):
+            if key in m:
+                kwargs[key] = _port(m[key], key)
+        for key in (
+            "max_connections",
+            "max_streams_per_connection",
+            "max_request_bytes",
+            "max_concurrent_requests",
+        ):
+            if key in m:
+                if type(m[key]) is not int or m[key] < 1:
+                    raise ConfigurationError(f"{key} must be a positive integer")
+                kwargs[key] = m[key]
+        if "handshake_timeout_s" in m:
+            value = m["handshake_timeout_s"]
+            if not isinstance(value, int | float) or not 0 < value <= 600:
+                raise ConfigurationError("handshake_timeout_s must be in (0, 600]")
+            kwargs["handshake_timeout_s"] = float(value)
+        if "kms_region" in m:
+            if not isinstance(m["kms_region"], str) or not m["kms_region"]:
+                raise ConfigurationError("kms_region must be a string")
+            kwargs["kms_region"] = m["kms_region"]
+        return cls(**kwargs)
+
+    @classmethod
+    def from_file(cls, path: Path) -> ServerConfig:
+        """Load ``server.toml`` (TOML) or ``server.json`` (JSON)."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read server config {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigurationError(f"{path}: top level must be a table")
+        return cls.from_mapping(data)

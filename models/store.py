@@ -1,0 +1,230 @@
+"""The host-side model store and provisioning service, and its enclave-side client.
+
+Like ``kmstool-instance`` hands AWS credentials to ``kmstool-enclave`` over vsock, the parent
+instance runs a small service on ``(3, host_port)`` (default 7000) that the inference server
+calls at start. It speaks ``enclave-rpc/1`` (transport.rpc) on a plain vsock stream: the host is
+untrusted, so nothing it provides is trusted either:
+
+``credentials`` (unary) -> ``{"access_key_id", "secret_access_key", "session_token", "region"}``
+    KMS signing credentials for this instance. They only authenticate the caller to KMS; what
+    KMS releases still depends on the enclave's attestation (Recipient) and the key policy, and
+    the data key comes back encrypted to the enclave's own key. Kept out of the measured image,
+    so rotating them does not change PCR0.
+``fetch`` (streaming; metadata ``{"name": NAME}``) -> ``{"size": N}`` then ``{"chunk": bytes}``...
+    The sealed file of a model. Its integrity is the sealed format's business (AEAD bound to the
+    header, the digest, the model name in the KMS encryption context), not the host's.
+``ready`` (unary) ``{"port": P, "models": [{"name", "available", "digest", "reason"}],
+"error": None | str}`` -> ``{}``
+    The server reports that it is listening (or, with ``error`` set, that it cannot serve and
+    is exiting), with its catalog summary, so the operator (and ``enclave demo``) sees which
+    models loaded and why others did not. Only non-secret facts are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+import trio
+
+from models.errors import ModelLoadError
+from models.sealed import MAX_MODEL_SIZE
+from transport.rpc import RpcError, open_rpc_client, serve_rpc
+from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+
+__all__ = [
+    "HostCredentials",
+    "ModelStore",
+    "serve_model_store",
+    "StoreClient",
+    "open_store_client",
+    "FETCH_CHUNK",
+]
+
+log = structlog.get_logger()
+
+#: Bytes per ``fetch`` message (well under the RPC's 4 MiB message cap).
+FETCH_CHUNK: Final = 1 << 20
+
+
+@dataclass(frozen=True)
+class HostCredentials:
+    """What ``credentials`` returns (the secret is never logged or printed)."""
+
+    access_key_id: str
+    secret_access_key: str
+    session_token: str | None = None
+    region: str = "us-east-1"
+
+    def __repr__(self) -> str:
+        return f"HostCredentials(access_key_id={self.access_key_id!r}, region={self.region!r})"
+
+
+class ModelStore:
+    """The host side: sealed files by model name, credentials, and a ``ready`` callback.
+
+    Args:
+        models: model name -> sealed file path.
+        credentials: KMS credentials handed to the enclave (None: ``credentials`` is refused).
+        on_ready: called with the server's ``ready`` report.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, Path],
+        *,
+        credentials: HostCredentials | None,
+        on_ready: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.models = {name: Path(p) for name, p in models.items()}
+        self.credentials = credentials
+        self.on_ready = on_ready
+        self.ready_reports: list[dict[str, Any]] = []
+        self._changed = trio.Event()
+
+    async def handle(self, stream: Any) -> None:
+        """RPC handler (one stream)."""
+        method = stream.method
+        if method == "credentials":
+            await stream.receive()
+            if self.credentials is None:
+                raise RpcError("permission_denied", "this host provides no KMS credentials")
+            c = self.credentials
+            await stream.send(
+                {
+                    "access_key_id": c.access_key_id,
+                    "secret_access_key": c.secret_access_key,
+                    "session_token": c.session_token,
+                    "region": c.region,
+                },
+                end=True,
+            )
+        elif method == "fetch":
+            name = stream.metadata.get("name")
+            path = self.models.get(name) if isinstance(name, str) else None
+            if path is None:
+                raise RpcError("not_found", f"the host store has no model {str(name)[:128]!r}")
+            await self._send_file(stream, path)
+        elif method == "ready":
+            report = await stream.receive()
+            if not isinstance(report, dict):
+                raise RpcError("invalid_argument", "ready report must be a map")
+            self.ready_reports.append(report)
+            if report.get("error"):
+                log.warning(
+                    "enclave_server_failed", error=report.get("error"), models=report.get("models")
+                )
+            else:
+                log.info(
+                    "enclave_server_ready", port=report.get("port"), models=report.get("models")
+                )
+            if self.on_ready is not None:
+                self.on_ready(report)
+            self._changed.set()
+            self._changed = trio.Event()
+            await stream.send({}, end=True)
+        else:
+            raise RpcError("unimplemented", f"unknown method {str(method)[:64]!r}")
+
+    async def wait_report(self, index: int) -> dict[str, Any]:
+        """Wait for the ``index``-th (0-based) ``ready`` report and return it."""
+        while len(self.ready_reports) <= index:
+            await self._changed.wait()
+        return self.ready_reports[index]
+
+    @staticmethod
+    async def _send_file(stream: Any, path: Path) -> None:
+        f = await trio.open_file(path, "rb")
+        async with f:
+            size = (await trio.Path(path).stat()).st_size
+            await stream.send({"size": size})
+            while piece := await f.read(FETCH_CHUNK):
+                await stream.send({"chunk": piece})
+
+
+async def serve_model_store(
+    store: ModelStore,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``store`` on the host's vsock ``(3, port)`` until cancelled."""
+    listener = await open_vsock_listener(port)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        try:
+            await serve_rpc(stream, store.handle)
+        except Exception as exc:  # one bad peer must not stop the store
+            log.warning("model_store_connection_failed", error=str(exc))
+
+    async with listener:
+        task_status.started()
+        await trio.serve_listeners(connection, [listener])
+
+
+class StoreClient:
+    """The enclave side of the store (an open RPC client on a vsock stream)."""
+
+    def __init__(self, rpc: Any) -> None:
+        self._rpc = rpc
+
+    async def credentials(self) -> HostCredentials:
+        answer = await self._rpc.call("credentials", {})
+        try:
+            return HostCredentials(
+                access_key_id=str(answer["access_key_id"]),
+                secret_access_key=str(answer["secret_access_key"]),
+                session_token=answer.get("session_token"),
+                region=str(answer.get("region") or "us-east-1"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelLoadError("host store sent malformed credentials") from exc
+
+    async def fetch(self, name: str, *, max_size: int = MAX_MODEL_SIZE) -> bytes:
+        """The sealed file of model ``name`` (size bounded before any allocation)."""
+        buf = bytearray()
+        async with self._rpc.open_stream("fetch", {"name": name}) as st:
+            await st.send_end()
+            first = await st.receive()
+            size = first.get("size") if isinstance(first, dict) else None
+            if type(size) is not int or not 0 <= size <= max_size:
+                raise ModelLoadError(f"host store announced a bad size for {name!r}")
+            async for msg in st:
+                piece = msg.get("chunk") if isinstance(msg, dict) else None
+                if not isinstance(piece, bytes) or len(buf) + len(piece) > size:
+                    raise ModelLoadError(f"host store sent a malformed file for {name!r}")
+                buf += piece
+        if len(buf) != size:
+            raise ModelLoadError(f"host store sent {len(buf)} of {size} bytes for {name!r}")
+        return bytes(buf)
+
+    async def ready(self, report: Mapping[str, Any]) -> None:
+        await self._rpc.call("ready", dict(report))
+
+
+class _StoreConnection:
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._stream: trio.abc.Stream | None = None
+        self._cm: Any = None
+
+    async def __aenter__(self) -> StoreClient:
+        self._stream = await open_vsock_stream(VsockAddr(PARENT_CID, self._port))
+        self._cm = open_rpc_client(self._stream)
+        rpc = await self._cm.__aenter__()
+        return StoreClient(rpc)
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self._cm.__aexit__(*exc)
+        finally:
+            assert self._stream is not None
+            await self._stream.aclose()
+
+
+def open_store_client(port: int) -> _StoreConnection:
+    """``async with open_store_client(port) as store:`` from inside the enclave."""
+    return _StoreConnection(port)

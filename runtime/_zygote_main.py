@@ -1,0 +1,227 @@
+"""The zygote process (``python -P runtime/_zygote_main.py``): see :mod:`runtime.zygote`.
+
+Only the standard library is imported at module level: ``runtime`` on this process's
+``sys.path`` is the measured bootstrap's stub package, not the host runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+#: Modules the zygote imports before serving (missing ones are skipped).
+PREIMPORT = (
+    "trio", "numpy", "onnxruntime", "msgpack", "cryptography",
+    "cryptography.hazmat.primitives.ciphers.aead", "cryptography.hazmat.primitives.hashes",
+    "cryptography.hazmat.primitives.asymmetric.ec", "cryptography.hazmat.primitives.asymmetric.rsa",
+    "cryptography.hazmat.primitives.asymmetric.x25519", "cryptography.hazmat.primitives.hpke",
+    "cryptography.hazmat.primitives.serialization", "cryptography.x509", "cbor2", "structlog",
+    "h11", "yaml",
+    # enclave-side packages, from the verified bootstrap on sys.path
+    "transport", "transport.vsock", "transport.fabric.enclave", "transport.channel",
+    "transport.rpc", "attest", "attest.nsm.client", "attest.channel", "kms", "kms.client",
+    "models", "models.server", "runtime.enclave_init",
+)  # fmt: skip
+#: Largest fork request (JSON: env + sandbox parameters).
+MAX_REQUEST = 1 << 20
+#: fds per request: fabric, nsm, init, [console].
+MAX_FDS = 4
+
+
+def _load_host_sandbox(path: str) -> Any:
+    """Load runtime/sandbox from the runtime's tree under a private name (see docstring)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "_enclave_host_sandbox",
+        os.path.join(path, "__init__.py"),
+        submodule_search_locations=[path],
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["_enclave_host_sandbox"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def serve(sock_path: str, bootstrap: str, sandbox_path: str) -> None:  # pragma: no cover
+    """The zygote's main loop (runs in the zygote process)."""
+    import importlib
+
+    # Not PR_SET_PDEATHSIG: it fires when the *thread* that forked us exits, and trio starts
+    # subprocesses from worker threads that it retires after a few idle seconds. Poll the
+    # parent instead (the accept loop wakes every 0.5 s).
+    parent = os.getppid()
+    sb = _load_host_sandbox(sandbox_path)
+    for name in PREIMPORT:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    threads = len(os.listdir("/proc/self/task"))
+    import gc
+
+    # Move every pre-imported object to the permanent generation: collections in a forked
+    # enclave then never walk (and so never copy-on-write) the zygote's pages.
+    gc.collect()
+    gc.freeze()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_path)
+    old = os.umask(0o177)
+    if len(sock_path.encode()) > 107:  # sun_path limit: bind through /proc/self/fd
+        dfd = os.open(os.path.dirname(sock_path), os.O_PATH | os.O_DIRECTORY)
+        listener.bind(f"/proc/self/fd/{dfd}/{os.path.basename(sock_path)}")
+        os.close(dfd)
+    else:
+        listener.bind(sock_path)
+    os.umask(old)
+    listener.listen(8)
+    listener.settimeout(0.5)  # wake up to reap exited relays
+    state: dict[str, Any] = {"spare": None, "n": 0}
+
+    def factory(req: dict[str, Any], fds: list[int]) -> tuple[Any, Any]:
+        return _build(sb, req, fds, bootstrap)
+
+    def replenish() -> None:
+        if state["spare"] is None:
+            state["n"] += 1
+            # SIGTERM must not land between the fork and the bookkeeping (the spare would be
+            # forgotten by on_term); the spare unblocks it for itself.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                state["spare"] = sb.prefork_spare(f"z{os.getpid()}-{state['n']}", factory)
+            except OSError:
+                state["spare"] = None  # no cgroup: plain spawns
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+    def on_term(*_: Any) -> None:
+        if state["spare"] is not None:
+            sb.discard_spare(state["spare"])
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    replenish()
+    sys.stdout.write(json.dumps({"ready": True, "threads": threads}) + "\n")
+    sys.stdout.flush()
+    while True:
+        _reap()
+        if os.getppid() != parent:  # the runtime is gone: so are we (and our spare)
+            on_term()
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            continue
+        with conn:
+            conn.settimeout(None)
+            try:
+                spare, state["spare"] = state["spare"], None
+                _handle(sb, conn, bootstrap, spare)
+            except Exception as exc:
+                with contextlib.suppress(OSError):
+                    conn.sendmsg([json.dumps({"ok": False, "error": repr(exc)}).encode()])
+        replenish()  # off the start-up path: after the reply
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _build(
+    sb: Any, req: dict[str, Any], fds: list[int], zygote_bootstrap: str
+) -> tuple[Any, Any]:  # pragma: no cover
+    """The enclave's SandboxSpec and in-process child entry from a fork request."""
+    fabric, nsm, init = fds[0], fds[1], fds[2]
+    console = fds[3] if req.get("console") and len(fds) > 3 else None
+    s = req["sandbox"]
+    spec = sb.SandboxSpec(
+        enclave_id=s["enclave_id"],
+        cpu_ids=tuple(s["cpu_ids"]),
+        memory_mib=s["memory_mib"],
+        image_root=s["image_root"],
+        fds={3: fabric, 4: nsm, 5: init},
+        console_fd=console,
+        strict=s["strict"],
+        cwd=s["cwd"],
+    )
+    env = {str(k): str(v) for k, v in req["env"].items()}
+    own_bootstrap = str(req["bootstrap_dir"])
+
+    def child() -> Any:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:] = [own_bootstrap if p == zygote_bootstrap else p for p in sys.path]
+        sys.path_importer_cache.clear()
+        importlib_invalidate()
+        from runtime.enclave_init import main
+
+        main()
+
+    return spec, child
+
+
+def _handle(
+    sb: Any, conn: socket.socket, zygote_bootstrap: str, spare: Any
+) -> None:  # pragma: no cover
+    msg, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, MAX_FDS)
+    t0 = time.monotonic()
+    try:
+        req = json.loads(msg)
+        spec, child = _build(sb, req, fds, zygote_bootstrap)
+        if spare is not None:
+            claimed, spare = spare, None  # claim_spare consumes it, success or not
+            sp = sb.claim_spare(claimed, spec, msg, fds)
+        else:
+            sp = sb.spawn(spec, child, attach=bool(req.get("attach_cgroup", True)))
+    except BaseException:
+        if spare is not None:
+            sb.discard_spare(spare)
+        raise
+    finally:
+        for fd in fds:
+            os.close(fd)
+    reply = {
+        "ok": True,
+        "middle_pid": sp.middle_pid,
+        "app_pid": sp.app_pid,
+        "layers": sp.layers,
+        "cgroup": sp.cgroup,
+        "attached": sp.attached,
+        "timing": sp.timing,
+        "t_request": t0,
+        "zygote_ms": round((time.monotonic() - t0) * 1000, 2),
+        "spare": spare is not None,
+    }
+    try:
+        socket.send_fds(conn, [json.dumps(reply).encode()], [sp.status_fd])
+    finally:
+        os.close(sp.status_fd)
+
+
+def importlib_invalidate() -> None:
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+if __name__ == "__main__":  # pragma: no cover - the zygote process
+    import argparse
+
+    _p = argparse.ArgumentParser()
+    _p.add_argument("--serve", required=True)
+    _p.add_argument("--bootstrap", required=True)
+    _p.add_argument("--sandbox", required=True)
+    _a = _p.parse_args()
+    serve(_a.serve, _a.bootstrap, _a.sandbox)

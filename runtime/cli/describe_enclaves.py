@@ -1,0 +1,35 @@
+"""``enclave describe-enclaves [--metadata]``: the running enclaves as nitro-cli prints them.
+
+The default output is byte-compatible with nitro-cli (a JSON array, ``[]`` when none). With
+``--metadata`` each object also gets ``ImageName``, ``ImageVersion``, ``Metadata`` and, as the
+last key, our ``Isolation`` report (which sandbox layers are in force, or missing and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from runtime._cli_common import print_json
+from runtime.state import StateDir
+from transport.paths import default_state_dir
+
+if TYPE_CHECKING:
+    from runtime.cli import SubParsers
+
+
+def register(subparsers: SubParsers) -> None:
+    p = subparsers.add_parser("describe-enclaves", help="list running enclaves (nitro-cli)")
+    p.add_argument(
+        "--metadata",
+        action="store_true",
+        help="add ImageName/ImageVersion/Metadata and the Isolation report",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    state = StateDir(default_state_dir())
+    infos = [r for r in state.records() if r.state in ("RUNNING", "TERMINATING")]
+    print_json([i.describe_json(metadata=args.metadata) for i in infos])
+    return 0

@@ -1,0 +1,228 @@
+"""The in-enclave init: the first code that runs inside an enclave (part of the measured
+bootstrap ramdisk; it may import only the standard library and the enclave-side packages).
+
+As Nitro's init (``reference/nitro.md`` §1.7) it connects to the parent at (3, 9000), writes the
+heartbeat byte 0xB7 and dies unless the parent echoes it. Our extension: init then writes one
+``R`` byte on the same connection right before the application starts and waits for the
+parent's one-byte acknowledgement, so the runtime knows (and has recorded) that the enclave is
+running, not merely booted, before any app code runs. Then it runs ``cmd``:
+
+* a Python command (``python``/``python3`` followed by ``-m MOD``, ``-c CODE`` or ``FILE``) runs
+  in this process (``runpy``), so a pre-imported zygote's modules are reused;
+* anything else is ``execvpe``'d (the app becomes PID 1 of the enclave's pid namespace).
+
+The app's exit ends the enclave. A ``MemoryError`` escaping the app exits with
+:data:`EXIT_OOM` so the runtime can report it as out-of-memory (RLIMIT_AS mode); the kernel
+OOM killer (cgroup mode) is seen by the runtime directly.
+
+The launch parameters arrive on an inherited pipe (``ENCLAVE_INIT_FD``, removed from the
+environment before the app starts): JSON ``{"cmd": [...], "cwd": "...", "env": {...}}``;
+without ``env`` the inherited environment is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import runpy
+import signal
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+__all__ = ["main", "run", "HEARTBEAT", "READY", "HEARTBEAT_PORT", "EXIT_OOM", "INIT_FD_ENV"]
+
+#: Nitro's boot heartbeat byte and port (BOOT init.c: HEART_BEAT 0xB7, VSOCK_PORT 9000).
+HEARTBEAT = 0xB7
+HEARTBEAT_PORT = 9000
+#: Our extension: sent after the echo, right before the app starts.
+READY = ord("R")
+#: Exit status meaning "the app ran out of memory" (RLIMIT_AS mode).
+EXIT_OOM = 251
+#: Environment variable naming the inherited launch-parameters fd.
+INIT_FD_ENV = "ENCLAVE_INIT_FD"
+#: Upper bound on the launch parameters (cmd + env): bounded read.
+MAX_SPEC_BYTES = 1 << 20
+_PR_SET_DUMPABLE = 4
+_PYTHON_NAMES = frozenset({"python", "python3", os.path.basename(sys.executable)})
+
+
+def _read_spec(fd: int) -> dict[str, Any]:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        b = os.read(fd, 65536)
+        if not b:
+            break
+        total += len(b)
+        if total > MAX_SPEC_BYTES:
+            raise ValueError("launch parameters too large")
+        chunks.append(b)
+    os.close(fd)
+    spec = json.loads(b"".join(chunks))
+    if not isinstance(spec, dict):
+        raise ValueError("launch parameters must be an object")
+    return spec
+
+
+#: Request id of init's one fabric request (the app's own client starts from 1).
+_INIT_REQUEST_ID = 0xFFFFFFFF
+#: Bound on each step of the boot handshake (the parent answers at once).
+HANDSHAKE_TIMEOUT_S = 30.0
+
+
+def _heartbeat_sync(fabric_fd: int) -> None:
+    """The boot handshake without an event loop: one broker round trip for the connection to
+    (3, 9000) over the inherited fabric socket (``transport.fabric`` wire codec), then blocking
+    I/O on the connected socket. Starting trio here would cost milliseconds of a warm start."""
+    from transport.fabric import fdpass, wire
+    from transport.fabric.addressing import PARENT_CID, VsockAddr
+
+    broker = socket.socket(fileno=os.dup(fabric_fd))
+    try:
+        broker.settimeout(HANDSHAKE_TIMEOUT_S)
+        request = wire.Connect(_INIT_REQUEST_ID, VsockAddr(PARENT_CID, HEARTBEAT_PORT))
+        fdpass.send_message(broker, wire.encode(request))
+        data, fds, truncated = fdpass.recv_message(broker)
+    finally:
+        broker.close()
+    if truncated or not data:
+        fdpass.close_fds(fds)
+        raise RuntimeError("bad reply from the vsock broker")
+    reply = wire.decode_reply(data, fd_count=len(fds))
+    if not isinstance(reply, wire.Connected) or len(fds) != 1:
+        fdpass.close_fds(fds)
+        raise RuntimeError(f"cannot reach the parent's heartbeat port: {reply!r}")
+    with socket.socket(fileno=fds[0]) as conn:
+        conn.settimeout(HANDSHAKE_TIMEOUT_S)
+        conn.sendall(bytes([HEARTBEAT]))
+        echo = conn.recv(1)
+        if echo != bytes([HEARTBEAT]):
+            raise RuntimeError(f"bad heartbeat echo {echo!r}")
+        conn.sendall(bytes([READY]))
+        conn.recv(1)  # the parent's acknowledgement (or EOF)
+
+
+async def _heartbeat_and_ready() -> None:
+    import trio
+
+    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_stream
+
+    stream = await open_vsock_stream(VsockAddr(PARENT_CID, HEARTBEAT_PORT))
+    async with stream:
+        await stream.send_all(bytes([HEARTBEAT]))
+        echo = b""
+        with trio.fail_after(30):  # the parent answers at once; bound a broken one
+            while not echo:
+                echo = await stream.receive_some(1)
+        if echo != bytes([HEARTBEAT]):
+            raise RuntimeError(f"bad heartbeat echo {echo!r}")
+        await stream.send_all(bytes([READY]))
+        with trio.fail_after(30):  # the parent acknowledges once it has recorded readiness
+            await stream.receive_some(1)
+
+
+def _not_dumpable() -> None:
+    # execve resets "dumpable"; set it again here (the sandbox also set it before exec).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+def _run_python(argv: Sequence[str]) -> int:
+    """Run a Python command line in-process; returns its exit status."""
+    args = list(argv[1:])
+    while args and args[0].startswith("-") and args[0] not in ("-m", "-c", "-"):
+        args.pop(0)  # interpreter flags (-u, -B, ...) have no in-process meaning
+    try:
+        if not args:
+            raise SystemExit("enclave_init: no python program given")
+        if args[0] in ("-m", "-c"):
+            sys.path.insert(0, os.getcwd())  # as the interpreter does for -m/-c
+        if args[0] == "-m":
+            sys.argv = [args[1], *args[2:]]
+            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+        elif args[0] == "-c":
+            sys.argv = ["-c", *args[2:]]
+            exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            sys.argv = list(args)
+            sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
+            runpy.run_path(args[0], run_name="__main__")
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code & 0xFF
+        print(exc.code, file=sys.stderr)
+        return 1
+    except MemoryError:
+        with contextlib.suppress(Exception):
+            print("enclave app: MemoryError (out of enclave memory)", file=sys.stderr)
+        return EXIT_OOM
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def run(spec: Mapping[str, Any], *, heartbeat: bool = True) -> NoReturn:
+    """Heartbeat, then run the app of ``spec`` with its environment; never returns."""
+    _not_dumpable()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    cmd = [str(a) for a in spec.get("cmd") or []]
+    raw_env = spec.get("env")
+    env = dict(os.environ) if raw_env is None else {str(k): str(v) for k, v in raw_env.items()}
+    cwd = str(spec.get("cwd") or "/")
+    if not cmd:
+        print("enclave_init: empty cmd", file=sys.stderr)
+        _exit(127)
+    os.environ.clear()
+    os.environ.update(env)
+    with contextlib.suppress(OSError):
+        os.chdir(cwd)
+    if heartbeat:
+        try:
+            fabric_fd = os.environ.get("ENCLAVE_FABRIC_FD")
+            if fabric_fd is not None:
+                _heartbeat_sync(int(fabric_fd))
+            else:  # native AF_VSOCK (a real enclave) or another backend: the generic client
+                import trio
+
+                trio.run(_heartbeat_and_ready)
+        except BaseException as exc:
+            print(f"enclave_init: heartbeat failed: {exc!r}", file=sys.stderr)
+            _exit(1)
+    if os.path.basename(cmd[0]) in _PYTHON_NAMES:
+        _exit(_run_python(cmd))
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except OSError as exc:
+        print(f"enclave_init: cannot exec {cmd[0]!r}: {exc}", file=sys.stderr)
+    _exit(127)
+
+
+def main() -> NoReturn:
+    """``python -m runtime.enclave_init``: read the launch parameters from ENCLAVE_INIT_FD."""
+    try:
+        fd = int(os.environ.pop(INIT_FD_ENV))
+        spec = _read_spec(fd)
+    except (KeyError, ValueError, OSError) as exc:
+        print(f"enclave_init: bad launch parameters: {exc}", file=sys.stderr)
+        _exit(127)
+    run(spec)

@@ -1,0 +1,5 @@
+"""``python -m runtime.enclave_init``."""
+
+from runtime.enclave_init import main
+
+main()

@@ -1,0 +1,53 @@
+"""Model builders for tests (onnx.helper, no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def slow_model(nodes: int = 300, width: int = 512) -> bytes:
+    """x float32 [N, width] -> y: ``nodes`` chained MatMul+Tanh (slow at a large N)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(
+        (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"
+    )
+    graph_nodes = []
+    prev = "x"
+    for i in range(nodes):
+        graph_nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
+        out = "y" if i == nodes - 1 else f"t{i}"
+        graph_nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        graph_nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def fixed_model() -> bytes:
+    """a float32 [2, 3] + b int64 [2, 3] (cast) -> y float32 [2, 3]; no dynamic dims."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["a", "bf"], ["y"]),
+        ],
+        "fixed",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 3]),
+            helper.make_tensor_value_info("b", TensorProto.INT64, [2, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
