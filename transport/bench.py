@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from transport.channel import SOCKET_BUFFER_SIZE, Suite, accept_channel, connect_channel
 from transport.channel.testing import TestAuthority, TestVerifier, default_pcrs
 from transport.logs import configure_logging
-from transport.rpc import RpcStream, open_rpc_client, route, serve_rpc, unary
+from transport.rpc import RpcStream, open_rpc_client, route, serve_rpc, unary_inline
 from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
 
 __all__ = ["run", "main"]
@@ -157,11 +157,13 @@ async def _serve(stream: trio.SocketStream, mode: bytes, attester: Any) -> None:
         await channel.aclose()
     elif mode == _MODE_RPC:
 
-        async def echo(request: Any, _stream: RpcStream) -> Any:
+        def echo(request: Any, _stream: RpcStream) -> Any:
             return request
 
+        # A small synchronous method is answered in the reader task (no handler task), as the
+        # inference server answers its catalog and small-model requests.
         channel = await accept_channel(stream, attester=attester, suites=[Suite.X25519])
-        await serve_rpc(channel, route({"echo": unary(echo)}))
+        await serve_rpc(channel, route({"echo": unary_inline(echo)}))
 
 
 # ----------------------------------------------------------------------------- the client

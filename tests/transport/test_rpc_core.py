@@ -615,6 +615,17 @@ def test_rechunking_gives_the_same_events(
             events += server.receive_data(data[prev:p])
         prev = p
     assert events == expected
+    # h11 style, one event at a time, gives the same sequence too.
+    one_by_one = RpcConnection(Role.SERVER, max_streams=8)
+    pulled: list[Event] = []
+    prev = 0
+    for p in [*points, len(data)]:
+        if p > prev:
+            one_by_one.feed(data[prev:p])
+        while (ev := one_by_one.next_event()) is not None:
+            pulled.append(ev)
+        prev = p
+    assert pulled == expected
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -757,3 +768,19 @@ def test_well_framed_garbage_gives_events_or_remote_error(
         return
     assert all(isinstance(e, Event) for e in events)
     assert conn.open_streams <= 2 + len(frames)
+
+
+def test_ping_flood_without_reading_pongs_is_cut_off() -> None:
+    from transport.rpc._core import MAX_PENDING_OUTPUT
+
+    server = RpcConnection(Role.SERVER)
+    ping = frame(FrameType.PING, 0, b"12345678")
+    n_ok = MAX_PENDING_OUTPUT // len(ping)
+    server.receive_data(ping * n_ok)  # owed, not yet taken: fine up to the cap
+    with pytest.raises(RemoteProtocolError, match="does not read"):
+        server.receive_data(ping * 2)
+    # Draining what is owed is what a live peer's writer does, and keeps PINGs allowed.
+    other = RpcConnection(Role.SERVER)
+    for _ in range(3):
+        other.receive_data(ping * n_ok)
+        assert len(other.data_to_send()) == n_ok * len(ping)

@@ -6,13 +6,16 @@ still holds data. Every test has an absolute ``trio.fail_after``.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trio.testing
 
@@ -28,6 +31,7 @@ from transport.rpc import (
     route,
     serve_rpc,
     unary,
+    unary_inline,
 )
 
 TIMEOUT_S = 20
@@ -276,3 +280,84 @@ async def test_bench_modes_run(mode: str) -> None:
 
     with trio.fail_after(TIMEOUT_S):
         assert await _one_run(mode, 20, 2, False) > 0
+
+
+async def test_mixed_load_with_errors_cancels_and_timeouts() -> None:
+    """30 tasks share one connection: unary (inline and task) and streaming calls mixed with
+    handler errors, crashes, server- and client-side cancellations and timeouts. The
+    connection must survive it all, with every stream accounted for."""
+
+    async def stream_handler(stream: RpcStream) -> None:
+        async for m in stream:
+            if m == "err":
+                raise RpcError("invalid_argument", "bad")
+            if m == "boom":
+                raise RuntimeError("handler bug")
+            if m == "cancel":
+                await stream.cancel()
+                return
+            if m == "sleep":
+                await trio.sleep(0.005)
+            await stream.send(m)
+
+    def inline(request: Any, stream: RpcStream) -> Any:
+        if request == "err":
+            raise RpcError("not_found", "n")
+        return request
+
+    async def slow(request: Any, stream: RpcStream) -> Any:
+        await trio.sleep(0.002)
+        return request
+
+    handler = route({"s": stream_handler, "i": unary_inline(inline), "u": unary(slow)})
+    outcomes = {"ok": 0, "rpc_error": 0}
+
+    async def worker(rng: random.Random) -> None:
+        for _ in range(25):
+            kind = rng.random()
+            try:
+                if kind < 0.3:
+                    value = rng.choice([1, "err", b"x" * rng.randint(0, 70_000)])
+                    assert await rpc.call("i", value) == value
+                elif kind < 0.5:
+                    with trio.move_on_after(rng.random() * 0.004):
+                        assert await rpc.call("u", 5) == 5
+                else:
+                    async with rpc.open_stream("s") as st:
+                        for j in range(rng.randint(0, 20)):
+                            m = rng.choice([j, j, "err", "boom", "cancel", "sleep", b"y" * 50_000])
+                            await st.send(m)
+                            if m in ("err", "boom", "cancel"):
+                                with pytest.raises(RpcError):
+                                    await st.receive()
+                                break
+                            assert await st.receive() == m
+                        if rng.random() < 0.5:
+                            await st.send_end()
+                            async for _ in st:
+                                pass
+                outcomes["ok"] += 1
+            except RpcError:
+                outcomes["rpc_error"] += 1
+
+    client_stream, server_stream = socket_stream_pair()
+    with trio.fail_after(TIMEOUT_S), structlog.testing.capture_logs():
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve_rpc, server_stream, handler, max_streams=64))
+            async with open_rpc_client(client_stream) as rpc:
+                async with trio.open_nursery() as workers:
+                    for seed in range(30):
+                        workers.start_soon(worker, random.Random(seed))
+                assert not rpc.closed
+                assert await rpc.call("i", 42) == 42
+                stats = rpc.statistics()
+                assert stats.open_streams == 0
+                assert stats.blocked_senders == 0
+                while server.statistics().running_handlers:  # cancelled ones still unwinding
+                    await trio.sleep(0.001)
+                server_stats = server.statistics()
+                assert server_stats.open_streams == 0
+                assert server_stats.streams_opened == stats.streams_opened
+                assert server_stats.queued_messages == 0
+    assert outcomes["ok"] > 0
+    assert outcomes["rpc_error"] > 0

@@ -63,6 +63,7 @@ from transport.rpc._trio import InlineFunction as InlineFunction
 from transport.rpc._trio import InlineUnary as InlineUnary
 from transport.rpc._trio import Router as Router
 from transport.rpc._trio import RpcClient as RpcClient
+from transport.rpc._trio import RpcServerConnection as RpcServerConnection
 from transport.rpc._trio import RpcStatistics as RpcStatistics
 from transport.rpc._trio import RpcStream as RpcStream
 from transport.rpc._trio import open_rpc_client as open_rpc_client
@@ -76,6 +77,7 @@ __all__ = [
     "open_rpc_client",
     "serve_rpc",
     "RpcClient",
+    "RpcServerConnection",
     "RpcStream",
     "RpcStatistics",
     "EndOfStream",
@@ -122,3 +124,17 @@ __all__ = [
     "RECEIVE_SIZE",
     "CLOSE_TIMEOUT_S",
 ]
+
+
+def _fixup_module_metadata() -> None:
+    """Show public names as ``transport.rpc.X`` in reprs and tracebacks (trio does the same)."""
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("transport.rpc._"):
+            try:
+                obj.__module__ = __name__
+            except (AttributeError, TypeError):  # e.g. type aliases
+                pass
+
+
+_fixup_module_metadata()

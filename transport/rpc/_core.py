@@ -7,9 +7,10 @@ One :class:`RpcConnection` per side of a byte stream. It does no I/O, keeps no c
 logs (h2's "no I/O and no context switches"):
 
 * ``receive_data(data)`` takes bytes from the peer (``b""`` = EOF) and returns a list of
-  events (:mod:`transport.rpc._events`). Anything the peer gets wrong raises
-  :class:`~transport.errors.RemoteProtocolError`; the connection is then dead and every later
-  call raises :class:`~transport.errors.LocalProtocolError`.
+  events (:mod:`transport.rpc._events`), h2 style; ``feed(data)`` + ``next_event()`` (None =
+  need more data) do the same one event at a time, h11 style. Anything the peer gets wrong
+  raises :class:`~transport.errors.RemoteProtocolError`; the connection is then dead and every
+  later call raises :class:`~transport.errors.LocalProtocolError`.
 * ``send_*()`` methods return the bytes of the frames they encode. Misuse (sending on a closed
   stream, without credit, a message over the size limit) raises ``LocalProtocolError`` *before*
   any state changes, so the caller may recover.
@@ -87,6 +88,7 @@ __all__ = [
     "MAX_STREAM_ID",
     "PING_PAYLOAD_SIZE",
     "DEFAULT_CLOSED_STREAMS_REMEMBERED",
+    "MAX_PENDING_OUTPUT",
 ]
 
 #: Protocol name and version, for documentation and logs.
@@ -153,6 +155,9 @@ MAX_STREAMS_LIMIT: Final = 65536
 MAX_STREAM_ID: Final = (1 << 31) - 1
 #: PING and PONG payloads are exactly this many bytes.
 PING_PAYLOAD_SIZE: Final = 8
+#: Most bytes of frames owed to the peer (PONGs, refusals, grants) not yet taken by
+#: data_to_send(): a peer flooding PINGs without reading the PONGs is cut off (h2 does the same).
+MAX_PENDING_OUTPUT: Final = 1 << 20
 #: How many closed streams each side remembers, to tell a late frame that crossed our CANCEL
 #: (ignored) from a frame after END (a violation). Older closed ids are ignored silently.
 DEFAULT_CLOSED_STREAMS_REMEMBERED: Final = 1024
@@ -739,6 +744,16 @@ class RpcConnection:
         self._apply(stream_id, st, StreamInput.SEND_WINDOW)
         return self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(grant_m, grant_b))
 
+    def _owe(self, frame: bytes) -> None:
+        """Queue a frame the protocol owes the peer, refusing to let a peer that floods us
+        with PINGs or refused OPENs while not reading our answers grow the queue forever."""
+        if len(self._pending) + len(frame) > MAX_PENDING_OUTPUT:
+            self._fail(
+                f"the peer keeps asking for answers it does not read "
+                f"(more than {MAX_PENDING_OUTPUT} bytes owed)"
+            )
+        self._pending += frame
+
     def has_data_to_send(self) -> bool:
         """True if :meth:`data_to_send` would return frames."""
         return bool(self._pending)
@@ -971,7 +986,7 @@ class RpcConnection:
                 else ("resource_exhausted", f"too many concurrent streams ({self.max_streams})")
             )
             payload_out = self._packer.pack([code, text])
-            self._pending += self._frame(FrameType.ERROR, 0, stream_id, payload_out)
+            self._owe(self._frame(FrameType.ERROR, 0, stream_id, payload_out))
             if self._remembered:
                 self._closed[stream_id] = StreamState.RESET_LOCAL
                 if len(self._closed) > self._remembered:
@@ -982,9 +997,7 @@ class RpcConnection:
         self._streams_opened += 1
         extra_m, extra_b = self._initial_grant(st)
         if extra_m or extra_b:
-            self._pending += self._frame(
-                FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)
-            )
+            self._owe(self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)))
         events.append(StreamOpened(stream_id, method, metadata))
 
     def _handle_connection_frame(
@@ -994,7 +1007,7 @@ class RpcConnection:
             if len(payload) != PING_PAYLOAD_SIZE:
                 self._fail(f"{ftype.name} payload of {len(payload)} bytes (must be 8)")
             if ftype is FrameType.PING:
-                self._pending += self._frame(FrameType.PONG, 0, 0, bytes(payload))
+                self._owe(self._frame(FrameType.PONG, 0, 0, bytes(payload)))
             else:
                 events.append(PongReceived(bytes(payload)))
             return

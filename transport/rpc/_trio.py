@@ -3,15 +3,31 @@
 Theory of operation
 -------------------
 
-One task reads the byte stream (the client's lives in the nursery that
-:func:`open_rpc_client` opens; the server's is the task running :func:`serve_rpc`). It feeds
-the core and takes events one at a time (:meth:`RpcConnection.next_event`), dispatching each
-straight into the target :class:`RpcStream`: the message goes on the stream's deque and the
-one task parked on it (if any) is rescheduled directly, without a memory channel or another
-task hop. Methods declared with :func:`unary_inline` are even answered right there, in the
-server's reader, with no handler task at all. Queues need no bound
-of their own: the peer cannot send more than the stream's credit (messages *and* bytes), so a
-slow consumer back-pressures only its own stream's sender.
+Reading, server: the task running :func:`serve_rpc` reads the byte stream. It feeds the core
+and takes events one at a time (:meth:`RpcConnection.next_event`), dispatching each straight
+into the target :class:`RpcStream`: the message goes on the stream's deque and the one task
+parked on it (if any) is rescheduled directly, without a memory channel. Methods declared with
+:func:`unary_inline` are answered right there, in the reader, with no handler task at all;
+frames the reader owes go out in one ``send_all`` per batch read. Other handlers run in
+*reused* handler tasks (:meth:`_ServerConnection.worker`): a finished handler's task parks and
+the next OPEN hands it the new stream with one reschedule, under the same cancel scope, instead
+of spawning a task and entering a scope per call (~10 + ~12 µs here).
+
+Reading, client: leader/follower, as in transport/fabric/enclave.py. A task waiting for input
+on its stream (:meth:`RpcStream._lead`) that finds nobody reading becomes the reader: it reads,
+dispatches every frame to its owner, and when its own input arrived hands the role to another
+task parked for input, else back to the background reader. A unary reply therefore wakes the
+caller itself instead of a reader task that then wakes the caller (a task hop). The background
+reader (in the nursery of :func:`open_rpc_client`) reads only while no caller does: idle
+connections still see PONGs, grants for blocked senders, GOAWAY and EOF. A caller that wants
+the role while the background reader is in ``receive_some`` cancels that receive, which loses
+nothing: trio's ``SocketStream.receive_some`` is cancellation-atomic and the SecureChannel keeps
+a partly received record in its sans-IO buffer; the same holds when a caller holding the role
+is cancelled (a user timeout) in the middle of a frame: the core keeps the partial frame and
+the next reader continues it. Whoever reads never writes (grants and PONGs go to a background
+flush) and never blocks on anything but the receive, so two sides blocked writing to each other
+cannot deadlock. Queues need no bound of their own: the peer cannot send more than the stream's
+credit (messages *and* bytes), so a slow consumer back-pressures only its own stream's sender.
 
 Sends are done by the calling task: encode (pure), wait for credit if needed (cancellable),
 commit to the core (pure), then flush. A flush appends to a shared outbox and, under a
@@ -25,8 +41,8 @@ stay unshielded on the hot path (a shield costs ~15 µs per round trip here) and
 the peer stopped reading. Cleanup writes (CANCEL, ERROR) are shielded with a deadline
 (:data:`CLOSE_TIMEOUT_S`). Credit waits are cancellable and send nothing.
 
-A unary :meth:`RpcClient.call` costs one ``send_all`` (OPEN + DATA|END coalesced) and one park;
-the reader wakes it when the DATA|END reply arrives.
+A unary :meth:`RpcClient.call` costs one ``send_all`` (OPEN + DATA|END coalesced) and one
+``receive_some`` by the calling task itself.
 
 Errors: a per-stream failure is an :class:`~transport.rpc.RpcError`; a dead connection raises
 :class:`~transport.errors.ChannelClosed` (closed, peer gone) or
@@ -36,6 +52,7 @@ and later operation, each time a fresh instance chained to the cause.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -43,6 +60,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
+import outcome
 import structlog
 import trio
 
@@ -80,6 +98,7 @@ __all__ = [
     "EndOfStream",
     "RpcStream",
     "RpcClient",
+    "RpcServerConnection",
     "RpcStatistics",
     "Handler",
     "open_rpc_client",
@@ -95,6 +114,8 @@ __all__ = [
     "UNSHIELDED_WRITE_SIZE",
     "LARGE_WRITE_TIMEOUT_S",
     "DEFAULT_CLIENT_MAX_STREAMS",
+    "BACKGROUND_IDLE_S",
+    "BACKGROUND_IDLE_MAX_S",
 ]
 
 log = structlog.get_logger()
@@ -115,10 +136,21 @@ UNSHIELDED_WRITE_SIZE: Final = 16 << 10
 LARGE_WRITE_TIMEOUT_S: Final = 30.0
 #: A client's own cap on concurrently open streams (bounds its memory; servers refuse sooner).
 DEFAULT_CLIENT_MAX_STREAMS: Final = 1024
+#: Client: after callers stop reading, the background reader takes over within one to two of
+#: these periods (seconds). Waking it after every call instead costs a task switch and a
+#: scheduler pass per call (~5 µs here); the timer costs one wake-up per period. What a late
+#: background read delays is only unsolicited input (the server's GOAWAY/EOF, replies nobody
+#: waits for yet); waiting callers, blocked senders and pings get a reader at once.
+BACKGROUND_IDLE_S: Final = 0.002
+#: While one caller keeps the read role (a long call), the period doubles up to this (seconds),
+#: so a pending call does not cost 500 wake-ups a second; the role's release wakes it at once.
+BACKGROUND_IDLE_MAX_S: Final = 0.128
 
 _ACTIVE: Final = frozenset(
     {StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE}
 )
+#: read_holder value while the client's background reader holds the read role.
+_BACKGROUND: Final = object()
 _TRANSPORT_ERRORS: Final = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
@@ -189,8 +221,19 @@ class _Connection:
         self.nursery: trio.Nursery | None = None  # where background flushes run
         self.background_flush = False
         self.reader_writes = False  # True on the server (see read_loop)
+        self.leader_reads = False  # True on the client (see RpcStream._lead)
         self.writer: trio.lowlevel.Task | None = None  # the task inside send_all, if any
         self.deferred_cancels: list[trio.CancelScope] = []  # see cancel_handler
+        # Client "leader/follower" reading (see RpcStream._lead): who holds the read role
+        # (a stream whose receiving task reads, _BACKGROUND, or None), the streams whose tasks
+        # are parked waiting for input, and the background reader's state.
+        self.read_holder: object | None = None
+        self.role_waiters: dict[RpcStream, None] = {}
+        self.bg_scope: trio.CancelScope | None = None  # around the background reader's receive
+        self.bg_parked: trio.lowlevel.Task | None = None  # the background reader, when parked
+        self.leads = 0  # bumped whenever a caller reads or is about to (see background_reader)
+        self.bg_urgent = False  # someone needs the background reader to read now
+        self.bg_period = BACKGROUND_IDLE_S  # its current idle timer (see background_reader)
 
     # -------------------------------------------------------------- failure
 
@@ -321,54 +364,152 @@ class _Connection:
 
     # -------------------------------------------------------------- reading
 
-    async def read_loop(self) -> None:
-        """Read and dispatch until EOF, failure or cancellation; never raises on peer faults.
+    async def read_once(self) -> None:
+        """One ``receive_some`` from the transport, then :meth:`process`.
 
-        Frames the reader must send (PONGs, refusals, grants, inline answers) are written by
-        the server's reader itself, once per batch read (coalesced), while the client's reader
-        never writes: it hands them to a background flush. So the client always drains the
-        server, and two readers each blocked writing to the other cannot deadlock.
+        ``receive_some`` is cancellation-atomic on every stream this runs on (trio's
+        SocketStream; the SecureChannel keeps a partly received record in its buffer), so a
+        reader cancelled here loses nothing: the next reader carries on.
         """
+        try:
+            data = await self.transport.receive_some(RECEIVE_SIZE)
+        except RemoteProtocolError as exc:  # e.g. the secure channel's AuthenticationFailed
+            self.fail(type(exc), f"RPC transport failed: {exc}", exc)
+            return
+        except _TRANSPORT_ERRORS as exc:
+            self.fail(ChannelClosed, f"RPC connection lost: {exc}", exc)
+            return
+        self.process(data)
+
+    def process(self, data: bytes | bytearray) -> bool:
+        """Feed ``data`` to the core and dispatch every event; False once the connection is
+        over (EOF or protocol violation, recorded by :meth:`fail`).
+
+        The client's reader never writes: frames it owes (PONGs, grants) go to a background
+        flush, so the client always drains the server and two sides each blocked writing to
+        the other cannot deadlock. The server's reader writes them itself (see read_loop).
+        """
+        core = self.core
+        try:
+            if self.reader_writes:
+                # Server: one event at a time, so that acting on one (an inline answer frees
+                # its stream) happens before the next OPEN counts against max_streams.
+                core.feed(data)
+                while (event := core.next_event()) is not None:
+                    self.dispatch(event)
+            else:
+                for event in core.receive_data(data):
+                    self.dispatch(event)
+        except RemoteProtocolError as exc:
+            log.warning("rpc_protocol_error", reason=str(exc), role=core.role.value)
+            self.fail(RemoteProtocolError, f"RPC protocol violation by the peer: {exc}", exc)
+            return False
+        if not data:
+            self.fail(ChannelClosed, self.eof_message(), None)
+            return False
+        if not self.reader_writes and (self.outbox or core.has_data_to_send()):
+            self.schedule_flush()
+        return True
+
+    async def read_loop(self) -> None:
+        """Server: read and dispatch until EOF, failure or cancellation; never raises on peer
+        faults. Frames the reader must send (PONGs, refusals, grants, inline answers) are
+        written by the reader itself, once per batch read (coalesced)."""
         core = self.core
         transport = self.transport
         with self.reader_scope:
             while True:
                 try:
                     data = await transport.receive_some(RECEIVE_SIZE)
-                except RemoteProtocolError as exc:  # e.g. the secure channel's AuthenticationFailed
+                except RemoteProtocolError as exc:
                     self.fail(type(exc), f"RPC transport failed: {exc}", exc)
                     return
                 except _TRANSPORT_ERRORS as exc:
                     self.fail(ChannelClosed, f"RPC connection lost: {exc}", exc)
                     return
-                try:
-                    if self.reader_writes:
-                        # Server: one event at a time, so that acting on one (an inline answer
-                        # frees its stream) happens before the next OPEN counts against
-                        # max_streams.
-                        core.feed(data)
-                        while (event := core.next_event()) is not None:
-                            self.dispatch(event)
-                    else:
-                        for event in core.receive_data(data):
-                            self.dispatch(event)
-                except RemoteProtocolError as exc:
-                    log.warning("rpc_protocol_error", reason=str(exc), role=core.role.value)
-                    self.fail(
-                        RemoteProtocolError, f"RPC protocol violation by the peer: {exc}", exc
-                    )
-                    return
-                if not data:
-                    self.fail(ChannelClosed, self.eof_message(), None)
+                if not self.process(data):
                     return
                 if self.outbox or core.has_data_to_send():
-                    if self.reader_writes:
+                    try:
+                        await self.flush()
+                    except TransportError:
+                        return  # the connection failed; fail() recorded why
+
+    # -------------------------------------------------------------- client reading
+
+    async def background_reader(self) -> None:
+        """Client: read whenever no caller does (idle connection: PONGs, the server's EOF or
+        GOAWAY, grants for blocked senders, replies nobody is waiting for yet).
+
+        A task waiting for its own input takes the read role instead (RpcStream._lead): it
+        cancels this reader's receive (which loses nothing) and gets the role handed over, so
+        the reply wakes the caller itself, not a reader task that then wakes the caller.
+        """
+        seen = self.leads
+        last_holder: object | None = None
+        with self.reader_scope:
+            while self.failure is None:
+                if (
+                    self.read_holder is None
+                    and not self.waiters_parked()
+                    and (self.leads == seen or self.bg_urgent)
+                ):
+                    self.bg_urgent = False
+                    self.read_holder = _BACKGROUND
+                    with trio.CancelScope() as scope:
+                        self.bg_scope = scope
                         try:
-                            await self.flush()
-                        except TransportError:
-                            return  # the connection failed; fail() recorded why
-                    else:
-                        self.schedule_flush()
+                            await self.read_once()
+                        finally:
+                            self.bg_scope = None
+                            self.read_holder = None
+                    continue
+                if self.read_holder is None and self.waiters_parked():
+                    self.pass_role()  # parked waiters and nobody reading: one of them reads
+                # Callers were active since we last looked (or one is reading): they read
+                # their replies themselves. Look again after an idle period, or when woken
+                # because someone needs a reader now (wake_reader).
+                seen = self.leads
+                if self.read_holder is not None and self.read_holder is last_holder:
+                    # The same caller is still reading (a long call): look less often.
+                    self.bg_period = min(self.bg_period * 2, BACKGROUND_IDLE_MAX_S)
+                else:
+                    self.bg_period = BACKGROUND_IDLE_S
+                last_holder = self.read_holder
+                self.bg_parked = trio.lowlevel.current_task()
+
+                def abort(_: Any) -> trio.lowlevel.Abort:
+                    self.bg_parked = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                with trio.move_on_after(self.bg_period):
+                    await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def waiters_parked(self) -> bool:
+        return any(st._recv_task is not None for st in self.role_waiters)
+
+    def pass_role(self) -> None:
+        """The read role is free: wake a task parked for input (it reads), else the
+        background reader."""
+        for st in self.role_waiters:
+            if st._recv_task is not None:
+                st._wake_recv()
+                return
+        if self.blocked_senders or self.pings or self.bg_period > BACKGROUND_IDLE_S:
+            # They wait for grants / PONGs, or the background reader backed off during a long
+            # call and would take long to notice: read now.
+            self.wake_reader()
+        # Otherwise the background reader's idle timer takes over: the caller that released
+        # the role is usually back with its next call before then, and reads itself.
+
+    def wake_reader(self) -> None:
+        """Client: have the background reader read now (if nobody else does) rather than
+        after its idle period."""
+        self.bg_urgent = True
+        task = self.bg_parked
+        if task is not None:
+            self.bg_parked = None
+            trio.lowlevel.reschedule(task)
 
     def schedule_flush(self) -> None:
         """Get queued frames written without blocking the calling (reader) task."""
@@ -526,6 +667,7 @@ class RpcStream(trio.abc.Channel[Any]):
         self._task: trio.lowlevel.Task | None = None  # the server handler's task
         self._draining = False  # server: handler returned, the client's input is discarded
         self._inline: InlineFunction | None = None  # server: answer in the reader task
+        self._reading = False  # client: our receiving task holds the read role
 
     def __repr__(self) -> str:
         return f"<RpcStream {self.stream_id} {self.method!r}>"
@@ -571,6 +713,8 @@ class RpcStream(trio.abc.Channel[Any]):
             raise trio.BusyResourceError("another task is already sending on this stream")
         self._send_task = trio.lowlevel.current_task()
         self._conn.blocked_senders += 1
+        if self._conn.leader_reads and self._conn.read_holder is None:
+            self._conn.wake_reader()  # the grant we wait for must be read by someone
 
         def abort(_: Any) -> trio.lowlevel.Abort:
             self._send_task = None
@@ -621,7 +765,50 @@ class RpcStream(trio.abc.Channel[Any]):
                 raise EndOfStream
             if self._conn.failure is not None:
                 raise self._conn.error()
+            if self._conn.leader_reads:
+                await self._lead()
+            else:
+                await self._park_recv()
+
+    def _has_input(self) -> bool:
+        return bool(self._queue) or self._ended or self._error is not None
+
+    async def _lead(self) -> None:
+        """Client: wait for input by reading the connection ourselves when nobody else is
+        (leader/follower): the reply then wakes this task directly, with no hop through a
+        reader task. Frames for other streams are dispatched to them on the way. When our
+        input arrived (or we are cancelled, or fail) the role passes to another waiting task
+        or back to the background reader. Otherwise park until a reader hands us our input
+        or the role."""
+        conn = self._conn
+        if self._reading or self._recv_task is not None:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        holder = conn.read_holder
+        if holder is None:
+            conn.read_holder = self
+            conn.leads += 1
+            self._reading = True
+            try:
+                while not self._has_input() and conn.failure is None:
+                    await conn.read_once()
+            finally:
+                self._reading = False
+                conn.read_holder = None
+                conn.pass_role()
+            return
+        if holder is _BACKGROUND and conn.bg_scope is not None:
+            conn.bg_scope.cancel()  # it hands the role over (to us) as it unwinds
+        conn.role_waiters[self] = None
+        handover = True
+        try:
             await self._park_recv()
+            # Woken with our input: if the role is free meanwhile, pass it on, since we
+            # will not read. Woken for the role: keep it free, we take it next.
+            handover = self._has_input() or conn.failure is not None
+        finally:
+            del conn.role_waiters[self]
+            if handover and conn.read_holder is None:
+                conn.pass_role()
 
     def receive_nowait(self) -> Any:
         """The next message if one is already queued, else raise :class:`trio.WouldBlock`.
@@ -753,12 +940,13 @@ class RpcClient:
         st, data = self._open(method, metadata)
         data += conn.core.send_data(st.stream_id, payload, end=True)
         st._local_ended = True
+        conn.leads += 1  # tells the background reader a caller is about to read (see _lead)
         try:
             await conn.send(data)
-            try:
-                # send_all checkpointed already: if the reply arrived meanwhile, take it now.
+            if st._queue:
+                # send_all checkpointed already: the reply arrived meanwhile, take it now.
                 response = st.receive_nowait()
-            except trio.WouldBlock:
+            else:
                 response = await st.receive()
             if not st._ended or st._queue:
                 try:
@@ -772,7 +960,7 @@ class RpcClient:
         except EndOfStream:
             raise RpcError("internal", f"unary method {method!r} sent no response") from None
         finally:
-            if st._active and conn.failure is None:
+            if conn.failure is None and st._active:
                 await st.cancel()
         return response
 
@@ -809,6 +997,8 @@ class RpcClient:
         start = trio.current_time()
         try:
             await conn.send(conn.core.send_ping(token))
+            if conn.read_holder is None:
+                conn.wake_reader()
             await done.wait()
         finally:
             conn.pings.pop(token, None)
@@ -818,6 +1008,22 @@ class RpcClient:
 
     def statistics(self) -> RpcStatistics:
         """Counters and current state of the connection."""
+        return self._conn.statistics()
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection failed or was closed."""
+        return self._conn.failure is not None
+
+
+class RpcServerConnection:
+    """A view of one connection served by :func:`serve_rpc` (from ``nursery.start``)."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def statistics(self) -> RpcStatistics:
+        """Counters and current state of the connection (see :class:`RpcStatistics`)."""
         return self._conn.statistics()
 
     @property
@@ -870,10 +1076,11 @@ async def open_rpc_client(
         max_streams=max_streams,
     )
     conn = _Connection(stream, core)
+    conn.leader_reads = True
 
     async def reader() -> None:
         try:
-            await conn.read_loop()
+            await conn.background_reader()
         finally:
             await conn.close_transport()
 
@@ -903,6 +1110,7 @@ class _ServerConnection(_Connection):
         self.handler_nursery = handler_nursery
         self.nursery = handler_nursery
         self.reader_writes = True
+        self.idle_workers: list[trio.lowlevel.Task] = []  # parked handler tasks (see worker)
         lookup = getattr(handler, "inline_handler", None)
         self.inline_lookup: Callable[[str], InlineFunction | None] | None = (
             lookup if callable(lookup) else None
@@ -916,7 +1124,14 @@ class _ServerConnection(_Connection):
             if st._inline is not None:
                 return  # answered by run_inline() when the request arrives
         self.running_handlers += 1
-        self.handler_nursery.start_soon(self.run_handler, st)
+        if self.idle_workers:  # a parked worker task: one reschedule, no task creation
+            worker = self.idle_workers.pop()
+            # Each handler starts from a fresh copy of our context, as with start_soon:
+            # context variables a previous handler set on this task do not leak into it.
+            worker.context = contextvars.copy_context()
+            trio.lowlevel.reschedule(worker, outcome.Value(st))
+        else:
+            self.handler_nursery.start_soon(self.worker, st)
 
     def run_inline(self, st: RpcStream, request: Any, size: int) -> None:
         """Answer a unary request in the reader task: no task, no cancel scope, no hop."""
@@ -947,37 +1162,74 @@ class _ServerConnection(_Connection):
         else:
             self.streams.pop(st.stream_id, None)
 
-    async def run_handler(self, st: RpcStream) -> None:
-        try:
+    async def worker(self, st: RpcStream) -> None:
+        """A handler task, reused: run handlers one after the other, parked in between.
+
+        Spawning a task and entering a cancel scope per call cost ~10 and ~12 µs here
+        (reference/perf-baseline.md §2.3: each trio primitive costs several µs on this VM), so
+        a worker keeps both: the scope is shared by its successive handlers and only replaced
+        after a handler's stream was cancelled through it. At most ``max_streams`` handlers
+        run at once, so at most that many workers exist (running or parked).
+        """
+        job: RpcStream | None = st
+        while job is not None:
             with trio.CancelScope() as scope:
-                st._scope = scope
-                st._task = trio.lowlevel.current_task()
-                if self.failure is not None or st._error is not None:
-                    scope.cancel()
-                try:
-                    await self.handler(st)
-                except RpcError as exc:
-                    await self.finish_with_error(st, exc.code, exc.message)
-                except Exception as exc:
-                    if self.failure is not None:
-                        # The connection died under the handler: not the handler's bug.
-                        log.debug("rpc_handler_aborted", method=st.method, error=str(exc))
-                        return
-                    log.error(
-                        "rpc_handler_failed",
-                        method=st.method,
-                        stream_id=st.stream_id,
-                        error_type=type(exc).__name__,
-                        exc_info=exc,
-                    )
-                    await self.finish_with_error(st, "internal", "internal error")
-                else:
-                    if not st._local_ended and st._error is None and st._active:
-                        await self.send_quietly(self.core.send_end(st.stream_id))
-                        st._local_ended = True
+                while job is not None:
+                    await self.run_handler(job, scope)
+                    if scope.cancel_called:
+                        break  # this scope is spent: take the next job in a fresh one
+                    job = await self.next_job()
+            if job is not None:
+                job = await self.next_job()
+
+    async def next_job(self) -> RpcStream | None:
+        """Park until on_open hands this worker a stream; None once the connection failed
+        (and the handler nursery's cancellation ends parked workers)."""
+        if self.failure is not None:
+            return None
+        task = trio.lowlevel.current_task()
+        self.idle_workers.append(task)
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self.idle_workers.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        job: RpcStream = await trio.lowlevel.wait_task_rescheduled(abort)
+        return job
+
+    async def run_handler(self, st: RpcStream, scope: trio.CancelScope) -> None:
+        """Run the handler for ``st`` under ``scope`` (cancelled by a CANCEL for ``st``, or
+        when the connection fails); errors become ERROR frames (see serve_rpc)."""
+        try:
+            st._scope = scope
+            st._task = trio.lowlevel.current_task()
+            if self.failure is not None or st._error is not None:
+                scope.cancel()
+            try:
+                await self.handler(st)
+            except RpcError as exc:
+                await self.finish_with_error(st, exc.code, exc.message)
+            except Exception as exc:
+                if self.failure is not None:
+                    # The connection died under the handler: not the handler's bug.
+                    log.debug("rpc_handler_aborted", method=st.method, error=str(exc))
+                    return
+                log.error(
+                    "rpc_handler_failed",
+                    method=st.method,
+                    stream_id=st.stream_id,
+                    error_type=type(exc).__name__,
+                    exc_info=exc,
+                )
+                await self.finish_with_error(st, "internal", "internal error")
+            else:
+                if not st._local_ended and st._error is None and st._active:
+                    await self.send_quietly(self.core.send_end(st.stream_id))
+                    st._local_ended = True
         finally:
             self.running_handlers -= 1
             st._scope = None
+            st._task = None
             self.finish(st)
 
     async def finish_with_error(self, st: RpcStream, code: str, message: str) -> None:
@@ -1011,7 +1263,7 @@ async def serve_rpc(
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     window_messages: int = INITIAL_WINDOW_MESSAGES,
     window_bytes: int = INITIAL_WINDOW_BYTES,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[RpcServerConnection] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``enclave-rpc/1`` on ``stream`` until the client goes away.
 
@@ -1029,7 +1281,8 @@ async def serve_rpc(
         max_streams: concurrent streams (and handler tasks) on this connection.
         max_message_size: largest message in either direction (bytes); match the client's.
         window_messages / window_bytes: receive window per stream.
-        task_status: ``started()`` once serving (for ``nursery.start``).
+        task_status: ``started(connection)`` once serving (for ``nursery.start``), with an
+            :class:`RpcServerConnection` whose ``statistics()`` describes this connection.
 
     Returns:
         When the client closed the connection (running handlers are cancelled).
@@ -1052,7 +1305,7 @@ async def serve_rpc(
     try:
         async with trio.open_nursery() as handler_nursery:
             conn = _ServerConnection(stream, core, handler, handler_nursery)
-            task_status.started()
+            task_status.started(RpcServerConnection(conn))
             try:
                 await conn.read_loop()
             finally:
