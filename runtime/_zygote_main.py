@@ -163,6 +163,7 @@ def _build(
         os.environ.clear()
         os.environ.update(env)
         sys.path[:] = [own_bootstrap if p == zygote_bootstrap else p for p in sys.path]
+        rebase_modules(zygote_bootstrap, own_bootstrap)
         sys.path_importer_cache.clear()
         importlib_invalidate()
         from runtime.enclave_init import main
@@ -208,6 +209,45 @@ def _handle(
         socket.send_fds(conn, [json.dumps(reply).encode()], [sp.status_fd])
     finally:
         os.close(sp.status_fd)
+
+
+def rebase_modules(old: str, new: str) -> None:
+    """Point the pre-imported modules of the zygote's bootstrap copy (``old``) at the
+    enclave's own verified bootstrap (``new``), the only one its sandbox mounts.
+
+    Their code is already in memory (the zygote's verified copy of the same PCR1 bytes), but a
+    package's ``__path__`` decides where its not-yet-imported submodules are found
+    (``models.__main__``) and ``__file__``/the loader's path where its data files are read;
+    left alone they would name a tree the enclave cannot see.
+    """
+    prefix = old.rstrip("/") + "/"
+
+    def move(p: Any) -> Any:
+        if isinstance(p, str) and (p == old or p.startswith(prefix)):
+            return new + p[len(old) :]
+        return p
+
+    for mod in list(sys.modules.values()):
+        file = getattr(mod, "__file__", None)
+        path = getattr(mod, "__path__", None)
+        if move(file) is file and not (isinstance(path, list) and any(move(p) != p for p in path)):
+            continue
+        with contextlib.suppress(AttributeError, TypeError):
+            if file is not None:
+                mod.__file__ = move(file)
+            if isinstance(path, list):
+                path[:] = [move(p) for p in path]
+            vars(mod)["__cached__"] = None
+            spec = getattr(mod, "__spec__", None)
+            if spec is not None:
+                spec.origin = move(spec.origin)
+                spec.cached = None
+                locs = spec.submodule_search_locations
+                if isinstance(locs, list) and locs is not path:
+                    locs[:] = [move(p) for p in locs]
+            loader = getattr(mod, "__loader__", None)
+            if loader is not None and isinstance(getattr(loader, "path", None), str):
+                loader.path = move(loader.path)
 
 
 def importlib_invalidate() -> None:

@@ -22,6 +22,7 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import structlog
 import trio
@@ -250,8 +251,67 @@ async def open_runtime(
         terminate_grace_s: SIGTERM grace before SIGKILL.
 
     Resource handling: every enclave and zygote started here belongs to this block.
+
+    Errors: a single exception leaving the block (e.g. a ``NitroCliError`` from
+    :meth:`Runtime.run_enclave` not caught inside it) is re-raised as itself, not wrapped in
+    the block nursery's ``ExceptionGroup``; several concurrent errors stay grouped.
     """
     state = StateDir(Path(state_dir) if state_dir is not None else default_state_dir())
+    try:
+        async with _open_runtime(
+            state,
+            strict_isolation=strict_isolation,
+            zygote=zygote,
+            boot_timeout_s=boot_timeout_s,
+            terminate_grace_s=terminate_grace_s,
+        ) as rt:
+            yield rt
+    except BaseExceptionGroup as eg:
+        # The block's nursery wraps whatever escapes the block (strict exception groups). A
+        # single error -- typically a NitroCliError from run_enclave that the caller did not
+        # catch inside the block -- is re-raised as itself, so callers (and the CLI) can
+        # catch the typed error; several concurrent errors stay grouped.
+        lone = _lone_error(eg)
+        if lone is None:
+            raise
+        _reraise(lone)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def _lone_error(eg: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one member of ``eg`` that is not a cancellation (returned as is, even when it is
+    a group the block raised itself), or None when there are several (or none)."""
+    errors = [e for e in eg.exceptions if not _only_cancelled(e)]
+    if len(errors) != 1:
+        return None
+    return errors[0]
+
+
+def _reraise(exc: BaseException) -> NoReturn:
+    """Raise ``exc`` keeping its own cause/context (not the group it was unwrapped from)."""
+    context, cause, suppress = exc.__context__, exc.__cause__, exc.__suppress_context__
+    try:
+        raise exc
+    finally:
+        exc.__context__, exc.__cause__ = context, cause
+        exc.__suppress_context__ = suppress
+        del exc, context, cause
+
+
+@asynccontextmanager
+async def _open_runtime(
+    state: StateDir,
+    *,
+    strict_isolation: bool,
+    zygote: bool,
+    boot_timeout_s: float,
+    terminate_grace_s: float,
+) -> AsyncIterator[Runtime]:
     zyg = None
     cache: ImageCache | None = None
     try:

@@ -61,6 +61,9 @@ log = structlog.get_logger("runtime.supervisor")
 
 #: Console bytes kept for late ``console`` clients (older bytes are dropped).
 CONSOLE_HISTORY_BYTES = 1 << 20
+#: After the enclave's exit status, how long the console pump may take to reach EOF (every
+#: writer is gone by then; this only bounds a pathological case).
+CONSOLE_DRAIN_S = 1.0
 #: Bound on a control request line.
 MAX_CONTROL_LINE = 4096
 #: After SIGKILL, how long to wait for the status pipe before giving up on it.
@@ -79,9 +82,13 @@ class ChildLaunch:
         bootstrap_dir: str,
         pcr1: str,
         eif_path: str,
+        eif: Any = None,
     ) -> None:
         self.sandbox_spec = sandbox_spec
         self.eif_path = eif_path
+        #: the parsed image (CRC and measurements checked) the enclave is started from; a
+        #: zygote pool extracts its own bootstrap copy from it (never from the enclave's tree)
+        self.eif = eif
         #: called by a spawner once its fork request is on its way (optional)
         self.on_request_sent: Callable[[], None] | None = None
         self.request_sent = False
@@ -291,6 +298,7 @@ class EnclaveSupervisor:
         self._console_hist = bytearray()
         self._console_subs: list[trio.MemorySendChannel[bytes]] = []
         self._console_closed = False
+        self._console_done = trio.Event()
         self.started_at = time.monotonic()
         self._marks: dict[str, float] = {}
         self._control_active = 0
@@ -413,6 +421,7 @@ class EnclaveSupervisor:
                 bootstrap_dir=str(image.bootstrap_dir),
                 pcr1=self.info.measurements.get("PCR1", ""),
                 eif_path=self.spec.eif_path,
+                eif=eif,
             )
             from attest.nsm.server import serve_nsm
             from transport.vsock import FabricPolicy, serve_enclave_fabric
@@ -500,6 +509,11 @@ class EnclaveSupervisor:
                 self._event("enclave_running", boot_ms=round(boot_ms, 1))
                 task_status.started(self.info)
                 await self._gone.wait()
+                if console_r >= 0:
+                    # The app's last output may still be in the pipe when its exit status
+                    # arrives: let the pump reach EOF (every writer is gone) before cancelling.
+                    with trio.move_on_after(CONSOLE_DRAIN_S):
+                        await self._console_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S + 2):
@@ -639,22 +653,31 @@ class EnclaveSupervisor:
 
     async def _console_pump(self, fd: int) -> None:
         stream = trio.lowlevel.FdStream(fd)
-        async with stream:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    break
-                self._console_hist += data
-                if len(self._console_hist) > CONSOLE_HISTORY_BYTES:
-                    del self._console_hist[: len(self._console_hist) - CONSOLE_HISTORY_BYTES]
-                for ch in list(self._console_subs):
-                    try:
-                        ch.send_nowait(bytes(data))
-                    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                        self._console_subs.remove(ch)
-        self._console_closed = True
-        for ch in self._console_subs:
-            ch.close()
+        try:
+            async with stream:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    self._console_hist += data
+                    if len(self._console_hist) > CONSOLE_HISTORY_BYTES:
+                        del self._console_hist[: len(self._console_hist) - CONSOLE_HISTORY_BYTES]
+                    for ch in list(self._console_subs):
+                        try:
+                            ch.send_nowait(bytes(data))
+                        except (
+                            trio.WouldBlock,
+                            trio.BrokenResourceError,
+                            trio.ClosedResourceError,
+                        ):
+                            self._console_subs.remove(ch)
+        finally:
+            # also when cancelled: console readers must see the end, never hang
+            self._console_closed = True
+            for ch in self._console_subs:
+                ch.close()
+            self._console_subs.clear()
+            self._console_done.set()
 
     async def console_stream(self) -> trio.MemoryReceiveChannel[bytes]:
         """History plus live console bytes (debug mode only); closes at enclave exit."""

@@ -6,16 +6,23 @@ cryptography costs ~400 ms here; forking a process that already imported them co
 one zygote process per bootstrap digest (the image's PCR1, which measures the bootstrap
 ramdisk):
 
-* the pool unpacks the image into ``<state>/zygotes/<PCR1 prefix>/`` and checks the tree with
-  ``runtime.eif.verify_unpacked`` (the same check as every enclave start), then starts
-  ``python -P runtime/zygote.py`` with ``PYTHONPATH=<that bootstrap>:<site-packages>``;
+* the pool extracts the zygote's **own** copy of the bootstrap (only the bootstrap ramdisk, which
+  PCR1 measures) from the parsed, CRC- and measurement-checked image into
+  ``<state>/zygotes/<PCR1 prefix>-<pool>-<n>/bootstrap``, checks it byte for byte against the
+  image (``verify_tree``, plus the interpreter/dependency identity), then starts
+  ``python -P runtime/_zygote_main.py`` with ``PYTHONPATH=<that copy>:<site-packages>``. The
+  copy belongs to the zygote (removed with it), never to an enclave: the enclave it was
+  started for may end, and its tree go, while the zygote keeps serving other images with the
+  same bootstrap;
 * the zygote imports the third-party stack and the enclave-side packages **from that verified
   bootstrap** (so the code objects it holds are the measured bytes), starts no thread, loop or
   session (OpenBLAS is limited to one thread; the thread count is checked), then serves fork
   requests on a SEQPACKET Unix socket: JSON + fds (fabric, NSM, init parameters, console);
 * per request it runs :func:`runtime.sandbox.spawn` (same namespaces, mounts, Landlock, seccomp
   and limits as the fresh path) and, in the sandboxed grandchild, replaces the environment,
-  points ``sys.path`` at the enclave's own verified bootstrap, and calls
+  points ``sys.path`` *and every pre-imported bootstrap module* (``__path__``, ``__file__``,
+  spec, loader) at the enclave's own verified bootstrap, the only one mounted in its sandbox
+  (so lazy imports such as ``models.__main__`` and package data resolve there), and calls
   ``runtime.enclave_init.main()`` in-process. The reply carries the pids, the layer report and
   the status pipe.
 
@@ -55,11 +62,43 @@ _SANDBOX_DIR = str(Path(sandbox.__file__).resolve().parent)
 
 
 class _Zygote:
-    def __init__(self, proc: trio.Process, sock_path: str, bootstrap: str) -> None:
+    def __init__(self, proc: trio.Process, sock_path: str, tree: Path, bootstrap: str) -> None:
         self.proc = proc
         self.sock_path = sock_path
+        #: the zygote's own verified bootstrap copy (``tree/bootstrap``), removed with it
+        self.tree = tree
         self.bootstrap = bootstrap
         self.lock = trio.Lock()
+
+
+def _extract_bootstrap(eif: Any, pcr1: str, dest: Path) -> Path:
+    """Write ``eif``'s bootstrap ramdisk under ``dest`` and check it byte for byte against the
+    image (and the interpreter/dependency identity the image measured); returns the bootstrap
+    directory. ``eif`` is the parsed image (CRC and measurements checked by ``read_eif``).
+
+    Raises:
+        EifFormatError (E35), ImageTamperedError (E36), EifError (E19): from the image layer.
+        OSError: no parsed image, or its PCR1 is not the zygote's digest.
+    """
+    from runtime.eif import _our_ramdisks, verify_environment
+    from runtime.image._unpack import BOOTSTRAP_DIR, extract, verify_tree
+
+    if eif is None:
+        raise OSError("no parsed image to take the zygote's bootstrap from")
+    if eif.measurements.get("PCR1") != pcr1:
+        raise OSError("the image's PCR1 is not the zygote's bootstrap digest")
+    ramdisks = {BOOTSTRAP_DIR: _our_ramdisks(eif)[BOOTSTRAP_DIR]}
+    verify_environment(eif)
+    extract(ramdisks, dest)
+    verify_tree(ramdisks, dest)
+    return dest / BOOTSTRAP_DIR
+
+
+def _remove_tree(tree: Path) -> None:
+    from runtime.eif import remove_unpacked
+
+    with contextlib.suppress(OSError):
+        remove_unpacked(tree)
 
 
 class ZygotePool:
@@ -71,7 +110,9 @@ class ZygotePool:
     def __init__(self, state: Any, nursery: trio.Nursery) -> None:
         self.state = state
         self._nursery = nursery
+        #: by full PCR1 hex (a zygote is never shared between bootstrap digests)
         self._zygotes: dict[str, _Zygote] = {}
+        self._started = 0
         #: time the zygote spent on the last fork request, and whether a spare served it
         self.last_fork_ms = 0.0
         self.last_used_spare = False
@@ -79,38 +120,66 @@ class ZygotePool:
         self.dir = state.path / "zygotes"
 
     async def _get(self, launch: ChildLaunch) -> _Zygote:
-        key = launch.pcr1[:32] or "unmeasured"
+        key = launch.pcr1
+        if not key:
+            raise OSError("the image has no PCR1: no zygote for an unmeasured bootstrap")
         async with self._start_lock:
             z = self._zygotes.get(key)
             if z is not None and z.proc.returncode is None:
                 return z
+            if z is not None:  # died: its bootstrap copy goes with it
+                del self._zygotes[key]
+                await self._close_one(z)
             z = await self._start(key, launch)
             self._zygotes[key] = z
             return z
 
-    @staticmethod
-    def _sweep_dead_zygote_cgroups() -> None:
-        """Remove empty spare cgroups of zygotes that died without cleaning up (SIGKILL)."""
+    def _sweep_dead_zygote_cgroups(self) -> None:
+        """Remove empty spare cgroups of zygotes that died without cleaning up (SIGKILL), and
+        the bootstrap copies of pools whose runtime process is gone."""
         for cg in sandbox.CGROUP_MEMORY_ROOT.glob("z*-*"):
             pid_text = cg.name[1:].partition("-")[0]
             if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
                 continue
             sandbox.remove_cgroup(str(cg))  # fails harmlessly while tasks remain
+        for entry in self.dir.iterdir():  # <PCR1 prefix>-<runtime pid>-<pool>-<n>[.sock]
+            pid_text = entry.name.split("-")[1] if entry.name.count("-") >= 3 else ""
+            if pid_text.isdigit() and not os.path.exists(f"/proc/{pid_text}"):
+                if entry.is_dir():
+                    _remove_tree(entry)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
 
     async def _start(self, key: str, launch: ChildLaunch) -> _Zygote:
-        # launch.bootstrap_dir was verified against the EIF right before this call, and stays
-        # in the runtime's image cache (read-only) for the runtime's lifetime.
-        bootstrap = launch.bootstrap_dir
         self.dir.mkdir(mode=0o700, exist_ok=True)
         await trio.to_thread.run_sync(self._sweep_dead_zygote_cgroups)
-        # unique per runtime: two runtimes on one state dir must not share a zygote socket
-        sock_path = str(self.dir / f"{key[:16]}-{os.getpid()}-{id(self):x}.sock")
+        self._started += 1
+        # unique per runtime: two runtimes on one state dir must not share a zygote's socket
+        # or bootstrap copy (key[:16]: 64 bits of PCR1, only to tell the files apart)
+        name = f"{key[:16]}-{os.getpid()}-{id(self):x}-{self._started}"
+        tree = self.dir / name
+        try:
+            # The zygote's own copy, from the parsed image (not the enclave's tree, which
+            # ends with the enclave): the code every forked enclave starts with is these
+            # verified bytes, identical for every image with this PCR1.
+            boot = await trio.to_thread.run_sync(_extract_bootstrap, launch.eif, key, tree)
+            return await self._spawn_zygote(tree, str(boot), name)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove_tree, tree)
+            raise
+
+    async def _spawn_zygote(self, tree: Path, bootstrap: str, name: str) -> _Zygote:
+        from runtime.supervisor import _site_packages
+
+        sock_path = str(self.dir / f"{name}.sock")
         env = {
             "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
-            "PYTHONPATH": launch.env.get("PYTHONPATH", ""),
+            "PYTHONPATH": ":".join([bootstrap, *_site_packages()]),
             "OPENBLAS_NUM_THREADS": "1",  # no BLAS thread pool in the zygote (fork safety)
             # The zygote runs as real root: it must never write .pyc files into the verified
-            # bootstrap tree (verification would then rightly refuse the tree).
+            # bootstrap tree.
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         zygote_py = _ZYGOTE_MAIN
@@ -134,17 +203,29 @@ class ZygotePool:
         )
         assert proc.stdout is not None
         buf = b""
-        with trio.fail_after(60):
-            while b"\n" not in buf:
-                chunk = await proc.stdout.receive_some(4096)
-                if not chunk:
-                    raise OSError("zygote exited during start-up")
-                buf += chunk
-        hello = json.loads(buf.split(b"\n", 1)[0])
+        try:
+            with trio.fail_after(60):  # imports of the whole stack: well under 2 s here
+                while b"\n" not in buf:
+                    chunk = await proc.stdout.receive_some(4096)
+                    if not chunk:
+                        raise OSError("zygote exited during start-up")
+                    buf += chunk
+            hello = json.loads(buf.split(b"\n", 1)[0])
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                await proc.wait()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock_path)
+            raise
         structlog.get_logger("runtime.zygote").info(
-            "zygote_ready", digest=key, pid=proc.pid, threads=hello.get("threads")
+            "zygote_ready",
+            digest=name.partition("-")[0],
+            pid=proc.pid,
+            threads=hello.get("threads"),
         )
-        return _Zygote(proc, sock_path, bootstrap)
+        return _Zygote(proc, sock_path, tree, bootstrap)
 
     async def spawn(self, launch: ChildLaunch) -> sandbox.Spawned:
         z = await self._get(launch)
@@ -210,23 +291,29 @@ class ZygotePool:
         """The zygote reaps its own children."""
 
     async def aclose(self) -> None:
-        for z in list(self._zygotes.values()):
-            with contextlib.suppress(OSError):
-                z.proc.terminate()
-            with trio.move_on_after(3):
-                await z.proc.wait()
-            if z.proc.returncode is None:
-                z.proc.kill()
-                await z.proc.wait()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(z.sock_path)
-            # A spare pre-forked by this zygote may outlive it only as an empty cgroup
-            # (named z<zygote pid>-<n>, never shared with another zygote): sweep those.
-            for cg in sandbox.CGROUP_MEMORY_ROOT.glob(f"z{z.proc.pid}-*"):
-                await trio.to_thread.run_sync(
-                    functools.partial(sandbox.remove_cgroup, str(cg), wait_s=2.0)
-                )
-        self._zygotes.clear()
+        """Stop every zygote (SIGTERM, bounded wait, SIGKILL) and remove what it owned."""
+        zygotes, self._zygotes = list(self._zygotes.values()), {}
+        for z in zygotes:
+            await self._close_one(z)
+
+    @staticmethod
+    async def _close_one(z: _Zygote) -> None:
+        with contextlib.suppress(OSError):
+            z.proc.terminate()
+        with trio.move_on_after(3):
+            await z.proc.wait()
+        if z.proc.returncode is None:
+            z.proc.kill()
+            await z.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(z.sock_path)
+        # A spare pre-forked by this zygote may outlive it only as an empty cgroup
+        # (named z<zygote pid>-<n>, never shared with another zygote): sweep those.
+        for cg in sandbox.CGROUP_MEMORY_ROOT.glob(f"z{z.proc.pid}-*"):
+            await trio.to_thread.run_sync(
+                functools.partial(sandbox.remove_cgroup, str(cg), wait_s=2.0)
+            )
+        await trio.to_thread.run_sync(_remove_tree, z.tree)
 
 
 def _array_fds(fds: list[int]) -> bytes:

@@ -15,7 +15,7 @@ from runtime import sandbox
 from runtime.api import ExitKind, open_runtime
 from runtime.errors import NitroCliError
 from runtime.supervisor import ChildLaunch, FreshSpawner
-from tests.runtime._enclave_helpers import (
+from tests.runtime.test_lifecycle_support import (
     OP_TIMEOUT_S,
     _fresh_logging,
     assert_no_leftovers,
@@ -216,6 +216,33 @@ async def test_console_only_in_debug_mode(enclave_state_dir, enclave_app):
             with pytest.raises(NitroCliError) as ei:
                 await rt.console(prod.enclave_id)
             assert ei.value.code == "E44"
+
+
+@pytest.mark.parametrize("zygote", [True, False])
+async def test_console_ends_with_the_enclave(enclave_state_dir, enclave_app, zygote):
+    """A console reader gets the app's last output and then the end of the stream when the
+    enclave exits (it used to hang when the exit status won the race against the pipe's
+    EOF), also when it subscribes after the exit."""
+    eif = enclave_app(
+        "import sys, time\nprint('first', flush=True)\ntime.sleep(0.3)\n"
+        "sys.stdout.write('last words' * 1000)\nsys.exit(3)\n"
+    )
+    with trio.fail_after(OP_TIMEOUT_S):
+        async with open_runtime(enclave_state_dir, zygote=zygote) as rt:
+            info = await rt.run_enclave(eif, cpu_count=1, memory_mib=128, debug=True)
+            sup = rt.supervisor(info.enclave_id)
+            assert sup is not None
+            live = await rt.console(info.enclave_id)
+            buf = b""
+            with trio.fail_after(5):
+                async with live:
+                    async for chunk in live:
+                        buf += chunk
+            assert buf == b"first\n" + b"last words" * 1000
+            late = await sup.console_stream()  # after the exit: history, then the end
+            with trio.fail_after(5):
+                assert b"".join([c async for c in late]) == buf
+            assert (await rt.wait_exited(info.enclave_id)).code == 3
 
 
 async def test_memory_minimum_rules(enclave_state_dir, enclave_app):

@@ -14,7 +14,7 @@ from runtime._model import EnclaveInfo
 from runtime.cli import main
 from runtime.errors import NitroCliError
 from runtime.state import Allocator, StateDir, parse_cpu_pool
-from tests.runtime._enclave_helpers import _fresh_logging
+from tests.runtime.test_lifecycle_support import _fresh_logging
 
 
 @pytest.mark.parametrize(

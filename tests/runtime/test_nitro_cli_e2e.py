@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.runtime._enclave_helpers import _fresh_logging, assert_no_leftovers, pid_alive
+from tests.runtime.test_lifecycle_support import _fresh_logging, assert_no_leftovers, pid_alive
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from runtime import sandbox
 from runtime.api import ExitKind, open_runtime
 from runtime.errors import NitroCliError
 from runtime.sandbox import seccomp
-from tests.runtime._enclave_helpers import OP_TIMEOUT_S, _fresh_logging, console_json
+from tests.runtime.test_lifecycle_support import OP_TIMEOUT_S, _fresh_logging, console_json
 from transport.vsock import VsockAddr, open_vsock_stream
 
 pytestmark = pytest.mark.slow

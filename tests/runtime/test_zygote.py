@@ -11,7 +11,7 @@ import trio
 
 from runtime.api import open_runtime
 from runtime.errors import NitroCliError
-from tests.runtime._enclave_helpers import OP_TIMEOUT_S, _fresh_logging, console_json
+from tests.runtime.test_lifecycle_support import OP_TIMEOUT_S, _fresh_logging, console_json
 
 pytestmark = pytest.mark.slow
 
@@ -68,3 +68,48 @@ async def test_tampered_cached_image_is_refused_before_the_app_runs(enclave_stat
 
 
 __all__ = ["_fresh_logging"]  # autouse fixture (re-exported on purpose)
+
+
+LAZY = textwrap.dedent("""
+    import importlib.util, json, os, sys
+    import models, transport
+    import models.client, transport.logs  # not pre-imported by the zygote: imported lazily here
+    print("RESULT " + json.dumps({
+        "app": APP,
+        "pythonpath": os.environ["PYTHONPATH"].split(":")[0],
+        "files": [m.__file__ for m in (models, transport, models.client, transport.logs)],
+        "models_main": importlib.util.find_spec("models.__main__") is not None,
+    }), flush=True)
+    import time; time.sleep(120)
+""")
+
+
+async def test_zygote_outlives_the_enclave_it_was_started_for(enclave_state_dir, enclave_app):
+    """Images sharing a bootstrap share a zygote; its bootstrap must not be the first
+    enclave's tree, and each enclave imports lazily from its own verified tree."""
+    x = enclave_app("APP = 'x'\n" + LAZY, name="x")
+    y = enclave_app("APP = 'y'\n" + LAZY, name="y")
+    with trio.fail_after(OP_TIMEOUT_S * 2):
+        async with open_runtime(enclave_state_dir) as rt:
+            a = await rt.run_enclave(x, cpu_count=1, memory_mib=256, debug=True)
+            ra = await console_json(rt, a.enclave_id)
+            zygote_dirs = sorted((enclave_state_dir / "zygotes").iterdir())
+            await rt.terminate(a.enclave_id)
+            b = await rt.run_enclave(y, cpu_count=1, memory_mib=256, debug=True)
+            assert b.measurements["PCR1"] == a.measurements["PCR1"]
+            assert b.measurements["PCR0"] != a.measurements["PCR0"]
+            rb = await console_json(rt, b.enclave_id)
+            await rt.terminate(b.enclave_id)
+            c = await rt.run_enclave(x, cpu_count=1, memory_mib=256, debug=True)
+            rc = await console_json(rt, c.enclave_id)
+            # one zygote served all three
+            assert sorted((enclave_state_dir / "zygotes").iterdir()) == zygote_dirs
+    for res, app in ((ra, "x"), (rb, "y"), (rc, "x")):
+        assert res["app"] == app
+        assert res["models_main"] is True
+        # every enclave-side module resolves in the enclave's own (verified) bootstrap
+        assert all(f.startswith(res["pythonpath"] + "/") for f in res["files"]), res
+    assert ra["pythonpath"] != rb["pythonpath"]  # each image has its own tree
+    assert not (enclave_state_dir / "zygotes").exists() or not any(
+        (enclave_state_dir / "zygotes").iterdir()
+    )

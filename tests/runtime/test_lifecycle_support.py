@@ -1,4 +1,4 @@
-"""Helpers shared by the lifecycle/sandbox tests (real subprocess enclaves)."""
+"""Helpers shared by the lifecycle/sandbox tests (real subprocess enclaves); no tests here."""
 
 from __future__ import annotations
 
