@@ -171,6 +171,10 @@ def open_enveloped_data(data: bytes, private_key: rsa.RSAPrivateKey) -> bytes:
 
 
 def _check_oaep(alg: cms.KeyEncryptionAlgorithm) -> None:
+    # Fast path: the exact DER asn1crypto produced for the expected identifier (what AWS and we
+    # send). Anything else, e.g. a BER or parameter-explicit encoding, is checked field by field.
+    if alg.dump() == _OAEP_ALGORITHM_DER:
+        return
     if alg["algorithm"].native != "rsaes_oaep":
         raise CiphertextFormatError("key transport must be RSAES-OAEP")
     params = alg["parameters"]

@@ -429,10 +429,12 @@ class KmsService:
                 "This KMS has no attestation trust roots configured; Recipient is unavailable.",
             )
         try:
-            # Inline on the event loop: a cached-chain verification is one ES384 check (~0.5 ms
-            # here). OpenSSL releases the GIL during it, but offloading to threads measured no
-            # throughput gain (the per-request cost is dominated by Python and the loopback
-            # send path) and adds a ~0.4 ms hand-off to every release's latency.
+            # Inline on the event loop: a cached-chain verification is one ES384 check (~0.4 ms
+            # here). OpenSSL releases the GIL during it, but offloading to worker threads when
+            # several clients are connected measured +0.15-0.25 ms of daemon CPU per request
+            # (thread hand-off and wake-ups) and lower throughput on this 2-core machine, where
+            # the load generator needs the other core; a single client would also pay the
+            # hand-off in latency.
             info = self._verify_recipient(rec["AttestationDocument"], outcome)
         except RecipientRejected as exc:
             outcome.decision, outcome.reason = "deny", exc.reason

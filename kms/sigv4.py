@@ -17,6 +17,7 @@ error reply. Signatures and tokens are compared in constant time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -96,6 +97,12 @@ def signing_key(secret_access_key: str, date: str, region: str, service: str) ->
     k_region = _hmac(k_date, region)
     k_service = _hmac(k_region, service)
     return _hmac(k_service, "aws4_request")
+
+
+#: Signing keys change once a day per (secret, region, service): derive each once (4 HMACs
+#: per request otherwise). A few entries per credential suffice; 256 bounds memory against
+#: many credentials or clients that send many distinct dates. Entries live only in memory.
+_cached_signing_key = functools.lru_cache(maxsize=256)(signing_key)
 
 
 def _canonical_uri(path: str) -> str:
@@ -183,7 +190,7 @@ def sign_headers(
     signed = sorted(k.lower() for k in out)
     canonical, _ = _canonical_request(method, path, "", out.items(), signed, _sha256_hex(body))
     scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
-    key = signing_key(secret_access_key, amz_date[:8], region, service)
+    key = _cached_signing_key(secret_access_key, amz_date[:8], region, service)
     signature = hmac.new(
         key, _string_to_sign(amz_date, scope, canonical).encode("utf-8"), hashlib.sha256
     ).hexdigest()
@@ -381,7 +388,7 @@ def verify_request(
             f"signed headers absent: {missing}",
         )
     scope = f"{date}/{cred_region}/{cred_service}/aws4_request"
-    key = signing_key(entry.secret_access_key, date, cred_region, cred_service)
+    key = _cached_signing_key(entry.secret_access_key, date, cred_region, cred_service)
     expected = hmac.new(
         key, _string_to_sign(amz_date, scope, canonical).encode("utf-8"), hashlib.sha256
     ).hexdigest()
