@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 #: Modules the zygote imports before serving (missing ones are skipped).
@@ -64,6 +65,7 @@ def serve(sock_path: str, bootstrap: str, sandbox_path: str) -> None:  # pragma:
         with contextlib.suppress(Exception):
             importlib.import_module(name)
     threads = len(os.listdir("/proc/self/task"))
+    _refresh_bootstrap_modules(bootstrap)
     import gc
 
     # Move every pre-imported object to the permanent generation: collections in a forked
@@ -88,14 +90,23 @@ def serve(sock_path: str, bootstrap: str, sandbox_path: str) -> None:  # pragma:
     def factory(req: dict[str, Any], fds: list[int]) -> tuple[Any, Any]:
         return _build(sb, req, fds, bootstrap)
 
+    def prepare() -> None:
+        # In the spare, before its claim: write what the claimed child will write (same
+        # values), so those copy-on-write page faults (µs each here) are off the start-up path.
+        rebase_modules(bootstrap, bootstrap, _current_bootstrap_modules())
+        importlib_invalidate()
+
     def replenish() -> None:
+        _refresh_bootstrap_modules(bootstrap)  # a no-op unless sys.modules grew
         if state["spare"] is None:
             state["n"] += 1
             # SIGTERM must not land between the fork and the bookkeeping (the spare would be
             # forgotten by on_term); the spare unblocks it for itself.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             try:
-                state["spare"] = sb.prefork_spare(f"z{os.getpid()}-{state['n']}", factory)
+                state["spare"] = sb.prefork_spare(
+                    f"z{os.getpid()}-{state['n']}", factory, prepare=prepare
+                )
             except OSError:
                 state["spare"] = None  # no cgroup: plain spawns
             finally:
@@ -163,8 +174,8 @@ def _build(
         os.environ.clear()
         os.environ.update(env)
         sys.path[:] = [own_bootstrap if p == zygote_bootstrap else p for p in sys.path]
-        rebase_modules(zygote_bootstrap, own_bootstrap)
-        sys.path_importer_cache.clear()
+        rebase_modules(zygote_bootstrap, own_bootstrap, _current_bootstrap_modules())
+        forget_finders(zygote_bootstrap)
         importlib_invalidate()
         from runtime.enclave_init import main
 
@@ -211,7 +222,48 @@ def _handle(
         os.close(sp.status_fd)
 
 
-def rebase_modules(old: str, new: str) -> None:
+#: ``(len(sys.modules), modules naming the zygote's bootstrap)`` as of the last
+#: :func:`_refresh_bootstrap_modules`, inherited by every fork (see :func:`rebase_modules`).
+_BOOTSTRAP_MODULES: tuple[int, tuple[Any, ...]] | None = None
+
+
+def _names_tree(mod: Any, old: str) -> bool:
+    """Whether ``mod``'s ``__file__`` or (list) ``__path__`` lies in the tree ``old``."""
+    prefix = old.rstrip("/") + "/"
+
+    def inside(p: Any) -> bool:
+        return isinstance(p, str) and (p == old or p.startswith(prefix))
+
+    path = getattr(mod, "__path__", None)
+    return inside(getattr(mod, "__file__", None)) or (
+        isinstance(path, list) and any(inside(p) for p in path)
+    )
+
+
+def bootstrap_modules(old: str) -> tuple[Any, ...]:
+    """The modules of ``sys.modules`` that name the tree ``old`` (``__file__``/``__path__``):
+    the ones :func:`rebase_modules` has to move. One pass over every module (~600 with
+    numpy and onnxruntime, ms in a fresh fork), so the zygote does it once, not each enclave."""
+    return tuple(mod for mod in list(sys.modules.values()) if _names_tree(mod, old))
+
+
+def _refresh_bootstrap_modules(old: str) -> None:
+    """(Zygote, before forking) record :func:`bootstrap_modules` unless ``sys.modules`` kept
+    its size since the last record (nothing is imported after the pre-imports, so this is
+    normally a single pass at start-up)."""
+    global _BOOTSTRAP_MODULES
+    if _BOOTSTRAP_MODULES is None or _BOOTSTRAP_MODULES[0] != len(sys.modules):
+        _BOOTSTRAP_MODULES = (len(sys.modules), bootstrap_modules(old))
+
+
+def _current_bootstrap_modules() -> tuple[Any, ...] | None:
+    """(Forked child) the zygote's record if it still matches ``sys.modules`` (by size), else
+    None: :func:`rebase_modules` then walks every module."""
+    rec = _BOOTSTRAP_MODULES
+    return rec[1] if rec is not None and rec[0] == len(sys.modules) else None
+
+
+def rebase_modules(old: str, new: str, modules: Iterable[Any] | None = None) -> None:
     """Point the pre-imported modules of the zygote's bootstrap copy (``old``) at the
     enclave's own verified bootstrap (``new``), the only one its sandbox mounts.
 
@@ -219,6 +271,10 @@ def rebase_modules(old: str, new: str) -> None:
     package's ``__path__`` decides where its not-yet-imported submodules are found
     (``models.__main__``) and ``__file__``/the loader's path where its data files are read;
     left alone they would name a tree the enclave cannot see.
+
+    ``modules``: the candidates (normally the zygote's :func:`bootstrap_modules` record, the
+    few enclave-side packages); None walks all of ``sys.modules``. Only modules naming ``old``
+    are changed either way.
     """
     prefix = old.rstrip("/") + "/"
 
@@ -227,10 +283,10 @@ def rebase_modules(old: str, new: str) -> None:
             return new + p[len(old) :]
         return p
 
-    for mod in list(sys.modules.values()):
+    for mod in list(sys.modules.values()) if modules is None else modules:
         file = getattr(mod, "__file__", None)
         path = getattr(mod, "__path__", None)
-        if move(file) is file and not (isinstance(path, list) and any(move(p) != p for p in path)):
+        if not _names_tree(mod, old):
             continue
         with contextlib.suppress(AttributeError, TypeError):
             if file is not None:
@@ -248,6 +304,18 @@ def rebase_modules(old: str, new: str) -> None:
             loader = getattr(mod, "__loader__", None)
             if loader is not None and isinstance(getattr(loader, "path", None), str):
                 loader.path = move(loader.path)
+
+
+def forget_finders(old: str) -> None:
+    """Drop the cached path finders of the tree ``old`` (the zygote's bootstrap, not mounted
+    in the enclave). The others stay: :func:`importlib_invalidate` then marks every one stale,
+    so each re-lists its directory (as the enclave sees it) on its next use. Clearing the
+    whole cache instead would free every finder's directory listing in the forked child, a
+    copy-on-write fault for each page those strings live on."""
+    prefix = old.rstrip("/") + "/"
+    cache = sys.path_importer_cache
+    for key in [k for k in cache if k == old or k.startswith(prefix)]:
+        del cache[key]
 
 
 def importlib_invalidate() -> None:

@@ -24,7 +24,9 @@ ramdisk):
   spec, loader) at the enclave's own verified bootstrap, the only one mounted in its sandbox
   (so lazy imports such as ``models.__main__`` and package data resolve there), and calls
   ``runtime.enclave_init.main()`` in-process. The reply carries the pids, the layer report and
-  the status pipe.
+  the status pipe. (Start-up cost: the zygote records its bootstrap modules once, so the child
+  rebases only those, not every module of numpy/onnxruntime; a pre-forked spare pre-faults the
+  copy-on-write pages that rebase writes before its claim.)
 
 What is trusted: the zygote's host-side loop and the sandbox code (loaded by file path from the
 runtime's own tree under a private module name, like the supervisor itself), the interpreter and

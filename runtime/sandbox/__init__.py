@@ -411,8 +411,14 @@ class Spare:
     pidns: str
 
 
-def prefork_spare(name: str, factory: SpareFactory) -> Spare:
-    """Fork a spare (from a single-threaded loop such as the zygote's). Raises OSError."""
+def prefork_spare(
+    name: str, factory: SpareFactory, *, prepare: Callable[[], None] | None = None
+) -> Spare:
+    """Fork a spare (from a single-threaded loop such as the zygote's). Raises OSError.
+
+    ``prepare`` (optional) runs in the future app while it waits for its claim (errors
+    ignored): work such as pre-faulting the copy-on-write pages its child entry will write,
+    taken off the start-up path. It must not depend on the enclave (not yet known)."""
     cgroup: str | None = None
     if _mem_layer() == "cgroup":
         cg = CGROUP_MEMORY_ROOT / name
@@ -427,7 +433,7 @@ def prefork_spare(name: str, factory: SpareFactory) -> Spare:
         code = 127
         try:
             parent_end.close()
-            code = _spare_relay(child_end, cgroup, factory)
+            code = _spare_relay(child_end, cgroup, factory, prepare)
         finally:
             os._exit(code)
     child_end.close()
@@ -501,7 +507,12 @@ def discard_spare(spare: Spare) -> None:
     remove_cgroup(spare.cgroup, wait_s=2.0)
 
 
-def _spare_relay(ctl: socket.socket, cgroup: str | None, factory: SpareFactory) -> int:
+def _spare_relay(
+    ctl: socket.socket,
+    cgroup: str | None,
+    factory: SpareFactory,
+    prepare: Callable[[], None] | None = None,
+) -> int:
     """In the spare relay: once in the cgroup, fork the future app into a new PID namespace,
     report it, then relay its wait status (as ``_middle`` does)."""
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -524,7 +535,7 @@ def _spare_relay(ctl: socket.socket, cgroup: str | None, factory: SpareFactory) 
         try:
             os.close(status_r)
             os.close(status_w)
-            code = _spare_app(ctl, cgroup, factory, pidns)
+            code = _spare_app(ctl, cgroup, factory, pidns, prepare)
         finally:
             os._exit(code)
     socket.send_fds(ctl, [json.dumps({"app_pid": app, "pidns": pidns}).encode()], [status_r])
@@ -544,10 +555,20 @@ def _spare_relay(ctl: socket.socket, cgroup: str | None, factory: SpareFactory) 
     return 0
 
 
-def _spare_app(ctl: socket.socket, cgroup: str | None, factory: SpareFactory, pidns: str) -> int:
-    """In the future app (PID 1 of its PID namespace, still real root): wait for the claim,
-    then build the sandbox like ``_middle`` + ``_app`` (mounts before the user namespace)."""
+def _spare_app(
+    ctl: socket.socket,
+    cgroup: str | None,
+    factory: SpareFactory,
+    pidns: str,
+    prepare: Callable[[], None] | None = None,
+) -> int:
+    """In the future app (PID 1 of its PID namespace, still real root): run ``prepare``,
+    wait for the claim, then build the sandbox like ``_middle`` + ``_app`` (mounts before
+    the user namespace)."""
     _sys.prctl(_sys.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if prepare is not None:
+        with contextlib.suppress(Exception):
+            prepare()
     msg, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 20, 16)
     ctl.close()
     if not msg or len(fds) < 2:

@@ -3,8 +3,11 @@ fresh path, and both report the same environment."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
 import textwrap
+import types
 
 import pytest
 import trio
@@ -113,3 +116,69 @@ async def test_zygote_outlives_the_enclave_it_was_started_for(enclave_state_dir,
     assert not (enclave_state_dir / "zygotes").exists() or not any(
         (enclave_state_dir / "zygotes").iterdir()
     )
+
+
+def _fake_module(name: str, file: str | None, path: list[str] | None = None) -> types.ModuleType:
+    mod = types.ModuleType(name)
+    mod.__file__ = file
+    spec = importlib.machinery.ModuleSpec(name, None, origin=file, is_package=path is not None)
+    if path is not None:
+        mod.__path__ = path
+        spec.submodule_search_locations = path
+    mod.__spec__ = spec
+    return mod
+
+
+def test_rebase_uses_the_zygotes_record_and_falls_back_when_modules_changed(tmp_path, monkeypatch):
+    """The per-enclave rebase walks only the zygote's recorded bootstrap modules (not every
+    pre-imported module), moves exactly what names the zygote's tree, and walks everything
+    again when ``sys.modules`` no longer matches the record."""
+    from runtime import _zygote_main as zm
+
+    old, new = str(tmp_path / "zyg" / "bootstrap"), str(tmp_path / "enc" / "bootstrap")
+    pkg = _fake_module("_zt_pkg", f"{old}/_zt_pkg/__init__.py", [f"{old}/_zt_pkg"])
+    leaf = _fake_module("_zt_pkg.leaf", f"{old}/_zt_pkg/leaf.py")
+    other = _fake_module("_zt_other", f"{old}-not/_zt_other.py")  # a sibling, not the tree
+    for m in (pkg, leaf, other):
+        monkeypatch.setitem(sys.modules, m.__name__, m)
+    monkeypatch.setattr(zm, "_BOOTSTRAP_MODULES", None)
+
+    zm._refresh_bootstrap_modules(old)
+    recorded = zm._current_bootstrap_modules()
+    assert recorded is not None
+    assert {pkg, leaf} <= set(recorded)
+    assert other not in recorded
+    # the record is a small part of what is imported (this process: the whole test stack)
+    assert len(recorded) < len(sys.modules) // 2
+
+    zm.rebase_modules(old, new, recorded)
+    assert pkg.__file__ == f"{new}/_zt_pkg/__init__.py"
+    assert pkg.__path__ == [f"{new}/_zt_pkg"]
+    assert pkg.__spec__.origin == pkg.__file__
+    assert leaf.__file__ == f"{new}/_zt_pkg/leaf.py"
+    assert other.__file__ == f"{old}-not/_zt_other.py"
+
+    # a module imported after the record: the child no longer trusts it and walks everything
+    late = _fake_module("_zt_pkg.late", f"{old}/_zt_pkg/late.py")
+    monkeypatch.setitem(sys.modules, late.__name__, late)
+    assert zm._current_bootstrap_modules() is None
+    zm.rebase_modules(old, new, zm._current_bootstrap_modules())
+    assert late.__file__ == f"{new}/_zt_pkg/late.py"
+    zm._refresh_bootstrap_modules(old)  # the zygote re-records before its next fork
+    assert zm._current_bootstrap_modules() is not None
+
+
+def test_forget_finders_drops_only_the_zygotes_tree(tmp_path, monkeypatch):
+    """The child keeps the other cached finders (marked stale by invalidate_caches, so they
+    re-list as the enclave sees them) and loses every one of the zygote's tree."""
+    from runtime import _zygote_main as zm
+
+    old = str(tmp_path / "zyg" / "bootstrap")
+    keep = str(tmp_path / "site-packages")
+    for key in (old, f"{old}/models", f"{old}-not", keep):
+        monkeypatch.setitem(sys.path_importer_cache, key, None)
+    zm.forget_finders(old)
+    assert old not in sys.path_importer_cache
+    assert f"{old}/models" not in sys.path_importer_cache
+    assert f"{old}-not" in sys.path_importer_cache
+    assert keep in sys.path_importer_cache
