@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -308,6 +309,11 @@ class EnclaveSupervisor:
         self._gate = trio.Event()
         self._verified = trio.Event()
         self._control_nursery: trio.Nursery | None = None
+        #: trio time by which the enclave must be ready (set when ``run`` starts: the boot
+        #: timeout bounds the whole start, image preparation and spawn included, so a child
+        #: that signals ready while the spawn is still being awaited is held to it too).
+        self._boot_deadline = math.inf
+        self._ready_at = math.inf
 
     # -- public ---------------------------------------------------------------------------
     async def terminate(self) -> ExitReason:
@@ -367,6 +373,7 @@ class EnclaveSupervisor:
         sp: sandbox.Spawned | None = None
         socks: list[socket.socket] = []
         try:
+            self._boot_deadline = trio.current_time() + self.spec.boot_timeout_s
             work = self.state.work_dir(self.spec.enclave_id)
             self._mark("run_start")
             hit = None
@@ -587,7 +594,7 @@ class EnclaveSupervisor:
 
     async def _heartbeat(self, stream: trio.SocketStream) -> None:
         async with stream:
-            with trio.move_on_after(self.spec.boot_timeout_s):
+            with trio.move_on_at(self._boot_deadline):
                 b = await stream.receive_some(1)
                 if b != b"\xb7":
                     self.log.warning("heartbeat_bad", got=b.hex())
@@ -599,11 +606,12 @@ class EnclaveSupervisor:
                 self.log.info("enclave_heartbeat")
                 r = await stream.receive_some(1)
                 if r == b"R":
+                    self._ready_at = trio.current_time()
                     self._ready.set()
                     await stream.send_all(b"A")
 
     async def _wait_ready(self, sp: sandbox.Spawned) -> None:
-        with trio.move_on_after(self.spec.boot_timeout_s) as scope:
+        with trio.move_on_at(self._boot_deadline) as scope:
             async with trio.open_nursery() as n:
 
                 async def _gone() -> None:
@@ -613,9 +621,9 @@ class EnclaveSupervisor:
                 n.start_soon(_gone)
                 await self._ready.wait()
                 n.cancel_scope.cancel()
-        if self._ready.is_set():
+        if self._ready_at <= self._boot_deadline:
             return
-        if scope.cancelled_caught:
+        if scope.cancelled_caught or self._ready.is_set():
             what = "heartbeat" if not self._booted.is_set() else "app start"
             raise NitroCliError(
                 "E36",
