@@ -212,7 +212,7 @@ def build_report(report: Any, note: str | None) -> dict[str, Any]:
         for der in (doc.certificate, *reversed(doc.cabundle)):
             try:
                 certs.append(_cert_json(x509.load_der_x509_certificate(der)))
-            except ValueError:
+            except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
                 certs.append({"subject": None, "error": "not a DER certificate"})
         out["certificates"] = certs
     if note:

@@ -99,6 +99,9 @@ def validate_name(name: str) -> str:
         raise EifFormatError(f"ramdisk entry name is empty or too long ({len(raw)} bytes)")
     if "\0" in name or name.startswith("/"):
         raise EifFormatError(f"ramdisk entry name is not a relative path: {name!r}")
+    if name == TRAILER:
+        # newc has no escape for it: readers (ours, the kernel's initramfs unpacker) stop there.
+        raise EifFormatError(f"ramdisk entry name {TRAILER!r} is reserved (it ends an archive)")
     for part in name.split("/"):
         if part in ("", ".", ".."):
             raise EifFormatError(f"ramdisk entry name has an unsafe component: {name!r}")

@@ -87,6 +87,18 @@ def test_mutated_valid_document(flips: list[tuple[int, int]], cut: int) -> None:
             assert parse_document(candidate) == parse_document(VALID)
 
 
+def test_certificate_with_an_invalid_version_is_a_typed_error() -> None:
+    """One flipped bit in the leaf's version field (v3 -> "v4"): cryptography raises
+    InvalidVersion, which is no ValueError; it must still be a typed verification error
+    (test_mutated_valid_document hit this only when its random flips landed there)."""
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2
+    assert CHAIN.leaf_der.count(v3) == 1
+    bad = VALID.replace(CHAIN.leaf_der, CHAIN.leaf_der.replace(v3, v3[:-1] + b"\x03"))
+    assert bad != VALID
+    with pytest.raises(DocumentFormatError, match=r"not a DER X\.509 certificate"):
+        VERIFIER.verify(bad, policy=ANY, at=T0)
+
+
 @pytest.fixture(scope="module")
 def device(tmp_path_factory: pytest.TempPathFactory) -> NsmDevice:
     ca = LocalCA.load_or_create(tmp_path_factory.mktemp("fuzz") / "ca")

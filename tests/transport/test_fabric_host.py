@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from transport.errors import VsockConnectionRefused, VsockError
-from transport.fabric.host import bind_fabric_socket, probe_listener
+from transport.fabric.host import BoundSocket, bind_fabric_socket, probe_listener
 from transport.vsock import (
     PARENT_CID,
     VMADDR_PORT_ANY,
@@ -218,3 +218,67 @@ def test_bind_is_exclusive_between_processes_view(fabric_dir: Path) -> None:
     first.sock.close()
     second = bind_fabric_socket(fabric_dir, VsockAddr(3, 1234))
     second.sock.close()
+
+
+def test_socket_file_appears_only_once_listening(
+    fabric_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bind() creates a Unix socket's file, but connects are refused until listen(): whoever
+    sees the fabric file (a client waiting for it to appear) must find it accepting."""
+    path = fabric_dir / "3" / "1234"
+    visible_before_listen: list[bool] = []
+
+    class Recording(socket.socket):
+        def listen(self, *args: int) -> None:
+            visible_before_listen.append(path.exists())
+            super().listen(*args)
+
+    monkeypatch.setattr(socket, "socket", Recording)
+    bound = bind_fabric_socket(fabric_dir, VsockAddr(3, 1234))
+    monkeypatch.undo()
+    try:
+        assert visible_before_listen == [False]
+        assert probe_listener(path)
+        assert os.listdir(path.parent) == ["1234"]  # no temporary name left behind
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+    finally:
+        bound.sock.close()
+
+
+def test_a_binder_still_setting_up_is_not_taken_for_a_stale_file(
+    fabric_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second binder between the first one's bind() and listen(): exactly one of them wins
+    and the file leads to the winner (the other's probe must not see a dead listener)."""
+    path = fabric_dir / "3" / "1234"
+    raced: list[object] = []
+
+    class Racing(socket.socket):
+        def listen(self, *args: int) -> None:
+            if not raced:
+                raced.append(None)
+                try:
+                    raced.append(bind_fabric_socket(fabric_dir, VsockAddr(3, 1234)))
+                except VsockAddressInUse as exc:
+                    raced.append(exc)
+            super().listen(*args)
+
+    monkeypatch.setattr(socket, "socket", Racing)
+    try:
+        first: object = bind_fabric_socket(fabric_dir, VsockAddr(3, 1234))
+    except VsockAddressInUse as exc:
+        first = exc
+    monkeypatch.undo()
+    second = raced[1]
+    winners = [b for b in (first, second) if not isinstance(b, VsockAddressInUse)]
+    try:
+        assert len(winners) == 1, (first, second)
+        [winner] = winners
+        assert isinstance(winner, BoundSocket)
+        st = path.lstat()
+        assert (st.st_dev, st.st_ino) == winner.ident
+        assert probe_listener(path)
+    finally:
+        for b in winners:
+            assert isinstance(b, BoundSocket)
+            b.sock.close()

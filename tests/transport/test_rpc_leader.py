@@ -336,15 +336,22 @@ async def test_sender_blocked_on_a_full_socket_while_nobody_reads_does_not_deadl
             nursery.cancel_scope.cancel()
 
 
-async def test_background_reader_resumes_at_once_after_a_long_call() -> None:
+async def test_background_reader_resumes_at_once_after_a_long_call(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """During a long call the background reader looks less and less often; when the call
-    ends it must take over at once (here: notice the server going away promptly)."""
+    ends it must take over at once (here: notice the server going away promptly).
+
+    Mock time over in-memory streams: the clock only moves when every task waits for a
+    timer, so the bound below measures the reader's timers, not how busy the machine is (in
+    real time a descheduled test process could exceed any bound under the backed-off period,
+    and a reader that is not woken could still happen to look within it)."""
 
     async def slow(request: Any, stream: RpcStream) -> Any:
         await trio.sleep(0.6)  # long enough for the background reader to back off
         return request
 
-    client_stream, server_stream = socket_stream_pair()
+    client_stream, server_stream = trio.testing.memory_stream_pair()
     with trio.fail_after(TIMEOUT_S):
         async with trio.open_nursery() as nursery:
             server_scope = trio.CancelScope()
@@ -357,6 +364,9 @@ async def test_background_reader_resumes_at_once_after_a_long_call() -> None:
             async with open_rpc_client(client_stream) as rpc:
                 assert await rpc.call("slow", 1) == 1
                 server_scope.cancel()
-                with trio.fail_after(0.05):  # well under the backed-off period (0.128 s)
+                # Woken at once, the reader sees the EOF before any timer of its own expires
+                # (the loop's own 1 ms sleeps aside); left to its backed-off timer (up to
+                # 0.128 s) it would not.
+                with trio.fail_after(0.01):
                     while not rpc.closed:
                         await trio.sleep(0.001)

@@ -5,9 +5,14 @@ files 0600, so no other user can reach any endpoint. The parent instance (CID 3)
 ``<fabric_dir>/3/<port>``; host code reaches ``(cid, port)`` by connecting to
 ``<fabric_dir>/<cid>/<port>`` (an enclave's listeners are bound there by its broker).
 
-Binding is exclusive and stale-safe: ``bind()`` on an existing path fails, so the first binder
+A socket file appears only once it accepts connections: the socket is bound and listening under
+a private temporary name in the same directory first, then published at its port's name with
+``link()``. So whoever sees the file (a client waiting for it to appear, a concurrent binder's
+stale-file probe) never finds it refusing in the instant between ``bind()`` and ``listen()``.
+
+Binding is exclusive and stale-safe: ``link()`` onto an existing name fails, so the first binder
 wins; if the file is left over from a dead listener (a connect probe is refused) it is unlinked
-(only if it is still the very file that was probed) and the bind retried once. A live listener
+(only if it is still the very file that was probed) and the link retried once. A live listener
 is never displaced: the bind fails with :class:`VsockAddressInUse`. Listeners remove their own
 file on close, again only if the file is still theirs.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import secrets
 import socket as _stdlib_socket
 import stat
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ import trio
 from transport.errors import VsockConnectionRefused, VsockError
 from transport.fabric.addressing import (
     FABRIC_DIR_ENV,
+    MAX_SUN_PATH,
     PARENT_CID,
     VMADDR_CID_ANY,
     VMADDR_PORT_ANY,
@@ -66,6 +73,8 @@ _EPHEMERAL_TRIES: Final = 16
 _BACKLOG_RETRY_S: Final = 2.0
 _BACKLOG_FIRST_DELAY_S: Final = 0.001
 _BACKLOG_MAX_DELAY_S: Final = 0.05
+#: Attempts at a free random temporary name for a socket being set up (collisions: ~never).
+_TEMP_NAME_TRIES: Final = 16
 
 
 class VsockAddressInUse(VsockError):
@@ -109,13 +118,36 @@ def probe_listener(path: Path) -> bool:
     return rc in (0, errno.EAGAIN, errno.EINPROGRESS)
 
 
-def _bind_exclusive(sock: _stdlib_socket.socket, path: Path, addr: VsockAddr) -> None:
+def _bind_temporary(sock: _stdlib_socket.socket, directory: Path, dir_fd: int) -> str:
+    """Bind ``sock`` at a fresh private name in ``directory``; returns the name.
+
+    The name starts with a dot, so it is never taken for a port (``parse_socket_name``).
+    """
+    for _ in range(_TEMP_NAME_TRIES):
+        name = f".{secrets.token_hex(6)}"
+        target = os.fsencode(directory / name)
+        if len(target) > MAX_SUN_PATH:  # longer than the port's own name: via the dir fd
+            target = os.fsencode(f"/proc/self/fd/{dir_fd}/{name}")
+        try:
+            sock.bind(target)
+            return name
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise VsockError(f"no free temporary socket name in {directory}")  # pragma: no cover
+
+
+def _publish_exclusive(dir_fd: int, tmp_name: str, path: Path, addr: VsockAddr) -> None:
+    """Give the listening socket file ``tmp_name`` its public name ``path`` (same directory).
+
+    ``link()`` is atomic and fails if ``path`` exists, so the first binder wins and a live
+    listener is never displaced; a stale file is replaced (see the module docstring).
+    """
     try:
-        sock.bind(os.fsencode(path))
+        os.link(tmp_name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
+    except FileExistsError:
+        pass
     # The file exists: a live listener, a stale file from a dead one, or not a socket at all.
     try:
         st = os.lstat(path)
@@ -136,11 +168,9 @@ def _bind_exclusive(sock: _stdlib_socket.socket, path: Path, addr: VsockAddr) ->
             except FileNotFoundError:
                 pass
     try:
-        sock.bind(os.fsencode(path))
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:  # someone else bound it between our probe and now
-            raise VsockAddressInUse(f"{addr} is already in use") from exc
-        raise
+        os.link(tmp_name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileExistsError as exc:  # someone else published it between our probe and now
+        raise VsockAddressInUse(f"{addr} is already in use") from exc
 
 
 def prepare_cid_dir(fabric_dir: Path, cid: int) -> Path:
@@ -178,21 +208,35 @@ def bind_fabric_socket(
         raise VsockAddressInUse(f"no free port for CID {addr.cid}")
     path = socket_path(fabric_dir, addr)
     sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    tmp_name: str | None = None
+    dir_fd = -1
     try:
         sock.setblocking(False)
-        _bind_exclusive(sock, path, addr)
-        # listen() right after bind(): until then a probe from another binder would take the
-        # file for a stale one. The directory is 0700, so nobody else can reach the file in
+        dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Bind and listen under a private name, then publish: a file at ``path`` always
+        # accepts connections (bind() creates the file, but connects are refused until
+        # listen(); a client that saw the file appear, or another binder's stale-file probe,
+        # must never see that). The directory is 0700, so nobody else can reach the file in
         # the instant before the chmod (bind() takes its mode from the umask).
+        tmp_name = _bind_temporary(sock, path.parent, dir_fd)
         sock.listen(backlog)
-        os.chmod(path, 0o600)
-        ident = _ident(os.lstat(path))
+        os.chmod(tmp_name, 0o600, dir_fd=dir_fd)
+        ident = _ident(os.lstat(tmp_name, dir_fd=dir_fd))  # the same inode once published
+        _publish_exclusive(dir_fd, tmp_name, path, addr)
     except VsockError:
         sock.close()
         raise
     except OSError as exc:
         sock.close()
         raise VsockError(f"cannot listen at {addr} ({path}): {exc.strerror}") from exc
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+        if dir_fd >= 0:
+            os.close(dir_fd)
     return BoundSocket(sock=sock, addr=addr, path=path, ident=ident)
 
 
