@@ -770,6 +770,9 @@ class EnclaveSupervisor:
                     )
             os.close(sp.status_fd)
             await trio.to_thread.run_sync(self.spawner.reap, sp)
+            # The relay reports (or dies) before the app has finished exiting: a killed PID
+            # namespace init first waits for the rest of its namespace to die. Gone means gone.
+            await _wait_pid_exited(sp.app_pid, KILL_WAIT_S)
             # cgroup rmdir fails (EBUSY) while the kernel still accounts dying tasks; retry
             # for up to 3 s (150 x 20 ms).
             for _ in range(150):
@@ -777,6 +780,8 @@ class EnclaveSupervisor:
                 if not sp.cgroup or not os.path.exists(sp.cgroup):  # noqa: ASYNC240 - sysfs
                     break
                 await trio.sleep(0.02)
+            else:
+                self.log.warning("enclave_cgroup_left", cgroup=sp.cgroup, reason="still busy")
         if self.exit_reason is None:
             self.exit_reason = ExitReason(ExitKind.BOOT_FAILED, detail="never started")
         self._gone.set()
@@ -861,6 +866,26 @@ def _metadata_view(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _replace(info: EnclaveInfo, **changes: Any) -> EnclaveInfo:
     return dataclasses.replace(info, **changes)
+
+
+async def _wait_pid_exited(pid: int, timeout_s: float) -> None:
+    """Wait, at most ``timeout_s``, until ``pid`` has exited (zombie or reaped).
+
+    The app is not our child (no waitpid): its pidfd polls readable once it has exited. If the
+    pid is already reaped and, unlikely within these milliseconds, reused, this only costs the
+    bounded wait; without pidfd support (Linux < 5.3) it returns at once.
+    """
+    if pid <= 0:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # ProcessLookupError: already reaped; others: no pidfds here
+        return
+    try:
+        with trio.move_on_after(timeout_s):
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
 
 
 def _kill(pid: int, sig: int) -> None:

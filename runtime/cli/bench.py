@@ -66,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
     suites = list(args.suites) or list(SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
-        print(f"enclave bench: unknown suite(s) {', '.join(unknown)}; "
-              f"choose from {', '.join(SUITES)}", file=sys.stderr)
+        print(
+            f"enclave bench: unknown suite(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(SUITES)}",
+            file=sys.stderr,
+        )
         return 2
     results: dict[str, BenchResult] = {}
     missing: list[str] = []

@@ -277,6 +277,8 @@ class _LineReader:
 def attach_cgroup(cgroup: str | None, pid: int) -> None:
     """Move ``pid`` into the enclave's memory cgroup (cgroup v1 migration waits for an RCU
     grace period, ~10 ms: callers overlap it with the enclave's boot and gate the app on it)."""
+    if pid <= 0:  # writing 0 would move the calling process itself
+        raise ValueError(f"not a process id: {pid}")
     if cgroup:
         Path(cgroup, "cgroup.procs").write_text(str(pid))
 
@@ -330,10 +332,14 @@ def _handshake(
 ) -> Spawned:
     """Parent side of the set-up protocol (lines on ``sync_r``): write the id maps on ``U``
     (for ``userns_pid``, default ``pid``), collect the app pid (``P``, unless given) and the
-    layer report (``L``), stop at ``X``; fail on ``F``/EOF."""
+    layer report (``L``), stop once ``X`` and the app pid are in; fail on ``F``/EOF."""
     layers: dict[str, str] = {}
     timing: dict[str, float] = {}
     lines = _LineReader(sync_r)
+    # ``X`` (from the app) and ``P`` (from the middle process, right after its fork) race: a
+    # middle descheduled after the fork writes ``P`` after the app's ``X``. Stop only once
+    # both arrived: an app pid of 0 would make the caller's attach_cgroup move *itself*.
+    done = False
     try:
         while True:
             line = lines.next()
@@ -348,12 +354,18 @@ def _handshake(
                 os.write(go_w, b"G")
             elif tag == "P":
                 app_pid = int(rest)
+                if app_pid <= 0:
+                    raise OSError(f"sandbox setup reported app pid {rest!r}")
+                if done:
+                    break
             elif tag == "L":
                 layers = json.loads(rest)
             elif tag == "T":
                 timing = {str(k): float(v) for k, v in json.loads(rest).items()}
             elif tag == "X":
-                break
+                done = True
+                if app_pid:
+                    break
             elif tag == "F":
                 raise OSError(f"sandbox setup failed: {rest}")
     except BaseException:

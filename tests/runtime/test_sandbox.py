@@ -8,6 +8,8 @@ import os
 import socket
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import trio
@@ -249,3 +251,40 @@ def test_loopback_only_probe_is_not_trivial():
 
 
 __all__ = ["_fresh_logging"]  # autouse fixture (re-exported on purpose)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        b"L {}\nP 4242\nX\n",
+        # the middle process descheduled right after its fork: the app's X comes first
+        b"L {}\nX\nP 4242\n",
+    ],
+    ids=["pid-first", "pid-after-ready"],
+)
+def test_handshake_waits_for_the_app_pid(lines: bytes) -> None:
+    """The set-up ends only once the app pid is known, whatever order the lines come in
+    (a 0 pid once made the supervisor move itself into the enclave's memory cgroup)."""
+    sync_r, sync_w = os.pipe()
+    go_r, go_w = os.pipe()
+    status_r, status_w = os.pipe()
+    try:
+        os.write(sync_w, lines)
+        spec = cast("Any", SimpleNamespace(memory_mib=128))
+        sp = sandbox._handshake(
+            spec, os.getpid(), sync_r, go_w, status_r, None, attach=False, attached=False
+        )
+        assert sp.app_pid == 4242
+        assert sp.status_fd == status_r
+    finally:
+        for fd in (sync_w, go_r, status_r, status_w):
+            os.close(fd)
+
+
+def test_attach_cgroup_refuses_non_pids(tmp_path: Path) -> None:
+    """Writing 0 to cgroup.procs moves the writer: never done on the caller's behalf."""
+    (tmp_path / "cgroup.procs").write_text("")
+    for pid in (0, -1):
+        with pytest.raises(ValueError, match="not a process id"):
+            sandbox.attach_cgroup(str(tmp_path), pid)
+    assert (tmp_path / "cgroup.procs").read_text() == ""

@@ -91,6 +91,7 @@ def test_tracebacks_never_show_local_variables(as_json: bool) -> None:
     buf = io.StringIO()
     configure_logging("info", json=as_json, stream=buf, cache=False)
     try:
+
         def unwrap(data_key: bytes) -> None:
             session = data_key.hex()  # a local holding secret material
             raise ValueError(f"bad length {len(session)}")
