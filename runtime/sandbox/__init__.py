@@ -151,12 +151,22 @@ def _make_cgroup(spec: SandboxSpec) -> str | None:
     slot = spec.enclave_id.rpartition("-enc")[2] or spec.enclave_id
     cg = CGROUP_MEMORY_ROOT / slot
     try:
-        cg.mkdir(exist_ok=True)
+        # Exclusive: slots are unique within a state directory, cgroup names machine-wide. A
+        # leftover of a dead supervisor is empty and goes; a live one (another state dir, the
+        # same millisecond and 16 random bits) is never shared: this enclave falls back to
+        # RLIMIT_AS, which the layer report says.
+        try:
+            cg.mkdir()
+        except FileExistsError:
+            cg.rmdir()  # OSError (EBUSY) while tasks remain: the fallback below
+            cg.mkdir()
         limit = str(spec.memory_mib * 1024 * 1024)
         (cg / "memory.limit_in_bytes").write_text(limit)
         with contextlib.suppress(OSError):  # absent without swap accounting
             (cg / "memory.memsw.limit_in_bytes").write_text(limit)
         return str(cg)
+    except FileExistsError:  # not ours: leave it alone
+        return None
     except OSError:
         with contextlib.suppress(OSError):
             cg.rmdir()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import textwrap
 from pathlib import Path
 from types import SimpleNamespace
@@ -288,3 +289,26 @@ def test_attach_cgroup_refuses_non_pids(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="not a process id"):
             sandbox.attach_cgroup(str(tmp_path), pid)
     assert (tmp_path / "cgroup.procs").read_text() == ""
+
+
+@pytest.mark.skipif(sandbox._mem_layer() != "cgroup", reason="needs a writable memory cgroup")
+def test_enclave_cgroups_are_never_shared() -> None:
+    """Cgroup names are machine-wide: a stale one (empty) is replaced, a live one is left to
+    its owner and this enclave falls back to RLIMIT_AS."""
+    slot = f"{os.getpid():08x}{os.urandom(4).hex()}"
+    spec = cast("Any", SimpleNamespace(enclave_id=f"i-test-enc{slot}", memory_mib=64))
+    path = sandbox.CGROUP_MEMORY_ROOT / slot
+    path.mkdir()  # a leftover of a dead supervisor
+    proc = None
+    try:
+        assert sandbox._make_cgroup(spec) == str(path)
+        proc = subprocess.Popen(["sleep", "30"])
+        sandbox.attach_cgroup(str(path), proc.pid)  # now somebody else's live enclave
+        assert sandbox._make_cgroup(spec) is None
+        assert str(proc.pid) in (path / "cgroup.procs").read_text().split()
+        assert (path / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        assert sandbox.remove_cgroup(str(path), wait_s=3.0)
