@@ -5,6 +5,7 @@ can catch "anything this library reports" in one clause while still telling faul
 
     EnclaveError                      root of the project (this module is the lowest layer)
     ├── ConfigurationError            a config file, flag or argument is invalid (caller's fault)
+    │   └── AddressError              a HOST:PORT or vsock address that does not parse
     ├── TransportError                transport/: addressing, fabric, channel, framing
     │   ├── VsockError
     │   │   └── VsockConnectionRefused    nobody listens there, or policy forbids it
@@ -28,6 +29,7 @@ from __future__ import annotations
 __all__ = [
     "EnclaveError",
     "ConfigurationError",
+    "AddressError",
     "TransportError",
     "VsockError",
     "VsockConnectionRefused",
@@ -49,6 +51,10 @@ class ConfigurationError(EnclaveError, ValueError):
     Raised at load time, before any work starts. It is also a :class:`ValueError` so generic
     argument-checking code treats it as such.
     """
+
+
+class AddressError(ConfigurationError):
+    """A ``HOST:PORT`` (or other address) given by the caller does not parse or is out of range."""
 
 
 class TransportError(EnclaveError):
