@@ -1,6 +1,6 @@
 """``enclave bench [SUITE...] [--json] [--quick]``: the performance suites.
 
-Each suite lives beside the code it measures, in ``<package>/bench.py``, and exposes
+Each suite is a module of :mod:`runtime.bench` (kept out of the product packages) and exposes
 ``run(*, quick: bool) -> dict[str, float | int | str | None]``. A suite measures its anchors
 (raw ``cryptography``, a plain trio round trip, in-process ``session.run``...) in the same run and
 reports ratios against them, so the figures mean the same on any machine
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
 #: suite name -> module that implements it.
 SUITES: dict[str, str] = {
-    "channel": "transport.bench",
-    "attest": "attest.bench",
-    "kms": "kms.bench",
-    "runtime": "runtime.bench",
-    "inference": "runtime.bench_inference",
+    "channel": "runtime.bench.channel",
+    "attest": "runtime.bench.attest",
+    "kms": "runtime.bench.kms",
+    "runtime": "runtime.bench.start",
+    "inference": "runtime.bench.inference",
 }
 
 BenchResult = dict[str, float | int | str | None]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attest.bench import run
+from runtime.bench.attest import run
 
 
 def test_quick_bench_figures() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from transport import bench
+from runtime.bench import channel as bench
 
 
 @pytest.mark.slow

@@ -276,7 +276,7 @@ async def test_large_and_oversized_messages() -> None:
 @pytest.mark.parametrize("mode", ["raw", "task", "inline"])
 async def test_bench_modes_run(mode: str) -> None:
     """The benchmark's three set-ups really round-trip (tiny run, in one process)."""
-    from transport.rpc.bench import _one_run
+    from runtime.bench.rpc import _one_run
 
     with trio.fail_after(TIMEOUT_S):
         assert await _one_run(mode, 20, 2, False) > 0

@@ -1,6 +1,6 @@
 """Throwaway attester/verifier pair for tests and benchmarks of the channel. NOT Nitro documents.
 
-``transport`` may not import ``attest`` (layering), yet its tests and ``transport/bench.py``
+``transport`` may not import ``attest`` (layering), yet its tests and ``runtime/bench/channel.py``
 need an enclave side that attests and a client side that verifies. This module provides a
 deliberately simple stand-in with real cryptography and real checks:
 

@@ -1,6 +1,6 @@
 """Micro-benchmark of the RPC layer against a raw trio ping-pong on the same kind of stream.
 
-``python -m transport.rpc.bench [--json] [--quick] [--processes]`` measures, over a Unix
+``python -m runtime.bench.rpc [--json] [--quick] [--processes]`` measures, over a Unix
 socketpair, the p50 round trip of
 
 * ``pingpong_us``: a raw trio 64-byte ping-pong (``send_all`` + ``receive_some`` both sides);
@@ -87,7 +87,7 @@ async def _one_run(mode: str, n: int, warmup: int, processes: bool) -> float:
             nursery.start_soon(_serve, mode, _stream(b))
             return await _client(mode, _stream(a), n, warmup)
     child = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "transport.rpc.bench", "--child", mode, str(b.fileno())],
+        [sys.executable, "-m", "runtime.bench.rpc", "--child", mode, str(b.fileno())],
         pass_fds=[b.fileno()],
     )
     b.close()
@@ -123,7 +123,7 @@ def run(*, quick: bool = False, processes: bool = False) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m transport.rpc.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench.rpc", description=__doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="fewer round trips")
     parser.add_argument("--processes", action="store_true", help="server in a child process")

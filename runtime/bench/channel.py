@@ -17,7 +17,7 @@ All figures come from one run on this machine (``reference/perf-baseline.md`` §
 * ``rpc_ratio`` = rpc_rtt_us / pingpong_us (budget ≤ 1.3).
 
 The peer of every measurement is a second process running this module
-(``python -m transport.bench --peer``); it attests with the throwaway test authority of
+(``python -m runtime.bench.channel --peer``); it attests with the throwaway test authority of
 :mod:`transport.channel.testing` (transport may not import attest).
 """
 
@@ -283,7 +283,14 @@ def run(*, quick: bool) -> BenchResult:
         fabric_dir = Path(tmp) / "vsock"
         env = dict(os.environ, ENCLAVE_VSOCK_DIR=str(fabric_dir))
         peer = subprocess.Popen(
-            [sys.executable, "-m", "transport.bench", "--peer", "--fabric-dir", str(fabric_dir)],
+            [
+                sys.executable,
+                "-m",
+                "runtime.bench.channel",
+                "--peer",
+                "--fabric-dir",
+                str(fabric_dir),
+            ],
             stdout=subprocess.PIPE,
             env=env,
             text=True,
@@ -336,8 +343,8 @@ def _read_ready(peer: subprocess.Popen[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the peer process (``python -m transport.bench --peer``)."""
-    parser = argparse.ArgumentParser(prog="python -m transport.bench")
+    """Entry point of the peer process (``python -m runtime.bench.channel --peer``)."""
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench.channel")
     parser.add_argument("--peer", action="store_true", help="run the bench peer")
     parser.add_argument("--fabric-dir", type=Path)
     parser.add_argument("--port", type=int, default=PORT)

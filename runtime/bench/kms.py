@@ -34,9 +34,8 @@ from typing import Any
 import trio
 
 from attest.nsm.protocol import AttestationResponse
-
-from . import _wrap
-from .client import AttestedKmsClient, Credentials, KmsClient
+from kms import _wrap
+from kms.client import AttestedKmsClient, Credentials, KmsClient
 
 __all__ = ["run"]
 
