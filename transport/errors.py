@@ -13,7 +13,8 @@ can catch "anything this library reports" in one clause while still telling faul
     │   │   ├── LocalProtocolError        *we* misused the protocol (a bug on this side)
     │   │   └── RemoteProtocolError       the *peer* sent something invalid
     │   │       └── AuthenticationFailed  opaque: the peer learns "failed" and nothing more
-    │   └── ChannelClosed                 the channel was closed (by us or cleanly by the peer)
+    │   ├── ChannelClosed                 the channel was closed (by us or cleanly by the peer)
+    │   └── PeerUnreachable               nothing answered (or a relay could not reach its target)
     ├── attest.errors.AttestError     attest/ (NSM, documents, verification)
     ├── kms.errors.KmsError           kms/
     ├── models.errors.ModelError      models/
@@ -38,6 +39,7 @@ __all__ = [
     "RemoteProtocolError",
     "AuthenticationFailed",
     "ChannelClosed",
+    "PeerUnreachable",
 ]
 
 
@@ -97,3 +99,12 @@ class AuthenticationFailed(RemoteProtocolError):
 
 class ChannelClosed(TransportError):
     """The channel or stream was closed; no more data can be sent or received on it."""
+
+
+class PeerUnreachable(TransportError, ConnectionError):
+    """The peer could not be reached: the connection was refused, or it closed (a relay such as
+    the ingress could not reach its target) before the peer sent its first handshake byte.
+
+    Nothing was authenticated and nothing was sent, so this is not an attestation failure: a
+    client tells the user "enclave unreachable", not "authentication failed".
+    """
