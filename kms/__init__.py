@@ -1,9 +1,10 @@
 """kms: a local KMS daemon speaking the AWS KMS JSON protocol that releases keys only to
 attested enclaves, and the enclave-side client.
 
-Layers: pure cores (``sigv4``, ``api``, ``policy``, ``ciphertext``, ``cms``; crypto recipes in
-``_wrap``) → the service (``service``, ``storage``, ``audit``, ``recipient``) → the HTTP adapter
-(``app``, ``daemon``) and the client (``client``). kms imports attest and transport only.
+Layers: pure cores (``sigv4``, ``api``, ``policy``, ``ciphertext``, ``cms``, ``integrity``;
+crypto recipes in ``_wrap``) → the service (``service``: operations by family over one declared
+scaffold; ``storage``, ``audit``, ``recipient``) → the HTTP adapter (``app``, ``daemon``) and the
+client (``client``). kms imports attest and transport only. This face only re-exports.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .client import KmsClient as KmsClient
 from .cms import build_enveloped_data as build_enveloped_data
 from .cms import open_enveloped_data as open_enveloped_data
 from .config import KmsConfig as KmsConfig
+from .daemon import serve_kms as serve_kms
 from .errors import KmsApiError as KmsApiError
 from .errors import KmsError as KmsError
 
@@ -28,12 +30,3 @@ __all__ = [
     "open_enveloped_data",
     "serve_kms",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # serve_kms pulls in the daemon (sqlite, attest); import it only when asked for.
-    if name == "serve_kms":
-        from .daemon import serve_kms
-
-        return serve_kms
-    raise AttributeError(name)

@@ -168,30 +168,6 @@ def load_pkcs8_private_key(der: bytes) -> rsa.RSAPrivateKey:
     return key
 
 
-def es384_verify_rate(seconds: float) -> float:
-    """Benchmark anchor: ECDSA P-384/SHA-384 verifications per second on this core.
-
-    Verifies a signature over a 4.5 KiB message (the size of an attestation document's
-    Sig_structure) repeatedly for about ``seconds``.
-    """
-    import time
-
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    message = os.urandom(4608)
-    signature = key.sign(message, ec.ECDSA(hashes.SHA384()))
-    public = key.public_key()
-    algorithm = ec.ECDSA(hashes.SHA384())
-    n = 0
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        for _ in range(20):
-            public.verify(signature, message, algorithm)
-        n += 20
-    return n / elapsed
-
-
 #: KMS data key pair specs this KMS can generate → (kind, parameter).
 KEY_PAIR_SPECS: dict[str, tuple[str, int | str]] = {
     "RSA_2048": ("rsa", 2048),

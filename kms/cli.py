@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from transport.errors import ConfigurationError, EnclaveError
+from transport.hostport import parse_host_port
 from transport.logs import configure_logging
 
 from .audit import verify_audit_log
-from .config import DEFAULT_HOST, DEFAULT_PORT, KmsConfig, parse_listen
+from .config import DEFAULT_HOST, DEFAULT_PORT, KmsConfig
 from .errors import AuditChainError
 
 __all__ = [
@@ -56,7 +57,9 @@ def config_from_args(args: argparse.Namespace) -> KmsConfig:
     config = KmsConfig.from_toml(args.config) if args.config else KmsConfig()
     changes: dict[str, Any] = {}
     if args.listen:
-        changes["host"], changes["port"] = parse_listen(args.listen)
+        changes["host"], changes["port"] = parse_host_port(
+            args.listen, default_host=DEFAULT_HOST, allow_port_zero=True, what="--listen"
+        )
     if args.state_dir:
         changes["state_dir"] = args.state_dir.resolve()
     if args.seed:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from transport.errors import ConfigurationError
+from transport.hostport import parse_host_port
 from transport.paths import default_state_dir
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "MASTER_KEY_ENV",
     "CredentialEntry",
     "KmsConfig",
-    "parse_listen",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -87,17 +87,6 @@ class CredentialEntry:
             raise ConfigurationError("credentials need access_key_id and secret_access_key")
         if not _PRINCIPAL_RE.match(self.principal_arn):
             raise ConfigurationError(f"principal_arn {self.principal_arn!r} is not an IAM ARN")
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Parse ``HOST:PORT`` (``[v6]:PORT`` accepted). Port 0 asks for an ephemeral port."""
-    host, sep, port_s = value.rpartition(":")
-    if not sep or not host or not port_s.isdigit():
-        raise ConfigurationError(f"listen address must be HOST:PORT, got {value!r}")
-    port = int(port_s)
-    if not 0 <= port <= 65535:
-        raise ConfigurationError(f"port out of range: {port}")
-    return host.strip("[]"), port
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +226,9 @@ class KmsConfig:
         if "listen" in m:
             if not isinstance(m["listen"], str):
                 raise ConfigurationError("listen must be a HOST:PORT string")
-            kw["host"], kw["port"] = parse_listen(m["listen"])
+            kw["host"], kw["port"] = parse_host_port(
+                m["listen"], allow_port_zero=True, what="listen"
+            )
         for name, typ in (("host", str), ("region", str), ("account_id", str)):
             if name in m:
                 if not isinstance(m[name], typ):

@@ -8,6 +8,8 @@
         │                            (raised by the client; raised by the service core and turned
         │                            into the HTTP error reply by the daemon)
         ├── CiphertextFormatError    a CiphertextBlob / CMS structure is malformed or fails its tag
+        ├── SigV4Failure             (kms.sigv4) a request failed SigV4 authentication
+        ├── RecipientRejected        (kms.service) a Recipient's attestation document is refused
         ├── PolicyError              a key policy document is malformed
         └── AuditChainError          an audit log line breaks the hash chain
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote, unquote
 
+from .errors import KmsError
+
 __all__ = [
     "ALGORITHM",
     "MAX_CLOCK_SKEW_S",
@@ -48,8 +50,11 @@ _SPACES = re.compile(r" +")
 _MAX_AUTH_LEN = 4096
 
 
-class SigV4Failure(Exception):
-    """A request failed SigV4 authentication (internal to kms; the daemon maps it to a reply).
+class SigV4Failure(KmsError):
+    """A request failed SigV4 authentication (the daemon maps it to the AWS error reply).
+
+    A :class:`~kms.errors.KmsError`, not a :class:`~kms.errors.KmsApiError`: ``reason`` is for
+    our log only, and the reply is built from ``type_name`` and ``message`` by the adapter.
 
     Attributes:
         type_name: the AWS ``__type`` to answer with.

@@ -37,7 +37,7 @@ from attest.nsm.protocol import AttestationResponse
 from kms import _wrap
 from kms.client import AttestedKmsClient, Credentials, KmsClient
 
-__all__ = ["run"]
+__all__ = ["run", "es384_verify_rate"]
 
 _CREDS = Credentials("AKIDBENCH", "bench-secret")
 #: Concurrent clients for the throughput figures (issue 4).
@@ -119,6 +119,29 @@ class _Nsm:
     ) -> bytes:
         assert public_key is not None
         return self.document(public_key)
+
+
+def es384_verify_rate(seconds: float) -> float:
+    """The anchor: ECDSA P-384/SHA-384 verifications per second on this core.
+
+    Verifies a signature over a 4.5 KiB message (the size of an attestation document's
+    Sig_structure) repeatedly for about ``seconds``.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    message = os.urandom(4608)
+    algorithm = ec.ECDSA(hashes.SHA384())
+    signature = key.sign(message, algorithm)
+    public = key.public_key()
+    n = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        for _ in range(20):
+            public.verify(signature, message, algorithm)
+        n += 20
+    return n / elapsed
 
 
 _Call = tuple[str, dict[str, Any]]
@@ -226,7 +249,7 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
                             {"KeyId": key_id, "KeySpec": "AES_256", "Recipient": recipient},
                         )
                     )
-                anchor = _wrap.es384_verify_rate(0.3)
+                anchor = es384_verify_rate(0.3)
                 rate = await _throughput(endpoint, seconds, None, payloads)
                 if rate / anchor > best_ratio:
                     release_per_s, es384, best_ratio = rate, anchor, rate / anchor

@@ -20,14 +20,62 @@ def test_all_exports_resolve() -> None:
 
 
 def test_errors_derive_from_root() -> None:
-    classes = [
-        c
-        for _, c in inspect.getmembers(kms.errors, inspect.isclass)
-        if c.__module__ == "kms.errors"
-    ]
-    assert classes
+    """Every public exception class defined in kms/ derives from the project root (issue 11:
+    SigV4Failure did not)."""
+    import importlib
+    import pkgutil
+
+    classes = []
+    for info in pkgutil.walk_packages(kms.__path__, "kms."):
+        if info.name == "kms.__main__":
+            continue
+        module = importlib.import_module(info.name)
+        classes += [
+            c
+            for _, c in inspect.getmembers(module, inspect.isclass)
+            if c.__module__ == info.name
+            and issubclass(c, BaseException)
+            and not c.__name__.startswith("_")  # private control flow, never escapes
+        ]
+    names = {c.__name__ for c in classes}
+    assert {"SigV4Failure", "KmsApiError", "RecipientRejected"} <= names
     for cls in classes:
         assert issubclass(cls, EnclaveError), cls
+
+
+def test_package_face_only_reexports() -> None:
+    """kms/__init__.py holds imports and __all__ only, and __all__ is exactly what it imports."""
+    import ast
+
+    tree = ast.parse(Path(kms.__file__).read_text())
+    imported: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # the docstring
+        if isinstance(node, ast.ImportFrom):
+            if node.module != "__future__":
+                imported |= {a.asname or a.name for a in node.names}
+            continue
+        assert isinstance(node, ast.Assign), ast.dump(node)[:80]
+        assert [t.id for t in node.targets if isinstance(t, ast.Name)] == ["__all__"]
+    assert set(kms.__all__) == imported
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:4599", ("::1", 4599))],
+)
+def test_config_listen_uses_the_one_parser(listen: str, expected: tuple[str, int]) -> None:
+    cfg = KmsConfig.from_mapping({"listen": listen})
+    assert (cfg.host, cfg.port) == expected
+
+
+@pytest.mark.parametrize("listen", ["http://127.0.0.1:4599", "::1:4599", "host:", "h:70000"])
+def test_config_listen_refuses_what_hostport_refuses(listen: str) -> None:
+    from transport.errors import AddressError
+
+    with pytest.raises(AddressError):
+        KmsConfig.from_mapping({"listen": listen})
 
 
 def test_serve_main_builds_config_from_flags(
