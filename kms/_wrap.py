@@ -4,6 +4,9 @@
   messages each, far below the 2^32 random-nonce bound), used for key-material wrapping and for
   CiphertextBlobs.
 * RSAES-OAEP with SHA-256 and MGF1-SHA-256, no label: the CMS key transport of Recipient answers.
+* HKDF-SHA256 (one subkey of the master key per purpose, each under its own label) and
+  HMAC-SHA256 with constant-time verification: the integrity of the state at rest (key records,
+  aliases, the audit chain).
 * AES-256-CBC with PKCS#7 padding: the CMS content encryption AWS uses (nitro.md §6.2). CBC is
   unauthenticated; the format is fixed by AWS, and the CEK is fresh per answer and only ever
   reaches the enclave holding the RSA private key.
@@ -13,12 +16,14 @@ from __future__ import annotations
 
 import os
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives import hmac as _hmac
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import CiphertextFormatError
 
@@ -30,6 +35,8 @@ __all__ = [
     "Aead",
     "InvalidTag",
     "random_bytes",
+    "derive_subkey",
+    "Mac",
     "rsa_oaep_sha256_encrypt",
     "rsa_oaep_sha256_decrypt",
     "aes256_cbc_encrypt",
@@ -67,6 +74,48 @@ _OAEP = asym_padding.OAEP(
 def random_bytes(n: int) -> bytes:
     """``n`` bytes from the OS CSPRNG."""
     return os.urandom(n)
+
+
+def derive_subkey(master: bytes, label: bytes) -> bytes:
+    """A 32-byte key for one purpose: HKDF-SHA256 of ``master`` with ``label`` as the info.
+
+    Distinct labels give independent keys, so a MAC key never doubles as a wrapping key.
+    """
+    if len(master) != AES_KEY_BYTES:
+        raise ValueError("the master key must be 32 bytes.")
+    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_BYTES, salt=None, info=label).derive(
+        master
+    )
+
+
+class Mac:
+    """HMAC-SHA256 under one key: ``tag`` and a constant-time ``verify``."""
+
+    __slots__ = ("_key",)
+
+    #: Length of a tag in bytes.
+    TAG_BYTES = 32
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < AES_KEY_BYTES:
+            raise ValueError("HMAC key must be at least 32 bytes.")
+        self._key = key
+
+    def tag(self, data: bytes) -> bytes:
+        """The tag of ``data``."""
+        h = _hmac.HMAC(self._key, hashes.SHA256())
+        h.update(data)
+        return h.finalize()
+
+    def verify(self, data: bytes, tag: bytes) -> bool:
+        """True if ``tag`` authenticates ``data`` (compared in constant time)."""
+        h = _hmac.HMAC(self._key, hashes.SHA256())
+        h.update(data)
+        try:
+            h.verify(tag)
+        except InvalidSignature:
+            return False
+        return True
 
 
 class Aead:

@@ -25,15 +25,16 @@ from typing import Any
 import structlog
 
 from transport.errors import ConfigurationError
-from transport.paths import ensure_private_dir
 
 from . import _wrap
 from .api import parse_request
-from .audit import AuditLog
+from .audit import AuditLog, is_legacy_audit_log, verify_legacy_audit_log
 from .config import MASTER_KEY_ENV, KmsConfig
 from .errors import AuditChainError, KmsApiError
-from .service import Caller, KmsService, MasterKey, Outcome, RecipientVerifier, SeedKey
+from .integrity import MasterKey
+from .service import Caller, KmsService, Outcome, RecipientVerifier, SeedKey
 from .sigv4 import SecretEntry, SigV4Failure, verify_request
+from .statedir import StateLock, prepare_state_dir, tighten_files
 from .storage import SqliteStorage
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "HttpReply",
     "build_app",
     "load_master_key",
+    "read_master_key",
+    "open_audit_log",
     "MASTER_KEY_FILE",
     "DB_FILE",
     "AUDIT_FILE",
@@ -70,6 +73,18 @@ def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
     fsynced, then hard-linked into place so a concurrent or crashed start can never leave a
     partial key); an existing file readable by others is refused.
     """
+    if not env.get(MASTER_KEY_ENV) and not (state_dir / MASTER_KEY_FILE).exists():
+        _create_master_key_file(state_dir)
+    return read_master_key(state_dir, env)
+
+
+def read_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
+    """The master key as :func:`load_master_key` finds it, never creating one (tools such as
+    ``enclave kms audit verify``).
+
+    Raises:
+        ConfigurationError: none in the environment and no readable ``master.key``.
+    """
     if env.get(MASTER_KEY_ENV):
         try:
             key = base64.b64decode(env[MASTER_KEY_ENV], validate=True)
@@ -78,6 +93,28 @@ def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
         if len(key) != _wrap.AES_KEY_BYTES:
             raise ConfigurationError(f"{MASTER_KEY_ENV} must decode to 32 bytes")
         return key
+    path = state_dir / MASTER_KEY_FILE
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"no master key: {path} does not exist and {MASTER_KEY_ENV} is not set"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the master key {path}: {exc.strerror}") from None
+    if st.st_mode & 0o077:
+        raise ConfigurationError(f"{path} must not be accessible to group/others (chmod 600)")
+    try:
+        key = base64.b64decode(data.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigurationError(f"{path} is not a base64 master key") from None
+    if len(key) != _wrap.AES_KEY_BYTES:
+        raise ConfigurationError(f"{path} must hold 32 bytes")
+    return key
+
+
+def _create_master_key_file(state_dir: Path) -> None:
     path = state_dir / MASTER_KEY_FILE
     if not path.exists():
         tmp = state_dir / f".{MASTER_KEY_FILE}.{os.getpid()}.{uuid.uuid4().hex}"
@@ -98,16 +135,6 @@ def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    st = path.stat()
-    if st.st_mode & 0o077:
-        raise ConfigurationError(f"{path} must not be accessible to group/others (chmod 600)")
-    try:
-        key = base64.b64decode(path.read_bytes().strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ConfigurationError(f"{path} is not a base64 master key") from None
-    if len(key) != _wrap.AES_KEY_BYTES:
-        raise ConfigurationError(f"{path} must hold 32 bytes")
-    return key
 
 
 @dataclass
@@ -120,6 +147,7 @@ class KmsApp:
     secrets: dict[str, SecretEntry]
     clock: Callable[[], float] = time.time
     recipient_enabled: bool = False
+    lock: StateLock | None = None
     _closed: bool = field(default=False, repr=False)
 
     def lookup(self, access_key_id: str) -> SecretEntry | None:
@@ -204,12 +232,14 @@ class KmsApp:
         )
 
     def close(self) -> None:
-        """Close the audit log (logging its final hash) and the store."""
+        """Close the audit log (logging its final MAC) and the store; release the state lock."""
         if not self._closed:
             self._closed = True
-            log.info("kms_audit_closed", last_hash=self.audit.last_hash)
+            log.info("kms_audit_closed", last_hash=self.audit.last_hash, lines=self.audit.lines)
             self.audit.close()
             self.service.close()
+            if self.lock is not None:
+                self.lock.release()
 
 
 def _access_key_of(authorization: str | None) -> str | None:
@@ -235,41 +265,47 @@ def build_app(
     """
     env = os.environ if env is None else env
     creds = config.resolve_credentials(env)
-    state_dir = ensure_private_dir(config.resolved_state_dir)
-    master = MasterKey(load_master_key(state_dir, env))
-    if recipient_verifier is None and config.trust_roots:
-        from attest.roots import load_roots
-
-        from .recipient import AttestRecipientVerifier
-
-        roots = load_roots(list(config.trust_roots), state_dir=None)
-        recipient_verifier = AttestRecipientVerifier(
-            roots, max_document_age_s=config.max_document_age_s
-        )
-    if seed is None:
-        from .seed import load_seed
-
-        seed = load_seed(config.seed_file) if config.seed_file is not None else ()
-    storage = SqliteStorage(state_dir / DB_FILE)
+    state_dir = prepare_state_dir(config.resolved_state_dir)
+    lock = StateLock.acquire(state_dir)  # before anything in the directory is read or written
     try:
-        service = KmsService.open(
-            storage,
-            master,
-            region=config.region,
-            account_id=config.account_id,
-            recipient_verifier=recipient_verifier,
-            clock=clock,
-            seed=seed,
-        )
+        tighten_files(state_dir, (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", AUDIT_FILE))
+        master = MasterKey(load_master_key(state_dir, env))
+        if recipient_verifier is None and config.trust_roots:
+            from attest.roots import load_roots
+
+            from .recipient import AttestRecipientVerifier
+
+            roots = load_roots(list(config.trust_roots), state_dir=None)
+            recipient_verifier = AttestRecipientVerifier(
+                roots, max_document_age_s=config.max_document_age_s
+            )
+        if seed is None:
+            from .seed import load_seed
+
+            seed = load_seed(config.seed_file) if config.seed_file is not None else ()
+        storage = SqliteStorage(state_dir / DB_FILE)
         try:
-            audit = AuditLog(state_dir / AUDIT_FILE, fsync=config.audit_fsync)
-        except AuditChainError as exc:
-            raise ConfigurationError(
-                f"cannot continue the audit log {state_dir / AUDIT_FILE}: {exc.reason}; check it "
-                "with `enclave kms audit verify` and move it aside to start a new chain"
-            ) from None
+            service = KmsService.open(
+                storage,
+                master,
+                region=config.region,
+                account_id=config.account_id,
+                recipient_verifier=recipient_verifier,
+                clock=clock,
+                seed=seed,
+            )
+            audit = open_audit_log(
+                state_dir / AUDIT_FILE,
+                master,
+                fsync=config.audit_fsync,
+                despite_broken_chain=config.start_despite_broken_audit_chain,
+                clock=clock,
+            )
+        except BaseException:
+            storage.close()
+            raise
     except BaseException:
-        storage.close()
+        lock.release()
         raise
     secrets = {
         c.access_key_id: SecretEntry(c.secret_access_key, c.principal_arn, c.session_token)
@@ -282,4 +318,85 @@ def build_app(
         secrets=secrets,
         clock=clock,
         recipient_enabled=recipient_verifier is not None,
+        lock=lock,
+    )
+
+
+def _aside(path: Path, tag: str, clock: Callable[[], float]) -> Path:
+    stamp = datetime.fromtimestamp(clock(), tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    target = path.with_name(f"{path.stem}.{tag}-{stamp}{path.suffix}")
+    os.rename(path, target)
+    return target
+
+
+def open_audit_log(
+    path: Path,
+    master: MasterKey,
+    *,
+    fsync: bool,
+    despite_broken_chain: bool = False,
+    clock: Callable[[], float] = time.time,
+) -> AuditLog:
+    """Open the audit log for appending, after checking the end of its chain.
+
+    * A schema-1 log (unkeyed hashes) is verified whole, moved aside as
+      ``audit.v1-<time>.jsonl`` and a keyed chain starts, its first line naming the old file.
+    * A chain whose tail does not verify (an edit, a second writer) is refused, unless
+      ``despite_broken_chain``: then the broken file is moved aside as
+      ``audit.broken-<time>.jsonl``, untouched, and a new chain starts whose first line names it
+      and the break. Nothing is appended to a broken chain, ever.
+
+    Raises:
+        ConfigurationError: the chain is broken and ``despite_broken_chain`` is not set.
+    """
+    start: dict[str, Any] | None = None
+    if is_legacy_audit_log(path):
+        try:
+            lines, last = verify_legacy_audit_log(path)
+        except AuditChainError as exc:
+            if not despite_broken_chain:
+                raise _broken(path, exc) from None
+            lines, last = exc.line - 1, None
+        aside = _aside(path, "v1", clock)
+        start = {
+            "operation": "AuditChainStart",
+            "reason": "schema 1 log (unkeyed SHA-256 chain) moved aside; this chain is keyed",
+            "previous_file": aside.name,
+            "previous_lines": lines,
+            "previous_last_hash": last,
+        }
+        log.warning("kms_audit_migrated", previous_file=str(aside), previous_lines=lines)
+    try:
+        audit = AuditLog(path, master, fsync=fsync)
+    except AuditChainError as exc:
+        if not despite_broken_chain:
+            raise _broken(path, exc) from None
+        aside = _aside(path, "broken", clock)
+        log.error(
+            "kms_audit_chain_broken_started_anyway",
+            broken_file=str(aside),
+            line=exc.line,
+            reason=exc.reason,
+            meaning="the broken log was moved aside untouched and a new chain starts; "
+            "investigate it: it was edited, or written by two daemons",
+        )
+        start = {
+            "operation": "AuditChainRestart",
+            "reason": f"previous chain broken at line {exc.line}: {exc.reason}",
+            "previous_file": aside.name,
+        }
+        audit = AuditLog(path, master, fsync=fsync)
+    if start is not None:
+        start["time"] = datetime.fromtimestamp(clock(), tz=UTC).isoformat()
+        start["decision"] = "allow"
+        audit.append(start)
+    return audit
+
+
+def _broken(path: Path, exc: AuditChainError) -> ConfigurationError:
+    return ConfigurationError(
+        f"the audit log {path} is broken at line {exc.line}: {exc.reason}. The daemon does not "
+        "extend a broken chain: check it with `enclave kms audit verify`, find out who wrote "
+        "it, then either restore it or start with --start-despite-broken-audit-chain (the "
+        "broken file is kept aside and a new chain starts that records the break)"
     )

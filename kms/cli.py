@@ -1,8 +1,10 @@
 """Command-line pieces shared by ``python -m kms`` and ``enclave kms ...``.
 
 ``serve``: ``[--listen HOST:PORT] [--state-dir DIR] [--config FILE] [--seed FILE]
-[--trust-root SPEC ...]``; flags override the config file only when given (B9).
-``audit verify FILE``: check the hash chain, name the first broken line.
+[--trust-root SPEC ...] [--start-despite-broken-audit-chain]``; flags override the config file
+only when given (B9).
+``audit verify [FILE] [--state-dir DIR]``: check the MAC chain with the master key (from
+``ENCLAVE_KMS_MASTER_KEY`` or the state directory's ``master.key``), name the first broken line.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from transport.errors import ConfigurationError, EnclaveError
 from transport.hostport import parse_host_port
 from transport.logs import configure_logging
 
-from .audit import verify_audit_log
-from .config import DEFAULT_HOST, DEFAULT_PORT, KmsConfig
+from .audit import is_legacy_audit_log, verify_audit_log, verify_legacy_audit_log
+from .config import DEFAULT_HOST, DEFAULT_PORT, MASTER_KEY_ENV, KmsConfig
 from .errors import AuditChainError
 
 __all__ = [
     "add_serve_arguments",
     "config_from_args",
     "run_serve",
+    "add_audit_verify_arguments",
     "run_audit_verify",
     "serve_main",
 ]
@@ -50,6 +53,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='attestation trust root for Recipient: "aws", "local" or a PEM path (repeatable)',
     )
+    p.add_argument(
+        "--start-despite-broken-audit-chain",
+        action="store_true",
+        help="start even if the audit log's chain is broken (edited, or written by two "
+        "daemons): the broken log is moved aside untouched and a new chain starts whose first "
+        "line records the break. Without it the daemon refuses to start on a broken chain",
+    )
+
+
+def add_audit_verify_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``audit verify``'s arguments to ``p``."""
+    p.add_argument(
+        "file",
+        type=Path,
+        nargs="?",
+        help="the audit log (default: <state dir>/audit.jsonl)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help="the daemon's state directory, for its master.key (default: the log's directory; "
+        f"{MASTER_KEY_ENV} overrides the file, as for the daemon)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> KmsConfig:
@@ -68,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> KmsConfig:
         changes["trust_roots"] = tuple(
             r if r in ("aws", "local") else str(Path(r).resolve()) for r in args.trust_root
         )
+    if getattr(args, "start_despite_broken_audit_chain", False):
+        changes["start_despite_broken_audit_chain"] = True
     return config.with_overrides(**changes) if changes else config
 
 
@@ -81,17 +109,38 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
-    """``audit verify FILE``: exit 0 and print the line count, or exit 1 naming the line."""
-    path: Path = args.file
+    """``audit verify``: exit 0 and print the line count, or exit 1 naming the broken line.
+
+    The chain is keyed, so verification needs the master key: ``ENCLAVE_KMS_MASTER_KEY``, else
+    ``master.key`` in ``--state-dir`` (default: the directory holding the log). A schema-1 log
+    (moved aside by the migration) is checked as the unkeyed chain it is, and says so.
+    """
+    import os
+
+    from .app import AUDIT_FILE, read_master_key
+    from .integrity import MasterKey
+
+    state_dir: Path | None = args.state_dir
+    path: Path | None = args.file
+    if path is None:
+        state_dir = state_dir or KmsConfig().resolved_state_dir
+        path = state_dir / AUDIT_FILE
+    if state_dir is None:
+        state_dir = path.resolve().parent
     try:
-        count = verify_audit_log(path)
+        if is_legacy_audit_log(path):
+            count, _ = verify_legacy_audit_log(path)
+            print(json.dumps({"ok": True, "lines": count, "keyed": False}))
+            return 0
+        master = MasterKey(read_master_key(state_dir, os.environ))
+        count = verify_audit_log(path, master)
     except AuditChainError as exc:
         print(json.dumps({"ok": False, "line": exc.line, "reason": exc.reason}))
         print(f"audit log {path} is broken at line {exc.line}: {exc.reason}", file=sys.stderr)
         return 1
     except OSError as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
-    print(json.dumps({"ok": True, "lines": count}))
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    print(json.dumps({"ok": True, "lines": count, "keyed": True}))
     return 0
 
 

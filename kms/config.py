@@ -108,6 +108,9 @@ class KmsConfig:
         audit_fsync: fsync the audit log after every line (default: flush to the OS only, which
             survives a process crash but not a power cut).
         clock_skew_s: accepted X-Amz-Date skew (AWS: 5 minutes).
+        start_despite_broken_audit_chain: start even if the audit chain's tail does not verify
+            (the broken log is moved aside untouched, a new chain records the break). A
+            command-line decision for one start only: not accepted in a config file.
     """
 
     host: str = DEFAULT_HOST
@@ -124,6 +127,7 @@ class KmsConfig:
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     audit_fsync: bool = False
     clock_skew_s: float = 300.0
+    start_despite_broken_audit_chain: bool = False
 
     def __post_init__(self) -> None:
         if not _ACCOUNT_RE.match(self.account_id):

@@ -4,6 +4,19 @@ The daemon keeps the whole key set in memory (it is small: metadata plus wrapped
 writes every change through :class:`Storage` before acknowledging it. Every mutating method is
 one transaction, so a ``kill -9`` leaves either the old or the new state, never a mix.
 
+Rows carry a ``mac`` made by the service (:mod:`kms.integrity`); the store keeps it and never
+judges it. A backend holds only wrapped material and tagged rows, so a database operator learns
+key ids, metadata, policies and aliases, and can neither read material nor change a row
+unnoticed.
+
+Schema versions (``PRAGMA user_version``) only go forward: 1 → 2 adds the ``mac`` columns and
+marks the store ``legacy_rows`` until :meth:`Storage.finish_migration` has rewritten every row
+(the service rewraps and tags them); a newer schema than this code knows is refused.
+
+Where the next backends fit: a PostgreSQL store implements this same protocol (each method one
+serializable transaction, retried on serialization failures); the daemon's in-memory copy then
+becomes a cache validated per request, which the protocol's ``load`` already allows.
+
 SQLite settings: WAL journal (readers never block the writer) and ``synchronous=FULL`` (the WAL
 is fsynced at every commit, so an acknowledged write survives a crash of the process or of the
 machine).
@@ -11,11 +24,14 @@ machine).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from transport.errors import ConfigurationError
 
 __all__ = ["KeyRow", "VersionRow", "AliasRow", "Snapshot", "Storage", "SqliteStorage"]
 
@@ -27,6 +43,7 @@ class KeyRow:
     key_id: str
     meta: str
     policy: str
+    mac: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +64,7 @@ class AliasRow:
     key_id: str
     created: float
     updated: float
+    mac: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +115,11 @@ class Storage(Protocol):
         """Delete an alias."""
         ...
 
+    def finish_migration(self, snapshot: Snapshot, master_check: bytes) -> None:
+        """Replace every row by ``snapshot``'s (same keys) and the master check, and clear the
+        ``legacy_rows`` mark: one transaction."""
+        ...
+
     def close(self) -> None:
         """Release the backend."""
         ...
@@ -104,7 +127,12 @@ class Storage(Protocol):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS keys (key_id TEXT PRIMARY KEY, meta TEXT NOT NULL, policy TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id TEXT PRIMARY KEY,
+    meta TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    mac BLOB NOT NULL DEFAULT x''
+);
 CREATE TABLE IF NOT EXISTS key_versions (
     key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
     version INTEGER NOT NULL,
@@ -116,11 +144,18 @@ CREATE TABLE IF NOT EXISTS aliases (
     name TEXT PRIMARY KEY,
     key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    mac BLOB NOT NULL DEFAULT x''
 );
 """
+#: Schema 1 → 2: rows gain their tags (filled in by the service, see finish_migration).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE keys ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
+ALTER TABLE aliases ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
+INSERT OR REPLACE INTO meta VALUES ('legacy_rows', x'31');
+"""
 #: Schema version stored in PRAGMA user_version; bump with a migration.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class SqliteStorage:
@@ -131,34 +166,55 @@ class SqliteStorage:
     """
 
     def __init__(self, path: Path) -> None:
+        # Created 0600 before SQLite opens it: SQLite would use the umask (0644), and it gives
+        # the -wal and -shm files the database file's mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
         self._db = sqlite3.connect(
             str(path), isolation_level=None, check_same_thread=False, timeout=5.0
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(f"key store schema {version} is newer than this daemon")
-        with self._tx():
-            if version == 0:
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise ConfigurationError(
+                    f"key store {path} has schema {version}, newer than this daemon's "
+                    f"{SCHEMA_VERSION}: run the newer daemon (migrations only go forward)"
+                )
+            with self._tx():
+                if version == 0:
+                    self._script(_SCHEMA)
+                elif version == 1:
+                    self._script(_MIGRATE_1_TO_2)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise ConfigurationError(f"cannot open the key store {path}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _script(self, script: str) -> None:
+        for stmt in script.split(";"):
+            if stmt.strip():
+                self._db.execute(stmt)
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 
     def load(self) -> Snapshot:
-        keys = [KeyRow(*r) for r in self._db.execute("SELECT key_id, meta, policy FROM keys")]
+        keys = [
+            KeyRow(r[0], r[1], r[2], bytes(r[3]))
+            for r in self._db.execute("SELECT key_id, meta, policy, mac FROM keys")
+        ]
         versions = [
             VersionRow(r[0], int(r[1]), bytes(r[2]), float(r[3]))
             for r in self._db.execute("SELECT key_id, version, wrapped, created FROM key_versions")
         ]
         aliases = [
-            AliasRow(*r)
-            for r in self._db.execute("SELECT name, key_id, created, updated FROM aliases")
+            AliasRow(r[0], r[1], float(r[2]), float(r[3]), bytes(r[4]))
+            for r in self._db.execute("SELECT name, key_id, created, updated, mac FROM aliases")
         ]
         return Snapshot(keys, versions, aliases)
 
@@ -173,7 +229,7 @@ class SqliteStorage:
     def create_key(self, key: KeyRow, versions: Sequence[VersionRow]) -> None:
         with self._tx():
             self._db.execute(
-                "INSERT INTO keys VALUES (?, ?, ?)", (key.key_id, key.meta, key.policy)
+                "INSERT INTO keys VALUES (?, ?, ?, ?)", (key.key_id, key.meta, key.policy, key.mac)
             )
             for version in versions:
                 self._insert_version(version)
@@ -184,35 +240,54 @@ class SqliteStorage:
             (v.key_id, v.version, v.wrapped, v.created),
         )
 
+    def _update_key(self, key: KeyRow) -> None:
+        self._db.execute(
+            "UPDATE keys SET meta=?, policy=?, mac=? WHERE key_id=?",
+            (key.meta, key.policy, key.mac, key.key_id),
+        )
+
     def update_key(self, key: KeyRow) -> None:
         with self._tx():
-            self._db.execute(
-                "UPDATE keys SET meta=?, policy=? WHERE key_id=?",
-                (key.meta, key.policy, key.key_id),
-            )
+            self._update_key(key)
 
     def add_version(self, key: KeyRow, version: VersionRow) -> None:
         with self._tx():
             self._insert_version(version)
-            self._db.execute(
-                "UPDATE keys SET meta=?, policy=? WHERE key_id=?",
-                (key.meta, key.policy, key.key_id),
-            )
+            self._update_key(key)
 
     def delete_key(self, key_id: str) -> None:
         with self._tx():
             self._db.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
 
+    def _put_alias(self, alias: AliasRow) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO aliases VALUES (?, ?, ?, ?, ?)",
+            (alias.name, alias.key_id, alias.created, alias.updated, alias.mac),
+        )
+
     def put_alias(self, alias: AliasRow) -> None:
         with self._tx():
-            self._db.execute(
-                "INSERT OR REPLACE INTO aliases VALUES (?, ?, ?, ?)",
-                (alias.name, alias.key_id, alias.created, alias.updated),
-            )
+            self._put_alias(alias)
 
     def delete_alias(self, name: str) -> None:
         with self._tx():
             self._db.execute("DELETE FROM aliases WHERE name=?", (name,))
+
+    def finish_migration(self, snapshot: Snapshot, master_check: bytes) -> None:
+        with self._tx():
+            for key in snapshot.keys:
+                self._update_key(key)
+            for v in snapshot.versions:
+                self._db.execute(
+                    "UPDATE key_versions SET wrapped=? WHERE key_id=? AND version=?",
+                    (v.wrapped, v.key_id, v.version),
+                )
+            for alias in snapshot.aliases:
+                self._put_alias(alias)
+            self._db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('master_check', ?)", (master_check,)
+            )
+            self._db.execute("DELETE FROM meta WHERE name='legacy_rows'")
 
     def close(self) -> None:
         self._db.close()

@@ -15,7 +15,12 @@ if TYPE_CHECKING:
 
 
 def register(subparsers: SubParsers) -> None:
-    from kms.cli import add_serve_arguments, run_audit_verify, run_serve
+    from kms.cli import (
+        add_audit_verify_arguments,
+        add_serve_arguments,
+        run_audit_verify,
+        run_serve,
+    )
 
     p = subparsers.add_parser("kms", help="local AWS KMS daemon with attested key release")
     sub = p.add_subparsers(dest="kms_command", metavar="KMS_COMMAND")
@@ -26,8 +31,10 @@ def register(subparsers: SubParsers) -> None:
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND")
     audit_sub.required = True
-    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
-    verify.add_argument("file", type=Path, help="the audit log (<state dir>/kms/audit.jsonl)")
+    verify = audit_sub.add_parser(
+        "verify", help="check the audit log's MAC chain (needs the daemon's master key)"
+    )
+    add_audit_verify_arguments(verify)
     verify.set_defaults(func=run_audit_verify)
     policy = sub.add_parser(
         "enclave-policy",

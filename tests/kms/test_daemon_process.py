@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from kms.app import read_master_key
 from kms.audit import verify_audit_log
 from kms.client import Credentials, KmsClient
 from kms.errors import KmsApiError
+from kms.integrity import MasterKey
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -134,7 +136,7 @@ async def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:
         with trio.fail_after(20):
             await proc2.wait()
     assert proc2.returncode == 0
-    assert verify_audit_log(state / "audit.jsonl") >= len(acked)
+    assert verify_audit_log(state / "audit.jsonl", _master(state)) >= len(acked)
 
 
 async def test_sigterm_exits_cleanly_under_load(tmp_path: Path) -> None:
@@ -162,7 +164,7 @@ async def test_sigterm_exits_cleanly_under_load(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
     assert proc.returncode == 0
-    assert verify_audit_log(state / "audit.jsonl") >= len(acked)
+    assert verify_audit_log(state / "audit.jsonl", _master(state)) >= len(acked)
     proc2, endpoint2 = await _start(state, env)
     try:
         client = KmsClient(endpoint=endpoint2, credentials=CREDS)
@@ -237,3 +239,7 @@ def test_enclave_kms_serve_with_config_and_seed(tmp_path: Path) -> None:
 
     trio.run(main)
     assert (tmp_path / "state" / "kms.sqlite3").exists()
+
+
+def _master(state: Path) -> MasterKey:
+    return MasterKey(read_master_key(state, {}))

@@ -22,6 +22,7 @@ from kms.app import load_master_key
 from kms.audit import AuditLog, verify_audit_log
 from kms.config import KmsConfig
 from kms.errors import AuditChainError, CiphertextFormatError, KmsApiError, PolicyError
+from kms.integrity import MasterKey
 from kms.policy import KeyPolicy, RequestContext, default_key_policy
 from kms.seed import parse_seed
 from transport.errors import ConfigurationError
@@ -404,9 +405,14 @@ def test_cms_openssl_interop(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ audit chain
 
 
+def _master(tmp_path: Path) -> MasterKey:
+    """The state directory's master key (created like the daemon does)."""
+    return MasterKey(load_master_key(tmp_path, {}))
+
+
 def _audit(tmp_path: Path, n: int = 5) -> Path:
     path = tmp_path / "audit.jsonl"
-    log = AuditLog(path)
+    log = AuditLog(path, _master(tmp_path))
     for i in range(n):
         log.append({"operation": "Decrypt", "i": i, "decision": "allow"})
     log.close()
@@ -415,11 +421,11 @@ def _audit(tmp_path: Path, n: int = 5) -> Path:
 
 def test_audit_chain_ok_and_resume(tmp_path: Path) -> None:
     path = _audit(tmp_path)
-    assert verify_audit_log(path) == 5
-    log = AuditLog(path)  # resumes the chain after a restart
+    assert verify_audit_log(path, _master(tmp_path)) == 5
+    log = AuditLog(path, _master(tmp_path))  # resumes the chain after a restart
     log.append({"operation": "Encrypt"})
     log.close()
-    assert verify_audit_log(path) == 6
+    assert verify_audit_log(path, _master(tmp_path)) == 6
 
 
 @pytest.mark.parametrize("how", ["edit", "delete", "swap", "insert", "truncate-line"])
@@ -438,7 +444,7 @@ def test_audit_tamper_detected(tmp_path: Path, how: str) -> None:
         lines[-1] = lines[-1][:20]
     path.write_text("".join(lines))
     with pytest.raises(AuditChainError) as e:
-        verify_audit_log(path)
+        verify_audit_log(path, _master(tmp_path))
     assert e.value.line == (5 if how == "truncate-line" else 3)
 
 
@@ -452,7 +458,7 @@ def test_audit_verify_cli(
 
     path = _audit(tmp_path)
     assert main(["kms", "audit", "verify", str(path)]) == 0
-    assert json.loads(capsys.readouterr().out) == {"ok": True, "lines": 5}
+    assert json.loads(capsys.readouterr().out) == {"ok": True, "lines": 5, "keyed": True}
     text = path.read_text().splitlines(keepends=True)
     text[3] = text[3].replace('"i":3', '"i":4')
     path.write_text("".join(text))

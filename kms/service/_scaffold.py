@@ -1,0 +1,247 @@
+"""The one scaffold every KMS operation runs through, and the declarations it reads.
+
+Theory of operation. An operation is declared once, as an :class:`Operation`: which keys it
+touches and how each is found (:class:`KeyStep`), what it must be allowed to do on each, what
+state each key must be in, whether it accepts a ``Recipient``, honours ``DryRun`` or changes
+state. Only what differs is code: an optional ``check`` of the parameters (before anything
+else, as AWS validates first) and the ``run`` step that does the operation's own work.
+:func:`run_operation` is the pipeline, in this order:
+
+1. ``check(params)``: request-level validation (algorithms, sizes);
+2. ``Recipient``: the attestation document is verified (:mod:`kms.recipient`), facts recorded;
+3. for each key step: locate the key (by id/alias/ARN, by an alias's current target, or by the
+   ciphertext's header), **authorize** (key policy; later also grants) with the request's
+   encryption context and Recipient conditions, **require** the key's state, and for a
+   ciphertext step open the blob;
+4. ``DryRun``: stop here with AWS's ``DryRunOperationException``;
+5. ``run(svc, request)``: the operation's own work, under the service's write lock when it
+   ``writes``;
+6. the answer: a :class:`Release` (secret bytes) becomes ``Plaintext`` (or the operation's own
+   field) or, with a Recipient, ``CiphertextForRecipient`` (CMS to the document's RSA key) and
+   no plaintext at all.
+
+Key-less operations (CreateKey, ListKeys, GenerateRandom) declare no key step and are recorded
+as allowed "not key-scoped (no IAM emulated)".
+
+Where later features fit: grants are one more source consulted in the authorize step
+(:meth:`KmsService.authorize`), so every operation gets them at once; asymmetric and HMAC keys
+add operations (Sign, Verify, GenerateMac...) that declare ``require=USABLE`` steps and a
+``KeyUsage`` check; imported material and custom key stores change where a key's material
+lives (``Key.versions``), not this pipeline.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from .. import cms
+from ..errors import KmsApiError
+from ._model import Answer, Caller, Key, Outcome, Params, RecipientInfo
+
+if TYPE_CHECKING:
+    from ._core import KmsService
+
+__all__ = [
+    "Locate",
+    "Require",
+    "KeyStep",
+    "Operation",
+    "Request",
+    "Release",
+    "run_operation",
+]
+
+
+class Locate(Enum):
+    """How a key step finds its key."""
+
+    #: A key id, key ARN, alias name or alias ARN in the parameter.
+    KEY_ID = "key_id"
+    #: As KEY_ID, but aliases are refused (ValidationException), as AWS does for key management.
+    KEY_ID_NO_ALIAS = "key_id_no_alias"
+    #: The key an existing alias (named in the parameter) points at.
+    ALIAS_TARGET = "alias_target"
+    #: The key named in a CiphertextBlob's header (the parameter); ``key_id_param`` may name the
+    #: key the caller expects (IncorrectKeyException if it differs).
+    CIPHERTEXT = "ciphertext"
+
+
+class Require(Enum):
+    """The key state a step requires after authorization."""
+
+    ANY = "any"
+    #: Enabled (DisabledException / KMSInvalidStateException otherwise).
+    USABLE = "usable"
+    NOT_PENDING_DELETION = "not_pending_deletion"
+    PENDING_DELETION = "pending_deletion"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyStep:
+    """One key an operation touches: where it is named, which action is authorized on it.
+
+    Attributes:
+        param: the request member naming the key (or holding the ciphertext).
+        locate: how the key is found.
+        action: the ``kms:`` action authorized on it; None = the operation's name.
+        context: the request member holding the EncryptionContext bound into the conditions.
+        require: the state the key must be in.
+        optional: an absent ``param`` means no key (and no authorization) for this step.
+        key_id_param: for CIPHERTEXT steps, the member that may name the expected key.
+    """
+
+    param: str = "KeyId"
+    locate: Locate = Locate.KEY_ID_NO_ALIAS
+    action: str | None = None
+    context: str | None = None
+    require: Require = Require.ANY
+    optional: bool = False
+    key_id_param: str | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    """One call as the ``run`` step sees it: parameters, caller and what the scaffold found.
+
+    Attributes:
+        keys: the located, authorized keys, one per declared key step (None for an optional
+            step whose parameter was absent).
+        plaintext: for a CIPHERTEXT step, the opened blob.
+        recipient: the verified Recipient, if the request carried one.
+    """
+
+    params: Params
+    caller: Caller
+    outcome: Outcome
+    keys: list[Key | None] = field(default_factory=list)
+    plaintext: bytes | None = None
+    recipient: RecipientInfo | None = None
+
+    def key(self, index: int = 0) -> Key:
+        """The key of step ``index`` (it must have been located)."""
+        key = self.keys[index]
+        assert key is not None, "optional key step without a key"
+        return key
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """A secret the answer carries: as ``field`` (base64) or, with a Recipient, only inside
+    ``CiphertextForRecipient``."""
+
+    secret: bytes
+    answer: Answer
+    field: str = "Plaintext"
+
+
+Run = Callable[["KmsService", Request], Awaitable[Answer | Release]]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """The declaration of one KMS operation (see the module docstring for the pipeline).
+
+    Attributes:
+        name: the wire name (``X-Amz-Target: TrentService.<name>``) and default action.
+        run: the operation's own work.
+        keys: the keys it touches, in the order AWS checks them.
+        check: request validation run before anything else.
+        recipient: accepts ``Recipient`` (attested release).
+        dry_run: honours ``DryRun``.
+        writes: changes state (runs under the service's write lock).
+    """
+
+    name: str
+    run: Run
+    keys: tuple[KeyStep, ...] = ()
+    check: Callable[[Params], None] | None = None
+    recipient: bool = False
+    dry_run: bool = False
+    writes: bool = False
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def run_operation(svc: KmsService, op: Operation, request: Request) -> Answer:
+    """Run ``op`` through the scaffold. Raises :class:`KmsApiError`."""
+    params = request.params
+    if op.check is not None:
+        op.check(params)
+    if op.recipient and params.get("Recipient") is not None:
+        request.recipient = svc.verify_recipient(params["Recipient"], request, op.name)
+    if op.writes:
+        async with svc.write_lock:
+            result = await _keys_then_run(svc, op, request)
+    else:
+        result = await _keys_then_run(svc, op, request)
+    if not op.keys or all(k is None for k in request.keys):
+        out = request.outcome
+        out.decision, out.reason = "allow", f"{op.name} is not key-scoped (no IAM emulated)"
+    if isinstance(result, Release):
+        answer = result.answer
+        if request.recipient is not None:
+            envelope = cms.build_enveloped_data(result.secret, request.recipient.public_key)
+            answer["CiphertextForRecipient"] = _b64(envelope)
+        else:
+            answer[result.field] = _b64(result.secret)
+        return answer
+    return result
+
+
+async def _keys_then_run(svc: KmsService, op: Operation, request: Request) -> Answer | Release:
+    params = request.params
+    for step in op.keys:
+        if step.optional and step.param not in params:
+            request.keys.append(None)
+            continue
+        action = step.action or op.name
+        context: dict[str, Any] | None = params.get(step.context) if step.context else None
+        if step.locate is Locate.CIPHERTEXT:
+            key, header = svc.locate_ciphertext(
+                params[step.param],
+                params.get(step.key_id_param) if step.key_id_param else None,
+                request.outcome,
+            )
+        elif step.locate is Locate.ALIAS_TARGET:
+            key, header = svc.alias_target(params[step.param]), None
+        else:
+            key = svc.resolve(params[step.param], allow_alias=step.locate is Locate.KEY_ID)
+            header = None
+        svc.authorize(
+            request.outcome,
+            request.caller,
+            action,
+            key,
+            context=(context or {}) if step.context else None,
+            recipient=request.recipient,
+        )
+        _require(key, step.require)
+        if header is not None:
+            request.plaintext = svc.open_ciphertext(key, header, context, request.outcome)
+        request.keys.append(key)
+    if op.dry_run and params.get("DryRun"):
+        raise KmsApiError(
+            "DryRunOperationException",
+            "The request would have succeeded, but the DryRun option is set.",
+        )
+    return await op.run(svc, request)
+
+
+def _require(key: Key, require: Require) -> None:
+    state = key.state
+    if require is Require.USABLE:
+        if state == "PendingDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
+        if state == "Disabled":
+            raise KmsApiError("DisabledException", f"{key.arn} is disabled.")
+    elif require is Require.NOT_PENDING_DELETION:
+        if state == "PendingDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
+    elif require is Require.PENDING_DELETION and state != "PendingDeletion":
+        raise KmsApiError("KMSInvalidStateException", f"{key.arn} is not pending deletion.")
