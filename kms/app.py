@@ -64,6 +64,8 @@ class HttpReply:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    #: The request passed SigV4 (the connection may be kept alive).
+    authenticated: bool = False
 
 
 def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
@@ -165,6 +167,7 @@ class KmsApp:
         operation = (target_hdr or "").removeprefix("TrentService.")[:64] or None
         outcome = Outcome()
         principal: str | None = None
+        authenticated = False
         status = 200
         error: str | None = None
         try:
@@ -185,6 +188,7 @@ class KmsApp:
                 outcome.decision, outcome.reason = "deny", f"sigv4: {exc.reason}"
                 raise KmsApiError(exc.type_name, exc.message) from None
             principal = verified.principal_arn
+            authenticated = True
             op, params = parse_request(target_hdr, body)
             answer = await self.service.handle(
                 op, params, Caller(principal, verified.access_key_id), outcome
@@ -229,6 +233,7 @@ class KmsApp:
                 ("Content-Length", str(len(payload))),
             ],
             payload,
+            authenticated,
         )
 
     def close(self) -> None:

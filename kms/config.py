@@ -67,6 +67,12 @@ DEFAULT_MAX_DOCUMENT_AGE_S = 300.0
 DEFAULT_GRACEFUL_TIMEOUT_S = 10.0
 #: Idle keep-alive connections are closed after this (AWS's front ends use ~60 s too).
 DEFAULT_KEEP_ALIVE_TIMEOUT_S = 60.0
+#: A request (head and body) must arrive within this of its first byte, and a fresh connection
+#: must deliver its first request within it. A 512 KiB body needs 10 s only below ~50 KiB/s.
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+#: Connections one peer address may hold. A slot held by an unproven connection is given to a
+#: newcomer when the cap is reached, so the cap bounds a flood without locking callers out.
+DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 128
 
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
@@ -104,7 +110,10 @@ class KmsConfig:
         region, account_id: the ARNs this endpoint mints and the SigV4 scope it accepts.
         max_body_bytes: request bodies above this are refused with 413.
         graceful_timeout_s: SIGTERM grace for in-flight requests.
-        keep_alive_timeout_s: idle connection timeout.
+        keep_alive_timeout_s: idle timeout of connections that have authenticated.
+        request_timeout_s: time for a whole request from its first byte (and for a fresh
+            connection's first request from accept).
+        max_connections_per_source: connections one peer address may hold at once.
         audit_fsync: fsync the audit log after every line (default: flush to the OS only, which
             survives a process crash but not a power cut).
         clock_skew_s: accepted X-Amz-Date skew (AWS: 5 minutes).
@@ -125,6 +134,8 @@ class KmsConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
+    max_connections_per_source: int = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
     audit_fsync: bool = False
     clock_skew_s: float = 300.0
     start_despite_broken_audit_chain: bool = False
@@ -140,10 +151,13 @@ class KmsConfig:
             "max_document_age_s",
             "graceful_timeout_s",
             "keep_alive_timeout_s",
+            "request_timeout_s",
             "clock_skew_s",
         ):
             if not getattr(self, name) > 0:
                 raise ConfigurationError(f"{name} must be > 0")
+        if not 1 <= self.max_connections_per_source <= 65536:
+            raise ConfigurationError("max_connections_per_source must be within 1..65536")
         if not 4096 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_body_bytes must be within 4 KiB..16 MiB")
         seen: set[str] = set()
@@ -213,6 +227,8 @@ class KmsConfig:
             "max_body_bytes",
             "graceful_timeout_s",
             "keep_alive_timeout_s",
+            "request_timeout_s",
+            "max_connections_per_source",
             "audit_fsync",
             "clock_skew_s",
         }
@@ -238,7 +254,7 @@ class KmsConfig:
                 if not isinstance(m[name], typ):
                     raise ConfigurationError(f"{name} must be a string")
                 kw[name] = m[name]
-        for name in ("port", "max_body_bytes"):
+        for name in ("port", "max_body_bytes", "max_connections_per_source"):
             if name in m:
                 if not isinstance(m[name], int) or isinstance(m[name], bool):
                     raise ConfigurationError(f"{name} must be an integer")
@@ -247,6 +263,7 @@ class KmsConfig:
             "max_document_age_s",
             "graceful_timeout_s",
             "keep_alive_timeout_s",
+            "request_timeout_s",
             "clock_skew_s",
         ):
             if name in m:

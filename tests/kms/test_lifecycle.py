@@ -99,15 +99,49 @@ async def test_deletion_window_and_automatic_rotation(tmp_path: Path) -> None:
 async def test_idle_keep_alive_connection_is_closed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    app = await trio.to_thread.run_sync(lambda: _app(tmp_path, keep_alive_timeout_s=30.0))
+    """An authenticated caller's connection may idle for the keep-alive time, then closes."""
+    clock = Clock()
+    app = await trio.to_thread.run_sync(lambda: _app(tmp_path, clock, keep_alive_timeout_s=30.0))
+    try:
+        async with trio.open_nursery() as nursery:
+            a, b = trio.testing.memory_stream_pair()
+            nursery.start_soon(_Connection(b, app, _Shutdown()).serve)
+            streams = [a]
+
+            async def connect() -> trio.abc.Stream:
+                return streams.pop()
+
+            from datetime import UTC, datetime
+
+            client = KmsClient(
+                connect=connect,
+                credentials=CREDS,
+                clock=lambda: datetime.fromtimestamp(clock(), tz=UTC),
+            )
+            await client.call("ListKeys", {})
+            start = trio.current_time()
+            with trio.fail_after(120):
+                assert await a.receive_some(1024) == b""  # server closed the idle connection
+            assert 30.0 <= trio.current_time() - start < 31.0
+    finally:
+        app.close()
+
+
+async def test_fresh_connection_must_send_its_request_in_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A connection that has not authenticated gets request_timeout_s, not the keep-alive."""
+    app = await trio.to_thread.run_sync(
+        lambda: _app(tmp_path, keep_alive_timeout_s=60.0, request_timeout_s=5.0)
+    )
     try:
         async with trio.open_nursery() as nursery:
             a, b = trio.testing.memory_stream_pair()
             nursery.start_soon(_Connection(b, app, _Shutdown()).serve)
             start = trio.current_time()
             with trio.fail_after(120):
-                assert await a.receive_some(1024) == b""  # server closed the idle connection
-            assert 30.0 <= trio.current_time() - start < 31.0
+                assert await a.receive_some(1024) == b""
+            assert 5.0 <= trio.current_time() - start < 5.5
     finally:
         app.close()
 
