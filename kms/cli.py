@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from transport.errors import ConfigurationError, EnclaveError
 from transport.hostport import parse_host_port
@@ -24,6 +25,7 @@ from .config import DEFAULT_HOST, DEFAULT_PORT, MASTER_KEY_ENV, KmsConfig
 from .errors import AuditChainError
 
 __all__ = [
+    "one_line_errors",
     "add_serve_arguments",
     "config_from_args",
     "run_serve",
@@ -31,6 +33,31 @@ __all__ = [
     "run_audit_verify",
     "serve_main",
 ]
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report usage errors as ONE line, ``error: ...``, exit status 2 (argparse
+    prints the whole usage first), unrecognized arguments included (argparse leaves those to
+    the top-level parser). Returns ``parser``."""
+
+    def error(message: str) -> NoReturn:
+        print(f"error: {parser.prog}: {message} (see {parser.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    known = parser.parse_known_args
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = known(args, namespace)
+        if extras:
+            error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+    # Instance attributes shadow the methods for this parser only (argparse has no hook).
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign,assignment]
+    return parser
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +154,8 @@ def run_audit_verify(args: argparse.Namespace) -> int:
         path = state_dir / AUDIT_FILE
     if state_dir is None:
         state_dir = path.resolve().parent
+    if not path.is_file():
+        raise ConfigurationError(f"cannot read the audit log {path}: no such file")
     try:
         if is_legacy_audit_log(path):
             count, _ = verify_legacy_audit_log(path)
@@ -146,7 +175,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
 def serve_main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m kms`` (the daemon)."""
-    parser = argparse.ArgumentParser(prog="python -m kms", description="local AWS KMS daemon")
+    parser = argparse.ArgumentParser(
+        prog="python -m kms", description="local AWS KMS daemon", allow_abbrev=False
+    )
+    one_line_errors(parser)
     add_serve_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()

@@ -206,8 +206,10 @@ class KmsConfig:
         """Load a TOML file (relative paths in it are relative to the file's directory)."""
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"cannot read KMS config {path}: {exc}") from exc
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read KMS config {path}: {exc.strerror}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"cannot read KMS config {path}: {exc}") from None
         return cls.from_mapping(data, base_dir=Path(path).resolve().parent)
 
     @classmethod

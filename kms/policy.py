@@ -379,47 +379,95 @@ def default_key_policy(account_id: str) -> str:
     )
 
 
+def _principal_covers(admin: str, enclave: str) -> bool:
+    """True if a key policy naming ``admin`` also matches a caller authenticated as ``enclave``
+    (the same ARN, or ``admin`` names the enclave principal's whole account: here, with no IAM,
+    an account principal matches every principal of the account)."""
+    if admin == "*" or admin == enclave:
+        return True
+    account = account_of(enclave)
+    return account is not None and admin in (account, f"arn:aws:iam::{account}:root")
+
+
 def enclave_key_policy(
     *,
     admin_principal: str,
     enclave_principal: str,
     pcrs: Mapping[int, str],
     actions: Sequence[str] = ("kms:Decrypt", "kms:GenerateDataKey"),
+    admin_actions: Sequence[str] = ("kms:*",),
+    admin_sid: str = "KeyAdministration",
+    enclave_sid: str = "ReleaseToAttestedEnclave",
 ) -> dict[str, Any]:
-    """A key policy that gives ``admin_principal`` full control and releases keys to
-    ``enclave_principal`` only with a Recipient whose PCRs equal ``pcrs`` (hex).
+    """THE builder of attested key policies: ``admin_principal`` may perform ``admin_actions``
+    without conditions; ``enclave_principal`` may perform ``actions`` only with a Recipient
+    whose attestation matches ``pcrs``.
 
-    PCR0 is also required through ``kms:RecipientAttestation:ImageSha384``, as AWS's examples
-    do. Debug-mode enclaves (PCR0/1/2 read as zeros) never match a real image's PCR0.
+    PCR0 is required through ``kms:RecipientAttestation:ImageSha384`` (AWS's examples do the
+    same; it is the same measurement), every other PCR through
+    ``kms:RecipientAttestation:PCR<n>``. Debug-mode enclaves (PCR0/1/2 read as zeros) never
+    match a real image's PCR0.
+
+    Args:
+        admin_principal: the key's administrator (an IAM ARN, distinct from the enclave's).
+        enclave_principal: the principal the enclave signs its requests as.
+        pcrs: PCR index → 96 hex digits; must include 0.
+        actions: what is released to the attested enclave.
+        admin_actions: what the administrator may do (e.g. the model owner's list, without
+            kms:Decrypt, for a key whose plaintext only the enclave ever sees).
+        admin_sid, enclave_sid: the statements' Sids (they appear in denial reasons).
+
+    Raises:
+        ValueError: bad PCRs, or an administrator statement that would also match the enclave
+            principal for a released action: that unconditioned statement would release the
+            key without attestation and make the condition pointless (issue 10: a DEBUG
+            enclave got the model key). Use two principals.
     """
     if 0 not in pcrs:
         raise ValueError("pcrs must include PCR0 (the image measurement)")
     for index, value in pcrs.items():
         if not 0 <= index < 32 or not re.fullmatch(r"[0-9a-fA-F]{96}", value):
             raise ValueError(f"PCR{index} must be 96 hex digits (SHA-384)")
+    if not actions or not admin_actions:
+        raise ValueError("actions and admin_actions must not be empty")
+    released = [a for a in actions if any(_like(g, a, ignore_case=True) for g in admin_actions)]
+    if released and _principal_covers(admin_principal, enclave_principal):
+        raise ValueError(
+            f"the admin principal {admin_principal} also matches the enclave principal "
+            f"{enclave_principal}, and its statement grants {', '.join(released)} without any "
+            "condition: the key would be released without attestation (to a debug-mode enclave "
+            "too), making the attestation condition pointless. Give the enclave its own "
+            "principal (its own credentials) distinct from the administrator's"
+        )
     conditions = {"kms:RecipientAttestation:ImageSha384": pcrs[0].lower()}
     for index in sorted(pcrs):
-        conditions[f"kms:RecipientAttestation:PCR{index}"] = pcrs[index].lower()
+        if index != 0:
+            conditions[f"kms:RecipientAttestation:PCR{index}"] = pcrs[index].lower()
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
-                "Sid": "KeyAdministration",
+                "Sid": admin_sid,
                 "Effect": "Allow",
                 "Principal": {"AWS": admin_principal},
-                "Action": "kms:*",
+                "Action": _one_or_list(admin_actions),
                 "Resource": "*",
             },
             {
-                "Sid": "ReleaseToAttestedEnclave",
+                "Sid": enclave_sid,
                 "Effect": "Allow",
                 "Principal": {"AWS": enclave_principal},
-                "Action": list(actions),
+                "Action": _one_or_list(actions),
                 "Resource": "*",
                 "Condition": {"StringEqualsIgnoreCase": conditions},
             },
         ],
     }
+
+
+def _one_or_list(items: Sequence[str]) -> str | list[str]:
+    # One action is written as a string, as AWS's console and the demo's policy do.
+    return items[0] if len(items) == 1 else list(items)
 
 
 def context_values(values: Sequence[str] | str) -> tuple[str, ...]:

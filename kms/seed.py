@@ -130,7 +130,7 @@ def load_seed(path: Path) -> tuple[SeedKey, ...]:
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ConfigurationError(f"cannot read seed file {path}: {exc}") from exc
+        raise ConfigurationError(f"cannot read seed file {path}: {exc.strerror}") from None
     if len(data) > MAX_SEED_BYTES:
         raise ConfigurationError(f"seed file {path} is larger than {MAX_SEED_BYTES} bytes")
     try:
