@@ -91,7 +91,7 @@ def derive_subkey(master: bytes, label: bytes) -> bytes:
 class Mac:
     """HMAC-SHA256 under one key: ``tag`` and a constant-time ``verify``."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keyed",)
 
     #: Length of a tag in bytes.
     TAG_BYTES = 32
@@ -99,17 +99,18 @@ class Mac:
     def __init__(self, key: bytes) -> None:
         if len(key) < AES_KEY_BYTES:
             raise ValueError("HMAC key must be at least 32 bytes.")
-        self._key = key
+        # Keyed once; each tag copies it (skips re-hashing the padded key: ~0.5 µs a line).
+        self._keyed = _hmac.HMAC(key, hashes.SHA256())
 
     def tag(self, data: bytes) -> bytes:
         """The tag of ``data``."""
-        h = _hmac.HMAC(self._key, hashes.SHA256())
+        h = self._keyed.copy()
         h.update(data)
         return h.finalize()
 
     def verify(self, data: bytes, tag: bytes) -> bool:
         """True if ``tag`` authenticates ``data`` (compared in constant time)."""
-        h = _hmac.HMAC(self._key, hashes.SHA256())
+        h = self._keyed.copy()
         h.update(data)
         try:
             h.verify(tag)
