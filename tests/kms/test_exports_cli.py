@@ -120,3 +120,13 @@ def test_serve_main_builds_config_from_flags(
     assert cfg.trust_roots == ("local",)
     assert cfg.state_dir == tmp_path.resolve()
     assert cli.serve_main(["--config", str(tmp_path / "missing.toml")]) == 1
+
+
+def test_every_api_operation_has_one_declaration() -> None:
+    """The service dispatches through a declared table, in step with the wire layer's."""
+    from kms.api import OPERATIONS as WIRE
+    from kms.service import OPERATIONS, KmsService
+
+    assert set(OPERATIONS) == set(WIRE)
+    assert all(op.name == name for name, op in OPERATIONS.items())
+    assert not [n for n in dir(KmsService) if n.startswith("_op_")]  # no getattr dispatch

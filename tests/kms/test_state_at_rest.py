@@ -20,6 +20,8 @@ import pytest
 import structlog
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kms import _wrap
 from kms.app import KmsApp, build_app, load_master_key
@@ -474,3 +476,31 @@ async def test_schema_1_state_directory_migrates_forward(tmp_path: Path) -> None
         assert key_id in again.service.quarantined
     finally:
         again.close()
+
+
+# ------------------------------------------------------------------ the chain parser
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.binary(max_size=4096), cut=st.integers(min_value=0, max_value=4096))
+def test_audit_parsers_take_any_bytes(tmp_path: Path, data: bytes, cut: int) -> None:
+    """Whatever the file holds, verification and resumption either succeed or raise
+    AuditChainError (bounded work), never another exception."""
+    master = MasterKey(bytes(32))
+    path = tmp_path / "audit.jsonl"
+    good = tmp_path / "good.jsonl"
+    log = AuditLog(good, master)
+    for i in range(3):
+        log.append({"operation": "Encrypt", "i": i})
+    log.close()
+    mixed = good.read_bytes()
+    path.write_bytes(mixed[:cut] + data + mixed[cut:])
+    for check in (lambda: verify_audit_log(path, master), lambda: AuditLog(path, master).close()):
+        try:
+            check()
+        except AuditChainError:
+            pass
+    path.unlink()
+    good.unlink()
