@@ -180,7 +180,7 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
             result = await _keys_then_run(svc, op, request)
     else:
         result = await _keys_then_run(svc, op, request)
-    if not op.keys or all(k is None for k in request.keys):
+    if request.keys.count(None) == len(request.keys):  # no key located: not key-scoped
         out = request.outcome
         out.decision, out.reason = "allow", f"{op.name} is not key-scoped (no IAM emulated)"
     if isinstance(result, Release):
@@ -200,28 +200,29 @@ async def _keys_then_run(svc: KmsService, op: Operation, request: Request) -> An
         if step.optional and step.param not in params:
             request.keys.append(None)
             continue
-        action = step.action or op.name
         context: dict[str, Any] | None = params.get(step.context) if step.context else None
-        if step.locate is Locate.CIPHERTEXT:
+        locate = step.locate
+        if locate is Locate.KEY_ID or locate is Locate.KEY_ID_NO_ALIAS:  # the common case first
+            key = svc.resolve(params[step.param], allow_alias=locate is Locate.KEY_ID)
+            header = None
+        elif locate is Locate.CIPHERTEXT:
             key, header = svc.locate_ciphertext(
                 params[step.param],
                 params.get(step.key_id_param) if step.key_id_param else None,
                 request.outcome,
             )
-        elif step.locate is Locate.ALIAS_TARGET:
-            key, header = svc.alias_target(params[step.param]), None
         else:
-            key = svc.resolve(params[step.param], allow_alias=step.locate is Locate.KEY_ID)
-            header = None
+            key, header = svc.alias_target(params[step.param]), None
         svc.authorize(
             request.outcome,
             request.caller,
-            action,
+            step.action or op.name,
             key,
             context=(context or {}) if step.context else None,
             recipient=request.recipient,
         )
-        _require(key, step.require)
+        if step.require is not Require.ANY:
+            _require(key, step.require)
         if header is not None:
             request.plaintext = svc.open_ciphertext(key, header, context, request.outcome)
         request.keys.append(key)
