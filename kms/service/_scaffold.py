@@ -177,9 +177,11 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
         request.recipient = svc.verify_recipient(params["Recipient"], request, op.name)
     if op.writes:
         async with svc.write_lock:
-            result = await _keys_then_run(svc, op, request)
+            _locate_and_authorize(svc, op, request)
+            result = await op.run(svc, request)
     else:
-        result = await _keys_then_run(svc, op, request)
+        _locate_and_authorize(svc, op, request)
+        result = await op.run(svc, request)
     if request.keys.count(None) == len(request.keys):  # no key located: not key-scoped
         out = request.outcome
         out.decision, out.reason = "allow", f"{op.name} is not key-scoped (no IAM emulated)"
@@ -194,7 +196,8 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     return result
 
 
-async def _keys_then_run(svc: KmsService, op: Operation, request: Request) -> Answer | Release:
+def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> None:
+    """Steps 3 and 4 (synchronous: every key step works on the in-memory key set)."""
     params = request.params
     for step in op.keys:
         if step.optional and step.param not in params:
@@ -231,7 +234,6 @@ async def _keys_then_run(svc: KmsService, op: Operation, request: Request) -> An
             "DryRunOperationException",
             "The request would have succeeded, but the DryRun option is set.",
         )
-    return await op.run(svc, request)
 
 
 def _require(key: Key, require: Require) -> None:
