@@ -305,6 +305,7 @@ def build_app(
                 fsync=config.audit_fsync,
                 despite_broken_chain=config.start_despite_broken_audit_chain,
                 clock=clock,
+                accept_legacy=service.migrated,
             )
         except BaseException:
             storage.close()
@@ -341,11 +342,14 @@ def open_audit_log(
     fsync: bool,
     despite_broken_chain: bool = False,
     clock: Callable[[], float] = time.time,
+    accept_legacy: bool = True,
 ) -> AuditLog:
     """Open the audit log for appending, after checking the end of its chain.
 
     * A schema-1 log (unkeyed hashes) is verified whole, moved aside as
       ``audit.v1-<time>.jsonl`` and a keyed chain starts, its first line naming the old file.
+      Only when ``accept_legacy`` (the key store was migrated by this same start): beside a
+      schema-2 store an unkeyed log is a replaced file, and treated as a broken chain.
     * A chain whose tail does not verify (an edit, a second writer) is refused, unless
       ``despite_broken_chain``: then the broken file is moved aside as
       ``audit.broken-<time>.jsonl``, untouched, and a new chain starts whose first line names it
@@ -355,7 +359,12 @@ def open_audit_log(
         ConfigurationError: the chain is broken and ``despite_broken_chain`` is not set.
     """
     start: dict[str, Any] | None = None
-    if is_legacy_audit_log(path):
+    if is_legacy_audit_log(path) and not accept_legacy:
+        # Anyone can write a valid unkeyed chain: never let one replace a keyed log.
+        exc = AuditChainError(1, "an unkeyed (schema 1) log beside a schema-2 key store")
+        if not despite_broken_chain:
+            raise _broken(path, exc)
+    elif is_legacy_audit_log(path):
         try:
             lines, last = verify_legacy_audit_log(path)
         except AuditChainError as exc:

@@ -95,6 +95,8 @@ class KmsService:
         self.aliases: dict[str, AliasRow] = {}
         #: key id or alias name → why it is not trusted (tampered at rest).
         self.quarantined: dict[str, str] = {}
+        #: True if this start migrated a schema-1 store (its audit log is then schema 1 too).
+        self.migrated = False
         self.write_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._next_deadline = float("inf")
@@ -137,6 +139,7 @@ class KmsService:
         snap = storage.load()
         if legacy:
             snap = svc._migrate_legacy(snap)
+            svc.migrated = True
         svc._load(snap)
         for s in seed:
             svc._apply_seed(s)

@@ -504,3 +504,17 @@ def test_audit_parsers_take_any_bytes(tmp_path: Path, data: bytes, cut: int) -> 
             pass
     path.unlink()
     good.unlink()
+
+
+def test_unkeyed_log_beside_a_migrated_store_is_a_broken_chain(tmp_path: Path) -> None:
+    """Anyone can write a valid unkeyed chain: it must not replace the keyed log unnoticed."""
+    state = tmp_path / "kms"
+    _legacy_state(state, os.urandom(32))
+    build_app(_config(state), env={}).close()  # migrates, starts the keyed chain
+    forged = tmp_path / "forged"
+    _legacy_state(forged, os.urandom(32))
+    (state / "audit.jsonl").write_bytes((forged / "audit.jsonl").read_bytes())
+    with pytest.raises(ConfigurationError, match="unkeyed"):
+        build_app(_config(state), env={})
+    build_app(_config(state, start_despite_broken_audit_chain=True), env={}).close()
+    assert [p for p in state.iterdir() if p.name.startswith("audit.broken-")]
