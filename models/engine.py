@@ -39,6 +39,7 @@ import trio
 from models.errors import (
     InferenceError,
     InferenceTimeoutError,
+    InvalidInputError,
     ModelLoadError,
     OverloadedError,
 )
@@ -289,6 +290,14 @@ class ModelEngine:
         except Exception as exc:  # onnxruntime's exceptions are untyped
             if options is not None and options.terminate:
                 raise InferenceTimeoutError("inference terminated") from exc
+            if type(exc).__name__ == "InvalidArgument":
+                # The inputs passed the signature check but a kernel refused their values (an
+                # index out of range...): the request's fault, not ours. Its text names the
+                # model's internal nodes, so it goes to our log, not to the client.
+                log.info("inference_input_refused", model=self.name, detail=str(exc)[:500])
+                raise InvalidInputError(
+                    "the model refused these input values (onnxruntime INVALID_ARGUMENT)"
+                ) from exc
             raise InferenceError(f"inference failed in onnxruntime: {type(exc).__name__}") from exc
         return dict(zip(self._output_names, values, strict=True)), time.perf_counter() - t0
 

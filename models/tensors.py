@@ -211,7 +211,8 @@ class ModelSignature:
 
         Raises:
             InvalidInputError: missing or unknown input, wrong dtype, rank or fixed dimension,
-                inconsistent batch sizes, or a batch above ``max_batch``.
+                an empty input (zero rows), inconsistent batch sizes, or a batch above
+                ``max_batch``.
         """
         expected = {s.name: s for s in self.inputs}
         unknown = sorted(set(arrays) - set(expected))
@@ -240,6 +241,12 @@ class ModelSignature:
                         f"input {name!r}: dimension {axis} is {got}, the model expects {want} "
                         f"{_fmt_shape(spec.shape)}"
                     )
+            if arr.size == 0:
+                # onnxruntime answers an empty batch with a kernel error (an "internal" failure
+                # to the client) or, worse, an empty result; it is the request that is wrong.
+                raise InvalidInputError(
+                    f"input {name!r} is empty (shape {list(arr.shape)}): send at least one row"
+                )
             if spec.batch_dynamic:
                 if batch is not None and arr.shape[0] != batch:
                     raise InvalidInputError("inputs disagree on the batch size")

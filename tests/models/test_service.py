@@ -124,6 +124,23 @@ async def test_errors_are_per_stream(service_models: dict[str, ModelEntry]) -> N
             assert (await client.infer("digits", {"pixels": x[:3]}))["label"].shape == (3,)
 
 
+async def test_zero_rows_answer_invalid_argument(service_models: dict[str, ModelEntry]) -> None:
+    """Regression (issue 10, item 11): a zero-row request answered ``internal``."""
+    x, _ = load_test_split()
+    empty = {"pixels": np.zeros((0, 64), np.float32)}
+    with trio.fail_after(10):
+        async with connected(InferenceService(service_models)) as client:
+            wire = {"pixels": encode_tensor(empty["pixels"])}
+            with pytest.raises(RpcError) as info:
+                await client._rpc.call("infer", {"model": "digits", "inputs": wire})
+            assert info.value.code == "invalid_argument"
+            assert "empty" in info.value.message
+            with pytest.raises(InvalidInputError, match=r"stream message 1: .*empty"):
+                async for _ in client.stream("digits", [{"pixels": x[:1]}, empty]):
+                    pass
+            assert (await client.infer("digits", {"pixels": x[:2]}))["label"].shape == (2,)
+
+
 async def test_oversized_request_refused(service_models: dict[str, ModelEntry]) -> None:
     service = InferenceService(service_models, max_request_bytes=64 * 4 * 100)
     with trio.fail_after(10):
