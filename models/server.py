@@ -35,6 +35,7 @@ from typing import Any, Final
 import structlog
 import trio
 
+from models._malloc import trim, tune_malloc
 from models.config import ModelConfig, ServerConfig
 from models.engine import ModelEngine, create_session
 from models.errors import ModelError
@@ -151,13 +152,18 @@ async def serve_connection(
         if scope.cancelled_caught:
             log.info("channel_handshake_timeout", timeout_s=handshake_timeout_s)
             return
-        async with channel:
-            try:
-                await serve_rpc(channel, service.handle, max_streams=max_streams)
-            except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
-                # A tampered record, a truncation or a vanished client: this connection ends,
-                # the server keeps serving the others.
-                log.info("connection_ended", error=str(exc) or type(exc).__name__)
+        try:
+            async with channel:
+                try:
+                    await serve_rpc(channel, service.connection_handler(), max_streams=max_streams)
+                except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
+                    # A tampered record, a truncation or a vanished client: this connection
+                    # ends, the server keeps serving the others.
+                    log.info("connection_ended", error=str(exc) or type(exc).__name__)
+        finally:
+            # What the connection's buffers freed goes back to the system now, not whenever
+            # the heap's top happens to be free (see models._malloc).
+            trim()
 
 
 async def serve_inference(
@@ -244,11 +250,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path) -> int:
         async with open_store_client(config.host_port) as store:
             await store.ready(_report(config, entries, t0, error="no model could be loaded"))
         return 3
-    service = InferenceService(
-        entries,
-        max_request_bytes=config.max_request_bytes,
-        max_concurrent_requests=config.max_concurrent_requests,
-    )
+    service = InferenceService(entries, limits=config.service_limits())
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_inference(
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=Path("server.toml"))
     args = parser.parse_args(argv)
     configure_logging()
+    tune_malloc()
     try:
         config = ServerConfig.from_file(args.config)
     except EnclaveError as exc:
