@@ -43,7 +43,7 @@ from models.errors import (
     ModelLoadError,
     OverloadedError,
 )
-from models.tensors import Array, ModelSignature
+from models.tensors import Array, ModelSignature, Session
 
 __all__ = [
     "EngineConfig",
@@ -97,7 +97,7 @@ class EngineConfig:
             raise ValueError("timeout_s, max_queue or max_parallel_runs out of range")
 
 
-def create_session(model: bytes, *, intra_op_threads: int = 1) -> Any:
+def create_session(model: bytes, *, intra_op_threads: int = 1) -> Session:
     """An ``onnxruntime.InferenceSession`` over model bytes (CPU, fixed thread counts).
 
     Raises:
@@ -111,9 +111,10 @@ def create_session(model: bytes, *, intra_op_threads: int = 1) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        session: Session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
         raise ModelLoadError(f"not a loadable ONNX model: {exc}") from exc
+    return session
 
 
 # --- pure batching helpers ---------------------------------------------------------------------
@@ -198,7 +199,7 @@ class EngineStats:
 class ModelEngine:
     """One model's session, signature and execution policy (see the module docstring)."""
 
-    def __init__(self, name: str, session: Any, *, config: EngineConfig | None = None) -> None:
+    def __init__(self, name: str, session: Session, *, config: EngineConfig | None = None) -> None:
         self.name = name
         self.session = session
         self.config = config or EngineConfig()
