@@ -70,7 +70,7 @@ from models.errors import (
     ModelNotFoundError,
     ModelUnavailableError,
 )
-from models.tensors import Array, decode_tensors, encode_tensors
+from models.tensors import MAX_RANK, MAX_TENSORS, Array, decode_tensors, encode_tensors
 from transport.rpc import Handler, Router, RpcError, route, unary_inline
 
 __all__ = [
@@ -508,14 +508,50 @@ def _nbytes(arrays: Mapping[str, Array]) -> int:
 
 def message_bytes(message: object) -> int:
     """Memory a decoded message holds, for the byte budgets: the bytes and strings it carries
-    plus a fixed overhead per object, walking at most a bounded number of objects."""
-    total = 0
-    for count, obj in enumerate(_walk(message)):
-        if count == _MAX_OBJECTS_WALKED:
-            break
-        total += _OBJECT_OVERHEAD
-        if isinstance(obj, bytes | bytearray | str):
-            total += len(obj)
+    plus a fixed overhead per object. Messages of the expected shapes are sized directly (a
+    few microseconds, as the unary path needs); anything else is walked, at most
+    :data:`_MAX_OBJECTS_WALKED` objects."""
+    try:
+        return _expected_size(message)
+    except _Unexpected:
+        return _walked_size(message)
+
+
+class _Unexpected(Exception):
+    """A message not of the shapes :func:`_expected_size` knows (sized by walking it)."""
+
+
+def _expected_size(message: object) -> int:
+    """Size of ``{"model"?, "inputs": {name: tensor}}`` or ``{"batch": [{name: tensor}]}``."""
+    if type(message) is not dict or len(message) > 2:
+        raise _Unexpected
+    total = _OBJECT_OVERHEAD
+    for key, value in message.items():
+        if key == "inputs":
+            total += _tensors_size(value)
+        elif key == "batch" and type(value) is list and len(value) <= MAX_ITEMS_PER_MESSAGE:
+            total += _OBJECT_OVERHEAD * (1 + len(value))
+            for item in value:
+                total += _tensors_size(item)
+        elif key == "model" and type(value) is str:
+            total += 2 * _OBJECT_OVERHEAD + len(value)
+        else:
+            raise _Unexpected
+    return total
+
+
+def _tensors_size(tensors: object) -> int:
+    if type(tensors) is not dict or len(tensors) > MAX_TENSORS:
+        raise _Unexpected
+    total = _OBJECT_OVERHEAD
+    for name, tensor in tensors.items():
+        if type(name) is not str or type(tensor) is not dict or len(tensor) != 3:
+            raise _Unexpected
+        data, shape = tensor.get("data"), tensor.get("shape")
+        if type(data) is not bytes or type(shape) is not list or len(shape) > MAX_RANK:
+            raise _Unexpected
+        # name, the map, its three keys and values, the shape's items; the data's bytes
+        total += (9 + len(shape)) * _OBJECT_OVERHEAD + len(name) + len(data)
     return total
 
 
@@ -529,6 +565,17 @@ def _walk(message: object) -> Iterator[object]:
             stack.extend(obj.values())
         elif isinstance(obj, list | tuple):
             stack.extend(obj)
+
+
+def _walked_size(message: object) -> int:
+    total = 0
+    for count, obj in enumerate(_walk(message)):
+        if count == _MAX_OBJECTS_WALKED:
+            break
+        total += _OBJECT_OVERHEAD
+        if isinstance(obj, bytes | bytearray | str):
+            total += len(obj)
+    return total
 
 
 def _message_items(message: object) -> tuple[bool, list[Any]]:
