@@ -39,6 +39,7 @@ LISTEN_PORT = 5105
 class Host:
     stack: Stack
     models_dir: Path
+    nursery: trio.Nursery
     reports: list[AppStatus] = field(default_factory=list)
 
 
@@ -50,12 +51,18 @@ async def host() -> AsyncIterator[Host]:
     base = Path(tempfile.mkdtemp(prefix="er-rdy-"))
     models_dir = base / "s" / "models"
     try:
-        async with open_stack(
-            base / "s",
-            models={"digits": models_dir / "digits.sealed", "vault": models_dir / "vault.sealed"},
-            zygote=False,
-        ) as stack:
-            result = Host(stack, models_dir)
+        async with (
+            open_stack(
+                base / "s",
+                models={
+                    "digits": models_dir / "digits.sealed",
+                    "vault": models_dir / "vault.sealed",
+                },
+                zygote=False,
+            ) as stack,
+            trio.open_nursery() as nursery,
+        ):
+            result = Host(stack, models_dir, nursery)
             # The parent's side of the app status port (the runtime serves it for enclaves).
             listener = await open_vsock_listener(APP_STATUS_PORT)
 
@@ -63,8 +70,9 @@ async def host() -> AsyncIterator[Host]:
                 async with stream:
                     result.reports.append(await receive_app_status(stream))
 
-            stack.nursery.start_soon(trio.serve_listeners, status, [listener])
+            nursery.start_soon(trio.serve_listeners, status, [listener])
             yield result
+            nursery.cancel_scope.cancel()
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -165,7 +173,7 @@ async def test_kms_unreachable(host: Host) -> None:
         await sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
     proxy = partial(serve_vsock_proxy, allowlist=[("127.0.0.1", dead_port)])
-    await host.stack.nursery.start(proxy, 8002, "127.0.0.1", dead_port)
+    await host.nursery.start(proxy, 8002, "127.0.0.1", dead_port)
     host.reports.clear()
     status, _ = await _run(host, _config("digits", kms_proxy_port=8002))
     assert status == AppStatus(AppState.FAILED, "KMS unreachable via (3, 8002)")
