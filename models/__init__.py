@@ -2,9 +2,10 @@
 digits model.
 
 Layers: pure cores (``sealed`` format, ``tensors`` wire format and signatures, the batching
-helpers of ``engine``) under trio adapters (``engine.ModelEngine``, ``service``, ``server``,
-``client``, ``store``); ``sealing`` joins the sealed format to KMS. Imports are lazy (onnxruntime
-and numpy are heavy); use the submodules: ``models.client``, ``models.sealing``...
+helpers of ``engine``, ``_budget``, ``_startup``) under trio adapters (``engine.ModelEngine``,
+``service``, ``server``, ``client``, ``store``); ``sealing`` joins the sealed format to KMS.
+This face only re-exports the errors: the rest is imported from its module (``models.client``,
+``models.sealing``...), so that ``import models`` stays cheap (no numpy, no onnxruntime).
 """
 
 from __future__ import annotations

@@ -17,10 +17,14 @@ ciphertext.
             ...
 
 Errors: a server-side refusal raises the matching :mod:`models.errors` class (unknown model:
-``ModelNotFoundError``, bad input: ``InvalidInputError``...); a failed attestation or any
+``ModelNotFoundError``, bad input: ``InvalidInputError``, the server's buffers full:
+``OverloadedError``...); nothing answering at the endpoint (refused, or a relay that could not
+reach the enclave) raises ``transport.errors.PeerUnreachable``; a failed attestation or any
 tampering with the bytes on the way raises ``transport.errors.AuthenticationFailed``; a peer
-that goes away raises a ``TransportError``/``trio.BrokenResourceError``. No result is returned
-unless it arrived intact over the verified channel.
+that goes away later raises a ``TransportError``. No call waits forever: each is bounded by
+``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`) and ends in
+:class:`~models.errors.InferenceTimeoutError`. No result is returned unless it arrived intact
+over the verified channel.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from collections import deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
+    Callable,
     Iterable,
     Iterator,
     Mapping,
@@ -37,14 +43,30 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
+import numpy.typing as npt
 import trio
 
-from models.errors import InferenceError, InvalidInputError, ModelError, error_from_code
+from models.errors import (
+    InferenceError,
+    InferenceTimeoutError,
+    InvalidInputError,
+    ModelError,
+    error_from_code,
+)
 from models.tensors import Array, TensorSpec, decode_tensors, encode_tensors
-from transport.errors import LocalProtocolError
+from transport.errors import LocalProtocolError, PeerUnreachable, VsockConnectionRefused
+from transport.hostport import format_host_port, parse_host_port
 from transport.rpc import RpcError
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from attest.policy import Policy
+    from transport.channel import DocumentVerifier, PeerAttestation, SecureChannel, Suite
+    from transport.rpc import RpcClient, RpcStream
+    from transport.vsock import VsockAddr
 
 __all__ = [
     "ModelInfo",
@@ -55,7 +77,21 @@ __all__ = [
     "policy_for",
     "parse_endpoint",
     "STREAM_IN_FLIGHT",
+    "DEFAULT_TIMEOUT_S",
+    "DEFAULT_CONNECT_TIMEOUT_S",
+    "Inputs",
 ]
+
+_T = TypeVar("_T")
+
+#: One request's inputs: input name -> array (anything ``numpy.asarray`` takes).
+Inputs = Mapping[str, npt.ArrayLike]
+
+#: Longest wait for one answer (a unary call, the next stream output, stream credit), seconds.
+#: A peer that stops answering mid-call ends in InferenceTimeoutError after this.
+DEFAULT_TIMEOUT_S: Final = 30.0
+#: Longest wait to connect and complete the attested handshake, seconds.
+DEFAULT_CONNECT_TIMEOUT_S: Final = 10.0
 
 #: Stream messages sent ahead of the outputs received: enough to keep the enclave busy (it
 #: batches what is waiting) and below the RPC's initial window of 16 messages, so neither side
@@ -84,7 +120,8 @@ class ModelInfo:
     reason: str | None = None
 
     @classmethod
-    def from_wire(cls, obj: Any) -> ModelInfo:
+    def from_wire(cls, obj: object) -> ModelInfo:
+        """Parse one catalog entry of the server's answer."""
         if not isinstance(obj, Mapping):
             raise InferenceError("malformed catalog entry")
         return cls(
@@ -103,6 +140,17 @@ def _map_error(exc: RpcError) -> ModelError:
     return error_from_code(exc.code, exc.message)
 
 
+class _Attested(Protocol):
+    """What the client needs of its channel: the verified peer."""
+
+    @property
+    def peer(self) -> PeerAttestation | None: ...
+
+
+def _timeout(what: str, timeout_s: float) -> InferenceTimeoutError:
+    return InferenceTimeoutError(f"no answer from the enclave within {timeout_s:g} s ({what})")
+
+
 def _outputs(answer: Any) -> dict[str, Array]:
     if not isinstance(answer, Mapping) or "outputs" not in answer:
         raise InferenceError("malformed answer from the server")
@@ -110,35 +158,69 @@ def _outputs(answer: Any) -> dict[str, Array]:
 
 
 class InferenceClient:
-    """A connected, attested client (use :func:`open_inference_client`)."""
+    """A connected, attested client (use :func:`open_inference_client`).
 
-    def __init__(self, rpc: Any, channel: Any) -> None:
+    Args:
+        rpc: the RPC client on the attested channel.
+        channel: the channel (its verified ``peer``); None for tests over a plain stream.
+        timeout_s: default bound on each call (see :data:`DEFAULT_TIMEOUT_S`).
+    """
+
+    def __init__(
+        self,
+        rpc: RpcClient,
+        channel: _Attested | None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
+        if not 0 < timeout_s <= 24 * 3600:
+            raise ValueError(f"timeout_s must be in (0, 86400] seconds, got {timeout_s!r}")
         self._rpc = rpc
         self._channel = channel
+        self.timeout_s = timeout_s
 
     @property
-    def attestation(self) -> Any:
+    def attestation(self) -> PeerAttestation:
         """The verified :class:`transport.channel.PeerAttestation` of the enclave."""
-        return self._channel.peer
+        peer = self._channel.peer if self._channel is not None else None
+        if peer is None:
+            raise RuntimeError("this client has no attested channel")
+        return peer
 
-    async def list_models(self) -> list[ModelInfo]:
-        """The server's catalog (available and unavailable models)."""
-        try:
-            answer = await self._rpc.call("catalog", {})
-        except RpcError as exc:
-            raise _map_error(exc) from None
+    async def _call(self, method: str, request: object, timeout_s: float | None) -> Any:
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(limit):
+            try:
+                return await self._rpc.call(method, request)
+            except RpcError as exc:
+                raise _map_error(exc) from None
+        raise _timeout(method, limit)
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
+        """The server's catalog (available and unavailable models).
+
+        Raises:
+            InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
+        """
+        answer = await self._call("catalog", {}, timeout_s)
         models = answer.get("models") if isinstance(answer, Mapping) else None
         if not isinstance(models, list):
             raise InferenceError("malformed catalog")
         return [ModelInfo.from_wire(m) for m in models]
 
-    async def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, Array]:
-        """One request: ``inputs`` name -> array; returns output name -> array."""
+    async def infer(
+        self, model: str, inputs: Inputs, *, timeout_s: float | None = None
+    ) -> dict[str, Array]:
+        """One request: ``inputs`` name -> array; returns output name -> array.
+
+        Raises:
+            InvalidInputError: the inputs do not match the model, or exceed a size limit.
+            ModelNotFoundError / ModelUnavailableError / OverloadedError: refused by the server.
+            InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
+        """
         request = {"model": model, "inputs": encode_tensors(inputs)}
         try:
-            answer = await self._rpc.call("infer", request)
-        except RpcError as exc:
-            raise _map_error(exc) from None
+            answer = await self._call("infer", request, timeout_s)
         except LocalProtocolError as exc:  # refused before sending (message size cap)
             raise InvalidInputError(
                 f"request too large for one message ({exc}); exceeds the limit, "
@@ -149,10 +231,11 @@ class InferenceClient:
     async def stream(
         self,
         model: str,
-        inputs: Iterable[Mapping[str, Any]] | AsyncIterable[Mapping[str, Any]],
+        inputs: Iterable[Inputs] | AsyncIterable[Inputs],
         *,
         in_flight: int = STREAM_IN_FLIGHT,
         coalesce_bytes: int = COALESCE_BYTES,
+        timeout_s: float | None = None,
     ) -> AsyncIterator[dict[str, Array]]:
         """Stream ``inputs`` through ``model``; yields one output map per input, in order.
 
@@ -163,10 +246,15 @@ class InferenceClient:
         framing, encryption and scheduling on both sides, whatever its size. Leaving the loop
         early cancels the stream on the server (wrap in ``contextlib.aclosing`` to do it
         promptly).
+
+        Raises:
+            InferenceTimeoutError: the server took more than ``timeout_s`` (default: the
+                client's) to answer the next input or to accept more.
         """
+        limit = self.timeout_s if timeout_s is None else timeout_s
         if not 1 <= in_flight <= 16:
             raise ValueError("in_flight must be between 1 and 16 (the RPC window)")
-        source: Iterator[Mapping[str, Any]] | AsyncIterator[Mapping[str, Any]] = (
+        source: Iterator[Inputs] | AsyncIterator[Inputs] = (
             aiter(inputs) if isinstance(inputs, AsyncIterable) else iter(inputs)
         )
         async with self._rpc.open_stream("stream", {"model": model}) as st:
@@ -177,14 +265,14 @@ class InferenceClient:
                     while not exhausted and len(pending) < in_flight:
                         group, exhausted = await _next_group(source, coalesce_bytes)
                         if group:
-                            await _send_group(st, group)
+                            await _bounded(_send_group(st, group), "stream input", limit)
                             pending.append(len(group) if len(group) > 1 else 0)
                         if exhausted:
                             await st.send_end()
                     if not pending:
                         break
                     try:
-                        answer = await st.receive()
+                        answer = await _bounded(st.receive(), "stream output", limit)
                     except trio.EndOfChannel:
                         raise InferenceError("server ended the stream early") from None
                     count = pending.popleft()
@@ -197,7 +285,7 @@ class InferenceClient:
                     for outputs in batch:
                         yield _outputs({"outputs": outputs})
                 try:
-                    extra = await st.receive()
+                    extra = await _bounded(st.receive(), "end of stream", limit)
                 except trio.EndOfChannel:
                     return
                 raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
@@ -205,8 +293,15 @@ class InferenceClient:
                 raise _map_error(exc) from None
 
 
+async def _bounded(operation: Awaitable[_T], what: str, timeout_s: float) -> _T:
+    """Await ``operation``, or raise InferenceTimeoutError after ``timeout_s``."""
+    with trio.move_on_after(timeout_s):
+        return await operation
+    raise _timeout(what, timeout_s)
+
+
 async def _next_group(
-    source: Iterator[Mapping[str, Any]] | AsyncIterator[Mapping[str, Any]],
+    source: Iterator[Inputs] | AsyncIterator[Inputs],
     coalesce_bytes: int,
 ) -> tuple[list[dict[str, Any]], bool]:
     """The next message's worth of encoded inputs, and whether the source is exhausted."""
@@ -234,7 +329,7 @@ async def _next_group(
     return group, exhausted
 
 
-async def _send_group(st: Any, group: list[dict[str, Any]]) -> None:
+async def _send_group(st: RpcStream, group: list[dict[str, Any]]) -> None:
     message = {"inputs": group[0]} if len(group) == 1 else {"batch": group}
     try:
         await st.send(message)
@@ -246,56 +341,107 @@ async def _send_group(st: Any, group: list[dict[str, Any]]) -> None:
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint must be HOST:PORT, got {endpoint!r}")
-    return host.strip("[]"), int(port)
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port), by
+    :func:`transport.hostport.parse_host_port` (the project's one parser).
+
+    Raises:
+        AddressError: not a valid ``HOST:PORT`` (a ``ValueError``).
+    """
+    return parse_host_port(endpoint, what="endpoint")
+
+
+async def _connect(target: str | VsockAddr | trio.abc.Stream) -> trio.abc.Stream:
+    """The byte stream to the enclave."""
+    from transport.vsock import VsockAddr, open_vsock_stream
+
+    if isinstance(target, trio.abc.Stream):
+        return target
+    if isinstance(target, VsockAddr):
+        where = f"vsock ({target.cid}, {target.port})"
+        try:
+            return await open_vsock_stream(target)
+        except (VsockConnectionRefused, OSError) as exc:
+            raise PeerUnreachable(f"enclave unreachable at {where}: {exc}") from exc
+    if not isinstance(target, str):
+        raise TypeError(f"connect to a 'HOST:PORT', a VsockAddr or a stream, not {target!r}")
+    host, port = parse_host_port(target, what="endpoint")
+    where = format_host_port(host, port)
+    try:
+        return await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise PeerUnreachable(f"enclave unreachable at {where}: {_why(exc)}") from exc
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong connecting (trio groups the attempts' errors under one OSError)."""
+    causes: list[BaseException] = [exc]
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup):
+        causes = list(group.exceptions)
+    if causes and all(isinstance(c, ConnectionRefusedError) for c in causes):
+        return "connection refused (nothing listens there)"
+    first = causes[0]
+    if isinstance(first, OSError) and first.strerror:
+        return first.strerror.lower()
+    return str(first) or type(first).__name__
 
 
 @asynccontextmanager
 async def open_inference_client(
-    stream_or_endpoint: trio.abc.Stream | str | Any,
+    target: str | VsockAddr | trio.abc.Stream,
     *,
-    verifier: Any,
-    suites: Sequence[Any] | None = None,
-    connect_timeout_s: float = 10.0,
+    verifier: DocumentVerifier,
+    suites: Sequence[Suite] | None = None,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> AsyncIterator[InferenceClient]:
     """Connect (TCP ``"HOST:PORT"`` to the ingress, a ``VsockAddr``, or an open stream),
     verify the enclave's attestation with ``verifier`` and yield an :class:`InferenceClient`.
 
     Args:
+        target: where the enclave is: the host ingress's ``HOST:PORT``, a vsock address, or a
+            connected byte stream (which the client then owns).
         verifier: a ``transport.channel.DocumentVerifier`` (see :func:`make_verifier`).
         suites: channel suites to offer (default: hybrid ML-KEM-768+X25519, then X25519).
+        connect_timeout_s: bound on connecting plus the attested handshake.
+        timeout_s: the client's default bound on each call (:attr:`InferenceClient.timeout_s`).
 
     Raises:
-        AuthenticationFailed: the attestation did not verify or the handshake was tampered with.
+        AddressError: ``target`` is not a valid ``HOST:PORT``.
+        PeerUnreachable: nothing answered: the connection was refused, or a relay (the
+            ingress) could not reach the enclave. Nothing was sent.
+        AuthenticationFailed: the attestation did not verify or the handshake was tampered
+            with. Nothing was sent.
+        InferenceTimeoutError: no attested channel within ``connect_timeout_s``.
     """
-    from transport.channel import Suite, connect_channel
+    channel = await _open_channel(target, verifier, suites, connect_timeout_s)
     from transport.rpc import open_rpc_client
 
-    offered = list(suites) if suites is not None else [Suite.MLKEM768_X25519, Suite.X25519]
-    with trio.fail_after(connect_timeout_s):
-        if isinstance(stream_or_endpoint, str):
-            host, port = parse_endpoint(stream_or_endpoint)
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        elif isinstance(stream_or_endpoint, trio.abc.Stream):
-            stream = stream_or_endpoint
-        else:
-            from transport.vsock import open_vsock_stream
+    async with channel, open_rpc_client(channel) as rpc:
+        yield InferenceClient(rpc, channel, timeout_s=timeout_s)
 
-            stream = await open_vsock_stream(stream_or_endpoint)
+
+async def _open_channel(
+    target: str | VsockAddr | trio.abc.Stream,
+    verifier: DocumentVerifier,
+    suites: Sequence[Suite] | None,
+    timeout_s: float,
+) -> SecureChannel:
+    from transport.channel import Suite, connect_channel
+
+    offered = list(suites) if suites is not None else [Suite.MLKEM768_X25519, Suite.X25519]
+    with trio.move_on_after(timeout_s):
+        stream = await _connect(target)
         try:
-            channel = await connect_channel(stream, verifier=verifier, suites=offered)
+            return await connect_channel(stream, verifier=verifier, suites=offered)
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             raise
-    async with channel, open_rpc_client(channel) as rpc:
-        yield InferenceClient(rpc, channel)
+    raise InferenceTimeoutError(f"no attested channel to the enclave within {timeout_s:g} s")
 
 
-def make_verifier(roots: Sequence[Any], policy: Any) -> Any:
+def make_verifier(roots: Sequence[x509.Certificate], policy: Policy) -> DocumentVerifier:
     """A channel ``DocumentVerifier`` from trust roots (x509 certificates) and a Policy."""
     from attest.channel import channel_verifier
     from attest.verify import Verifier
@@ -310,7 +456,7 @@ def policy_for(
     extra_pcrs: Mapping[int, bytes] | None = None,
     allow_debug: bool = False,
     max_age_s: float | None = 300.0,
-) -> Any:
+) -> Policy:
     """An ``attest.policy.Policy`` pinning PCR0 and/or the served models (PCR16).
 
     ``model_digests`` are the SHA-384 digests of the models the server loads, in its
@@ -341,12 +487,25 @@ class BlockingInferenceClient:
         with BlockingInferenceClient("127.0.0.1:5005", verifier=verifier) as client:
             print(client.list_models())
             out = client.infer("digits", {"pixels": x[:1]})
+
+    Takes the arguments of :func:`open_inference_client` (but not an open trio stream) and
+    raises the same errors.
     """
 
-    def __init__(self, endpoint: Any, *, verifier: Any, suites: Sequence[Any] | None = None):
+    def __init__(
+        self,
+        endpoint: str | VsockAddr,
+        *,
+        verifier: DocumentVerifier,
+        suites: Sequence[Suite] | None = None,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self._endpoint = endpoint
         self._verifier = verifier
         self._suites = suites
+        self._connect_timeout_s = connect_timeout_s
+        self._timeout_s = timeout_s
         self._token: trio.lowlevel.TrioToken | None = None
         self._client: InferenceClient | None = None
         self._started = threading.Event()
@@ -359,7 +518,11 @@ class BlockingInferenceClient:
             self._stop = trio.Event()
             try:
                 async with open_inference_client(
-                    self._endpoint, verifier=self._verifier, suites=self._suites
+                    self._endpoint,
+                    verifier=self._verifier,
+                    suites=self._suites,
+                    connect_timeout_s=self._connect_timeout_s,
+                    timeout_s=self._timeout_s,
                 ) as client:
                     self._client = client
                     self._token = trio.lowlevel.current_trio_token()
@@ -392,33 +555,32 @@ class BlockingInferenceClient:
             self._token = None
         self._thread.join(timeout=10)
 
-    def _call(self, fn: Any, *args: Any) -> Any:
-        if self._token is None or self._client is None:
+    def _run(self, fn: Callable[[InferenceClient], Awaitable[_T]]) -> _T:
+        client = self._client
+        if self._token is None or client is None:
             raise RuntimeError("client is not open")
-        return trio.from_thread.run(fn, *args, trio_token=self._token)
+        return trio.from_thread.run(fn, client, trio_token=self._token)
 
     @property
-    def attestation(self) -> Any:
-        assert self._client is not None
+    def attestation(self) -> PeerAttestation:
+        """The verified attestation of the enclave."""
+        if self._client is None:
+            raise RuntimeError("client is not open")
         return self._client.attestation
 
     def list_models(self) -> list[ModelInfo]:
-        return list(self._call(self._client_method("list_models")))
+        """The server's catalog."""
+        return self._run(lambda client: client.list_models())
 
-    def infer(self, model: str, inputs: Mapping[str, Any]) -> dict[str, Array]:
-        return dict(self._call(self._client_method("infer"), model, inputs))
+    def infer(self, model: str, inputs: Inputs) -> dict[str, Array]:
+        """One request (see :meth:`InferenceClient.infer`)."""
+        return self._run(lambda client: client.infer(model, inputs))
 
-    def stream(self, model: str, inputs: Iterable[Mapping[str, Any]]) -> list[dict[str, Array]]:
+    def stream(self, model: str, inputs: Iterable[Inputs]) -> list[dict[str, Array]]:
         """Stream all ``inputs``; returns the outputs in order."""
         items = list(inputs)
 
-        async def collect() -> list[dict[str, Array]]:
-            assert self._client is not None
-            return [out async for out in self._client.stream(model, items)]
+        async def collect(client: InferenceClient) -> list[dict[str, Array]]:
+            return [out async for out in client.stream(model, items)]
 
-        result: list[dict[str, Array]] = self._call(collect)
-        return result
-
-    def _client_method(self, name: str) -> Any:
-        assert self._client is not None
-        return getattr(self._client, name)
+        return self._run(collect)

@@ -16,6 +16,11 @@ Example (the shipped ``models/server_app/server.toml``)::
     max_request_bytes = 16777216  # per request / stream message, all tensors together
     max_concurrent_requests = 256
     handshake_timeout_s = 10.0
+    stream_buffer_bytes = 4194304       # input one stream takes off the wire for one batch
+    connection_buffer_bytes = 16777216  # inputs being run + answers not yet read, per connection
+    server_buffer_bytes = 67108864      # the same, all connections together
+    send_timeout_s = 30.0         # an answer the client does not read in time fails its stream
+    idle_timeout_s = 60.0         # a stream with no input for this long is closed
 
     [[models]]
     name = "digits"
@@ -37,6 +42,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from models.engine import EngineConfig
+from models.service import (
+    DEFAULT_CONNECTION_BUFFER_BYTES,
+    DEFAULT_IDLE_TIMEOUT_S,
+    DEFAULT_SEND_TIMEOUT_S,
+    DEFAULT_SERVER_BUFFER_BYTES,
+    DEFAULT_STREAM_BUFFER_BYTES,
+    ServiceLimits,
+)
 from transport.errors import ConfigurationError
 
 __all__ = ["ModelConfig", "ServerConfig", "DEFAULT_LISTEN_PORT", "DEFAULT_HOST_PORT"]
@@ -111,6 +124,11 @@ class ServerConfig:
     max_request_bytes: int = 16 << 20
     max_concurrent_requests: int = 256
     handshake_timeout_s: float = 10.0
+    stream_buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES
+    connection_buffer_bytes: int = DEFAULT_CONNECTION_BUFFER_BYTES
+    server_buffer_bytes: int = DEFAULT_SERVER_BUFFER_BYTES
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> ServerConfig:
@@ -137,21 +155,46 @@ class ServerConfig:
             "max_streams_per_connection",
             "max_request_bytes",
             "max_concurrent_requests",
+            "stream_buffer_bytes",
+            "connection_buffer_bytes",
+            "server_buffer_bytes",
         ):
             if key in m:
                 if type(m[key]) is not int or m[key] < 1:
                     raise ConfigurationError(f"{key} must be a positive integer")
                 kwargs[key] = m[key]
-        if "handshake_timeout_s" in m:
-            value = m["handshake_timeout_s"]
-            if not isinstance(value, int | float) or not 0 < value <= 600:
-                raise ConfigurationError("handshake_timeout_s must be in (0, 600]")
-            kwargs["handshake_timeout_s"] = float(value)
+        for key, most in (
+            ("handshake_timeout_s", 600),
+            ("send_timeout_s", 3600),
+            ("idle_timeout_s", 3600),
+        ):
+            if key in m:
+                value = m[key]
+                if type(value) not in (int, float) or not 0 < value <= most:
+                    raise ConfigurationError(f"{key} must be in (0, {most}] seconds")
+                kwargs[key] = float(value)
         if "kms_region" in m:
             if not isinstance(m["kms_region"], str) or not m["kms_region"]:
                 raise ConfigurationError("kms_region must be a string")
             kwargs["kms_region"] = m["kms_region"]
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        try:
+            config.service_limits()
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return config
+
+    def service_limits(self) -> ServiceLimits:
+        """The inference service's bounds from this configuration."""
+        return ServiceLimits(
+            max_request_bytes=self.max_request_bytes,
+            max_concurrent_requests=self.max_concurrent_requests,
+            stream_buffer_bytes=self.stream_buffer_bytes,
+            connection_buffer_bytes=self.connection_buffer_bytes,
+            server_buffer_bytes=self.server_buffer_bytes,
+            send_timeout_s=self.send_timeout_s,
+            idle_timeout_s=self.idle_timeout_s,
+        )
 
     @classmethod
     def from_file(cls, path: Path) -> ServerConfig:

@@ -39,10 +39,11 @@ import trio
 from models.errors import (
     InferenceError,
     InferenceTimeoutError,
+    InvalidInputError,
     ModelLoadError,
     OverloadedError,
 )
-from models.tensors import Array, ModelSignature
+from models.tensors import Array, ModelSignature, Session
 
 __all__ = [
     "EngineConfig",
@@ -96,7 +97,7 @@ class EngineConfig:
             raise ValueError("timeout_s, max_queue or max_parallel_runs out of range")
 
 
-def create_session(model: bytes, *, intra_op_threads: int = 1) -> Any:
+def create_session(model: bytes, *, intra_op_threads: int = 1) -> Session:
     """An ``onnxruntime.InferenceSession`` over model bytes (CPU, fixed thread counts).
 
     Raises:
@@ -110,9 +111,10 @@ def create_session(model: bytes, *, intra_op_threads: int = 1) -> Any:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3  # errors only: warnings about unused initializers are noise
     try:
-        return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        session: Session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped exceptions
         raise ModelLoadError(f"not a loadable ONNX model: {exc}") from exc
+    return session
 
 
 # --- pure batching helpers ---------------------------------------------------------------------
@@ -197,7 +199,7 @@ class EngineStats:
 class ModelEngine:
     """One model's session, signature and execution policy (see the module docstring)."""
 
-    def __init__(self, name: str, session: Any, *, config: EngineConfig | None = None) -> None:
+    def __init__(self, name: str, session: Session, *, config: EngineConfig | None = None) -> None:
         self.name = name
         self.session = session
         self.config = config or EngineConfig()
@@ -289,6 +291,14 @@ class ModelEngine:
         except Exception as exc:  # onnxruntime's exceptions are untyped
             if options is not None and options.terminate:
                 raise InferenceTimeoutError("inference terminated") from exc
+            if type(exc).__name__ == "InvalidArgument":
+                # The inputs passed the signature check but a kernel refused their values (an
+                # index out of range...): the request's fault, not ours. Its text names the
+                # model's internal nodes, so it goes to our log, not to the client.
+                log.info("inference_input_refused", model=self.name, detail=str(exc)[:500])
+                raise InvalidInputError(
+                    "the model refused these input values (onnxruntime INVALID_ARGUMENT)"
+                ) from exc
             raise InferenceError(f"inference failed in onnxruntime: {type(exc).__name__}") from exc
         return dict(zip(self._output_names, values, strict=True)), time.perf_counter() - t0
 

@@ -10,8 +10,11 @@
         ├── ModelNotFoundError        no such model in the catalog            ("not_found")
         ├── ModelUnavailableError     the model is configured but not loaded  ("unavailable")
         ├── InvalidInputError         a request does not match the signature  ("invalid_argument")
-        ├── InferenceTimeoutError     inference exceeded its deadline        ("deadline_exceeded")
-        ├── OverloadedError           concurrency limit reached              ("resource_exhausted")
+        ├── InferenceTimeoutError     a deadline passed: the model run, an    ("deadline_exceeded")
+        │                             unread answer or an idle stream on the server, or the
+        │                             client's own wait for an answer
+        ├── OverloadedError           a concurrency or memory limit is      ("resource_exhausted")
+        │                             reached; retry later
         └── InferenceError            onnxruntime failed, or the server reported an error
 
 Server-side errors carry a stable ``code`` that travels as the RPC per-stream error code; the
@@ -87,13 +90,14 @@ class InvalidInputError(ModelError, ValueError):
 
 
 class InferenceTimeoutError(ModelError):
-    """Inference ran past its deadline and was terminated."""
+    """A deadline passed: on the server, a model run (terminated), answers the client did not
+    read or a stream left without input; on the client, its wait for an answer."""
 
     code = "deadline_exceeded"
 
 
 class OverloadedError(ModelError):
-    """The server's concurrency limit is reached; retry later."""
+    """A concurrency limit or the server's buffers are full; retry later."""
 
     code = "resource_exhausted"
 

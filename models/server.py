@@ -16,10 +16,16 @@ Start-up, in order (DESIGN.md §3):
    (documents carry locked PCRs), so a client can pin the exact models
    (:func:`expected_pcr16`);
 6. listen on ``listen_port`` (default 5005): each connection is an attested channel
-   (``accept_channel`` with the NSM as attester) carrying ``enclave-rpc/1``; report ``ready``
-   to the host store.
+   (``accept_channel`` with the NSM as attester) carrying ``enclave-rpc/1``;
+7. report: READY with the port to the parent (``transport.app_status``, what ``run-enclave
+   --wait-ready`` waits for) and to the host store, saying which models are unavailable and
+   why.
 
-The server exits non-zero if no model could be loaded (nothing to serve).
+When it cannot serve (no model loaded, the host store or the NSM unreachable, a bad
+``server.toml``) it reports FAILED with one line saying where and what to check (``"KMS
+unreachable via (3, 8000)"``, ``"model key refused by KMS: AccessDeniedException"``, ``"sealed
+model 'digits' failed its integrity check"``: see :mod:`models._startup`) and exits with status
+3 (1 for a bad configuration).
 """
 
 from __future__ import annotations
@@ -28,27 +34,48 @@ import argparse
 import hashlib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
 
+from attest.errors import AttestError
+from kms.errors import KmsError
+from models._malloc import trim, tune_malloc
+from models._startup import (
+    CONNECTION_ERRORS,
+    StartupError,
+    kms_failure,
+    store_failure,
+    unseal_failure,
+)
 from models.config import ModelConfig, ServerConfig
 from models.engine import ModelEngine, create_session
-from models.errors import ModelError
+from models.errors import ModelError, ModelLoadError, SealedFormatError
 from models.sealing import DataKeyDecrypter, unseal_model
 from models.service import InferenceService, ModelEntry
 from models.store import StoreClient, open_store_client
-from transport.errors import EnclaveError
+from transport.app_status import AppState, AppStatus, report_app_status
+from transport.errors import EnclaveError, TransportError
+from transport.rpc import RpcError
+
+if TYPE_CHECKING:
+    from attest.nsm.client import NsmClient
+    from transport.channel import Attester, Suite
 
 __all__ = [
     "MODEL_PCR",
+    "KMS_TIMEOUT_S",
+    "STORE_TIMEOUT_S",
+    "EXIT_CANNOT_SERVE",
     "expected_pcr16",
     "load_models",
     "serve_connection",
     "serve_inference",
+    "run_server",
     "main",
 ]
 
@@ -57,6 +84,16 @@ log = structlog.get_logger()
 #: The PCR extended with each served model's SHA-384 (the first PCR the enclave may extend).
 MODEL_PCR: Final = 16
 _PCR_SIZE: Final = 48  # SHA-384
+#: Longest wait for KMS to release one model key (the real AWS KMS answers in ~76 ms; a
+#: vsock-proxy that accepted but never answers must not hold the start-up forever).
+KMS_TIMEOUT_S: Final = 30.0
+#: Longest wait for one call to the host store (credentials, or one model's sealed file, which
+#: may be hundreds of MB over vsock).
+STORE_TIMEOUT_S: Final = 120.0
+#: Exit status when the server cannot serve (it reported FAILED first).
+EXIT_CANNOT_SERVE: Final = 3
+#: Exit status for an unusable ``server.toml``.
+EXIT_BAD_CONFIG: Final = 1
 
 
 def expected_pcr16(digests: Sequence[bytes]) -> bytes:
@@ -68,31 +105,76 @@ def expected_pcr16(digests: Sequence[bytes]) -> bytes:
     return pcr
 
 
-def _reason(exc: BaseException) -> str:
-    name = str(getattr(exc, "type_name", None) or type(exc).__name__)
-    text = str(exc) or name
-    return text if text.startswith(name) else f"{name}: {text}"
+class _KeyRelease:
+    """The model keys' Decrypt, bounded in time, failing with the detail a user can act on."""
+
+    def __init__(self, kms: DataKeyDecrypter, *, kms_proxy_port: int) -> None:
+        self._kms = kms
+        self._port = kms_proxy_port
+
+    async def decrypt(
+        self,
+        ciphertext_blob: bytes,
+        *,
+        key_id: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        try:
+            with trio.fail_after(KMS_TIMEOUT_S):
+                return await self._kms.decrypt(
+                    ciphertext_blob, key_id=key_id, encryption_context=encryption_context
+                )
+        except (KmsError, trio.TooSlowError, *CONNECTION_ERRORS) as exc:
+            detail = kms_failure(exc, kms_proxy_port=self._port, timeout_s=KMS_TIMEOUT_S)
+            log.info("model_key_not_released", detail=detail, error=str(exc)[:300])
+            raise StartupError(detail) from exc
+
+
+async def _fetch(mc: ModelConfig, *, app_dir: Path, store: StoreClient | None, port: int) -> bytes:
+    if mc.source == "image":
+        assert mc.path is not None
+        try:
+            return await trio.Path(app_dir / mc.path).read_bytes()
+        except OSError as exc:
+            raise StartupError(
+                f"sealed model file {mc.path!r} of {mc.name!r} is unreadable in the image: "
+                f"{exc.strerror or exc}"
+            ) from exc
+    if store is None:
+        raise StartupError(f"no host store connection to fetch {mc.name!r} from")
+    try:
+        with trio.fail_after(STORE_TIMEOUT_S):
+            return await store.fetch(mc.name)
+    except (RpcError, ModelError, trio.TooSlowError, *CONNECTION_ERRORS) as exc:
+        raise StartupError(store_failure(exc, host_port=port, what=f"model {mc.name!r}")) from exc
 
 
 async def _load_one(
     mc: ModelConfig,
     *,
+    config: ServerConfig,
     app_dir: Path,
     store: StoreClient | None,
     kms: DataKeyDecrypter,
 ) -> ModelEntry:
     t0 = time.perf_counter()
-    if mc.source == "image":
-        assert mc.path is not None
-        data = await trio.Path(app_dir / mc.path).read_bytes()
-    else:
-        if store is None:
-            raise ModelError("no host store connection to fetch the model from")
-        data = await store.fetch(mc.name)
-    header, plaintext = await unseal_model(data, kms=kms, expected_name=mc.name)
-    session = await trio.to_thread.run_sync(
-        lambda: create_session(plaintext, intra_op_threads=mc.engine.intra_op_threads)
-    )
+    data = await _fetch(mc, app_dir=app_dir, store=store, port=config.host_port)
+    try:
+        header, plaintext = await unseal_model(
+            data, kms=_KeyRelease(kms, kms_proxy_port=config.kms_proxy_port), expected_name=mc.name
+        )
+    except StartupError:
+        raise
+    except (SealedFormatError, ModelLoadError) as exc:
+        raise StartupError(unseal_failure(exc, model=mc.name)) from exc
+    del data
+    try:
+        session = await trio.to_thread.run_sync(
+            partial(create_session, plaintext, intra_op_threads=mc.engine.intra_op_threads)
+        )
+    except ModelLoadError as exc:
+        raise StartupError(f"model {mc.name!r} is not a loadable ONNX model") from exc
+    del plaintext
     engine = ModelEngine(mc.name, session, config=mc.engine)
     batch1 = engine.warm_up()
     log.info(
@@ -116,14 +198,20 @@ async def load_models(
     store: StoreClient | None,
     kms: DataKeyDecrypter,
 ) -> dict[str, ModelEntry]:
-    """Load every configured model; failures become unavailable entries (never raise)."""
+    """Load every configured model; a failure makes that model unavailable, with the reason a
+    user can act on (never raises for one model's failure)."""
     entries: dict[str, ModelEntry] = {}
     for mc in config.models:
         try:
-            entries[mc.name] = await _load_one(mc, app_dir=app_dir, store=store, kms=kms)
-        except (EnclaveError, OSError) as exc:
-            reason = _reason(exc)
-            log.error("model_unavailable", model=mc.name, reason=reason)
+            entries[mc.name] = await _load_one(
+                mc, config=config, app_dir=app_dir, store=store, kms=kms
+            )
+        except StartupError as exc:
+            log.error("model_unavailable", model=mc.name, reason=str(exc))
+            entries[mc.name] = ModelEntry(name=mc.name, reason=str(exc))
+        except Exception as exc:  # a bug or an unforeseen failure: this model only
+            reason = f"{type(exc).__name__} while loading {mc.name!r} (see the enclave's log)"
+            log.error("model_unavailable", model=mc.name, reason=reason, exc_info=exc)
             entries[mc.name] = ModelEntry(name=mc.name, reason=reason)
     return entries
 
@@ -132,8 +220,8 @@ async def serve_connection(
     stream: trio.abc.Stream,
     service: InferenceService,
     *,
-    attester: Any,
-    suites: Sequence[Any],
+    attester: Attester,
+    suites: Sequence[Suite],
     handshake_timeout_s: float = 10.0,
     max_streams: int = 64,
 ) -> None:
@@ -151,29 +239,37 @@ async def serve_connection(
         if scope.cancelled_caught:
             log.info("channel_handshake_timeout", timeout_s=handshake_timeout_s)
             return
-        async with channel:
-            try:
-                await serve_rpc(channel, service.handle, max_streams=max_streams)
-            except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
-                # A tampered record, a truncation or a vanished client: this connection ends,
-                # the server keeps serving the others.
-                log.info("connection_ended", error=str(exc) or type(exc).__name__)
+        try:
+            async with channel:
+                try:
+                    await serve_rpc(channel, service.connection_handler(), max_streams=max_streams)
+                except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
+                    # A tampered record, a truncation or a vanished client: this connection
+                    # ends, the server keeps serving the others.
+                    log.info("connection_ended", error=str(exc) or type(exc).__name__)
+        finally:
+            # What the connection's buffers freed goes back to the system now, not whenever
+            # the heap's top happens to be free (see models._malloc).
+            trim()
 
 
 async def serve_inference(
     service: InferenceService,
     config: ServerConfig,
     *,
-    attester: Any,
+    attester: Attester,
+    listener: trio.SocketListener | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept attested connections on ``config.listen_port`` until cancelled."""
+    """Accept attested connections on ``config.listen_port`` (or on ``listener``, which this
+    then owns) until cancelled."""
     from transport.channel import Suite
     from transport.vsock import open_vsock_listener
 
     suites = [Suite[name] for name in config.suites]
     limiter = trio.CapacityLimiter(config.max_connections)
-    listener = await open_vsock_listener(config.listen_port)
+    if listener is None:
+        listener = await open_vsock_listener(config.listen_port)
 
     async def handler(stream: trio.SocketStream) -> None:
         async with limiter:
@@ -195,131 +291,198 @@ async def serve_inference(
         await trio.serve_listeners(handler, [listener])
 
 
-async def run_server(config: ServerConfig, *, app_dir: Path) -> int:
-    """The enclave app's whole life (see the module docstring). Returns an exit status."""
+class _Reporter:
+    """Tells the parent (app status) and the host store how the start-up went."""
+
+    def __init__(self, config: ServerConfig | None) -> None:
+        self.config = config
+        self.t0 = time.perf_counter()
+
+    async def ready(self, entries: Mapping[str, ModelEntry], store: StoreClient | None) -> None:
+        assert self.config is not None
+        detail = _ready_detail(entries)
+        log.info("inference_server_ready", port=self.config.listen_port, detail=detail)
+        await report_app_status(
+            AppStatus(AppState.READY, detail=detail, ports=(self.config.listen_port,))
+        )
+        await self._tell_store(store, entries, port=self.config.listen_port, detail=detail)
+
+    async def failed(
+        self,
+        detail: str,
+        entries: Mapping[str, ModelEntry] | None = None,
+        store: StoreClient | None = None,
+    ) -> int:
+        """Report that the server cannot serve and why; returns the exit status."""
+        log.error("inference_server_failed", detail=detail)
+        await report_app_status(AppStatus(AppState.FAILED, detail=detail))
+        await self._tell_store(store, entries or {}, port=None, detail=detail, error=detail)
+        return EXIT_CANNOT_SERVE
+
+    async def _tell_store(
+        self,
+        store: StoreClient | None,
+        entries: Mapping[str, ModelEntry],
+        *,
+        port: int | None,
+        detail: str,
+        error: str | None = None,
+    ) -> None:
+        """Best effort, bounded: the host store may be what failed."""
+        if self.config is None:
+            return
+        report = {
+            "port": port,
+            "error": error,
+            "detail": detail,
+            "startup_ms": round((time.perf_counter() - self.t0) * 1e3, 1),
+            "models": [
+                {
+                    "name": e.name,
+                    "available": e.engine is not None,
+                    "digest": e.digest.hex() if e.digest else None,
+                    "reason": e.reason,
+                }
+                for e in entries.values()
+            ],
+        }
+        with trio.move_on_after(5):
+            try:
+                if store is not None:
+                    await store.ready(report)
+                    return
+                async with open_store_client(self.config.host_port) as fresh:
+                    await fresh.ready(report)
+            except (RpcError, *CONNECTION_ERRORS) as exc:
+                log.info("store_report_failed", error=str(exc) or type(exc).__name__)
+
+
+def _ready_detail(entries: Mapping[str, ModelEntry]) -> str:
+    served = [name for name, e in entries.items() if e.engine is not None]
+    missing = [f"{name!r} ({e.reason})" for name, e in entries.items() if e.engine is None]
+    text = "serving " + ", ".join(repr(n) for n in served)
+    return text + ("; unavailable: " + "; ".join(missing) if missing else "")
+
+
+def _failed_detail(entries: Mapping[str, ModelEntry]) -> str:
+    reasons = [e.reason or "unavailable" for e in entries.values()]
+    if len(set(reasons)) == 1:
+        return reasons[0]
+    return "no model could be loaded: " + "; ".join(
+        f"{name!r}: {e.reason}" for name, e in entries.items()
+    )
+
+
+async def run_server(config: ServerConfig, *, app_dir: Path, nsm: NsmClient | None = None) -> int:
+    """The enclave app's whole life (see the module docstring). Returns an exit status.
+
+    Args:
+        config: the server configuration.
+        app_dir: where ``source = "image"`` paths are resolved.
+        nsm: the NSM to use (default: this enclave's, :meth:`NsmClient.open`).
+    """
     from attest.channel import nsm_attester
     from attest.nsm.client import NsmClient
     from kms.client import AttestedKmsClient, Credentials, KmsClient
-    from transport.vsock import PARENT_CID, VsockAddr
+    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener
 
-    t0 = time.perf_counter()
-    nsm = await NsmClient.open()
+    reporter = _Reporter(config)
+    try:
+        nsm = nsm or await NsmClient.open()
+    except AttestError as exc:
+        return await reporter.failed(f"NSM unavailable: {exc}")
     needs_store = any(mc.source == "store" for mc in config.models)
-    async with open_store_client(config.host_port) as store:
-        try:
-            creds = await store.credentials()
-        except EnclaveError as exc:
-            reason = f"no KMS credentials from the host: {_reason(exc)}"
-            log.error("kms_credentials_unavailable", reason=reason)
-            entries = {mc.name: ModelEntry(name=mc.name, reason=reason) for mc in config.models}
-            await store.ready(_report(config, entries, t0, error=reason))
-            return 3
-        kms = AttestedKmsClient(
-            KmsClient(
-                vsock=VsockAddr(PARENT_CID, config.kms_proxy_port),
-                credentials=Credentials(
-                    creds.access_key_id, creds.secret_access_key, creds.session_token
+    try:
+        async with open_store_client(config.host_port) as store:
+            try:
+                with trio.fail_after(STORE_TIMEOUT_S):
+                    creds = await store.credentials()
+            except (RpcError, ModelError, trio.TooSlowError, *CONNECTION_ERRORS) as exc:
+                detail = store_failure(exc, host_port=config.host_port, what="KMS credentials")
+                return await reporter.failed(detail, store=store)
+            kms = AttestedKmsClient(
+                KmsClient(
+                    vsock=VsockAddr(PARENT_CID, config.kms_proxy_port),
+                    credentials=Credentials(
+                        creds.access_key_id, creds.secret_access_key, creds.session_token
+                    ),
+                    region=creds.region or config.kms_region,
                 ),
-                region=creds.region or config.kms_region,
-            ),
-            nsm,
-        )
-        kms.prepare()  # RSA key generation overlaps the fetches
-        try:
-            entries = await load_models(
-                config, app_dir=app_dir, store=store if needs_store else None, kms=kms
+                nsm,
             )
-        finally:
-            await kms.aclose()
+            kms.prepare()  # RSA key generation overlaps the fetches
+            try:
+                entries = await load_models(
+                    config, app_dir=app_dir, store=store if needs_store else None, kms=kms
+                )
+            finally:
+                await kms.aclose()
+    except CONNECTION_ERRORS as exc:  # the store's connection itself
+        detail = store_failure(exc, host_port=config.host_port, what="connection")
+        return await reporter.failed(detail)
     loaded = [e for e in (entries[mc.name] for mc in config.models) if e.engine is not None]
-    for entry in loaded:
-        assert entry.digest is not None
-        await nsm.extend_pcr(MODEL_PCR, entry.digest)
-    if loaded:
+    if not loaded:
+        return await reporter.failed(_failed_detail(entries), entries)
+    try:
+        for entry in loaded:
+            assert entry.digest is not None
+            await nsm.extend_pcr(MODEL_PCR, entry.digest)
         # Lock it: attestation documents carry the locked PCRs, and nothing (not even this
         # app) can change the model measurement afterwards.
         await nsm.lock_pcr(MODEL_PCR)
-    if not loaded:
-        log.error("no_model_loaded", models=[mc.name for mc in config.models])
-        async with open_store_client(config.host_port) as store:
-            await store.ready(_report(config, entries, t0, error="no model could be loaded"))
-        return 3
-    service = InferenceService(
-        entries,
-        max_request_bytes=config.max_request_bytes,
-        max_concurrent_requests=config.max_concurrent_requests,
-    )
+    except AttestError as exc:
+        return await reporter.failed(f"NSM refused to measure the models in PCR16: {exc}", entries)
+    try:
+        listener = await open_vsock_listener(config.listen_port)
+    except (OSError, TransportError) as exc:
+        detail = f"cannot listen on vsock port {config.listen_port}: {exc}"
+        return await reporter.failed(detail, entries)
+    service = InferenceService(entries, limits=config.service_limits())
     async with trio.open_nursery() as nursery:
         await nursery.start(
             lambda task_status: serve_inference(
-                service, config, attester=nsm_attester(nsm), task_status=task_status
+                service,
+                config,
+                attester=nsm_attester(nsm),
+                listener=listener,
+                task_status=task_status,
             )
         )
-        async with open_store_client(config.host_port) as store:
-            await store.ready(_report(config, entries, t0))
+        await reporter.ready(entries, None)
     return 0
 
 
-def _report(
-    config: ServerConfig,
-    entries: dict[str, ModelEntry],
-    t0: float,
-    *,
-    error: str | None = None,
-) -> dict[str, Any]:
-    """The non-secret start-up summary sent to the host store."""
-    return {
-        "port": None if error else config.listen_port,
-        "error": error,
-        "startup_ms": round((time.perf_counter() - t0) * 1e3, 1),
-        "models": [
-            {
-                "name": e.name,
-                "available": e.engine is not None,
-                "digest": e.digest.hex() if e.digest else None,
-                "reason": e.reason,
-            }
-            for e in entries.values()
-        ],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point inside the enclave: ``python -m models.server [--config server.toml]``."""
+    """Entry point inside the enclave: ``python -m models [--config server.toml]``."""
     from transport.logs import configure_logging
 
-    parser = argparse.ArgumentParser(prog="models.server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="models.server", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--config", type=Path, default=Path("server.toml"))
     args = parser.parse_args(argv)
     configure_logging()
+    tune_malloc()
     try:
         config = ServerConfig.from_file(args.config)
     except EnclaveError as exc:
-        log.error("inference_server_failed", error=_reason(exc))
-        return 1
+        detail = f"server config {args.config}: {exc}"
+        trio.run(_Reporter(None).failed, detail)
+        return EXIT_BAD_CONFIG
     try:
         return trio.run(lambda: run_server(config, app_dir=args.config.resolve().parent))
     except Exception as exc:  # report why before the enclave ends (its console may be off)
-        reason = _reason(_leaf(exc))
-        log.error("inference_server_failed", error=reason)
-        trio.run(_report_failure, config, reason)
-        return 1
+        leaf = _leaf(exc)
+        log.error("inference_server_crashed", exc_info=exc)
+        detail = f"the server failed: {type(leaf).__name__}: {' '.join(str(leaf).split())[:300]}"
+        trio.run(_Reporter(config).failed, detail)
+        return EXIT_CANNOT_SERVE
 
 
 def _leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
-
-
-async def _report_failure(config: ServerConfig, reason: str) -> None:
-    """Best effort: tell the host store the server is exiting and why (non-secret text)."""
-    with trio.move_on_after(5):
-        try:
-            async with open_store_client(config.host_port) as store:
-                await store.ready({"port": None, "error": reason[:1000], "models": []})
-        except Exception as exc:  # the host store may be what failed
-            log.warning("failure_report_failed", error=str(exc))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The inference service: the RPC methods the server answers on each attested channel.
 
-Methods (msgpack messages, tensors as ``{dtype, shape, data}``; see :mod:`models.tensors`):
+Methods (msgpack messages, tensors as ``{dtype, shape, data}``; see :mod:`models.tensors`),
+dispatched by :func:`transport.rpc.route`:
 
-``catalog`` (unary)
+``catalog`` (unary, answered inline in the connection's reader)
     request ``{}`` -> ``{"models": [ModelInfo...]}``: name, availability (and why not),
     SHA-384 digest, size, inputs and outputs with dtypes and shapes.
 ``infer`` (unary)
@@ -11,46 +12,116 @@ Methods (msgpack messages, tensors as ``{dtype, shape, data}``; see :mod:`models
     the client sends ``{"inputs": {...}}`` messages (or ``{"batch": [{...}, ...]}``: inputs it
     had ready, coalesced into one message) and ends its side; the server answers each with
     ``{"outputs": {...}}`` (``{"batch": [...]}``) in order, then ends. Messages already waiting
-    are run together (one batched ``session.run``); flow control of the RPC layer gives
-    backpressure both ways, and cancelling the stream stops its work.
+    are run together (one batched ``session.run``).
 
 Errors end only the stream they concern, with a stable code (``not_found``, ``unavailable``,
 ``invalid_argument``, ``deadline_exceeded``, ``resource_exhausted``, ``internal``) and a message
 that says what was wrong; other streams and the connection carry on.
+
+Memory, theory of operation
+---------------------------
+What a client can make the enclave hold is bounded in bytes, so that no client, however it
+behaves, can exhaust the enclave's memory (issue 10, item 4):
+
+* the RPC layer holds at most one stream's receive window of input that nobody took yet
+  (transport.rpc's flow control: credit goes back only as the handler takes messages);
+* a handler takes messages off its stream only when it is about to run them: there is no
+  read-ahead queue of our own. What it holds (the batch being run, then its answers until the
+  client has read them) is counted in a :class:`~models._budget.ByteBudget` at three levels:
+  the stream's batch (``stream_buffer_bytes``), the connection (``connection_buffer_bytes``)
+  and the server (``server_buffer_bytes``). A handler waits for room before it runs more, so a
+  client that does not read its answers stops itself, not the others, and the credit it would
+  need to send more is never returned;
+* a handler learns a message's size only once it took it (the RPC layer then returns its
+  credit), so a handler waiting for room holds one message outside the budgets. Waiters are
+  bounded (:data:`MAX_WAITING_PER_CONNECTION`, :data:`MAX_WAITING_PER_SERVER`); a stream that
+  would be one more fails with ``resource_exhausted`` and its message is dropped at once;
+* a batch takes what already waits on its stream only while every budget has room, in one
+  synchronous step, so all batches together overshoot the server budget by one message at most;
+* answers a client does not read within ``send_timeout_s`` fail the stream, and a stream with no
+  input for ``idle_timeout_s`` is closed: both give their memory back.
+
+So the service holds at most ``server_buffer_bytes`` + (``MAX_WAITING_PER_SERVER`` + 1) messages,
+plus the answers of the runs in progress (charged when they exist: at most ``max_batch`` rows of
+outputs per run), whatever the clients do.
+
+The service is shaped for more than one kind of model: a model is a :class:`ModelEntry` whose
+engine turns decoded inputs into outputs; a new kind (text in, embeddings out) is a new engine
+and, where the wire form differs, a new method in :meth:`InferenceService.connection_handler`'s
+routing table, under the same budgets and timeouts.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import structlog
 import trio
 
+from models._budget import BudgetStatistics, ByteBudget, Lease
 from models.engine import ModelEngine, concat_inputs, split_outputs
 from models.errors import (
-    InferenceError,
+    InferenceTimeoutError,
     InvalidInputError,
     ModelError,
     ModelNotFoundError,
     ModelUnavailableError,
 )
-from models.tensors import Array, decode_tensors, encode_tensors
-from transport.rpc import RpcError
+from models.tensors import MAX_RANK, MAX_TENSORS, Array, decode_tensors, encode_tensors
+from transport.rpc import Handler, Router, RpcError, route, unary_inline
 
-__all__ = ["ModelEntry", "InferenceService", "ServerStream", "METHODS"]
+__all__ = [
+    "ModelEntry",
+    "InferenceService",
+    "ServerStream",
+    "ServiceLimits",
+    "METHODS",
+    "MAX_ITEMS_PER_MESSAGE",
+    "DEFAULT_STREAM_BUFFER_BYTES",
+    "DEFAULT_CONNECTION_BUFFER_BYTES",
+    "DEFAULT_SERVER_BUFFER_BYTES",
+    "DEFAULT_SEND_TIMEOUT_S",
+    "DEFAULT_IDLE_TIMEOUT_S",
+    "MAX_WAITING_PER_CONNECTION",
+    "MAX_WAITING_PER_SERVER",
+    "message_bytes",
+]
 
 log = structlog.get_logger()
 
 METHODS: Final = ("catalog", "infer", "stream")
-#: Longest wait for a client to accept an answer (credit) before the stream is failed (s).
-_SEND_TIMEOUT_S: Final = 30.0
 #: Most items one coalesced stream message may carry (the client sends at most 64).
 MAX_ITEMS_PER_MESSAGE: Final = 256
-#: Messages read ahead of the one being run on a stream (what can be batched together).
-_STREAM_READ_AHEAD: Final = 64
+#: Most messages run together on one stream (what the client pipelines, with room to spare;
+#: the byte budget usually stops a batch first).
+MAX_MESSAGES_PER_RUN: Final = 64
+#: Input one stream takes off the wire to run as one batch (4 MiB: one message at the RPC's
+#: message cap, so a large request runs alone and small ones batch up to that much).
+DEFAULT_STREAM_BUFFER_BYTES: Final = 4 << 20
+#: Bytes held for one connection's streams together (16 MiB: four full batches in progress).
+DEFAULT_CONNECTION_BUFFER_BYTES: Final = 16 << 20
+#: Bytes held for all connections together (64 MiB: an eighth of the 512 MiB enclave, the rest
+#: being the interpreter, onnxruntime, the models and the RPC layer's windows).
+DEFAULT_SERVER_BUFFER_BYTES: Final = 64 << 20
+#: How long an answer may wait for the client to read it before its stream fails (seconds).
+DEFAULT_SEND_TIMEOUT_S: Final = 30.0
+#: How long a stream may wait for the client's next message before it is closed (seconds): a
+#: client that pauses longer opens a new stream.
+DEFAULT_IDLE_TIMEOUT_S: Final = 60.0
+#: Streams of one connection that may wait for buffer space, each holding the one message it
+#: took: more are refused with ``resource_exhausted`` (a waiter's message is memory in hand).
+MAX_WAITING_PER_CONNECTION: Final = 4
+#: The same for the whole server (16 x a 4 MiB message: 64 MiB at most in hand while waiting).
+MAX_WAITING_PER_SERVER: Final = 16
+#: Bytes counted for each container or scalar of a message, beyond the bytes it carries: a
+#: decoded msgpack object costs tens of bytes of Python memory however small it is on the wire.
+_OBJECT_OVERHEAD: Final = 64
+#: Most objects walked when sizing a message; a message with more is counted as this many
+#: objects, 4 MiB of overhead (as much as the RPC layer's message cap lets it carry).
+_MAX_OBJECTS_WALKED: Final = 1 << 16
 
 
 class ServerStream(Protocol):
@@ -66,7 +137,52 @@ class ServerStream(Protocol):
 
     async def receive(self) -> Any: ...
 
-    def __aiter__(self) -> AsyncIterator[Any]: ...
+    def receive_nowait(self) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLimits:
+    """Bounds on what clients can make the service hold or wait for (see the module docstring).
+
+    Attributes:
+        max_request_bytes: tensor bytes in one request or stream message.
+        max_concurrent_requests: model runs in progress at once, over all connections.
+        stream_buffer_bytes: input bytes one stream takes off the wire to run as one batch.
+        connection_buffer_bytes: bytes (inputs being run, answers not yet read) held for one
+            connection's streams together.
+        server_buffer_bytes: the same for every connection together.
+        send_timeout_s: how long an answer may wait for the client to read it (credit).
+        idle_timeout_s: how long a stream may wait for the client's next message.
+    """
+
+    max_request_bytes: int = 16 << 20
+    max_concurrent_requests: int = 256
+    stream_buffer_bytes: int = DEFAULT_STREAM_BUFFER_BYTES
+    connection_buffer_bytes: int = DEFAULT_CONNECTION_BUFFER_BYTES
+    server_buffer_bytes: int = DEFAULT_SERVER_BUFFER_BYTES
+    send_timeout_s: float = DEFAULT_SEND_TIMEOUT_S
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_request_bytes",
+            "max_concurrent_requests",
+            "stream_buffer_bytes",
+            "connection_buffer_bytes",
+            "server_buffer_bytes",
+        ):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.stream_buffer_bytes <= self.connection_buffer_bytes <= self.server_buffer_bytes:
+            raise ValueError(
+                "buffers must nest: stream_buffer_bytes <= connection_buffer_bytes <= "
+                "server_buffer_bytes"
+            )
+        for name in ("send_timeout_s", "idle_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 < value <= 3600:
+                raise ValueError(f"{name} must be in (0, 3600] seconds, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -81,6 +197,7 @@ class ModelEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def info(self) -> dict[str, Any]:
+        """The catalog entry (wire form)."""
         out: dict[str, Any] = {
             "name": self.name,
             "available": self.engine is not None,
@@ -96,35 +213,79 @@ class ModelEntry:
         return out
 
 
-def _rpc_error(exc: ModelError) -> RpcError:
-    return RpcError(exc.code, str(exc))
-
-
 class InferenceService:
-    """Dispatches RPC streams to the models (pass :meth:`handle` to ``serve_rpc``)."""
+    """The models and the RPC methods that serve them.
+
+    Serve each connection with its own handler: ``serve_rpc(channel,
+    service.connection_handler())``; the connection's byte budget lives in that handler.
+
+    Args:
+        models: model name -> entry (loaded or unavailable).
+        limits: memory and time bounds (default :class:`ServiceLimits`); the keyword arguments
+            ``max_request_bytes`` and ``max_concurrent_requests`` override its fields.
+    """
 
     def __init__(
         self,
         models: Mapping[str, ModelEntry],
         *,
-        max_request_bytes: int = 16 << 20,
-        max_concurrent_requests: int = 256,
+        limits: ServiceLimits | None = None,
+        max_request_bytes: int | None = None,
+        max_concurrent_requests: int | None = None,
     ) -> None:
+        base = limits or ServiceLimits()
+        overrides: dict[str, int] = {}
+        if max_request_bytes is not None:
+            overrides["max_request_bytes"] = max_request_bytes
+        if max_concurrent_requests is not None:
+            overrides["max_concurrent_requests"] = max_concurrent_requests
+        if overrides:
+            base = ServiceLimits(**{**_fields(base), **overrides})
+        self.limits = base
         self.models = dict(models)
-        self.max_request_bytes = max_request_bytes
-        self._limiter = trio.CapacityLimiter(max_concurrent_requests)
+        self._limiter = trio.CapacityLimiter(base.max_concurrent_requests)
+        self._budget = ByteBudget(base.server_buffer_bytes, max_waiters=MAX_WAITING_PER_SERVER)
 
-    async def _acquire(self) -> None:
-        """A request slot (concurrency limit); no scheduling round when one is free."""
-        try:
-            self._limiter.acquire_nowait()
-        except trio.WouldBlock:
-            await self._limiter.acquire()
+    @property
+    def max_request_bytes(self) -> int:
+        return self.limits.max_request_bytes
+
+    def statistics(self) -> BudgetStatistics:
+        """Bytes the service holds for all connections now, and the most it ever held."""
+        return self._budget.statistics()
 
     def catalog(self) -> dict[str, Any]:
+        """The catalog answer: every configured model, available or not."""
         return {"models": [entry.info() for entry in self.models.values()]}
 
-    def _engine(self, name: Any) -> ModelEngine:
+    def connection_handler(self) -> Router:
+        """The RPC handler for one connection (its own byte budget, nested in the server's)."""
+        conn = _ConnectionBudget(
+            ByteBudget(
+                self.limits.connection_buffer_bytes,
+                max_waiters=MAX_WAITING_PER_CONNECTION,
+                parent=self._budget,
+            )
+        )
+        return route(
+            {
+                "catalog": unary_inline(lambda _request, _stream: self.catalog()),
+                "infer": self._method(conn, self._infer),
+                "stream": self._method(conn, self._stream),
+            }
+        )
+
+    def _method(self, conn: _ConnectionBudget, fn: _Method) -> Handler:
+        async def handler(stream: ServerStream) -> None:
+            try:
+                await fn(conn, stream)
+            except ModelError as exc:
+                log.info("inference_failed", method=stream.method, code=exc.code, error=str(exc))
+                raise RpcError(exc.code, str(exc)) from None
+
+        return handler
+
+    def _engine(self, name: object) -> ModelEngine:
         if not isinstance(name, str):
             raise InvalidInputError("request must name a model (a string)")
         entry = self.models.get(name)
@@ -134,37 +295,73 @@ class InferenceService:
             raise ModelUnavailableError(f"model {name!r} is unavailable: {entry.reason}")
         return entry.engine
 
-    async def handle(self, stream: ServerStream) -> None:
-        """Serve one RPC stream (any ``ModelError`` becomes a per-stream error)."""
-        method = stream.method
+    async def _acquire_run_slot(self) -> None:
+        """A request slot (concurrency limit); no scheduling round when one is free."""
         try:
-            if method == "catalog":
-                await stream.receive()
-                await _send(stream, self.catalog(), end=True)
-            elif method == "infer":
-                await self._unary(stream)
-            elif method == "stream":
-                await self._stream(stream)
-            else:
-                raise RpcError("unimplemented", f"unknown method {method[:64]!r}")
-        except ModelError as exc:
-            log.info("inference_failed", method=method, code=exc.code, error=str(exc))
-            raise _rpc_error(exc) from None
+            self._limiter.acquire_nowait()
+        except trio.WouldBlock:
+            await self._limiter.acquire()
 
-    async def _unary(self, stream: ServerStream) -> None:
-        request = await stream.receive()
-        t0 = time.perf_counter()
-        if not isinstance(request, Mapping):
-            raise InvalidInputError("infer request must be a map with model and inputs")
-        engine = self._engine(request.get("model"))
-        inputs = decode_tensors(request.get("inputs"), max_bytes=self.max_request_bytes)
-        await self._acquire()
+    async def _receive(self, stream: ServerStream) -> Any:
+        """The client's next message, waiting at most ``idle_timeout_s``.
+
+        Raises:
+            trio.EndOfChannel: the client ended its side.
+            InferenceTimeoutError: nothing arrived in time (the stream is closed).
+        """
         try:
-            outputs = await engine.infer(inputs)
+            return stream.receive_nowait()  # usually already there: no scheduling round
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self.limits.idle_timeout_s):
+            return await stream.receive()
+        raise InferenceTimeoutError(
+            f"no input for {self.limits.idle_timeout_s:g} s; the stream is closed"
+        )
+
+    async def _send(self, stream: ServerStream, message: Any, *, end: bool = False) -> None:
+        """Send, bounded by ``send_timeout_s``: a client that does not read its answers fails
+        its stream, which frees them.
+
+        Not shielded: a wait for the client's credit sends nothing and is safe to cancel (server
+        shutdown, the connection's end), and transport.rpc itself keeps a cancellation from
+        cutting a frame (a peer's CANCEL waits for the handler's write; large writes are
+        shielded inside the RPC layer).
+        """
+        timeout = self.limits.send_timeout_s
+        with trio.move_on_after(timeout):
+            await stream.send(message, end=end)
+            return
+        raise InferenceTimeoutError(
+            f"the client did not read its answers for {timeout:g} s; the stream is closed"
+        )
+
+    # -- methods ---------------------------------------------------------------------------
+
+    async def _infer(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
+        try:
+            request = await self._receive(stream)
+        except trio.EndOfChannel:
+            raise InvalidInputError("infer needs one request") from None
+        t0 = time.perf_counter()
+        lease = conn.budget.lease()
+        try:
+            await lease.acquire(message_bytes(request))
+            if not isinstance(request, Mapping):
+                raise InvalidInputError("infer request must be a map with model and inputs")
+            engine = self._engine(request.get("model"))
+            inputs = decode_tensors(request.get("inputs"), max_bytes=self.max_request_bytes)
+            del request  # the arrays view its bytes; nothing else needs it
+            await self._acquire_run_slot()
+            try:
+                outputs = await engine.infer(inputs)
+            finally:
+                self._limiter.release()
+            t1 = time.perf_counter()
+            lease.charge(_nbytes(outputs))
+            await self._send(stream, {"outputs": encode_tensors(outputs)}, end=True)
         finally:
-            self._limiter.release()
-        t1 = time.perf_counter()
-        await _send(stream, {"outputs": encode_tensors(outputs)}, end=True)
+            lease.release()
         # Canonical per-request line, at debug level (free when filtered out).
         log.debug(
             "infer_completed",
@@ -174,37 +371,40 @@ class InferenceService:
             send_us=round((time.perf_counter() - t1) * 1e6, 1),
         )
 
-    async def _stream(self, stream: ServerStream) -> None:
+    async def _stream(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
         engine = self._engine(stream.metadata.get("model"))
-        send_chan, recv_chan = trio.open_memory_channel[Any](_STREAM_READ_AHEAD)
-
-        async def read_ahead() -> None:
-            with send_chan:
-                try:
-                    async for message in stream:
-                        await send_chan.send(message)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return  # the worker stopped (it failed the stream): nothing more to read
-
         t0 = time.perf_counter()
         index = 0
         busy = 0.0
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_ahead)
-                with recv_chan:  # closed without a checkpoint, so a failure below is not lost
-                    async for first in recv_chan:
-                        batch = [first]
-                        while len(batch) < _STREAM_READ_AHEAD:
-                            try:
-                                batch.append(recv_chan.receive_nowait())
-                            except (trio.WouldBlock, trio.EndOfChannel):
-                                break
-                        tb = time.perf_counter()
-                        index = await self._run_stream_batch(stream, engine, batch, index)
-                        busy += time.perf_counter() - tb
-        except BaseExceptionGroup as group:
-            raise _single(group) from None
+        while True:
+            try:
+                first = await self._receive(stream)
+            except trio.EndOfChannel:
+                break
+            lease = conn.budget.lease()
+            try:
+                await lease.acquire(message_bytes(first))
+                batch = [first]
+                del first
+                # Run what is already waiting with it, while this stream's batch and every
+                # budget above it have room: the RPC layer returns credit as we take messages,
+                # so we take only what we will run now.
+                while (
+                    lease.bytes < self.limits.stream_buffer_bytes
+                    and len(batch) < MAX_MESSAGES_PER_RUN
+                    and conn.budget.has_room()
+                ):
+                    try:
+                        message = stream.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    lease.charge(message_bytes(message))
+                    batch.append(message)
+                tb = time.perf_counter()
+                index = await self._run_stream_batch(stream, engine, batch, index, lease)
+                busy += time.perf_counter() - tb
+            finally:
+                lease.release()
         stats = engine.statistics()
         log.info(
             "stream_completed",
@@ -219,13 +419,19 @@ class InferenceService:
         )
 
     async def _run_stream_batch(
-        self, stream: ServerStream, engine: ModelEngine, batch: list[Any], index: int
+        self,
+        stream: ServerStream,
+        engine: ModelEngine,
+        batch: list[Any],
+        index: int,
+        lease: Lease,
     ) -> int:
         """Run the messages waiting on a stream together; answer each, in order.
 
         A message is ``{"inputs": {...}}`` (one item, answered with ``{"outputs": {...}}``) or
         ``{"batch": [{...}, ...]}`` (items a client coalesced, answered with
         ``{"batch": [outputs, ...]}``). Items are numbered across the stream for errors.
+        Answers are counted in ``lease`` until they are sent.
         """
         messages: list[tuple[bool, int]] = []  # (is a batch message, its item count)
         items: list[dict[str, Array]] = []
@@ -251,33 +457,128 @@ class InferenceService:
             messages.append((is_batch, len(decoded)))
             items.extend(d[0] for d in decoded)
             sizes.extend(d[1] for d in decoded)
+        batch.clear()  # the decoded arrays keep what they need of the messages
         # Consecutive items with the same non-batch shapes run as one request.
         outs: list[dict[str, Array]] = []
         for group in _group_compatible(items, sizes, engine):
             members = [items[i] for i in group]
-            await self._acquire()
+            await self._acquire_run_slot()
             try:
                 if len(members) == 1:
-                    outs.append(await engine.infer(members[0], join_batches=False))
+                    result = [await engine.infer(members[0], join_batches=False)]
                 else:
                     merged = await engine.infer(concat_inputs(members), join_batches=False)
-                    outs.extend(split_outputs(merged, [sizes[i] for i in group]))
+                    result = split_outputs(merged, [sizes[i] for i in group])
             finally:
                 self._limiter.release()
+            lease.charge(sum(_nbytes(o) for o in result))
+            outs.extend(result)
+        items.clear()
         pos = 0
         for is_batch, count in messages:
             mine = outs[pos : pos + count]
             pos += count
             if is_batch:
-                await _send(stream, {"batch": [encode_tensors(o) for o in mine]})
+                await self._send(stream, {"batch": [encode_tensors(o) for o in mine]})
             else:
-                await _send(stream, {"outputs": encode_tensors(mine[0])})
+                await self._send(stream, {"outputs": encode_tensors(mine[0])})
         if failure is not None:
             raise failure
-        return index + len(items)
+        return index + len(sizes)
 
 
-def _message_items(message: Any) -> tuple[bool, list[Any]]:
+class _Method(Protocol):
+    async def __call__(self, conn: _ConnectionBudget, stream: ServerStream, /) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectionBudget:
+    """What the streams of one connection share."""
+
+    budget: ByteBudget
+
+
+def _fields(limits: ServiceLimits) -> dict[str, Any]:
+    return {name: getattr(limits, name) for name in ServiceLimits.__dataclass_fields__}
+
+
+def _nbytes(arrays: Mapping[str, Array]) -> int:
+    return sum(int(a.nbytes) for a in arrays.values())
+
+
+def message_bytes(message: object) -> int:
+    """Memory a decoded message holds, for the byte budgets: the bytes and strings it carries
+    plus a fixed overhead per object. Messages of the expected shapes are sized directly (a
+    few microseconds, as the unary path needs); anything else is walked, at most
+    :data:`_MAX_OBJECTS_WALKED` objects."""
+    try:
+        return _expected_size(message)
+    except _Unexpected:
+        return _walked_size(message)
+
+
+class _Unexpected(Exception):
+    """A message not of the shapes :func:`_expected_size` knows (sized by walking it)."""
+
+
+def _expected_size(message: object) -> int:
+    """Size of ``{"model"?, "inputs": {name: tensor}}`` or ``{"batch": [{name: tensor}]}``."""
+    if type(message) is not dict or len(message) > 2:
+        raise _Unexpected
+    total = _OBJECT_OVERHEAD
+    for key, value in message.items():
+        if key == "inputs":
+            total += _tensors_size(value)
+        elif key == "batch" and type(value) is list and len(value) <= MAX_ITEMS_PER_MESSAGE:
+            total += _OBJECT_OVERHEAD * (1 + len(value))
+            for item in value:
+                total += _tensors_size(item)
+        elif key == "model" and type(value) is str:
+            total += 2 * _OBJECT_OVERHEAD + len(value)
+        else:
+            raise _Unexpected
+    return total
+
+
+def _tensors_size(tensors: object) -> int:
+    if type(tensors) is not dict or len(tensors) > MAX_TENSORS:
+        raise _Unexpected
+    total = _OBJECT_OVERHEAD
+    for name, tensor in tensors.items():
+        if type(name) is not str or type(tensor) is not dict or len(tensor) != 3:
+            raise _Unexpected
+        data, shape = tensor.get("data"), tensor.get("shape")
+        if type(data) is not bytes or type(shape) is not list or len(shape) > MAX_RANK:
+            raise _Unexpected
+        # name, the map, its three keys and values, the shape's items; the data's bytes
+        total += (9 + len(shape)) * _OBJECT_OVERHEAD + len(name) + len(data)
+    return total
+
+
+def _walk(message: object) -> Iterator[object]:
+    stack = [message]
+    while stack:
+        obj = stack.pop()
+        yield obj
+        if isinstance(obj, Mapping):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple):
+            stack.extend(obj)
+
+
+def _walked_size(message: object) -> int:
+    total = 0
+    for count, obj in enumerate(_walk(message)):
+        if count == _MAX_OBJECTS_WALKED:
+            break
+        total += _OBJECT_OVERHEAD
+        if isinstance(obj, bytes | bytearray | str):
+            total += len(obj)
+    return total
+
+
+def _message_items(message: object) -> tuple[bool, list[Any]]:
     """The items of a stream message (see :meth:`InferenceService._run_stream_batch`)."""
     if isinstance(message, Mapping) and len(message) == 1:
         if "inputs" in message:
@@ -288,40 +589,6 @@ def _message_items(message: Any) -> tuple[bool, list[Any]]:
     raise InvalidInputError(
         f"expected a map with only 'inputs', or 'batch' (a list of 1-{MAX_ITEMS_PER_MESSAGE})"
     )
-
-
-async def _send(stream: ServerStream, message: Any, *, end: bool = False) -> None:
-    """Send shielded from cancellation, bounded in time.
-
-    transport.rpc fails the whole connection when a write is interrupted part-way (a partial
-    frame would be on the wire), and a client's CANCEL cancels our handler at any await: an
-    answer being written must not take the client's other streams down with it. A cancelled
-    stream still ends promptly (the RPC layer wakes a sender parked on credit with an error).
-    """
-    with trio.CancelScope(shield=True) as scope:
-        scope.deadline = trio.current_time() + _SEND_TIMEOUT_S
-        await stream.send(message, end=end)
-    if scope.cancelled_caught:
-        raise InferenceError("the client did not read its answers in time")
-
-
-def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one error of a two-task nursery (the other task was cancelled by it)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for kind in (ModelError, RpcError):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return leaves[0] if len(leaves) == 1 else group
 
 
 def _group_compatible(

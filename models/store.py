@@ -23,6 +23,7 @@ untrusted, so nothing it provides is trusted either:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -32,7 +33,16 @@ import trio
 
 from models.errors import ModelLoadError
 from models.sealed import MAX_MODEL_SIZE
-from transport.rpc import RpcError, open_rpc_client, serve_rpc
+from transport.rpc import (
+    Router,
+    RpcClient,
+    RpcError,
+    RpcStream,
+    open_rpc_client,
+    route,
+    serve_rpc,
+    unary_inline,
+)
 from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
 
 __all__ = [
@@ -84,50 +94,53 @@ class ModelStore:
         self.on_ready = on_ready
         self.ready_reports: list[dict[str, Any]] = []
         self._changed = trio.Event()
+        #: The RPC handler (pass it to ``serve_rpc``).
+        self.handle: Router = route(
+            {
+                "credentials": unary_inline(self._credentials),
+                "fetch": self._fetch,
+                "ready": unary_inline(self._ready),
+            }
+        )
 
-    async def handle(self, stream: Any) -> None:
-        """RPC handler (one stream)."""
-        method = stream.method
-        if method == "credentials":
-            await stream.receive()
-            if self.credentials is None:
-                raise RpcError("permission_denied", "this host provides no KMS credentials")
-            c = self.credentials
-            await stream.send(
-                {
-                    "access_key_id": c.access_key_id,
-                    "secret_access_key": c.secret_access_key,
-                    "session_token": c.session_token,
-                    "region": c.region,
-                },
-                end=True,
+    def _credentials(self, _request: object, _stream: RpcStream) -> dict[str, str | None]:
+        if self.credentials is None:
+            raise RpcError("permission_denied", "this host provides no KMS credentials")
+        c = self.credentials
+        return {
+            "access_key_id": c.access_key_id,
+            "secret_access_key": c.secret_access_key,
+            "session_token": c.session_token,
+            "region": c.region,
+        }
+
+    async def _fetch(self, stream: RpcStream) -> None:
+        name = stream.metadata.get("name")
+        path = self.models.get(name) if isinstance(name, str) else None
+        if path is None:
+            raise RpcError("not_found", f"the host store has no model {str(name)[:128]!r}")
+        await self._send_file(stream, path)
+
+    def _ready(self, report: object, _stream: RpcStream) -> dict[str, object]:
+        if not isinstance(report, dict):
+            raise RpcError("invalid_argument", "ready report must be a map")
+        self.ready_reports.append(report)
+        if report.get("error"):
+            log.warning(
+                "enclave_server_failed", error=report.get("error"), models=report.get("models")
             )
-        elif method == "fetch":
-            name = stream.metadata.get("name")
-            path = self.models.get(name) if isinstance(name, str) else None
-            if path is None:
-                raise RpcError("not_found", f"the host store has no model {str(name)[:128]!r}")
-            await self._send_file(stream, path)
-        elif method == "ready":
-            report = await stream.receive()
-            if not isinstance(report, dict):
-                raise RpcError("invalid_argument", "ready report must be a map")
-            self.ready_reports.append(report)
-            if report.get("error"):
-                log.warning(
-                    "enclave_server_failed", error=report.get("error"), models=report.get("models")
-                )
-            else:
-                log.info(
-                    "enclave_server_ready", port=report.get("port"), models=report.get("models")
-                )
-            if self.on_ready is not None:
-                self.on_ready(report)
-            self._changed.set()
-            self._changed = trio.Event()
-            await stream.send({}, end=True)
         else:
-            raise RpcError("unimplemented", f"unknown method {str(method)[:64]!r}")
+            log.info(
+                "enclave_server_ready",
+                port=report.get("port"),
+                detail=report.get("detail"),
+                models=report.get("models"),
+            )
+        if self.on_ready is not None:
+            self.on_ready(report)
+        self._changed.set()
+        self._changed = trio.Event()
+        return {}
 
     async def wait_report(self, index: int) -> dict[str, Any]:
         """Wait for the ``index``-th (0-based) ``ready`` report and return it."""
@@ -136,7 +149,7 @@ class ModelStore:
         return self.ready_reports[index]
 
     @staticmethod
-    async def _send_file(stream: Any, path: Path) -> None:
+    async def _send_file(stream: RpcStream, path: Path) -> None:
         f = await trio.open_file(path, "rb")
         async with f:
             size = (await trio.Path(path).stat()).st_size
@@ -168,10 +181,11 @@ async def serve_model_store(
 class StoreClient:
     """The enclave side of the store (an open RPC client on a vsock stream)."""
 
-    def __init__(self, rpc: Any) -> None:
+    def __init__(self, rpc: RpcClient) -> None:
         self._rpc = rpc
 
     async def credentials(self) -> HostCredentials:
+        """This instance's KMS credentials, from the host."""
         answer = await self._rpc.call("credentials", {})
         try:
             return HostCredentials(
@@ -202,29 +216,27 @@ class StoreClient:
         return bytes(buf)
 
     async def ready(self, report: Mapping[str, Any]) -> None:
+        """Tell the host how the start-up went (non-secret facts only)."""
         await self._rpc.call("ready", dict(report))
 
 
 class _StoreConnection:
     def __init__(self, port: int) -> None:
         self._port = port
-        self._stream: trio.abc.Stream | None = None
-        self._cm: Any = None
+        self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> StoreClient:
-        self._stream = await open_vsock_stream(VsockAddr(PARENT_CID, self._port))
-        self._cm = open_rpc_client(self._stream)
-        rpc = await self._cm.__aenter__()
+        async with AsyncExitStack() as stack:
+            stream = await open_vsock_stream(VsockAddr(PARENT_CID, self._port))
+            await stack.enter_async_context(stream)
+            rpc = await stack.enter_async_context(open_rpc_client(stream))
+            self._stack = stack.pop_all()
         return StoreClient(rpc)
 
     async def __aexit__(self, *exc: object) -> None:
-        try:
-            await self._cm.__aexit__(*exc)
-        finally:
-            assert self._stream is not None
-            await self._stream.aclose()
+        await self._stack.aclose()
 
 
-def open_store_client(port: int) -> _StoreConnection:
+def open_store_client(port: int) -> AbstractAsyncContextManager[StoreClient]:
     """``async with open_store_client(port) as store:`` from inside the enclave."""
     return _StoreConnection(port)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,8 @@ import numpy.typing as npt
 from models.errors import InvalidInputError
 
 __all__ = [
+    "NodeArg",
+    "Session",
     "DTYPES",
     "ORT_TYPES",
     "MAX_RANK",
@@ -79,6 +81,34 @@ MAX_TENSORS: Final = 64
 MAX_NAME_LEN: Final = 256
 
 Array = npt.NDArray[Any]
+
+
+class NodeArg(Protocol):
+    """An input or output as onnxruntime describes it (``onnxruntime.NodeArg``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int | str | None]: ...
+
+
+class Session(Protocol):
+    """What models/ uses of an ``onnxruntime.InferenceSession`` (onnxruntime has no types)."""
+
+    def get_inputs(self) -> Sequence[NodeArg]: ...
+
+    def get_outputs(self) -> Sequence[NodeArg]: ...
+
+    def run(
+        self,
+        output_names: Sequence[str] | None,
+        input_feed: Mapping[str, Array],
+        run_options: Any = None,
+    ) -> Sequence[Array]: ...
 
 
 def encode_tensor(array: npt.ArrayLike) -> dict[str, Any]:
@@ -164,7 +194,8 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_wire(cls, obj: Any) -> TensorSpec:
+    def from_wire(cls, obj: object) -> TensorSpec:
+        """Parse a spec from a catalog answer."""
         if not isinstance(obj, Mapping):
             raise InvalidInputError("tensor spec must be a map")
         shape = obj.get("shape")
@@ -186,10 +217,10 @@ class ModelSignature:
     outputs: tuple[TensorSpec, ...]
 
     @classmethod
-    def from_session(cls, session: Any) -> ModelSignature:
+    def from_session(cls, session: Session) -> ModelSignature:
         """Read the signature of an ``onnxruntime.InferenceSession``."""
 
-        def spec(arg: Any) -> TensorSpec:
+        def spec(arg: NodeArg) -> TensorSpec:
             dtype = ORT_TYPES.get(arg.type)
             if dtype is None:
                 raise InvalidInputError(f"model uses unsupported type {arg.type} for {arg.name}")
@@ -211,7 +242,8 @@ class ModelSignature:
 
         Raises:
             InvalidInputError: missing or unknown input, wrong dtype, rank or fixed dimension,
-                inconsistent batch sizes, or a batch above ``max_batch``.
+                an empty input (zero rows), inconsistent batch sizes, or a batch above
+                ``max_batch``.
         """
         expected = {s.name: s for s in self.inputs}
         unknown = sorted(set(arrays) - set(expected))
@@ -240,6 +272,12 @@ class ModelSignature:
                         f"input {name!r}: dimension {axis} is {got}, the model expects {want} "
                         f"{_fmt_shape(spec.shape)}"
                     )
+            if arr.size == 0:
+                # onnxruntime answers an empty batch with a kernel error (an "internal" failure
+                # to the client) or, worse, an empty result; it is the request that is wrong.
+                raise InvalidInputError(
+                    f"input {name!r} is empty (shape {list(arr.shape)}): send at least one row"
+                )
             if spec.batch_dynamic:
                 if batch is not None and arr.shape[0] != batch:
                     raise InvalidInputError("inputs disagree on the batch size")

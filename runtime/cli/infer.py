@@ -1,11 +1,19 @@
 """``enclave infer``: run inference on a confidential server through its attested channel.
 
 Connects to ``--endpoint`` (the host ingress), verifies the enclave's attestation document
-against ``--root`` and ``--policy`` before sending anything, then sends ``--input`` (an ``.npy``
-array for a single-input model, or an ``.npz`` whose names are the model's inputs; for an
-``.npz`` with an ``x`` array and a single-input model, ``x`` is used). Prints what it verified
-(module id, PCR0, PCR16 and the model digest it binds) and the results as JSON on stdout;
-``--output FILE.npz`` also saves the output tensors.
+against ``--root`` and ``--policy`` before sending anything, then sends ``--input``. Prints what
+it verified (module id, PCR0, PCR16 and the model digest it binds) and the results as JSON on
+stdout; ``--output FILE.npz`` also saves the output tensors.
+
+Inputs: an ``.npz`` whose array names are the model's input names (``enclave infer`` lists them
+when they do not match), or, for a model with a single input, an ``.npy`` array or an ``.npz``
+holding one array (or an array named ``x``). Each array's dtype and shape must match the model's
+signature as the catalog reports it; the first dimension is the batch (rows).
+
+Errors are one line on stderr, naming what failed: ``enclave unreachable`` (nothing answered at
+the endpoint, or the ingress could not reach the enclave) is told apart from ``attestation
+failed`` (the enclave did not prove what the policy requires). Every wait is bounded by
+``--timeout``.
 """
 
 from __future__ import annotations
@@ -13,23 +21,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+import structlog
 import trio
 
-from transport.errors import ConfigurationError
+from transport.errors import (
+    AuthenticationFailed,
+    ConfigurationError,
+    EnclaveError,
+    PeerUnreachable,
+    TransportError,
+)
 
 if TYPE_CHECKING:
+    from models.client import InferenceClient, ModelInfo
     from runtime.cli import SubParsers
 
+log = structlog.get_logger()
+
 #: Rows printed per output before eliding (the rest goes to --output).
-_PRINT_ROWS = 10
+_PRINT_ROWS: Final = 10
+#: Default bound on each wait (connect + handshake, then each call), seconds.
+DEFAULT_TIMEOUT_S: Final = 30.0
 
 
 def register(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("infer", help="attested inference against an enclave server")
+    p = subparsers.add_parser(
+        "infer",
+        help="attested inference against an enclave server",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        allow_abbrev=False,
+    )
     p.add_argument("--endpoint", required=True, metavar="HOST:PORT", help="the host ingress")
     p.add_argument(
         "--root",
@@ -39,35 +65,68 @@ def register(subparsers: SubParsers) -> None:
         help="trust root: a PEM file, 'local' (this state dir's CA) or 'aws' (repeatable)",
     )
     p.add_argument("--policy", required=True, type=Path, metavar="FILE", help="PCR policy file")
-    p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True, type=Path, metavar="FILE.npy|FILE.npz")
+    p.add_argument("--model", required=True, help="the model's name in the server's catalog")
+    p.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        metavar="FILE.npy|FILE.npz",
+        help="the inputs: an .npz named after the model's inputs, or one .npy array",
+    )
     p.add_argument("--stream", action="store_true", help="stream the rows in chunks")
     p.add_argument("--chunk", type=int, default=32, help="rows per stream message (--stream)")
     p.add_argument("--output", type=Path, metavar="FILE.npz", help="save the outputs")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help=f"bound on connecting and on each answer (default {DEFAULT_TIMEOUT_S:g})",
+    )
     p.set_defaults(func=run)
 
 
-def _load_inputs(path: Path, input_names: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+def read_arrays(path: Path) -> dict[str, np.ndarray[Any, Any]]:
+    """The arrays of an ``.npz`` by name, or of an ``.npy`` under the name ``""``.
+
+    Raises:
+        ConfigurationError: missing, unreadable or malformed file (pickled objects included).
+    """
     try:
-        if path.suffix == ".npy":
-            arr = np.load(path, allow_pickle=False)
-            if len(input_names) != 1:
-                raise ConfigurationError(
-                    f"the model takes {input_names}; give an .npz with those names"
-                )
-            return {input_names[0]: arr}
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ConfigurationError(f"cannot read {path}: {exc}") from exc
-    if set(input_names) <= set(arrays):
-        return {k: arrays[k] for k in input_names}
-    if len(input_names) == 1 and ("x" in arrays or len(arrays) == 1):
-        return {input_names[0]: arrays.get("x", next(iter(arrays.values())))}
-    raise ConfigurationError(f"{path} holds {sorted(arrays)}; the model takes {input_names}")
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                return {k: data[k] for k in data.files}
+        return {"": np.asarray(data)}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ConfigurationError(f"cannot read --input {path}: {_one_line(exc)}") from exc
 
 
-def _summary(name: str, arr: np.ndarray[Any, Any]) -> dict[str, Any]:
+def model_inputs(
+    arrays: dict[str, np.ndarray[Any, Any]], info: ModelInfo, *, source: Path
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Map the arrays of ``source`` to the model's inputs (see the module docstring).
+
+    Raises:
+        ConfigurationError: the names do not match the model's inputs.
+    """
+    names = [s.name for s in info.inputs]
+    if set(names) <= set(arrays):
+        return {k: arrays[k] for k in names}
+    if len(names) == 1 and ("x" in arrays or len(arrays) == 1):
+        return {names[0]: arrays.get("x", next(iter(arrays.values())))}
+    held = sorted(arrays) if "" not in arrays else "one unnamed array"
+    raise ConfigurationError(
+        f"--input {source} holds {held}; model {info.name!r} takes {names}: give an .npz with "
+        "those names"
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _summary(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"dtype": arr.dtype.name, "shape": list(arr.shape)}
     rows = arr[:_PRINT_ROWS] if arr.ndim else arr
     out["values"] = np.round(rows, 6).tolist() if arr.dtype.kind == "f" else rows.tolist()
@@ -76,58 +135,92 @@ def _summary(name: str, arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     return out
 
 
+async def _infer(
+    client: InferenceClient, args: argparse.Namespace, arrays: dict[str, np.ndarray[Any, Any]]
+) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+    from models.server import expected_pcr16
+
+    peer = client.attestation
+    catalog = await client.list_models()
+    info = next((m for m in catalog if m.name == args.model), None)
+    if info is None:
+        served = ", ".join(repr(m.name) for m in catalog) or "none"
+        raise ConfigurationError(f"the server has no model {args.model!r} (it has {served})")
+    if not info.available:
+        raise ConfigurationError(f"model {args.model!r} is unavailable: {info.reason}")
+    inputs = model_inputs(arrays, info, source=args.input)
+    if args.stream:
+        n = next(iter(inputs.values())).shape[0] if inputs else 0
+        chunks = (
+            {k: v[i : i + args.chunk] for k, v in inputs.items()} for i in range(0, n, args.chunk)
+        )
+        parts = [out async for out in client.stream(args.model, chunks)]
+        outputs = {
+            k: np.concatenate([p[k] for p in parts], axis=0) for k in (parts[0] if parts else {})
+        }
+    else:
+        outputs = await client.infer(args.model, inputs)
+    served_digests = [bytes.fromhex(m.digest) for m in catalog if m.available and m.digest]
+    pcr16 = peer.pcrs.get(16, b"")
+    result = {
+        "attestation": {
+            "module_id": peer.module_id,
+            "pcr0": peer.pcrs[0].hex(),
+            "pcr16": pcr16.hex(),
+            "model_digest": info.digest,
+            "pcr16_matches_catalog": expected_pcr16(served_digests) == pcr16,
+        },
+        "model": args.model,
+        "outputs": {k: _summary(v) for k, v in outputs.items()},
+    }
+    return result, outputs
+
+
 def run(args: argparse.Namespace) -> int:
     from attest.policy import Policy
     from attest.roots import load_roots
     from models.client import make_verifier, open_inference_client
-    from models.server import expected_pcr16
+    from transport.hostport import parse_host_port
     from transport.paths import default_state_dir
 
-    roots = load_roots(args.root, state_dir=default_state_dir())
-    policy = Policy.from_file(args.policy)
-    verifier = make_verifier(roots, policy)
     if args.chunk < 1:
-        raise ConfigurationError("--chunk must be positive")
+        raise ConfigurationError(f"--chunk must be a positive number of rows, got {args.chunk}")
+    if not 0 < args.timeout <= 3600:
+        raise ConfigurationError(f"--timeout must be in (0, 3600] seconds, got {args.timeout:g}")
+    parse_host_port(args.endpoint, what="--endpoint")
+    arrays = read_arrays(args.input)  # before connecting: a bad file costs no round trip
+    roots = load_roots(args.root, state_dir=default_state_dir())
+    verifier = make_verifier(roots, Policy.from_file(args.policy))
+    endpoint = args.endpoint
 
-    async def main() -> dict[str, Any]:
-        async with open_inference_client(args.endpoint, verifier=verifier) as client:
-            peer = client.attestation
-            catalog = await client.list_models()
-            info = next((m for m in catalog if m.name == args.model), None)
-            names = [s.name for s in info.inputs] if info is not None else []
-            inputs = _load_inputs(args.input, names) if names else {}
-            if args.stream and inputs:
-                n = next(iter(inputs.values())).shape[0]
-                chunks = (
-                    {k: v[i : i + args.chunk] for k, v in inputs.items()}
-                    for i in range(0, n, args.chunk)
-                )
-                parts = [out async for out in client.stream(args.model, chunks)]
-                outputs = {
-                    k: np.concatenate([p[k] for p in parts], axis=0)
-                    for k in (parts[0] if parts else {})
-                }
-            else:
-                outputs = await client.infer(args.model, inputs)
-            served = [bytes.fromhex(m.digest) for m in catalog if m.available and m.digest]
-            pcr16 = peer.pcrs.get(16, b"")
-            return {
-                "attestation": {
-                    "module_id": peer.module_id,
-                    "pcr0": peer.pcrs[0].hex(),
-                    "pcr16": pcr16.hex(),
-                    "model_digest": info.digest if info else None,
-                    "pcr16_matches_catalog": expected_pcr16(served) == pcr16,
-                },
-                "model": args.model,
-                "outputs": {k: _summary(k, v) for k, v in outputs.items()},
-                "_arrays": outputs,
-            }
+    async def main() -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+        connected = False
+        try:
+            async with open_inference_client(
+                endpoint,
+                verifier=verifier,
+                connect_timeout_s=args.timeout,
+                timeout_s=args.timeout,
+            ) as client:
+                connected = True
+                return await _infer(client, args, arrays)
+        except (EnclaveError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            mapped = _for_the_user(exc, endpoint, args.policy, connected=connected)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
-    result = trio.run(main)
-    arrays = result.pop("_arrays")
+    try:
+        result, arrays = trio.run(main)
+    except EnclaveError as exc:
+        log.debug("infer_failed", exc_info=exc)  # the traceback, with ENCLAVE_LOG_LEVEL=debug
+        raise
     if args.output is not None:
-        np.savez(args.output, **arrays)
+        try:
+            named: dict[str, Any] = dict(arrays)  # (numpy's stub types **kwds as its flag)
+            np.savez(args.output, **named)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write --output {args.output}: {exc}") from exc
         print(f"outputs saved to {args.output}", file=sys.stderr)
     att = result["attestation"]
     print(
@@ -137,3 +230,29 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _for_the_user(
+    exc: BaseException, endpoint: str, policy: Path, *, connected: bool
+) -> EnclaveError:
+    """The error ``enclave infer`` reports for ``exc``: one line saying what failed where."""
+    if isinstance(exc, PeerUnreachable):
+        text = _one_line(exc)
+        if not text.startswith("enclave unreachable"):
+            text = f"enclave unreachable at {endpoint}: {text}"
+        return PeerUnreachable(text)
+    if isinstance(exc, AuthenticationFailed):
+        if not connected:
+            return AuthenticationFailed(
+                f"attestation failed: the enclave at {endpoint} did not prove what {policy} "
+                "requires (root, PCRs, debug mode, freshness); the log says which check failed"
+            )
+        return AuthenticationFailed(
+            f"the channel to the enclave at {endpoint} failed its integrity check (tampering "
+            "on the way, or the enclave went away mid-record)"
+        )
+    if isinstance(exc, TransportError | trio.BrokenResourceError | OSError):
+        return TransportError(f"connection to the enclave at {endpoint} lost: {_one_line(exc)}")
+    if isinstance(exc, EnclaveError):
+        return exc  # the server's refusals and our own checks already say what is wrong
+    return EnclaveError(_one_line(exc))

@@ -14,22 +14,33 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+from urllib.parse import urlsplit
 
+import structlog
 import trio
 
-from transport.errors import ConfigurationError
+from transport.errors import ConfigurationError, EnclaveError, TransportError
 
 if TYPE_CHECKING:
     from kms.client import Credentials
     from runtime.cli import SubParsers
 
+log = structlog.get_logger()
+
+#: Bound on the KMS call of ``seal`` (GenerateDataKey), seconds.
+KMS_TIMEOUT_S: Final = 30.0
+
 
 def register(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("model", help="seal or inspect sealed ONNX models")
+    p = subparsers.add_parser(
+        "model", help="seal or inspect sealed ONNX models", allow_abbrev=False
+    )
     sub = p.add_subparsers(dest="model_command", metavar="COMMAND")
     sub.required = True
-    seal = sub.add_parser("seal", help="envelope-encrypt an ONNX model under a KMS key")
+    seal = sub.add_parser(
+        "seal", help="envelope-encrypt an ONNX model under a KMS key", allow_abbrev=False
+    )
     seal.add_argument("model", type=Path, metavar="MODEL.onnx")
     seal.add_argument("--key-id", required=True, help="KMS key id, ARN or alias/NAME")
     seal.add_argument("--kms-endpoint", required=True, help="http://HOST:PORT of the KMS")
@@ -46,7 +57,9 @@ def register(subparsers: SubParsers) -> None:
         help="extra encryption context entries (repeatable)",
     )
     seal.set_defaults(func=run_seal)
-    inspect = sub.add_parser("inspect", help="print a sealed model's header as JSON (no key)")
+    inspect = sub.add_parser(
+        "inspect", help="print a sealed model's header as JSON (no key)", allow_abbrev=False
+    )
     inspect.add_argument("sealed", type=Path, metavar="FILE.sealed")
     inspect.set_defaults(func=run_inspect)
     store = sub.add_parser(
@@ -88,8 +101,32 @@ def credentials_from_env() -> Credentials:
     return Credentials(key, secret, token)
 
 
+def kms_endpoint(value: str, *, what: str = "--kms-endpoint") -> str:
+    """Check an ``http://HOST:PORT`` KMS endpoint; returns it normalised.
+
+    Raises:
+        ConfigurationError: not an http URL with a valid ``HOST:PORT`` authority.
+    """
+    from transport.hostport import format_host_port, parse_host_port
+
+    parts = urlsplit(value.strip())
+    if "://" not in value:
+        hint = f" (did you mean http://{value.strip()}?)" if value.strip() else ""
+        raise ConfigurationError(f"{what} {value!r}: expected http://HOST:PORT{hint}")
+    if parts.scheme != "http":
+        raise ConfigurationError(
+            f"{what} {value!r}: only http:// is supported (the local KMS speaks plain HTTP)"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigurationError(f"{what} {value!r}: expected http://HOST:PORT, nothing after")
+    host, port = parse_host_port(parts.netloc, what=what)
+    return f"http://{format_host_port(host, port)}"
+
+
 def run_seal(args: argparse.Namespace) -> int:
     from kms.client import KmsClient
+    from kms.errors import KmsApiError, KmsError
+    from models.errors import ModelLoadError
     from models.sealing import seal_model_file
 
     context: dict[str, str] = {}
@@ -98,8 +135,11 @@ def run_seal(args: argparse.Namespace) -> int:
         if not sep or not k:
             raise ConfigurationError(f"--context wants KEY=VALUE, got {item!r}")
         context[k] = v
+    endpoint = kms_endpoint(args.kms_endpoint)
     if not args.model.is_file():
         raise ConfigurationError(f"no such model file: {args.model}")
+    if not args.out.parent.is_dir():
+        raise ConfigurationError(f"--out {args.out}: no such directory {args.out.parent}")
     region = (
         args.region
         or os.environ.get("AWS_REGION")
@@ -108,20 +148,40 @@ def run_seal(args: argparse.Namespace) -> int:
     creds = credentials_from_env()
 
     async def main() -> dict[str, object]:
-        async with KmsClient(endpoint=args.kms_endpoint, credentials=creds, region=region) as kms:
-            result = await seal_model_file(
-                args.model,
-                args.out,
-                kms=kms,
-                key_id=args.key_id,
-                name=args.name,
-                encryption_context=context,
-            )
-        view = result.header.to_json()
-        view["path"] = str(result.path)
-        return view
+        async with KmsClient(endpoint=endpoint, credentials=creds, region=region) as kms:
+            with trio.move_on_after(KMS_TIMEOUT_S):
+                result = await seal_model_file(
+                    args.model,
+                    args.out,
+                    kms=kms,
+                    key_id=args.key_id,
+                    name=args.name,
+                    encryption_context=context,
+                )
+                view = result.header.to_json()
+                view["path"] = str(result.path)
+                return view
+        raise TransportError(f"the KMS at {endpoint} did not answer within {KMS_TIMEOUT_S:g} s")
 
-    view = trio.run(main)
+    try:
+        view = trio.run(main)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{args.model}: {_one_line(exc)[:300]}") from exc
+    except KmsApiError as exc:
+        raise KmsError(
+            f"KMS at {endpoint} refused a data key under {args.key_id!r}: {exc}"
+        ) from exc
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.debug("seal_failed", exc_info=exc)
+        reason = "connection refused" if _refused(exc) else _one_line(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError) and exc.filename:
+            raise ConfigurationError(f"cannot write {args.out}: {_one_line(exc)}") from exc
+        raise TransportError(f"KMS unreachable at {endpoint}: {reason}") from exc
+    except Exception as exc:
+        if isinstance(exc, EnclaveError):
+            raise
+        log.debug("seal_failed", exc_info=exc)  # h11 and other peer faults: one line
+        raise TransportError(f"the KMS at {endpoint} failed: {_one_line(exc)}") from exc
     print(f"sealed {args.model} -> {args.out}", file=sys.stderr)
     print(json.dumps(view, indent=2))
     return 0
@@ -163,14 +223,32 @@ def run_store(args: argparse.Namespace) -> int:
     return run_until_signal(serve)
 
 
+def _refused(exc: BaseException) -> bool:
+    seen: list[BaseException] = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        seen.extend(cause.exceptions)
+    elif cause is not None:
+        seen.append(cause)
+    return any(isinstance(e, ConnectionRefusedError) for e in seen)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def run_inspect(args: argparse.Namespace) -> int:
+    from models.errors import SealedFormatError
     from models.sealing import inspect_sealed
 
     try:
         header = inspect_sealed(args.sealed)
+        size = args.sealed.stat().st_size
     except OSError as exc:
-        raise ConfigurationError(f"cannot read {args.sealed}: {exc}") from exc
+        raise ConfigurationError(f"cannot read {args.sealed}: {exc.strerror or exc}") from exc
+    except SealedFormatError as exc:
+        raise SealedFormatError(f"{args.sealed} is not a sealed model: {exc}") from exc
     view = header.to_json()
-    view["file_size"] = args.sealed.stat().st_size
+    view["file_size"] = size
     print(json.dumps(view, indent=2))
     return 0

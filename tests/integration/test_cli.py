@@ -124,4 +124,4 @@ async def test_infer_cli(served: Served, tmp_path: Path) -> None:
         policy.write_text(json.dumps({"measurements": [{"pcrs": {"0": "ab" * 48}}]}))
         code, stdout, stderr = await trio.to_thread.run_sync(_run, base)
         assert code != 0
-        assert "authentication failed" in stderr.lower()
+        assert "error: attestation failed" in stderr.lower()

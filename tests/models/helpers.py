@@ -51,3 +51,21 @@ def fixed_model() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
+
+
+def gather_model(rows: int = 4) -> bytes:
+    """i int64 [N] -> y float32 [N, 2]: rows of a constant table (an index out of range is a
+    kernel error that only the values reveal, past any signature check)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.arange(rows * 2, dtype=np.float32).reshape(rows, 2), "t")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["t", "i"], ["y"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

@@ -20,6 +20,11 @@ def test_shipped_config_loads() -> None:
     assert [m.name for m in config.models] == ["digits"]
     assert config.models[0].source == "store"
     assert config.models[0].engine.max_batch == 512
+    limits = config.service_limits()
+    assert limits.connection_buffer_bytes == 16 << 20
+    assert limits.server_buffer_bytes == 64 << 20
+    assert limits.send_timeout_s == 30.0
+    assert limits.idle_timeout_s == 60.0
 
 
 def test_json_config(tmp_path: Path) -> None:
@@ -50,6 +55,10 @@ def test_json_config(tmp_path: Path) -> None:
         ({"models": [{"name": "a"}], "suites": ["RSA"]}, "suites"),
         ({"models": [{"name": "a"}], "max_connections": 0}, "positive"),
         ({"models": [{"name": "a"}], "handshake_timeout_s": -1}, "handshake"),
+        ({"models": [{"name": "a"}], "idle_timeout_s": 0}, "idle_timeout_s"),
+        ({"models": [{"name": "a"}], "send_timeout_s": True}, "send_timeout_s"),
+        ({"models": [{"name": "a"}], "server_buffer_bytes": 1.5}, "positive"),
+        ({"models": [{"name": "a"}], "connection_buffer_bytes": 1 << 30}, "nest"),
     ],
 )
 def test_bad_configs(mapping: dict[str, Any], msg: str) -> None:

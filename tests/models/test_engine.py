@@ -25,7 +25,7 @@ from models.errors import (
     OverloadedError,
 )
 
-from .helpers import fixed_model, slow_model
+from .helpers import fixed_model, gather_model, slow_model
 
 
 def test_plan_batch() -> None:
@@ -108,6 +108,25 @@ async def test_invalid_input_does_not_disturb_others(digits_session: object) -> 
         await engine.infer({"pixels": np.zeros((1, 65), np.float32)})
     out = await engine.infer({"pixels": x[:3]})
     assert out["label"].shape == (3,)
+
+
+async def test_zero_rows_is_invalid_input(digits_session: object) -> None:
+    """Regression: an empty batch reached onnxruntime, whose kernel error came back as
+    ``internal``; it is the request that is wrong."""
+    engine = ModelEngine("digits", digits_session)
+    with pytest.raises(InvalidInputError, match="empty"):
+        await engine.infer({"pixels": np.zeros((0, 64), np.float32)})
+
+
+async def test_values_a_kernel_refuses_are_invalid_input() -> None:
+    """Regression: onnxruntime's INVALID_ARGUMENT (values past the signature check, here an
+    index out of range) was reported as an internal failure."""
+    engine = ModelEngine("gather", create_session(gather_model(rows=4)))
+    ok = await engine.infer({"i": np.array([3, 0], np.int64)})
+    assert ok["y"].tolist() == [[6.0, 7.0], [0.0, 1.0]]
+    with pytest.raises(InvalidInputError, match="refused these input values") as info:
+        await engine.infer({"i": np.array([9], np.int64)})
+    assert "Gather" not in str(info.value)  # the model's internals stay in our log
 
 
 async def test_queue_limit(digits_session: object) -> None:

@@ -90,6 +90,7 @@ def test_validate(digits_sig: ModelSignature) -> None:
         ({"pixels": np.zeros((64,), np.float32)}, "rank 1"),
         ({"pixel": np.zeros((1, 64), np.float32)}, "unknown input"),
         ({}, "missing input"),
+        ({"pixels": np.zeros((0, 64), np.float32)}, "empty"),
     ]
     for inputs, msg in cases:
         with pytest.raises(InvalidInputError, match=msg):
