@@ -76,8 +76,24 @@ class _Parser(argparse.ArgumentParser):
             setattr(parsed, _PROG_ATTR, self.prog)
         return parsed, rest
 
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # blamed on the subcommand that left them, not on the top level
+            _usage_error(
+                str(getattr(parsed, _PROG_ATTR, self.prog)),
+                f"unrecognized arguments: {' '.join(extras)}",
+            )
+        return parsed
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see '{self.prog} --help')\n")
+        _usage_error(self.prog, message)
+
+
+def _usage_error(prog: str, message: str) -> NoReturn:
+    print(f"error: {prog}: {message} (see '{prog} --help')", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def _version() -> str:
