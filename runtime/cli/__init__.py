@@ -140,7 +140,8 @@ def _describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return "address already in use (another process is listening there)"
     text = exc.strerror or str(exc) or type(exc).__name__
-    names = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    # A file descriptor (an int) names nothing the user knows; paths do.
+    names = [os.fsdecode(f) for f in (exc.filename, exc.filename2) if isinstance(f, str | bytes)]
     return f"{' -> '.join(names)}: {text}" if names else text
 
 
