@@ -137,6 +137,11 @@ class Console:
         """What failed (the demo then stops with a non-zero status)."""
         print(f"          {self._c('31', 'FAILED')} {text}", file=self.stream, flush=True)
 
+    def error(self, text: str) -> None:
+        """The closing ``error:`` line of a failed run (the CLI's convention: one line)."""
+        summary = text.strip().splitlines()[0] if text.strip() else "failed"
+        print(f"error: demo: {summary}", file=self.stream, flush=True)
+
 
 class DemoFailure(StackError):
     """A demo step failed (message says which and why)."""
@@ -483,17 +488,17 @@ def run_in_process(
 
     try:
         results = trio.run(until_signal)
-    except DemoFailure as exc:
-        out.fail(str(exc))
-        return 1
     except Exception as exc:  # every failure ends the demo with a non-zero status
         lone = _lone(exc)
         if debug:
             traceback.print_exception(exc)
-        if isinstance(lone, DemoFailure):
-            out.fail(str(lone))
-        else:
-            out.fail(f"{type(lone).__name__}: {_flatten(lone)}")
+        text = (
+            str(lone)
+            if isinstance(lone, DemoFailure)
+            else f"{type(lone).__name__}: {_flatten(lone)}"
+        )
+        out.fail(text)
+        out.error(text)
         return 1
     finally:
         for s, handler in previous.items():

@@ -4,7 +4,9 @@ command's safety net (:mod:`runtime.cli`): no processes, no event loop."""
 from __future__ import annotations
 
 import errno
+import io
 import json
+from pathlib import Path
 
 import pytest
 import trio
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 
 from kms.policy import KeyPolicy, RequestContext
 from runtime.cli import EXIT_INTERRUPTED, _report
+from runtime.demo import Console, run_in_process
 from runtime.errors import NitroCliError
 from runtime.stack import (
     INSTANCE_ARN,
@@ -124,3 +127,15 @@ def test_net_lines(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "Traceback" in err
     assert err.endswith("error: internal error: infer: ValueError: bug\n")
+
+
+def test_demo_failure_ends_with_one_error_line(tmp_path: Path) -> None:
+    """A demo that cannot even start its stack says so on one ``error:`` line, status 1."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    log = io.StringIO()
+    assert run_in_process(blocker / "state", out=Console(log)) == 1
+    lines = log.getvalue().splitlines()
+    assert lines[-1].startswith("error: demo: ")
+    assert "FAILED" in lines[-2]
+    assert "Traceback" not in log.getvalue()
