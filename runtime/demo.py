@@ -584,12 +584,11 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
-    if "ENCLAVE_LOG_LEVEL" not in os.environ:
-        # The demo prints its own progress; service logs only when something is wrong
-        # (ENCLAVE_LOG_LEVEL=info shows them all).
-        from transport.logs import configure_logging
+    from transport.logs import configure_logging
 
-        configure_logging("error")
+    # The demo prints its own progress; service logs only when something is wrong, unless
+    # ENCLAVE_LOG_LEVEL asks for more (info shows them all).
+    configure_logging(None if "ENCLAVE_LOG_LEVEL" in os.environ else "error")
     ready_fd: int | None = args.ready_fd
 
     def ready() -> None:
@@ -597,9 +596,9 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
             os.write(ready_fd, b"r")
             os.close(ready_fd)
 
-    if os.getppid() != parent:  # the parent died before the death signal was armed
-        return 1
     try:
+        if os.getppid() != parent:  # the parent died before the death signal was armed
+            return 1
         return run_in_process(
             args.state_dir, keep=args.keep, out=Console(), debug=args.debug, on_ready=ready
         )
