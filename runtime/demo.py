@@ -45,7 +45,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Final, TextIO
@@ -84,6 +84,7 @@ __all__ = [
     "run_in_process",
     "run_demo",
     "DemoResults",
+    "DemoFigures",
     "DemoFailure",
     "Console",
     "LATENCY_SAMPLES",
@@ -148,15 +149,9 @@ class DemoFailure(StackError):
 
 
 @dataclass(frozen=True)
-class DemoResults:
-    """The figures and measurements of one demo run."""
+class DemoFigures:
+    """What the client measured through the enclave."""
 
-    #: PCR0 of the server image and the SHA-384 of the served model (hex).
-    pcr0: str
-    model_sha384: str
-    #: What the client verified: the enclave's module id and PCR16 (hex).
-    module_id: str
-    pcr16: str
     #: Share of the test split classified correctly, and the split's size.
     accuracy: float
     samples: int
@@ -165,6 +160,18 @@ class DemoResults:
     throughput: float
     p50_ms: float
     p99_ms: float
+
+
+@dataclass(frozen=True)
+class DemoResults(DemoFigures):
+    """The figures and measurements of one demo run."""
+
+    #: PCR0 of the server image and the SHA-384 of the served model (hex).
+    pcr0: str
+    model_sha384: str
+    #: What the client verified: the enclave's module id and PCR16 (hex).
+    module_id: str
+    pcr16: str
     #: Why the KMS refused the debug enclave (from the audit log).
     debug_denial: str
 
@@ -172,21 +179,11 @@ class DemoResults:
 # --- the steps --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Figures:
-    accuracy: float
-    samples: int
-    stream_s: float
-    throughput: float
-    p50_ms: float
-    p99_ms: float
-
-
 def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-async def _measure(client: InferenceClient, x: Array, y: Array) -> _Figures:
+async def _measure(client: InferenceClient, x: Array, y: Array) -> DemoFigures:
     from models.digits import MODEL_NAME
 
     # Stream the whole test split (chunks of STREAM_CHUNK rows, pipelined).
@@ -212,7 +209,7 @@ async def _measure(client: InferenceClient, x: Array, y: Array) -> _Figures:
         t = time.perf_counter()
         await client.infer(MODEL_NAME, {"pixels": row})
         lat.append(time.perf_counter() - t)
-    return _Figures(
+    return DemoFigures(
         accuracy=accuracy,
         samples=len(y),
         stream_s=stream_s,
@@ -373,16 +370,11 @@ async def run_demo(
             await trio.sleep_forever()
         out.step("stopping the enclave, ingress, model store, vsock-proxy and KMS")
     return DemoResults(
+        **asdict(figures),
         pcr0=pcr0,
         model_sha384=digest,
         module_id=module_id,
         pcr16=pcr16,
-        accuracy=figures.accuracy,
-        samples=figures.samples,
-        stream_s=figures.stream_s,
-        throughput=figures.throughput,
-        p50_ms=figures.p50_ms,
-        p99_ms=figures.p99_ms,
         debug_denial=denial,
     )
 

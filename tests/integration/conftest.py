@@ -6,7 +6,6 @@ The ready stack itself is the ``inference_stack`` fixture of the project's pytes
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,22 +18,15 @@ from runtime.stack import InferenceStack
 #: What ``served`` yields (the plugin's ready stack).
 Served = InferenceStack
 
-_ENV = ("ENCLAVE_STATE_DIR", "ENCLAVE_VSOCK_DIR")
-
 
 @pytest.fixture
 def short_state_dir() -> Iterator[Path]:
-    """A short path (Unix socket paths are limited to 108 bytes); env restored afterwards."""
-    saved = {k: os.environ.get(k) for k in _ENV}
+    """A short path (Unix socket paths are limited to 108 bytes), removed afterwards.
+    (``runtime.stack.open_stack`` restores the environment it sets itself.)"""
     path = Path(tempfile.mkdtemp(prefix="er-it-"))
     try:
         yield path / "s"
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         shutil.rmtree(path, ignore_errors=True)
 
 
