@@ -134,39 +134,22 @@ async def _pingpong(endpoint: str, n: int) -> float:
             await trio.sleep(0.05)
 
 
-async def _measure(quick: bool) -> dict[str, Any]:
-    from models.client import make_verifier, open_inference_client, policy_for
+async def _measure(quick: bool) -> dict[str, float | int]:
+    from models.client import open_inference_client
     from models.digits import INPUT_NAME, MODEL_NAME, load_test_split
-    from runtime.demo import (
-        build_server_image,
-        create_model_key,
-        open_stack,
-        seal_bundled_model,
-        start_server,
-    )
+    from runtime.eif import build_eif
+    from runtime.stack import open_inference_stack
 
     tmp = Path(tempfile.mkdtemp(prefix="er-bench-"))
-    state = tmp / "s"
-    sealed_path = state / "models" / "digits.sealed"
-    figures: dict[str, Any] = {}
+    figures: dict[str, float | int] = {}
     try:
-        async with open_stack(state, models={MODEL_NAME: sealed_path}) as stack:
-            eif = state / "server.eif"
-            image = build_server_image(eif)
-            pcr0 = image.pcrs[0].hex()
-            key = await create_model_key(stack, pcr0)
-            sealed = await seal_bundled_model(stack, key, sealed_path)
+        async with open_inference_stack(tmp / "s") as served:
             n = 300 if quick else 2000
-
-            server = await start_server(stack, eif)
-            if server.report.get("error"):
-                raise RuntimeError(f"server failed: {server.report}")
-            endpoint = f"127.0.0.1:{await stack.start_ingress(server.cid)}"
-            with _parent_cpus(server.info.cpu_ids):
-                policy = policy_for(pcr0=pcr0, model_digests=[sealed.header.model_sha384])
-                verifier = make_verifier(stack.roots(), policy)
+            with _parent_cpus(served.server.info.cpu_ids):
                 x, y = load_test_split()
-                async with open_inference_client(endpoint, verifier=verifier) as client:
+                async with open_inference_client(
+                    served.endpoint, verifier=served.verifier()
+                ) as client:
                     one = {INPUT_NAME: x[:1]}
                     for _ in range(50):
                         await client.infer(MODEL_NAME, one)
@@ -220,9 +203,8 @@ async def _measure(quick: bool) -> dict[str, Any]:
             echo_dir.mkdir()
             (echo_dir / "echo.py").write_text(_ECHO_APP)
             echo_eif = tmp / "echo.eif"
-            from runtime.eif import build_eif
-
             build_eif(app_dir=echo_dir, cmd=["python", "echo.py"], env={}, output=echo_eif)
+            stack = served.stack
             echo = await stack.runtime.run_enclave(echo_eif, cpu_count=1, memory_mib=512)
             echo_port = await stack.start_ingress(echo.enclave_cid, ECHO_PORT)
             with _parent_cpus(echo.cpu_ids):
@@ -238,16 +220,8 @@ def run(*, quick: bool) -> dict[str, float | int | str | None]:
 
     if "ENCLAVE_LOG_LEVEL" not in os.environ:
         configure_logging("error")  # service logs would drown the figures
-    saved = {k: os.environ.get(k) for k in ("ENCLAVE_STATE_DIR", "ENCLAVE_VSOCK_DIR")}
-    try:
-        figures: dict[str, Any] = _inproc(quick)
-        figures.update(trio.run(_measure, quick))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    figures: dict[str, float | int] = dict(_inproc(quick))
+    figures.update(trio.run(_measure, quick))
     figures["added_ratio"] = (figures["enclave_us"] - figures["inproc_us"]) / figures["pingpong_us"]
     figures["added_ratio_budget"] = ADDED_RATIO_BUDGET
     figures["stream_ratio"] = figures["stream_per_s"] / figures["inproc_batch_per_s"]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, cast
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "SUITES", "BenchResult"]
+
 
 #: suite name -> module that implements it.
 SUITES: dict[str, str] = {
@@ -34,6 +36,7 @@ BenchResult = dict[str, float | int | str | None]
 
 
 def register(subparsers: SubParsers) -> None:
+    """Add ``enclave bench [SUITE...] [--json] [--quick]``."""
     p = subparsers.add_parser("bench", help="run the performance suites (ratios against anchors)")
     p.add_argument(
         "suites",
@@ -63,12 +66,12 @@ def _fmt(value: float | int | str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the chosen suites and print their figures; returns the exit status."""
     suites = list(args.suites) or list(SUITES)
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         print(
-            f"enclave bench: unknown suite(s) {', '.join(unknown)}; "
-            f"choose from {', '.join(SUITES)}",
+            f"error: bench: unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}",
             file=sys.stderr,
         )
         return 2

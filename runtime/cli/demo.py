@@ -2,7 +2,8 @@
 
 Temporary state, the KMS daemon, the runtime, a sealed copy of the bundled digits model served by
 a non-debug enclave, the client streaming the test split through it; then a debug enclave refused
-the model key. See :mod:`runtime.demo` for the steps. Exits non-zero if any step fails.
+the model key. See :mod:`runtime.demo` for the steps. Exits non-zero if any step fails; SIGINT
+(Ctrl-C) and SIGTERM stop everything it started and remove its state directory (exit 130/143).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run"]
+
 
 def register(subparsers: SubParsers) -> None:
+    """Add ``enclave demo [--keep]``."""
     p = subparsers.add_parser("demo", help="run the end-to-end confidential inference demo")
     p.add_argument(
         "--keep", action="store_true", help="leave the stack running and print how to talk to it"
@@ -23,6 +27,7 @@ def register(subparsers: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the demo (see :func:`runtime.demo.main`); returns the exit status."""
     from runtime.demo import main
 
-    return main(keep=args.keep)
+    return main(keep=args.keep, debug=bool(getattr(args, "debug", False)))

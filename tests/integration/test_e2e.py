@@ -21,18 +21,18 @@ from models.errors import (
     ModelUnavailableError,
 )
 from models.server import expected_pcr16
-from runtime.demo import (
+from runtime.demo import Console, run_demo
+from runtime.errors import NitroCliError
+from runtime.stack import (
     SERVER_APP_DIR,
     build_server_image,
     create_model_key,
-    model_key_policy,
+    key_policy_for_image,
     open_stack,
     read_audit,
-    run_demo,
     seal_bundled_model,
     start_server,
 )
-from runtime.errors import NitroCliError
 from transport.errors import AuthenticationFailed, EnclaveError
 
 from .conftest import Served
@@ -44,14 +44,12 @@ async def test_demo_path(short_state_dir: Path) -> None:
     """The whole ``enclave demo`` (its building blocks as the CLI runs them)."""
     import io
 
-    from runtime.demo import Console
-
     log = io.StringIO()
     with trio.fail_after(60):
         results = await run_demo(short_state_dir, out=Console(log))
-    assert results["accuracy"] > 0.95
-    assert results["pcr16"] == expected_pcr16([bytes.fromhex(results["model_sha384"])]).hex()
-    assert "imagesha384" in results["debug_denial"].lower()
+    assert results.accuracy > 0.95
+    assert results.pcr16 == expected_pcr16([bytes.fromhex(results.model_sha384)]).hex()
+    assert "imagesha384" in results.debug_denial.lower()
     assert "debug" in log.getvalue().lower()
 
 
@@ -84,8 +82,8 @@ async def test_key_pinned_to_another_image_is_denied(short_state_dir: Path) -> N
             key = await create_model_key(stack, hashlib.sha384(b"another image").hexdigest())
             await seal_bundled_model(stack, key, sealed_path)
             server = await start_server(stack, eif)
-            assert server.report["error"] == "model key refused by KMS: AccessDeniedException"
-            assert "AccessDenied" in server.report["models"][0]["reason"]
+            assert server.report.error == "model key refused by KMS: AccessDeniedException"
+            assert "AccessDenied" in (server.report.models[0].reason or "")
             denied = [
                 line
                 for line in read_audit(stack.kms_state_dir)
@@ -111,12 +109,12 @@ async def test_tampered_sealed_model_refused(short_state_dir: Path) -> None:
             blob[-100] ^= 0x20  # one bit of the body
             tampered.write_bytes(bytes(blob))
             server = await start_server(stack, eif)
-            assert server.report["error"]
-            assert "failed its integrity check" in server.report["models"][0]["reason"]
+            assert server.report.error
+            assert "failed its integrity check" in (server.report.models[0].reason or "")
             # A genuine sealed file of another model name is refused as well.
             await seal_bundled_model(stack, key, tampered, name="not-digits")
             server = await start_server(stack, eif)
-            assert "holds model 'not-digits'" in server.report["models"][0]["reason"]
+            assert "holds model 'not-digits'" in (server.report.models[0].reason or "")
 
 
 async def test_tampered_image_refused(short_state_dir: Path) -> None:
@@ -147,8 +145,8 @@ async def test_tampered_image_refused(short_state_dir: Path) -> None:
             evil = short_state_dir / "evil.eif"
             assert build_server_image(evil, app_dir=app).pcrs[0].hex() != pcr0
             server = await start_server(stack, evil)
-            assert server.report["error"]
-            assert "AccessDenied" in server.report["models"][0]["reason"]
+            assert server.report.error
+            assert "AccessDenied" in (server.report.models[0].reason or "")
 
 
 async def test_image_and_store_models_one_denied(short_state_dir: Path) -> None:
@@ -176,17 +174,17 @@ async def test_image_and_store_models_one_denied(short_state_dir: Path) -> None:
                 await kms.call(
                     "PutKeyPolicy",
                     {"KeyId": vault_key, "PolicyName": "default",
-                     "Policy": json.dumps(model_key_policy(pcr0))},
+                     "Policy": json.dumps(key_policy_for_image(pcr0))},
                 )  # fmt: skip
             good_key = await create_model_key(stack, pcr0, alias=None)
             digits = await seal_bundled_model(stack, good_key, store_sealed)
             bad_key = await create_model_key(stack, hashlib.sha384(b"x").hexdigest(), alias=None)
             await seal_bundled_model(stack, bad_key, denied_sealed, name="denied")
             server = await start_server(stack, eif)
-            status = {m["name"]: m for m in server.report["models"]}
-            assert status["digits"]["available"]
-            assert status["vault"]["available"]
-            assert not status["denied"]["available"]
+            status = {m.name: m for m in server.report.models}
+            assert status["digits"].available
+            assert status["vault"].available
+            assert not status["denied"].available
             port = await stack.start_ingress(server.cid)
             from models.client import make_verifier, policy_for
 
