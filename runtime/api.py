@@ -27,9 +27,9 @@ from typing import NoReturn
 import structlog
 import trio
 
-from runtime._model import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
 from runtime._unixsock import short_path
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
 from runtime.state import StateDir
 from runtime.supervisor import EnclaveSupervisor, FreshSpawner, ImageCache, Spawner
 from transport.paths import default_state_dir

@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
-from runtime._model import EnclaveInfo
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo
 from transport.paths import ensure_private_dir
 
 __all__ = [

@@ -44,9 +44,9 @@ import structlog
 import trio
 
 from runtime import sandbox
-from runtime._model import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
 from runtime._unixsock import short_path
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
 from runtime.state import StateDir
 
 __all__ = [

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from runtime._model import EnclaveInfo
 from runtime._unixsock import short_path
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo
 from runtime.state import StateDir
 from transport.paths import default_state_dir
 

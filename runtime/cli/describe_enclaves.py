@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from runtime._cli_common import print_json
+from runtime.cli._common import print_json
 from runtime.state import StateDir
 from transport.paths import default_state_dir
 

@@ -16,9 +16,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from runtime._cli_common import RunRequest, load_config, parse_cid, parse_memory, print_json
-from runtime._model import EnclaveInfo, LaunchSpec
+from runtime.cli._common import RunRequest, load_config, parse_cid, parse_memory, print_json
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo, LaunchSpec
 from runtime.state import StateDir
 from transport.paths import default_state_dir
 

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from runtime._cli_common import print_json
-from runtime._model import EnclaveInfo
 from runtime.api import terminate_via_control
+from runtime.cli._common import print_json
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo
 from runtime.state import StateDir
 from transport.paths import default_state_dir
 

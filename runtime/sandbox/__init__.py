@@ -12,7 +12,7 @@ Theory of operation. :func:`spawn` forks twice (NEWPID needs the extra fork)::
                     RLIMIT_CORE 0 (RLIMIT_AS without a cgroup) · fds · Landlock · no_new_privs ·
                     seccomp · then ``run_child()`` (exec the interpreter, or run in-process)
 
-Each layer is attempted and reported (:class:`~runtime._model.IsolationReport`); with
+Each layer is attempted and reported (:class:`~runtime.records.IsolationReport`); with
 ``strict=True`` the child refuses to go on when any layer failed, before any app code runs.
 The bind sources are opened as ``O_PATH`` fds while still real root and mounted through
 ``/proc/self/fd/N``, because ns-root (uid 65534 outside) cannot traverse ``/root`` or the 0700

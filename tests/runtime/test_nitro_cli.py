@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime._cli_common import load_config, parse_cid, parse_memory
-from runtime._model import EnclaveInfo
 from runtime.cli import main
+from runtime.cli._common import load_config, parse_cid, parse_memory
 from runtime.errors import NitroCliError
+from runtime.records import EnclaveInfo
 from runtime.state import Allocator, StateDir, parse_cpu_pool
 from tests.runtime.test_lifecycle_support import _fresh_logging
 

@@ -20,8 +20,8 @@ __all__ = [
 HASH_ALGORITHM = "Sha384 { ... }"
 
 
-class ExitKind(enum.Enum):
-    """How an enclave ended."""
+class ExitKind(enum.StrEnum):
+    """How an enclave ended (a ``StrEnum``: ``ExitKind.OOM == "oom"``)."""
 
     EXITED = "exited"  #: the app returned an exit status
     SIGNALED = "signaled"  #: the app was killed by a signal
