@@ -50,7 +50,7 @@ async def test_plugin_fixture_runtime(enclave_runtime, enclave_app):
     assert (reason.kind, reason.code) == (ExitKind.EXITED, 0)
     with pytest.raises(NitroCliError) as ei:
         await enclave_runtime.wait_exited("i-0000000000000000-enc0000000000000000")
-    assert ei.value.code == "E39"
+    assert ei.value.code == "E11"  # no such enclave
 
 
 def _corrupt(eif: Path, tmp_path: Path) -> Path:

@@ -88,7 +88,7 @@ def test_cli_lifecycle_across_processes(enclave_state_dir, enclave_app, tmp_path
     assert [x["Flags"] for x in described] == ["DEBUG_MODE", "NONE"]
     assert all(x["State"] == "RUNNING" for x in described)
     dm = json.loads(_cli("describe-enclaves", "--metadata").stdout)
-    assert list(dm[0])[-4:] == ["ImageName", "ImageVersion", "Metadata", "Isolation"]
+    assert list(dm[0])[-5:] == ["ImageName", "ImageVersion", "Metadata", "Isolation", "AppStatus"]
 
     c = _cli("console", "--enclave-name", "web-1", "--disconnect-timeout", "1")
     assert c.returncode == 0, c.stderr
