@@ -24,6 +24,7 @@ from runtime.errors import (
     UsageError,
 )
 from runtime.launch import LaunchRequest
+from runtime.state import StateDir
 
 __all__ = [
     "RunRequest",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_u64",
     "load_config",
     "print_json",
+    "open_state_dir",
     "UsageError",
     "MAX_CONFIG_BYTES",
 ]
@@ -43,6 +45,25 @@ _U32_MAX: Final = 0xFFFFFFFF
 _U64_MAX: Final = 0xFFFFFFFFFFFFFFFF
 #: A --config file is a few hundred bytes; anything this large is not one.
 MAX_CONFIG_BYTES: Final = 1 << 20
+
+
+def open_state_dir() -> StateDir:
+    """The state directory of this invocation (``ENCLAVE_STATE_DIR`` or the per-user one).
+
+    Raises:
+        FileOperationError: E19, it cannot be created or used (not a directory, another
+            user's, unreadable), with the path.
+    """
+    from transport.paths import default_state_dir
+
+    path = default_state_dir()
+    try:
+        return StateDir(path)
+    except OSError as exc:
+        raise FileOperationError(
+            f"cannot use the state directory {path}: {exc.strerror or exc}",
+            info=(str(path), "Open"),
+        ) from exc
 
 
 def print_json(obj: Any) -> None:

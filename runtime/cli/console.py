@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from runtime.cli._common import parse_u64
+from runtime.cli._common import open_state_dir, parse_u64
 from runtime.errors import ConsoleConnectionError
 from runtime.records import EnclaveInfo
 from runtime.state import StateDir
-from transport.paths import default_state_dir
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -99,6 +98,6 @@ def run(args: argparse.Namespace) -> int:
         if args.disconnect_timeout is None
         else parse_u64(args.disconnect_timeout, "disconnect-timeout")
     )
-    state = StateDir(default_state_dir())
+    state = open_state_dir()
     info = state.find(enclave_id=args.enclave_id, name=args.enclave_name)
     return stream_console(state, info, disconnect_timeout=timeout)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from runtime.cli._common import print_json
+from runtime.cli._common import open_state_dir, print_json
 from runtime.records import EnclaveState
-from runtime.state import StateDir
-from transport.paths import default_state_dir
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -32,7 +30,7 @@ def register(subparsers: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    state = StateDir(default_state_dir())
+    state = open_state_dir()
     infos = [
         r for r in state.records() if r.state in (EnclaveState.RUNNING, EnclaveState.TERMINATING)
     ]

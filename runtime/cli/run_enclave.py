@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 from runtime.cli._common import (
     RunRequest,
     load_config,
+    open_state_dir,
     parse_cid,
     parse_memory,
     parse_u32,
@@ -26,8 +27,6 @@ from runtime.cli._common import (
 )
 from runtime.errors import InvalidArgumentError, UsageError
 from runtime.launch import MAX_BOOT_TIMEOUT_S, LaunchRequest
-from runtime.state import StateDir
-from transport.paths import default_state_dir
 
 if TYPE_CHECKING:
     import socket
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.host import launch_via_host
 
     req = request_from_args(args)
-    state = StateDir(default_state_dir())
+    state = open_state_dir()
     print("Start allocating memory...", file=sys.stderr)
     try:
         reply = launch_via_host(

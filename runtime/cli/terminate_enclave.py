@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from runtime.cli._common import print_json
+from runtime.cli._common import open_state_dir, print_json
 from runtime.control import terminate_via_control
 from runtime.errors import EnclaveProcessConnectionError
 from runtime.records import EnclaveInfo, EnclaveState
 from runtime.state import StateDir
-from transport.paths import default_state_dir
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -51,7 +50,7 @@ def _terminate(state: StateDir, info: EnclaveInfo) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    state = StateDir(default_state_dir())
+    state = open_state_dir()
     if args.all:
         out = []
         for info in state.records():

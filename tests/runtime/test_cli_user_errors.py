@@ -94,6 +94,21 @@ def test_no_user_error_prints_a_traceback(
     assert not (tmp_path / "no-such-dir").exists()
 
 
+def test_an_unusable_state_directory_is_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_a_dir = tmp_path / "state-file"
+    not_a_dir.write_text("x")
+    monkeypatch.setenv("ENCLAVE_STATE_DIR", str(not_a_dir))
+    for argv in (
+        ["describe-enclaves"],
+        ["terminate-enclave", "--all"],
+        ["console", "--enclave-name", "x"],
+        ["run-enclave", "--eif-path", "x.eif", "--memory", "128", "--cpu-count", "1"],
+    ):
+        _check(argv, main(argv), capsys.readouterr().err)
+
+
 def test_user_errors_as_separate_processes(tmp_path: Path, enclave_state_dir: Path) -> None:
     """The same through the console script's process (``python -m runtime.cli``)."""
     inputs = _bad_inputs(tmp_path)
