@@ -25,7 +25,6 @@ The server exits non-zero if no model could be loaded (nothing to serve).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any, Final
 import structlog
 import trio
 
+from attest.pcrs import pcr_extend
 from models.config import ModelConfig, ServerConfig
 from models.engine import ModelEngine, create_session
 from models.errors import ModelError
@@ -64,7 +64,7 @@ def expected_pcr16(digests: Sequence[bytes]) -> bytes:
     ``PCR = SHA-384(PCR || data)``)."""
     pcr = bytes(_PCR_SIZE)
     for digest in digests:
-        pcr = hashlib.sha384(pcr + digest).digest()
+        pcr = pcr_extend(pcr, digest)
     return pcr
 
 
