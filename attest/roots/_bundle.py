@@ -1,10 +1,4 @@
-"""Trust roots: the bundled AWS Nitro Enclaves Root G1 and loaders for configured roots.
-
-``aws_nitro_root_g1.pem`` is cabundle[0] of real AWS documents (the same certificate AWS
-publishes in ``AWS_NitroEnclaves_Root-G1.zip``). Its DER SHA-256 fingerprint is checked at
-import against :data:`AWS_NITRO_ROOT_G1_SHA256` (nitro.md §4.5), so a corrupted or swapped file
-fails loudly instead of silently trusting something else.
-"""
+"""The bundled AWS Nitro Enclaves Root G1 and loaders for configured roots (see the face)."""
 
 from __future__ import annotations
 
@@ -38,7 +32,7 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
 
 
 def _load_bundled() -> x509.Certificate:
-    pem = resources.files(__name__).joinpath("aws_nitro_root_g1.pem").read_bytes()
+    pem = resources.files("attest.roots").joinpath("aws_nitro_root_g1.pem").read_bytes()
     cert = x509.load_pem_x509_certificate(pem)
     if not hmac.compare_digest(fingerprint_sha256(cert), AWS_NITRO_ROOT_G1_SHA256):
         raise RuntimeError("bundled AWS Nitro root G1 does not match its pinned fingerprint")
