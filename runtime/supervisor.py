@@ -630,7 +630,10 @@ class EnclaveSupervisor:
                             trio.BrokenResourceError,
                             trio.ClosedResourceError,
                         ):
+                            # a reader 256 chunks behind (or gone) is dropped: it sees the end
+                            # rather than waiting forever for bytes it will never get
                             self._console_subs.remove(ch)
+                            ch.close()
         finally:
             # also when cancelled: console readers must see the end, never hang
             self._console_closed = True
