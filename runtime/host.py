@@ -130,11 +130,15 @@ async def serve_host(
                 task_status.started()
                 await _wait_idle(rt, clients, linger_s)
                 # Stop accepting first (and unlink under the start lock, so that a client
-                # either reaches us before this or starts a fresh daemon after it).
-                with _flock(state.path / _START_LOCK_NAME):
+                # either reaches us before this or starts a fresh daemon after it). The lock
+                # is taken in a thread: a client may hold it while it starts a daemon.
+                fd = await trio.to_thread.run_sync(_lock_fd, state.path / _START_LOCK_NAME)
+                try:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
                     await listener.aclose()
+                finally:
+                    os.close(fd)
                 nursery.cancel_scope.cancel()
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -298,6 +302,17 @@ async def _stream_console(stream: trio.SocketStream, rt: Any, enclave_id: str) -
     async with recv:
         async for chunk in recv:
             await stream.send_all(chunk)
+
+
+def _lock_fd(path: Path) -> int:
+    """flock(2) ``path`` (blocking); returns the fd holding the lock (close it to release)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @contextlib.contextmanager

@@ -83,7 +83,7 @@ def _extract_bootstrap(eif: EifFile | None, pcr1: str, dest: Path) -> Path:
     directory. ``eif`` is the parsed image (CRC and measurements checked by ``read_eif``).
 
     Raises:
-        EifFormatError (E35), ImageTamperedError (E36), EifError (E19): from the image layer.
+        EifFormatError (E35), ImageTamperedError (E36), EifFileError (E19): from the image layer.
         OSError: no parsed image, or its PCR1 is not the zygote's digest.
     """
     from runtime.image._unpack import BOOTSTRAP_DIR, extract, verify_tree
