@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import select
 import sys
 from typing import TYPE_CHECKING, Final
@@ -48,7 +49,6 @@ _FLAGS: Final = (
     "debug_mode",
     "enclave_name",
     "strict_isolation",
-    "wait_ready",
 )
 
 
@@ -109,8 +109,10 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"the argument '--config <json-config>' cannot be used with '{flag}'")
-        # --attach-console is accepted with --config, and ignored: the JSON decides (nitro-cli)
-        return load_config(args.config)
+        # --attach-console is accepted with --config, and ignored: the JSON decides (nitro-cli);
+        # --wait-ready (ours, not a field of nitro-cli's JSON) applies to it
+        req = load_config(args.config)
+        return dataclasses.replace(req, wait_ready_s=_wait_ready_s(args.wait_ready))
     if args.cpu_ids is None and args.cpu_count is None:
         raise UsageError("one of '--cpu-ids <ID>...' or '--cpu-count <N>' is required")
     if args.cpu_ids is not None and args.cpu_count is not None:

@@ -120,6 +120,10 @@ def test_config_attach_console_comes_from_the_json_only(tmp_path):
     req = request_from_args(build_parser().parse_args(["run-enclave", "--config", attached]))
     assert req.attach_console
     assert req.launch.debug
+    assert req.wait_ready_s is None
+    # our --wait-ready is not a field of nitro-cli's JSON: it applies with --config
+    argv = ["run-enclave", "--config", plain, "--wait-ready", "5"]
+    assert request_from_args(build_parser().parse_args(argv)).wait_ready_s == 5.0
 
 
 def test_run_enclave_usage_errors_exit_2(enclave_state_dir, tmp_path, capsys):
