@@ -43,6 +43,7 @@ import structlog
 import trio
 
 from runtime import sandbox
+from runtime.console import CONSOLE_HISTORY_BYTES, ConsoleBuffer
 from runtime.control import ControlServer
 from runtime.errors import (
     AppExitedError,
@@ -74,8 +75,6 @@ __all__ = ["EnclaveSupervisor", "CONSOLE_HISTORY_BYTES"]
 
 log = structlog.get_logger("runtime.supervisor")
 
-#: Console bytes kept for late ``console`` clients (older bytes are dropped).
-CONSOLE_HISTORY_BYTES: Final = 1 << 20
 #: After the enclave's exit status, how long the console pump may take to reach EOF (every
 #: writer is gone by then; this only bounds a pathological case).
 CONSOLE_DRAIN_S: Final = 1.0
@@ -135,10 +134,7 @@ class EnclaveSupervisor:
         #: the app's first status report (None until it reports)
         self.app_status: AppStatus | None = None
         self._status_reported = trio.Event()
-        self._console_hist = bytearray()
-        self._console_subs: list[trio.MemorySendChannel[bytes]] = []
-        self._console_closed = False
-        self._console_done = trio.Event()
+        self._console = ConsoleBuffer()
         self.started_at = time.monotonic()
         self._marks: dict[str, float] = {}
         self._pending_verify = False
@@ -245,14 +241,7 @@ class EnclaveSupervisor:
         """
         if not self.spec.debug:
             raise ConsoleConnectionError(_E44)
-        send, recv = trio.open_memory_channel[bytes](256)
-        if self._console_hist:
-            send.send_nowait(bytes(self._console_hist))
-        if self._console_closed:
-            send.close()
-        else:
-            self._console_subs.append(send)
-        return recv
+        return self._console.reader()
 
     # -- main task ------------------------------------------------------------------------
     async def run(
@@ -360,7 +349,7 @@ class EnclaveSupervisor:
                 late.request_sent()  # no-op when the spawner already reported it
                 nursery.start_soon(self._open_gate, sp)
                 if console_r >= 0:
-                    nursery.start_soon(self._console_pump, console_r)
+                    nursery.start_soon(self._console.pump, console_r)
                 nursery.start_soon(self._watch_exit, sp)
                 await self._wait_ready()
                 self.info = dataclasses.replace(
@@ -388,7 +377,7 @@ class EnclaveSupervisor:
                     # The app's last output may still be in the pipe when its exit status
                     # arrives: let the pump reach EOF (every writer is gone) before cancelling.
                     with trio.move_on_after(CONSOLE_DRAIN_S):
-                        await self._console_done.wait()
+                        await self._console.done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S + 2):
@@ -587,9 +576,8 @@ class EnclaveSupervisor:
         )
 
     def _console_tail(self) -> str:
-        if not self._console_hist:
-            return ""
-        return "; console: " + bytes(self._console_hist[-2048:]).decode(errors="replace")
+        tail = self._console.tail(2048)
+        return "; console: " + tail.decode(errors="replace") if tail else ""
 
     async def _watch_exit(self, sp: sandbox.Spawned) -> None:
         await trio.lowlevel.wait_readable(sp.status_fd)
@@ -610,37 +598,6 @@ class EnclaveSupervisor:
         self.exit_reason = reason
         self.log.info("enclave_exited", **reason.to_json())
         self._gone.set()
-
-    async def _console_pump(self, fd: int) -> None:
-        stream = trio.lowlevel.FdStream(fd)
-        try:
-            async with stream:
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    self._console_hist += data
-                    if len(self._console_hist) > CONSOLE_HISTORY_BYTES:
-                        del self._console_hist[: len(self._console_hist) - CONSOLE_HISTORY_BYTES]
-                    for ch in list(self._console_subs):
-                        try:
-                            ch.send_nowait(bytes(data))
-                        except (
-                            trio.WouldBlock,
-                            trio.BrokenResourceError,
-                            trio.ClosedResourceError,
-                        ):
-                            # a reader 256 chunks behind (or gone) is dropped: it sees the end
-                            # rather than waiting forever for bytes it will never get
-                            self._console_subs.remove(ch)
-                            ch.close()
-        finally:
-            # also when cancelled: console readers must see the end, never hang
-            self._console_closed = True
-            for ch in self._console_subs:
-                ch.close()
-            self._console_subs.clear()
-            self._console_done.set()
 
     async def _teardown(self, sp: sandbox.Spawned | None) -> None:
         if sp is not None:
