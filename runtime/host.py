@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
@@ -64,6 +64,9 @@ from runtime.errors import (
 from runtime.launch import LaunchRequest
 from runtime.records import EnclaveInfo
 from runtime.state import StateDir
+
+if TYPE_CHECKING:
+    from runtime.api import Runtime
 
 __all__ = [
     "HostReply",
@@ -159,7 +162,7 @@ class _Clients:
         self.changed = trio.Event()
 
 
-async def _wait_idle(rt: Any, clients: _Clients, linger_s: float) -> None:
+async def _wait_idle(rt: Runtime, clients: _Clients, linger_s: float) -> None:
     """Return once no enclave ran and no client was connected for ``linger_s`` seconds."""
     idle_since: float | None = None
     while True:
@@ -177,7 +180,7 @@ async def _wait_idle(rt: Any, clients: _Clients, linger_s: float) -> None:
 
 
 async def _accept_loop(
-    listener: trio.SocketListener, rt: Any, clients: _Clients, nursery: trio.Nursery
+    listener: trio.SocketListener, rt: Runtime, clients: _Clients, nursery: trio.Nursery
 ) -> None:
     limiter = trio.CapacityLimiter(MAX_CLIENTS)
     while True:
@@ -194,7 +197,7 @@ async def _accept_loop(
 
 
 async def _client(
-    stream: trio.SocketStream, rt: Any, clients: _Clients, limiter: trio.CapacityLimiter
+    stream: trio.SocketStream, rt: Runtime, clients: _Clients, limiter: trio.CapacityLimiter
 ) -> None:
     try:
         async with limiter, stream:
@@ -222,7 +225,7 @@ async def _send(stream: trio.SocketStream, obj: Any) -> None:
     await stream.send_all((json.dumps(obj) + "\n").encode())
 
 
-async def _serve_client(stream: trio.SocketStream, rt: Any) -> None:
+async def _serve_client(stream: trio.SocketStream, rt: Runtime) -> None:
     line = await _read_request(stream)
     try:
         msg = json.loads(line)
@@ -251,7 +254,7 @@ async def _serve_client(stream: trio.SocketStream, rt: Any) -> None:
 
 async def _launch_unless_client_leaves(
     stream: trio.SocketStream,
-    rt: Any,
+    rt: Runtime,
     request: LaunchRequest,
     wait_ready: bool,
     ready_timeout_s: float,
@@ -293,7 +296,7 @@ async def _launch_unless_client_leaves(
     return info
 
 
-async def _stream_console(stream: trio.SocketStream, rt: Any, enclave_id: str) -> None:
+async def _stream_console(stream: trio.SocketStream, rt: Runtime, enclave_id: str) -> None:
     """History plus live console bytes until the enclave ends or the client leaves."""
     try:
         recv = await rt.console(enclave_id)
