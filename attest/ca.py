@@ -23,6 +23,7 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -41,7 +42,14 @@ from attest.signer import DocumentSigner
 from transport.errors import ConfigurationError
 from transport.paths import ensure_private_dir
 
-__all__ = ["CAConfig", "LocalCA", "ROOT_KEY_FILE", "ROOT_CERT_FILE", "DocumentSigner"]
+__all__ = [
+    "CAConfig",
+    "LocalCA",
+    "ROOT_KEY_FILE",
+    "ROOT_CERT_FILE",
+    "DocumentSigner",
+    "prepare_state_dir",
+]
 
 #: File names inside the CA directory.
 ROOT_KEY_FILE: Final = "root.key"
@@ -53,6 +61,54 @@ _DAY_S: Final = 86400.0
 #: Intermediates are re-issued when less than this fraction of their life remains, so a chain
 #: never holds a CA about to expire (the leaf is renewed separately by the signer).
 _REISSUE_FRACTION: Final = 0.25
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """Make ``path`` usable as a state directory holding a CA root key: created with mode
+    0700 (missing parents too), and refused when it is not a directory of this user, or when
+    other users can write to it (they could swap the CA directory inside it).
+
+    Raises:
+        CAError: not a directory, another user's, writable by group or others, or not
+            creatable (the reason says which, and what to do).
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            _make_private_dirs(path)
+        except OSError as exc:
+            raise CAError(
+                f"cannot create the state directory {path}: {exc.strerror or exc}"
+            ) from exc
+        return path
+    except OSError as exc:
+        raise CAError(f"cannot use the state directory {path}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise CAError(f"the state directory {path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise CAError(f"the state directory {path} belongs to uid {st.st_uid}, not to this user")
+    if st.st_mode & 0o022:
+        raise CAError(
+            f"the state directory {path} is writable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): refusing to keep a CA root key there; "
+            f"run `chmod 700 {path}` or choose another --state-dir"
+        )
+    return path
+
+
+def _make_private_dirs(path: Path) -> None:
+    """mkdir -p with mode 0700 for every directory created (umask cannot widen it)."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+            os.chmod(d, 0o700)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any, Final
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attest._cose import ES384_PROTECTED, ES384_SIGNATURE_LENGTH, sign_es384
+from attest.cose import ES384_PROTECTED, ES384_SIGNATURE_LENGTH, sign_es384
 from attest.errors import DocumentFormatError
 
 __all__ = [

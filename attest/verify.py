@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
 from cryptography.x509.verification import VerificationError as X509VerificationError
 
-from attest._cose import verify_es384
+from attest.cose import verify_es384
 from attest.document import AttestationDocument, parse_document
 from attest.errors import (
     ChainError,

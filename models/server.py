@@ -31,7 +31,6 @@ model 'digits' failed its integrity check"``: see :mod:`models._startup`) and ex
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ import structlog
 import trio
 
 from attest.errors import AttestError
+from attest.pcrs import pcr_extend
 from kms.errors import KmsError
 from models._malloc import trim, tune_malloc
 from models._startup import (
@@ -101,7 +101,7 @@ def expected_pcr16(digests: Sequence[bytes]) -> bytes:
     ``PCR = SHA-384(PCR || data)``)."""
     pcr = bytes(_PCR_SIZE)
     for digest in digests:
-        pcr = hashlib.sha384(pcr + digest).digest()
+        pcr = pcr_extend(pcr, digest)
     return pcr
 
 

@@ -166,6 +166,8 @@ def _build(
         console_fd=console,
         strict=s["strict"],
         cwd=s["cwd"],
+        outside_uid=int(s["outside_uid"]),
+        max_tasks=int(s["max_tasks"]),
     )
     env = {str(k): str(v) for k, v in req["env"].items()}
     own_bootstrap = str(req["bootstrap_dir"])
@@ -210,6 +212,7 @@ def _handle(
         "app_pid": sp.app_pid,
         "layers": sp.layers,
         "cgroup": sp.cgroup,
+        "pids_cgroup": sp.pids_cgroup,
         "attached": sp.attached,
         "timing": sp.timing,
         "t_request": t0,

@@ -17,21 +17,34 @@ their supervisor's control socket.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import structlog
 import trio
 
-from runtime._model import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
-from runtime._unixsock import short_path
-from runtime.errors import NitroCliError
+from runtime.control import terminate_via_control
+from runtime.errors import (
+    AppNotReadyError,
+    EnclaveSocketError,
+    InvalidArgumentError,
+)
+from runtime.image._cache import ImageCache
+from runtime.launch import MAX_BOOT_TIMEOUT_S, LaunchRequest, reserve_launch
+from runtime.records import (
+    DEFAULT_MAX_TASKS,
+    EnclaveInfo,
+    EnclaveState,
+    ExitKind,
+    ExitReason,
+    IsolationReport,
+)
+from runtime.spawners import FreshSpawner, Spawner
 from runtime.state import StateDir
-from runtime.supervisor import EnclaveSupervisor, FreshSpawner, ImageCache, Spawner
+from runtime.supervisor import EnclaveSupervisor
 from transport.paths import default_state_dir
 
 __all__ = [
@@ -41,8 +54,11 @@ __all__ = [
     "ExitReason",
     "ExitKind",
     "IsolationReport",
+    "LaunchRequest",
     "DEFAULT_BOOT_TIMEOUT_S",
     "DEFAULT_TERMINATE_GRACE_S",
+    "DEFAULT_READY_TIMEOUT_S",
+    "KEEP_ENDED",
     "terminate_via_control",
 ]
 
@@ -53,6 +69,11 @@ log = structlog.get_logger("runtime.api")
 DEFAULT_BOOT_TIMEOUT_S = 60.0
 #: SIGTERM grace before SIGKILL on terminate.
 DEFAULT_TERMINATE_GRACE_S = 5.0
+#: ``wait_ready``: how long the app may take to report READY after it started (an inference
+#: server fetches its model key and unseals its model first).
+DEFAULT_READY_TIMEOUT_S = 60.0
+#: Ended enclaves a runtime remembers (exit reason, supervisor: console history, app status).
+KEEP_ENDED: Final = 64
 
 
 class Runtime:
@@ -77,14 +98,21 @@ class Runtime:
         self.boot_timeout_s = boot_timeout_s
         self.terminate_grace_s = terminate_grace_s
         self._sups: dict[str, EnclaveSupervisor] = {}
-        #: exit reasons of this runtime's enclaves that are gone (for wait_exited)
+        #: exit reasons of this runtime's enclaves that are gone (for wait_exited), oldest
+        #: first, at most KEEP_ENDED of them
         self._exited: dict[str, ExitReason] = {}
-        #: every supervisor this runtime started (also after the enclave ended)
+        #: every supervisor this runtime started (the ended ones: at most KEEP_ENDED)
         self._all_sups: dict[str, EnclaveSupervisor] = {}
 
     @property
     def state_dir(self) -> Path:
+        """The state directory this runtime works on."""
         return self.state.path
+
+    @property
+    def running(self) -> int:
+        """How many enclaves this runtime started are still alive (starting included)."""
+        return len(self._sups)
 
     async def run_enclave(
         self,
@@ -100,47 +128,69 @@ class Runtime:
         peer_cids: frozenset[int] = frozenset(),
         strict_isolation: bool | None = None,
         boot_timeout_s: float | None = None,
+        max_tasks: int = DEFAULT_MAX_TASKS,
+        wait_ready: bool = False,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     ) -> EnclaveInfo:
-        """Start an enclave; returns once its heartbeat arrived and its app started.
+        """Start an enclave; returns once its heartbeat arrived and its app started (with
+        ``wait_ready``: once the app reported READY on its status port).
 
         Exactly one of ``cpu_count``/``cpu_ids``. ``cid`` None or 0 picks a free CID.
+        ``max_tasks`` bounds the enclave's processes and threads.
 
         Raises:
-            NitroCliError: E01/E02 (CPU arguments), E03 (CID), E19/E35 (image), E20-E22
-                (CPUs), E26/E27 (memory), E36 (boot failure/timeout, tampered image, strict
-                isolation refused). Nothing is left running on error.
+            MissingArgumentError, ConflictingArgumentError, InvalidArgumentError: E01/E02/E03,
+                argument misuse (all ``ValueError`` subclasses).
+            FileOperationError: E19, the image cannot be read.
+            InsufficientMemoryRequestedError (E26), MemoryBelowMinimumError (E29),
+                InsufficientMemoryAvailableError (E27), CPU errors (E20-E22).
+            EifParsingError: E35, not a valid image.
+            EnclaveBootError: E36, boot failure or timeout, tampered image, strict isolation
+                refused. With ``wait_ready``, its subclasses :class:`AppFailedError` (the
+                app's own ``detail``), :class:`AppExitedError` (the exit reason) and
+                :class:`AppReadyTimeoutError`; the enclave is terminated first.
+            SignatureCheckError: E59, a signed image whose signature does not verify.
+
+        Nothing is left running on error.
         """
-        if cpu_count is None and cpu_ids is None:
-            raise NitroCliError("E01", "Missing both `cpu-count` and `cpu-ids`")
-        if cpu_count is not None and cpu_ids is not None:
-            raise NitroCliError("E02", "`cpu-count` and `cpu-ids` cannot be used together")
-        if cid is not None and cid != 0 and not 4 <= cid <= 0xFFFFFFFE:
-            raise NitroCliError("E03", f"CID {cid} is not a valid enclave CID")
-        res = self.state.reserve(
+        request = LaunchRequest(
             eif_path=str(eif_path),
             memory_mib=memory_mib,
             cpu_count=cpu_count,
-            cpu_ids=cpu_ids,
+            cpu_ids=None if cpu_ids is None else tuple(cpu_ids),
             cid=cid,
+            debug=debug,
             name=name,
-            debug=debug,
-            owner_pid=os.getpid(),
-        )
-        spec = LaunchSpec(
-            eif_path=res.eif_path,
-            enclave_id=res.enclave_id,
-            enclave_name=res.enclave_name,
-            cid=res.enclave_cid,
-            cpu_ids=res.cpu_ids,
-            memory_mib=res.memory_mib,
-            debug=debug,
-            strict_isolation=self.strict_isolation
-            if strict_isolation is None
-            else strict_isolation,
+            strict_isolation=strict_isolation,
             parent_ports=parent_ports,
             peer_cids=peer_cids,
-            boot_timeout_s=boot_timeout_s or self.boot_timeout_s,
-            terminate_grace_s=self.terminate_grace_s,
+            boot_timeout_s=boot_timeout_s,
+            max_tasks=max_tasks,
+        )
+        return await self.launch(request, wait_ready=wait_ready, ready_timeout_s=ready_timeout_s)
+
+    async def launch(
+        self,
+        request: LaunchRequest,
+        *,
+        wait_ready: bool = False,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> EnclaveInfo:
+        """Start the enclave ``request`` describes: the one launch path (the CLI's host
+        daemon calls it too). See :meth:`run_enclave` for what it raises."""
+        if not 0 < ready_timeout_s <= MAX_BOOT_TIMEOUT_S:
+            raise InvalidArgumentError(
+                f"`ready-timeout` must be in (0, {MAX_BOOT_TIMEOUT_S:g}] s, got {ready_timeout_s!r}"
+            )
+        res, spec = await trio.to_thread.run_sync(
+            lambda: reserve_launch(
+                self.state,
+                request,
+                owner_pid=os.getpid(),
+                strict_isolation=self.strict_isolation,
+                boot_timeout_s=self.boot_timeout_s,
+                terminate_grace_s=self.terminate_grace_s,
+            )
         )
         sup = EnclaveSupervisor(
             self.state, res, spec, spawner=self._spawner, image_cache=self.image_cache
@@ -159,43 +209,96 @@ class Runtime:
             reason = await sup.wait_exited()
             self._sups.pop(res.enclave_id, None)
             self._exited[res.enclave_id] = reason
+            self._trim_ended()
 
         self._nursery.start_soon(_forget)
+        if wait_ready:
+            try:
+                await sup.wait_app_ready(ready_timeout_s)
+            except AppNotReadyError:
+                with trio.CancelScope(shield=True):
+                    await sup.terminate()
+                raise
+            except BaseException:  # cancelled while waiting: nothing is left running
+                with trio.CancelScope(shield=True):
+                    await sup.terminate()
+                raise
+            info = sup.info
         return info
+
+    def _trim_ended(self) -> None:
+        """Keep at most :data:`KEEP_ENDED` ended enclaves' supervisors and exit reasons (a
+        long-lived runtime, such as the host daemon, must not grow without bound)."""
+        while len(self._exited) > KEEP_ENDED:
+            oldest = next(iter(self._exited))
+            del self._exited[oldest]
+            if oldest not in self._sups:
+                self._all_sups.pop(oldest, None)
 
     def describe(self) -> list[EnclaveInfo]:
         """Running enclaves of this state directory (also those started by other processes)."""
-        return [r for r in self.state.records() if r.state in ("RUNNING", "TERMINATING")]
+        return [
+            r
+            for r in self.state.records()
+            if r.state in (EnclaveState.RUNNING, EnclaveState.TERMINATING)
+        ]
 
     def supervisor(self, enclave_id: str) -> EnclaveSupervisor | None:
-        """The supervisor of an enclave this runtime started (kept after the enclave ended,
-        so ``wait_exited``/``exit_reason`` stay available)."""
+        """The supervisor of an enclave this runtime started (kept a while after the enclave
+        ended, so ``wait_exited``/``exit_reason``/``app_status`` stay available)."""
         return self._all_sups.get(enclave_id)
 
     async def terminate(self, enclave_id: str) -> ExitReason:
-        """Terminate an enclave (graceful, bounded, then killed); returns its exit reason."""
+        """Terminate an enclave (graceful, bounded, then killed); returns its exit reason.
+
+        Raises:
+            EnclaveSocketError: E11, no enclave has this id.
+            EnclaveProcessConnectionError: E39, its owner (another process) is unreachable.
+        """
         sup = self._sups.get(enclave_id)
         if sup is not None:
             return await sup.terminate()
         if enclave_id in self._exited:
             return self._exited[enclave_id]
-        self.state.find(enclave_id=enclave_id)  # E39 when unknown
+        self.state.find(enclave_id=enclave_id)  # E11 when unknown
         return await terminate_via_control(self.state, enclave_id)
 
     async def wait_exited(self, enclave_id: str) -> ExitReason:
-        """Wait until an enclave started by this runtime is gone; returns why it ended."""
+        """Wait until an enclave started by this runtime is gone; returns why it ended.
+
+        Raises:
+            EnclaveSocketError: E11, this runtime started no enclave with this id.
+        """
         sup = self._sups.get(enclave_id)
         if sup is None:
             if enclave_id in self._exited:
                 return self._exited[enclave_id]
-            raise NitroCliError("E39", f"no enclave {enclave_id} is supervised by this runtime")
+            raise EnclaveSocketError(f"no enclave {enclave_id} is supervised by this runtime")
         return await sup.wait_exited()
 
     async def console(self, enclave_id: str) -> trio.MemoryReceiveChannel[bytes]:
-        """The console bytes of a debug-mode enclave of this runtime (E44 otherwise)."""
-        sup = self._sups.get(enclave_id)
+        """The console of a debug-mode enclave this runtime started: everything its app wrote
+        to stdout and stderr since it started (the last :data:`CONSOLE_HISTORY_BYTES` of it),
+        then live output; the channel closes when the enclave has ended. Works for an enclave
+        that already ended, while the runtime still remembers it.
+
+        Usage::
+
+            async with await rt.console(info.enclave_id) as console:
+                async for chunk in console:
+                    sys.stdout.buffer.write(chunk)
+
+        Returns:
+            A receive channel of byte chunks (close it when done; a reader that falls more
+            than 256 chunks behind is dropped and sees the end early).
+
+        Raises:
+            EnclaveSocketError: E11, this runtime started no enclave with this id.
+            ConsoleConnectionError: E44, the enclave is not in debug mode (as on Nitro).
+        """
+        sup = self._all_sups.get(enclave_id)
         if sup is None:
-            raise NitroCliError("E39", f"no enclave {enclave_id} is supervised by this runtime")
+            raise EnclaveSocketError(f"no enclave {enclave_id} is supervised by this runtime")
         return await sup.console_stream()
 
     async def aclose(self) -> None:
@@ -203,33 +306,6 @@ class Runtime:
         async with trio.open_nursery() as n:
             for sup in list(self._sups.values()):
                 n.start_soon(sup.terminate)
-
-
-async def terminate_via_control(state: StateDir, enclave_id: str) -> ExitReason:
-    """Ask the supervisor of an enclave (any process) to terminate it, through its socket."""
-    path = state.socket_path(enclave_id)
-    try:
-        with short_path(path) as connectable:
-            stream = await trio.open_unix_socket(connectable)
-    except OSError as exc:
-        raise NitroCliError(
-            "E39", f"Failed to connect to the enclave process of {enclave_id}: {exc.strerror}"
-        ) from exc
-    async with stream:
-        await stream.send_all(b'{"op": "terminate"}\n')
-        buf = b""
-        while b"\n" not in buf and len(buf) < 65536:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                break
-            buf += chunk
-    try:
-        reply = json.loads(buf.split(b"\n", 1)[0])
-        if reply.get("ok"):
-            return ExitReason.from_json(reply["exit_reason"])
-        raise NitroCliError(str(reply.get("code", "E39")), str(reply.get("message")))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise NitroCliError("E39", f"bad reply from the enclave process: {exc}") from exc
 
 
 @asynccontextmanager
@@ -252,10 +328,15 @@ async def open_runtime(
 
     Resource handling: every enclave and zygote started here belongs to this block.
 
+    Logging: the runtime logs with structlog, never to stdout. If the embedding process has
+    not configured structlog, this configures it (once, for the process) to write to stderr
+    at the level of ``ENCLAVE_LOG_LEVEL`` (default ``info``), as the ``enclave`` CLI does.
+
     Errors: a single exception leaving the block (e.g. a ``NitroCliError`` from
     :meth:`Runtime.run_enclave` not caught inside it) is re-raised as itself, not wrapped in
     the block nursery's ``ExceptionGroup``; several concurrent errors stay grouped.
     """
+    _ensure_logging()
     state = StateDir(Path(state_dir) if state_dir is not None else default_state_dir())
     try:
         async with _open_runtime(
@@ -275,6 +356,15 @@ async def open_runtime(
         if lone is None:
             raise
         _reraise(lone)
+
+
+def _ensure_logging() -> None:
+    """structlog's unconfigured default prints to stdout; an embedding service that never
+    configured it must not get runtime logs mixed into its own stdout."""
+    if not structlog.is_configured():
+        from transport.logs import configure_logging
+
+        configure_logging()
 
 
 def _only_cancelled(exc: BaseException) -> bool:

@@ -2,7 +2,7 @@
 
 Layout under the state directory (``ENCLAVE_STATE_DIR``, mode 0700)::
 
-    instance-id              this "parent instance"'s id (i-<16 hex>), created once
+    instance-id              this "parent instance"'s id (i-<17 hex>), created once
     allocator.yaml           the capacity pool (nitro-cli's /etc/nitro_enclaves/allocator.yaml)
     enclaves.lock            flock(2) serialising allocation across processes
     enclaves/<slot>.json     one record per enclave (slot = the 16 hex after "-enc")
@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -32,8 +33,19 @@ from typing import Any
 
 import yaml
 
-from runtime._model import EnclaveInfo
-from runtime.errors import NitroCliError
+from runtime.errors import (
+    CpuUnavailableError,
+    EnclaveNamingError,
+    EnclaveSocketError,
+    FileOperationError,
+    InsufficientCpusError,
+    InsufficientMemoryAvailableError,
+    InsufficientMemoryRequestedError,
+    InvalidArgumentError,
+    InvalidCpuConfigurationError,
+    MemoryBelowMinimumError,
+)
+from runtime.records import EnclaveInfo, EnclaveState
 from transport.paths import ensure_private_dir
 
 __all__ = [
@@ -51,6 +63,9 @@ MIN_MEMORY_MIB = 64
 EIF_MEMORY_RATIO = 4
 #: "up to 4 enclaves per parent" (UG, nitro.md §1.5).
 MAX_ENCLAVES = 4
+#: Hex digits of an EC2 instance id after ``i-`` (nitro.md §1.4: "i-1234567890abcdef0").
+INSTANCE_ID_HEX_DIGITS = 17
+_INSTANCE_ID_RE = re.compile(rf"i-[0-9a-f]{{{INSTANCE_ID_HEX_DIGITS}}}")
 #: Enclave memory is made of 2 MiB hugepages at least; requests are rounded up to this.
 MEMORY_GRANULE_MIB = 2
 #: Default pool: sized for this 2-core development machine.
@@ -59,6 +74,49 @@ DEFAULT_POOL_MIB = 4096
 CID_MIN, CID_MAX = 4, 0xFFFFFFFE
 #: Auto-assigned CIDs are drawn from a readable range (Nitro says "random").
 AUTO_CID_RANGE = (16, 0xFFFF)
+#: The subordinate uid range enclaves run as (first uid, count): each enclave's root maps to
+#: one uid of its own, allocated like its CID. 0x70000000.. is a block no distribution or
+#: systemd assigns (systemd's container ranges end below it, its "unused" block begins
+#: there); override with ``enclave_uids: FIRST-LAST`` in allocator.yaml.
+ENCLAVE_UID_RANGE = (0x7000_0000, 0x1_0000)
+
+
+def _parse_uid_range(text: str) -> tuple[int, int]:
+    """``"FIRST-LAST"`` -> (first, count); at least 16 uids, never root or 2**32-1."""
+    lo_text, sep, hi_text = text.partition("-")
+    if not sep:
+        raise ValueError(f"enclave_uids must be FIRST-LAST, got {text!r}")
+    lo, hi = int(lo_text), int(hi_text)
+    if not 0 < lo <= hi < 0xFFFF_FFFF or hi - lo + 1 < 16:
+        raise ValueError(f"enclave_uids {text!r}: need 16+ uids within 1..4294967294")
+    return lo, hi - lo + 1
+
+
+def _uids_in_use() -> set[int]:
+    """Real uids of the processes running now (/proc), so that an enclave never gets a uid
+    some other process (another state directory's enclave, a user) already runs as."""
+    out: set[int] = set()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    out.add(entry.stat(follow_symlinks=False).st_uid)
+    return out
+
+
+def _allocate_uid(uid_range: tuple[int, int], taken: set[int | None]) -> int:
+    """A uid of the range that no record of this state directory and no live process has,
+    drawn at random like an automatic CID (E27 when the range is exhausted)."""
+    first, count = uid_range
+    busy = {u for u in taken if u is not None} | _uids_in_use()
+    for _ in range(64):  # random probes first: the range is normally nearly empty
+        cand = first + secrets.randbelow(count)
+        if cand not in busy:
+            return cand
+    for cand in range(first, first + count):
+        if cand not in busy:
+            return cand
+    raise InsufficientMemoryAvailableError(f"no free enclave uid in {first}..{first + count - 1}")
 
 
 def parse_cpu_pool(text: str) -> tuple[int, ...]:
@@ -88,6 +146,8 @@ class Allocator:
     memory_mib: int
     cpu_pool: tuple[int, ...]
     max_enclaves: int = MAX_ENCLAVES
+    #: (first uid, count) of the enclaves' subordinate uid range
+    uid_range: tuple[int, int] = ENCLAVE_UID_RANGE
 
     @classmethod
     def default(cls) -> Allocator:
@@ -97,12 +157,12 @@ class Allocator:
     @classmethod
     def from_mapping(cls, m: Any) -> Allocator:
         if not isinstance(m, dict):
-            raise NitroCliError("E19", "allocator.yaml must be a mapping")
-        unknown = set(m) - {"memory_mib", "cpu_count", "cpu_pool", "max_enclaves"}
+            raise FileOperationError("allocator.yaml must be a mapping")
+        unknown = set(m) - {"memory_mib", "cpu_count", "cpu_pool", "max_enclaves", "enclave_uids"}
         if unknown:
-            raise NitroCliError("E19", f"allocator.yaml: unknown keys {sorted(unknown)}")
+            raise FileOperationError(f"allocator.yaml: unknown keys {sorted(unknown)}")
         if "cpu_count" in m and "cpu_pool" in m:
-            raise NitroCliError("E19", "allocator.yaml: cpu_count and cpu_pool are exclusive")
+            raise FileOperationError("allocator.yaml: cpu_count and cpu_pool are exclusive")
         host = sorted(os.sched_getaffinity(0))
         try:
             if "cpu_pool" in m:
@@ -114,11 +174,17 @@ class Allocator:
                 pool = tuple(host[:n])
             mem = int(m.get("memory_mib", DEFAULT_POOL_MIB))
             maxe = int(m.get("max_enclaves", MAX_ENCLAVES))
+            uids = _parse_uid_range(str(m["enclave_uids"])) if "enclave_uids" in m else None
         except (TypeError, ValueError) as exc:
-            raise NitroCliError("E19", f"allocator.yaml: {exc}") from exc
+            raise FileOperationError(f"allocator.yaml: {exc}") from exc
         if mem < MIN_MEMORY_MIB or maxe < 1:
-            raise NitroCliError("E19", "allocator.yaml: memory_mib/max_enclaves too small")
-        return cls(memory_mib=mem, cpu_pool=pool, max_enclaves=maxe)
+            raise FileOperationError("allocator.yaml: memory_mib/max_enclaves too small")
+        return cls(
+            memory_mib=mem,
+            cpu_pool=pool,
+            max_enclaves=maxe,
+            uid_range=uids or ENCLAVE_UID_RANGE,
+        )
 
     def to_yaml(self) -> str:
         return (
@@ -140,15 +206,17 @@ class StateDir:
 
     # -- identity -----------------------------------------------------------------------
     def instance_id(self) -> str:
-        """A stable per-state-dir stand-in for the EC2 instance id (``i-`` + 16 hex)."""
+        """A stable per-state-dir stand-in for the EC2 instance id: ``i-`` + 17 hex digits,
+        the shape of real instance ids (``i-1234567890abcdef0``). Created once; a file of
+        another shape (an older state directory) is replaced."""
         f = self.path / "instance-id"
         try:
             value = f.read_text().strip()
-            if value.startswith("i-") and len(value) == 18:
+            if _INSTANCE_ID_RE.fullmatch(value):
                 return value
         except FileNotFoundError:
             pass
-        value = "i-" + secrets.token_hex(8)
+        value = "i-" + secrets.token_hex(9)[:INSTANCE_ID_HEX_DIGITS]
         tmp = f.with_suffix(".tmp")
         tmp.write_text(value + "\n")
         os.replace(tmp, f)
@@ -164,7 +232,7 @@ class StateDir:
     def slot_of(enclave_id: str) -> str:
         slot = enclave_id.rpartition("-enc")[2]
         if len(slot) != 16 or any(c not in "0123456789abcdef" for c in slot):
-            raise NitroCliError("E03", f"invalid enclave id {enclave_id!r}")
+            raise InvalidArgumentError(f"invalid enclave id {enclave_id!r}")
         return slot
 
     def record_path(self, enclave_id: str) -> Path:
@@ -186,7 +254,7 @@ class StateDir:
         try:
             data = yaml.safe_load(f.read_text())
         except (OSError, yaml.YAMLError) as exc:
-            raise NitroCliError("E19", f"cannot read {f}: {exc}") from exc
+            raise FileOperationError(f"cannot read {f}: {exc}") from exc
         return Allocator.from_mapping(data)
 
     @contextlib.contextmanager
@@ -238,20 +306,26 @@ class StateDir:
         return [info for _, info in sorted(out)]
 
     def find(self, *, enclave_id: str | None = None, name: str | None = None) -> EnclaveInfo:
-        """Look an enclave up by id or name (E39 / E58 when there is none)."""
+        """Look an enclave up by id or name.
+
+        Raises:
+            EnclaveSocketError: E11, no enclave has this id (nitro-cli cannot connect to the
+                socket of an enclave process that does not exist).
+            EnclaveNamingError: E58, no enclave (or several) has this name.
+        """
         recs = self.records()
         if enclave_id is not None:
             for r in recs:
                 if r.enclave_id == enclave_id:
                     return r
-            raise NitroCliError(
-                "E39", f"Failed to connect to the enclave process of {enclave_id}: no such enclave"
+            raise EnclaveSocketError(
+                f"Failed to connect to the enclave process of {enclave_id}: no such enclave"
             )
         matches = [r for r in recs if r.enclave_name == name]
         if not matches:
-            raise NitroCliError("E58", "No enclave matched the given name.")
+            raise EnclaveNamingError("No enclave matched the given name.")
         if len(matches) > 1:
-            raise NitroCliError("E58", "Conflicting enclave names have been found.")
+            raise EnclaveNamingError("Conflicting enclave names have been found.")
         return matches[0]
 
     # -- allocation ---------------------------------------------------------------------
@@ -270,55 +344,78 @@ class StateDir:
         """Check the request against the pool and running enclaves; write a STARTING record.
 
         Raises:
-            NitroCliError: E19 (EIF unreadable), E26 (too little memory), E27 (pool memory
-                exhausted), E20/E21/E22 (CPUs), E03 (CID in use), E39-style capacity limits.
+            FileOperationError: E19, the EIF cannot be read.
+            InsufficientMemoryRequestedError: E26, no memory, or less than 4x the EIF size.
+            MemoryBelowMinimumError: E29, less than the driver's 64 MiB minimum.
+            InsufficientMemoryAvailableError: E27, the pool (or the enclave count) is full.
+            InvalidCpuConfigurationError, CpuUnavailableError, InsufficientCpusError: E20-E22.
+            InvalidArgumentError: E03, a CID out of range or in use, ``cpu_count`` < 1.
         """
         try:
             eif_size = os.stat(eif_path).st_size
         except OSError as exc:
-            raise NitroCliError("E19", f"Failed to open the EIF file {eif_path}: {exc}") from exc
+            raise FileOperationError(
+                f"Failed to open the EIF file {eif_path}: {exc.strerror or exc}",
+                info=(eif_path, "Open"),
+            ) from exc
         if memory_mib <= 0:
-            raise NitroCliError("E26", "Cannot start an enclave with no memory")
-        need = max(MIN_MEMORY_MIB, -(-EIF_MEMORY_RATIO * eif_size // (1024 * 1024)))
+            raise InsufficientMemoryRequestedError(
+                "Cannot start an enclave with no memory", info=("memory", "0", str(MIN_MEMORY_MIB))
+            )
+        need = -(-EIF_MEMORY_RATIO * eif_size // (1024 * 1024))
         if memory_mib < need:
-            raise NitroCliError(
-                "E26",
-                f"Insufficient memory requested. User provided `memory` is {memory_mib} MB, "
-                f"but based on the EIF file size, the minimum memory should be {need} MB",
+            raise InsufficientMemoryRequestedError(
+                f"At least {need} MB must be allocated (which is {EIF_MEMORY_RATIO} times the "
+                "EIF file size)",
+                info=("memory", str(memory_mib), str(need)),
+            )
+        if memory_mib < MIN_MEMORY_MIB:
+            # the driver's NE_ERR_ENCLAVE_MEM_MIN_SIZE (268), an ioctl failure on Nitro
+            raise MemoryBelowMinimumError(
+                f"Enclave memory must be at least {MIN_MEMORY_MIB} MiB, {memory_mib} MiB was "
+                "requested (NE_ERR_ENCLAVE_MEM_MIN_SIZE)"
             )
         memory_mib = -(-memory_mib // MEMORY_GRANULE_MIB) * MEMORY_GRANULE_MIB
         with self.lock():
             alloc = self.allocator()
             running = self.records()
             if len(running) >= alloc.max_enclaves:
-                raise NitroCliError("E27", f"At most {alloc.max_enclaves} enclaves may run at once")
+                raise InsufficientMemoryAvailableError(
+                    f"At most {alloc.max_enclaves} enclaves may run at once",
+                    info=("memory", str(memory_mib)),
+                )
             used_mem = sum(r.memory_mib for r in running)
             if used_mem + memory_mib > alloc.memory_mib:
-                raise NitroCliError(
-                    "E27",
+                raise InsufficientMemoryAvailableError(
                     f"Insufficient memory available: requested {memory_mib} MiB, "
                     f"{alloc.memory_mib - used_mem} MiB left in the pool",
+                    info=("memory", str(memory_mib)),
                 )
             used_cpus = {c for r in running for c in r.cpu_ids}
             free = [c for c in alloc.cpu_pool if c not in used_cpus]
             if cpu_ids is not None:
                 ids = tuple(cpu_ids)
                 if len(set(ids)) != len(ids):
-                    raise NitroCliError("E20", f"Duplicate CPU ids in {list(ids)}")
+                    dups = sorted({c for c in ids if ids.count(c) > 1})
+                    raise InvalidCpuConfigurationError(
+                        f"Duplicate CPU ids in {list(ids)}",
+                        info=("cpu-ids", ", ".join(map(str, dups))),
+                    )
                 for c in ids:
                     if c not in alloc.cpu_pool or c in used_cpus:
-                        raise NitroCliError(
-                            "E21", f"The CPU {c} is not available in the enclave CPU pool"
+                        raise CpuUnavailableError(
+                            f"The CPU {c} is not available in the enclave CPU pool",
+                            info=("cpu-ids", str(c)),
                         )
                 chosen = ids
             else:
                 n = int(cpu_count or 0)
                 if n < 1:
-                    raise NitroCliError("E03", "`cpu-count` must be at least 1")
+                    raise InvalidArgumentError("`cpu-count` must be at least 1")
                 if n > len(free):
-                    raise NitroCliError(
-                        "E22",
+                    raise InsufficientCpusError(
                         f"Insufficient CPUs available: requested {n}, {len(free)} free in the pool",
+                        info=("cpu-count", str(n)),
                     )
                 chosen = tuple(free[:n])
             used_cids = {r.enclave_cid for r in running}
@@ -330,9 +427,9 @@ class StateDir:
                         cid = cand
                         break
             elif not CID_MIN <= cid <= CID_MAX:
-                raise NitroCliError("E03", f"CID {cid} is not a valid enclave CID (4..4294967294)")
+                raise InvalidArgumentError(f"CID {cid} is not a valid enclave CID (4..4294967294)")
             elif cid in used_cids:
-                raise NitroCliError("E03", f"CID {cid} is already used by another enclave")
+                raise InvalidArgumentError(f"CID {cid} is already used by another enclave")
             base = name if name else _default_name(eif_path)
             names = {r.enclave_name for r in running}
             final, i = base, 0
@@ -346,9 +443,10 @@ class StateDir:
                 enclave_cid=cid,
                 cpu_ids=chosen,
                 memory_mib=memory_mib,
-                state="STARTING",
+                state=EnclaveState.STARTING,
                 debug=debug,
                 eif_path=str(Path(eif_path).resolve()),
+                outside_uid=_allocate_uid(alloc.uid_range, {r.outside_uid for r in running}),
             )
             self.write_record(info, owner_pid=owner_pid)
             return info

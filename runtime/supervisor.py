@@ -2,29 +2,29 @@
 
 One :class:`EnclaveSupervisor` owns one enclave from image check to teardown::
 
-    read_eif → unpack into <state>/enclaves/<slot>/image → verify_unpacked (refuse tampering)
-    → NSM device (LocalCA of the state dir, the image's PCRs, debug rule) → socketpairs
-    → serve_enclave_fabric (heartbeat on (3, 9000) in-process) + serve_nsm
-    → spawn the sandboxed child (fresh interpreter, or a fork of a zygote of the same bootstrap)
+    read_eif → unpack into <state>/enclaves/<slot>/image (or the runtime's image cache)
+    → verify_unpacked (refuse tampering) → NSM device (LocalCA of the state dir, the image's
+    PCRs, debug rule) → socketpairs → serve_enclave_fabric with two in-process parent ports:
+    the heartbeat (3, 9000) and the app status report (3, 9001) → serve_nsm
+    → spawn the sandboxed child (a :class:`~runtime.spawners.Spawner`: fresh interpreter, or
+      a fork of a zygote of the same bootstrap)
     → wait for 0xB7 (echoed) and the app-start byte under the boot timeout (else E36, teardown)
-    → RUNNING record + control socket → ``task_status.started(info)``
+    → RUNNING record + control socket (:mod:`runtime.control`) → ``task_status.started(info)``
     → wait for the app's exit (status relayed by the sandbox) or a terminate request
-    → teardown: SIGTERM, bounded grace, SIGKILL; cgroup, sockets, record and work dir removed;
+    → teardown: SIGTERM, bounded grace, SIGKILL; cgroups, sockets, record and work dir removed;
       the exit reason (code, signal, OOM, terminated) logged and appended to events.jsonl.
 
-The same class runs inside an application (:func:`runtime.api.open_runtime`, nursery-owned)
-and as a detached process for the CLI (``python -m runtime.supervisor``, see :func:`main`),
-which reports readiness to ``run-enclave`` through an inherited pipe.
+The app's status report (:mod:`transport.app_status`) is optional: the first one is recorded
+(later ones are acknowledged and ignored), written to the enclave's record (``describe-enclaves
+--metadata`` shows it) and awaited by :meth:`EnclaveSupervisor.wait_app_ready`.
 
-Control socket (``<state>/enclaves/<slot>.sock``, 0600): one JSON line per connection,
-``{"op": "terminate"}`` → ``{"ok": true, ...}`` once the enclave is gone, or
-``{"op": "console"}`` → ``{"ok": true}`` then the raw console bytes until the enclave exits
-(``{"ok": false, "code": "E44", ...}`` for a non-debug enclave).
+Supervisors run inside a :class:`~runtime.api.Runtime`: in an application
+(:func:`runtime.api.open_runtime`), or in the host daemon that serves the CLI
+(:mod:`runtime.host`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,231 +34,65 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 import trio
 
 from runtime import sandbox
-from runtime._model import EnclaveInfo, ExitKind, ExitReason, IsolationReport, LaunchSpec
-from runtime._unixsock import short_path
-from runtime.errors import NitroCliError
+from runtime.console import CONSOLE_HISTORY_BYTES, ConsoleBuffer
+from runtime.control import ControlServer
+from runtime.errors import (
+    AppExitedError,
+    AppFailedError,
+    AppReadyTimeoutError,
+    ConsoleConnectionError,
+    EnclaveBootError,
+    NitroCliError,
+    SignatureCheckError,
+)
+from runtime.image._cache import ImageCache
+from runtime.records import (
+    EnclaveInfo,
+    EnclaveState,
+    ExitKind,
+    ExitReason,
+    IsolationReport,
+    LaunchSpec,
+)
+from runtime.spawners import ChildLaunch, FreshSpawner, Spawner, SpawnPath, site_packages
 from runtime.state import StateDir
 
-__all__ = [
-    "EnclaveSupervisor",
-    "Spawner",
-    "FreshSpawner",
-    "ChildLaunch",
-    "main",
-    "CONSOLE_HISTORY_BYTES",
-]
+if TYPE_CHECKING:
+    from attest.nsm.device import NsmDevice
+    from runtime.eif import EifFile, UnpackedImage
+    from transport.app_status import AppStatus
+
+__all__ = ["EnclaveSupervisor", "CONSOLE_HISTORY_BYTES"]
 
 log = structlog.get_logger("runtime.supervisor")
 
-#: Console bytes kept for late ``console`` clients (older bytes are dropped).
-CONSOLE_HISTORY_BYTES = 1 << 20
 #: After the enclave's exit status, how long the console pump may take to reach EOF (every
 #: writer is gone by then; this only bounds a pathological case).
-CONSOLE_DRAIN_S = 1.0
-#: Bound on a control request line.
-MAX_CONTROL_LINE = 4096
+CONSOLE_DRAIN_S: Final = 1.0
 #: After SIGKILL, how long to wait for the status pipe before giving up on it.
-KILL_WAIT_S = 5.0
+KILL_WAIT_S: Final = 5.0
+#: How long control requests in flight (a terminate waiting to answer) may finish at the end.
+CONTROL_GRACE_S: Final = 2.0
 #: fds the enclave inherits (ENCLAVE_FABRIC_FD, ENCLAVE_NSM_FD, ENCLAVE_INIT_FD).
 FABRIC_FD, NSM_FD, INIT_FD = 3, 4, 5
-
-
-class ChildLaunch:
-    """Everything a spawner needs: the sandbox spec and what init must run."""
-
-    def __init__(
-        self,
-        sandbox_spec: sandbox.SandboxSpec,
-        env: dict[str, str],
-        bootstrap_dir: str,
-        pcr1: str,
-        eif_path: str,
-        eif: Any = None,
-    ) -> None:
-        self.sandbox_spec = sandbox_spec
-        self.eif_path = eif_path
-        #: the parsed image (CRC and measurements checked) the enclave is started from; a
-        #: zygote pool extracts its own bootstrap copy from it (never from the enclave's tree)
-        self.eif = eif
-        #: called by a spawner once its fork request is on its way (optional)
-        self.on_request_sent: Callable[[], None] | None = None
-        self.request_sent = False
-        self.env = env
-        self.bootstrap_dir = bootstrap_dir
-        self.pcr1 = pcr1
-
-
-class Spawner(Protocol):
-    """Starts the sandboxed enclave process tree."""
-
-    #: "fresh" or "zygote" (reported in logs)
-    kind: str
-
-    async def spawn(self, launch: ChildLaunch) -> sandbox.Spawned: ...
-
-    def reap(self, spawned: sandbox.Spawned) -> None: ...
-
-
-class FreshSpawner:
-    """Fork here, sandbox, then exec a fresh interpreter running ``runtime.enclave_init``."""
-
-    kind = "fresh"
-
-    async def spawn(self, launch: ChildLaunch) -> sandbox.Spawned:
-        argv = [sys.executable, "-P", "-m", "runtime.enclave_init"]
-        env = dict(launch.env)
-
-        def child() -> NoReturn:
-            try:
-                os.execve(sys.executable, argv, env)
-            finally:
-                os._exit(127)
-
-        # The handshake blocks for a few ms; forking must happen on this (the main) thread.
-        # The supervisor attaches the cgroup while the enclave boots (see _gate).
-        return sandbox.spawn(launch.sandbox_spec, child, attach=False)
-
-    def reap(self, spawned: sandbox.Spawned) -> None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(spawned.middle_pid, 0)
-
-
-def _site_packages() -> list[str]:
-    import sysconfig
-
-    paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    return sorted(p for p in paths if os.path.isdir(p))
-
-
-class ImageCache:
-    """Verified unpacked images shared by the enclaves of one runtime, keyed by PCR0.
-
-    Each start still parses the EIF (CRC, measurements) and re-verifies the cached tree
-    against it byte for byte (``verify_unpacked``), so a cache entry never runs unchecked; the
-    cache only saves the extraction. Owned by a runtime; :meth:`clear` removes the trees.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self._lock = threading.Lock()
-        #: stat key of an EIF file -> (its verified tree, its parsed EifFile, immutable)
-        self._by_path: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-
-    def get(self, eif: Any, *, defer_verify: bool = False) -> tuple[Any, bool]:
-        """``(tree, verified)`` for ``eif`` (thread-safe; called from worker threads).
-
-        A fresh extraction is always verified here. With ``defer_verify`` a cached tree is
-        returned unverified (``verified=False``): the caller must :meth:`verify` it before
-        anything of the enclave's image runs or attests (the zygote path gates the heartbeat
-        echo and the NSM on it).
-        """
-        with self._lock:
-            return self._get(eif, defer_verify)
-
-    def verify(self, eif: Any, image: Any) -> None:
-        """Re-check a cached tree against ``eif`` (E36 ImageTamperedError on any difference)."""
-        from runtime.eif import verify_unpacked
-
-        verify_unpacked(eif, image)
-
-    @staticmethod
-    def _path_key(path: str) -> tuple[Any, ...]:
-        st = os.stat(path)
-        return (
-            os.path.realpath(path),
-            st.st_dev,
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        )
-
-    def lookup(self, path: str) -> tuple[Any, Any] | None:
-        """The tree and measurements last verified for the EIF file at ``path``, if the file
-        looks unchanged (stat). Only a hint: :meth:`verify_fresh` must confirm it."""
-        try:
-            key = self._path_key(path)
-        except OSError:
-            return None
-        with self._lock:
-            return self._by_path.get(key)
-
-    def remember(self, path: str, eif: Any, image: Any) -> None:
-        with contextlib.suppress(OSError), self._lock:
-            self._by_path[self._path_key(path)] = (image, eif)
-
-    def verify_fresh(self, path: str, expected: Any, image: Any) -> None:
-        """Verify the tree byte for byte against the EIF the start was prepared with
-        (``expected``, parsed when the file had the same inode, size, mtime and ctime as
-        now); if the file changed since, re-read it (CRC, measurements, signature) and
-        require the same measurements. Raises E35/E36/E59."""
-        from runtime.eif import read_eif, verify_unpacked
-
-        try:
-            same_file = self._by_path.get(self._path_key(path), (None, None))[1] is expected
-        except OSError:
-            same_file = False
-        if same_file:
-            verify_unpacked(expected, image)
-            return
-        eif = read_eif(Path(path))
-        if eif.is_signed and not eif.signature_ok:
-            raise NitroCliError("E59", "EIF signature check failed")
-        if {i: bytes(v) for i, v in eif.pcrs.items()} != {
-            i: bytes(v) for i, v in expected.pcrs.items()
-        }:
-            raise NitroCliError("E36", "Enclave boot failed: the EIF changed while starting")
-        verify_unpacked(eif, image)
-
-    def _get(self, eif: Any, defer_verify: bool) -> tuple[Any, bool]:
-        from runtime.eif import remove_unpacked, unpack_eif, verify_unpacked
-
-        key = eif.pcrs[0].hex()[:32]
-        root = self.dir / key
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if root.exists():
-            try:
-                image = _describe_unpacked(root)
-                if defer_verify:
-                    return image, False
-                verify_unpacked(eif, image)
-                return image, True
-            except NitroCliError:
-                remove_unpacked(root)
-        image = unpack_eif(eif, root)
-        verify_unpacked(eif, image)
-        return image, True
-
-    def clear(self) -> None:
-        from runtime.eif import remove_unpacked
-
-        if self.dir.exists():
-            for child in self.dir.iterdir():
-                with contextlib.suppress(OSError):
-                    if child.is_dir():
-                        remove_unpacked(child)
-                    else:
-                        child.unlink()
-            with contextlib.suppress(OSError):
-                self.dir.rmdir()
-                self.dir.parent.rmdir()  # the shared images/ dir, when no other runtime uses it
-
-
-def _describe_unpacked(root: Path) -> Any:
-    from runtime import eif as _eif
-
-    describe = getattr(_eif, "_describe_tree")  # noqa: B009 - the images module's reader
-    return describe(root)
+#: Parent ports served in-process for every enclave (Nitro's heartbeat; our status report).
+HEARTBEAT_PORT: Final = 9000
+APP_STATUS_PORT: Final = 9001
+#: runtime.enclave_init.EXIT_OOM (not imported: that package is enclave-side).
+_EXIT_OOM: Final = 251
+_E44: Final = (
+    "The enclave was not started with the debug flag set, include '--debug-mode' in the "
+    "run-enclave command"
+)
 
 
 class EnclaveSupervisor:
@@ -267,9 +101,10 @@ class EnclaveSupervisor:
     Args:
         state: the state directory (records, CA, fabric).
         reservation: the STARTING record written by :meth:`StateDir.reserve`.
-        spec: the launch parameters (CID, CPUs, memory, debug, strictness, timeouts).
-        spawner: fresh interpreter or zygote.
+        spec: the launch parameters (CID, CPUs, memory, uid, debug, strictness, timeouts).
+        spawner: fresh interpreter (default) or zygote.
         fabric_dir: the vsock fabric directory (default ``<state>/vsock``).
+        image_cache: the runtime's cache of verified trees (None: unpack per enclave).
     """
 
     def __init__(
@@ -296,18 +131,18 @@ class EnclaveSupervisor:
         self._terminating = False
         self._spawned: sandbox.Spawned | None = None
         self.exit_reason: ExitReason | None = None
-        self._console_hist = bytearray()
-        self._console_subs: list[trio.MemorySendChannel[bytes]] = []
-        self._console_closed = False
-        self._console_done = trio.Event()
+        #: the app's first status report (None until it reports)
+        self.app_status: AppStatus | None = None
+        self._status_reported = trio.Event()
+        self._console = ConsoleBuffer()
         self.started_at = time.monotonic()
         self._marks: dict[str, float] = {}
-        self._control_active = 0
         self._pending_verify = False
         #: set once the image is verified and the app is in its memory cgroup; the heartbeat
         #: echo (which lets init start the app) and the NSM wait for it.
         self._gate = trio.Event()
         self._verified = trio.Event()
+        self._control: ControlServer | None = None
         self._control_nursery: trio.Nursery | None = None
         #: trio time by which the enclave must be ready (set when ``run`` starts: the boot
         #: timeout bounds the whole start, image preparation and spawn included, so a child
@@ -316,6 +151,16 @@ class EnclaveSupervisor:
         self._ready_at = math.inf
 
     # -- public ---------------------------------------------------------------------------
+    @property
+    def cid(self) -> int:
+        """The enclave's CID."""
+        return self.spec.cid
+
+    @property
+    def gone(self) -> bool:
+        """Whether the enclave's processes are gone (resources may still be released)."""
+        return self._gone.is_set()
+
     async def terminate(self) -> ExitReason:
         """SIGTERM the app, wait up to the grace period, then SIGKILL; returns when gone."""
         sp = self._spawned
@@ -326,7 +171,7 @@ class EnclaveSupervisor:
         if not self._terminating:
             self._terminating = True
             self.log.info("enclave_terminating", grace_s=self.spec.terminate_grace_s)
-            self._write_record(state="TERMINATING")
+            self._write_record(state=EnclaveState.TERMINATING)
             _kill(sp.app_pid, signal.SIGTERM)
         with trio.move_on_after(self.spec.terminate_grace_s):
             await self._gone.wait()
@@ -345,9 +190,58 @@ class EnclaveSupervisor:
         assert self.exit_reason is not None
         return self.exit_reason
 
-    @property
-    def gone(self) -> bool:
-        return self._gone.is_set()
+    async def wait_app_ready(self, timeout_s: float) -> AppStatus:
+        """Wait for the app's status report; returns it when it says READY.
+
+        Raises:
+            AppFailedError: the app reported FAILED (``detail``: its own words).
+            AppExitedError: the enclave ended before reporting (``detail``: the exit reason).
+            AppReadyTimeoutError: no report within ``timeout_s``.
+        """
+        from transport.app_status import AppState
+
+        with trio.move_on_after(timeout_s):
+            async with trio.open_nursery() as n:
+
+                async def _gone() -> None:
+                    await self._gone.wait()
+                    # a report racing the exit still wins: give the handler its moment
+                    with trio.move_on_after(0.05):
+                        await self._status_reported.wait()
+                    n.cancel_scope.cancel()
+
+                n.start_soon(_gone)
+                await self._status_reported.wait()
+                n.cancel_scope.cancel()
+        status = self.app_status
+        if status is not None and status.state is AppState.READY:
+            return status
+        if status is not None:
+            raise AppFailedError(
+                f"The enclave's app reported a failure: {status.detail or '(no detail)'}",
+                detail=status.detail,
+            )
+        if self._gone.is_set():
+            reason = self.exit_reason
+            detail = _fmt_reason(reason)
+            tail = self._console_tail()
+            raise AppExitedError(
+                f"The enclave's app exited before it was ready ({detail}){tail}", detail=detail
+            )
+        raise AppReadyTimeoutError(
+            f"The enclave's app did not report ready within {timeout_s:g} s",
+            detail=f"no report within {timeout_s:g} s",
+        )
+
+    async def console_stream(self) -> trio.MemoryReceiveChannel[bytes]:
+        """History plus live console bytes (debug mode only); closes at enclave exit.
+
+        Raises:
+            ConsoleConnectionError: E44, the enclave is not in debug mode.
+        """
+        if not self.spec.debug:
+            raise ConsoleConnectionError(_E44)
+        return self._console.reader()
 
     # -- main task ------------------------------------------------------------------------
     async def run(
@@ -355,19 +249,20 @@ class EnclaveSupervisor:
     ) -> ExitReason:
         """Boot the enclave, report readiness, supervise it until it is gone.
 
-        Raises (before ``started``): NitroCliError E35 (bad image), E36 (tampered image, boot
-        failure or timeout, strict isolation refused); everything is torn down first.
+        Raises (before ``started``): EifFormatError (E35), EnclaveBootError (E36: tampered
+        image, boot failure or timeout, strict isolation refused), SignatureCheckError (E59);
+        everything is torn down first.
         """
         async with _unwrap_single(), trio.open_nursery() as control:
             self._control_nursery = control
             try:
                 return await self._run(task_status)
             finally:
-                # Let in-flight control requests (a terminate waiting for cleanup) answer.
-                with trio.move_on_after(2):
-                    while self._control_active:  # noqa: ASYNC110 - a counter, polled briefly
-                        await trio.sleep(0.01)
-                control.cancel_scope.cancel()
+                # in-flight control requests (a terminate waiting for cleanup) may answer
+                if self._control is not None:
+                    self._control.stop(CONTROL_GRACE_S)
+                else:
+                    control.cancel_scope.cancel()
 
     async def _run(self, task_status: trio.TaskStatus[EnclaveInfo]) -> ExitReason:
         sp: sandbox.Spawned | None = None
@@ -377,7 +272,7 @@ class EnclaveSupervisor:
             work = self.state.work_dir(self.spec.enclave_id)
             self._mark("run_start")
             hit = None
-            if self.image_cache is not None and self.spawner.kind == "zygote":
+            if self.image_cache is not None and self.spawner.kind is SpawnPath.ZYGOTE:
                 # Warm path: a tree already verified for this (unchanged-looking) file starts
                 # at once; _verify_late re-reads the EIF and re-verifies the tree meanwhile,
                 # and nothing of the enclave runs or attests before that passed (_gate).
@@ -388,24 +283,8 @@ class EnclaveSupervisor:
             else:
                 image, eif = await trio.to_thread.run_sync(self._prepare_image, work)
             self._mark("image_verified")
-            measurements = dict(eif.measurements)
-            meta = dict(eif.metadata or {})
-            self.info = EnclaveInfo(
-                enclave_name=self.spec.enclave_name,
-                enclave_id=self.spec.enclave_id,
-                process_id=os.getpid(),
-                enclave_cid=self.spec.cid,
-                cpu_ids=self.spec.cpu_ids,
-                memory_mib=self.spec.memory_mib,
-                state="STARTING",
-                debug=self.spec.debug,
-                measurements={k: v for k, v in measurements.items() if k.startswith("PCR")},
-                image_name=meta.get("ImageName"),
-                image_version=meta.get("ImageVersion"),
-                metadata=_metadata_view(meta),
-                eif_path=self.spec.eif_path,
-            )
-            self._write_record(state="STARTING")
+            self.info = self._starting_info(eif)
+            self._write_record(state=EnclaveState.STARTING)
             fab_p, fab_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             nsm_p, nsm_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             socks += [fab_p, fab_c, nsm_p, nsm_c]
@@ -413,23 +292,7 @@ class EnclaveSupervisor:
             console_r = console_w = -1
             if self.spec.debug:
                 console_r, console_w = os.pipe2(os.O_CLOEXEC)
-            launch = ChildLaunch(
-                sandbox.SandboxSpec(
-                    enclave_id=self.spec.enclave_id,
-                    cpu_ids=self.spec.cpu_ids,
-                    memory_mib=self.spec.memory_mib,
-                    image_root=str(image.root),
-                    fds={FABRIC_FD: fab_c.fileno(), NSM_FD: nsm_c.fileno(), INIT_FD: init_fd},
-                    console_fd=console_w if console_w >= 0 else None,
-                    strict=self.spec.strict_isolation,
-                    cwd=str(image.app_dir),
-                ),
-                env=self._app_env(image),
-                bootstrap_dir=str(image.bootstrap_dir),
-                pcr1=self.info.measurements.get("PCR1", ""),
-                eif_path=self.spec.eif_path,
-                eif=eif,
-            )
+            launch = self._child_launch(image, eif, fab_c, nsm_c, init_fd, console_w)
             from attest.nsm.server import serve_nsm
             from transport.vsock import FabricPolicy, serve_enclave_fabric
 
@@ -444,7 +307,10 @@ class EnclaveSupervisor:
                         fab_p,
                         policy=policy,
                         fabric_dir=self.fabric_dir,
-                        parent_handlers={9000: self._heartbeat},
+                        parent_handlers={
+                            HEARTBEAT_PORT: self._heartbeat,
+                            APP_STATUS_PORT: self._app_status_report,
+                        },
                         task_status=task_status,
                     )
                 )
@@ -457,22 +323,13 @@ class EnclaveSupervisor:
                     await serve_nsm(nsm_p, device)
 
                 nursery.start_soon(nsm)
-
-                # Start the (zygote path) re-verification once the fork request is out: earlier,
-                # its thread would compete for the GIL with the request path (5 ms switch
-                # interval); now it overlaps the fork and boot, and gates the app (_open_gate).
-                def request_sent() -> None:
-                    launch.request_sent = True
-                    nursery.start_soon(self._verify_late, eif, image)
-
-                launch.on_request_sent = request_sent
+                late = _LateVerify(self, nursery, eif, image)
                 if hit is not None:  # nothing to prepare: verify from the start
-                    request_sent()
-                    launch.on_request_sent = None
+                    late.request_sent()
                 try:
-                    sp = self._spawned = await self.spawner.spawn(launch)
+                    sp = self._spawned = await self.spawner.spawn(launch, late)
                 except OSError as exc:
-                    raise NitroCliError("E36", f"Enclave boot failed: {exc}") from exc
+                    raise EnclaveBootError(f"Enclave boot failed: {exc}") from exc
                 finally:
                     for fd in (init_fd, console_w):
                         if fd >= 0:
@@ -486,25 +343,25 @@ class EnclaveSupervisor:
                 self.log.info(
                     "enclave_spawned",
                     app_pid=sp.app_pid,
-                    path=self.spawner.kind,
+                    path=str(self.spawner.kind),
                     isolation=sp.layers,
                 )
-                if not launch.request_sent:
-                    nursery.start_soon(self._verify_late, eif, image)
+                late.request_sent()  # no-op when the spawner already reported it
                 nursery.start_soon(self._open_gate, sp)
                 if console_r >= 0:
-                    nursery.start_soon(self._console_pump, console_r)
+                    nursery.start_soon(self._console.pump, console_r)
                 nursery.start_soon(self._watch_exit, sp)
-                await self._wait_ready(sp)
-                self.info = _replace(
+                await self._wait_ready()
+                self.info = dataclasses.replace(
                     self.info,
-                    state="RUNNING",
+                    state=EnclaveState.RUNNING,
                     app_pid=sp.app_pid,
                     isolation=IsolationReport(dict(sp.layers)),
                 )
-                self._write_record(state="RUNNING")
+                self._write_record(state=EnclaveState.RUNNING)
+                self._control = ControlServer(self.state.socket_path(self.spec.enclave_id), self)
                 assert self._control_nursery is not None
-                await self._control_nursery.start(self._serve_control)
+                await self._control_nursery.start(self._control.run)
                 boot_ms = (time.monotonic() - self.started_at) * 1000
                 self.log.info(
                     "enclave_running",
@@ -520,7 +377,7 @@ class EnclaveSupervisor:
                     # The app's last output may still be in the pipe when its exit status
                     # arrives: let the pump reach EOF (every writer is gone) before cancelling.
                     with trio.move_on_after(CONSOLE_DRAIN_S):
-                        await self._console_done.wait()
+                        await self._console.done.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(KILL_WAIT_S + 2):
@@ -534,26 +391,77 @@ class EnclaveSupervisor:
     def _mark(self, phase: str) -> None:
         self._marks[phase] = round((time.monotonic() - self.started_at) * 1000, 2)
 
-    def _prepare_image(self, work: Path) -> tuple[Any, Any]:
+    def _starting_info(self, eif: EifFile) -> EnclaveInfo:
+        measurements = dict(eif.measurements)
+        meta = dict(eif.metadata or {})
+        return EnclaveInfo(
+            enclave_name=self.spec.enclave_name,
+            enclave_id=self.spec.enclave_id,
+            process_id=os.getpid(),
+            enclave_cid=self.spec.cid,
+            cpu_ids=self.spec.cpu_ids,
+            memory_mib=self.spec.memory_mib,
+            state=EnclaveState.STARTING,
+            debug=self.spec.debug,
+            measurements={k: v for k, v in measurements.items() if k.startswith("PCR")},
+            image_name=meta.get("ImageName"),
+            image_version=meta.get("ImageVersion"),
+            metadata=_metadata_view(meta),
+            eif_path=self.spec.eif_path,
+            outside_uid=self.spec.outside_uid,
+        )
+
+    def _child_launch(
+        self,
+        image: UnpackedImage,
+        eif: EifFile,
+        fab_c: socket.socket,
+        nsm_c: socket.socket,
+        init_fd: int,
+        console_w: int,
+    ) -> ChildLaunch:
+        return ChildLaunch(
+            sandbox.SandboxSpec(
+                enclave_id=self.spec.enclave_id,
+                cpu_ids=self.spec.cpu_ids,
+                memory_mib=self.spec.memory_mib,
+                image_root=str(image.root),
+                fds={FABRIC_FD: fab_c.fileno(), NSM_FD: nsm_c.fileno(), INIT_FD: init_fd},
+                console_fd=console_w if console_w >= 0 else None,
+                strict=self.spec.strict_isolation,
+                cwd=str(image.app_dir),
+                outside_uid=self.spec.outside_uid,
+                max_tasks=self.spec.max_tasks,
+            ),
+            env=self._app_env(image),
+            bootstrap_dir=str(image.bootstrap_dir),
+            pcr1=self.info.measurements.get("PCR1", ""),
+            eif_path=self.spec.eif_path,
+            eif=eif,
+        )
+
+    def _prepare_image(self, work: Path) -> tuple[UnpackedImage, EifFile]:
         from runtime.eif import read_eif, unpack_eif, verify_unpacked
 
         eif = read_eif(Path(self.spec.eif_path))
         if eif.is_signed and not eif.signature_ok:
-            raise NitroCliError("E59", "EIF signature check failed")
+            raise SignatureCheckError("EIF signature check failed")
         if self.image_cache is not None:
-            image, verified = self.image_cache.get(eif, defer_verify=self.spawner.kind == "zygote")
+            image, verified = self.image_cache.get(
+                eif, defer_verify=self.spawner.kind is SpawnPath.ZYGOTE
+            )
             self._pending_verify = not verified
             self.image_cache.remember(self.spec.eif_path, eif, image)
             return image, eif
         work.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The image dir must be traversable by the enclave's uid (65534): the bind mount is
-        # made as real root, but files inside are opened as the enclave's user.
+        # The image dir must be traversable by the enclave's uid: the bind mount is made as
+        # real root, but files inside are opened as the enclave's own user.
         os.chmod(work, 0o711)
         image = unpack_eif(eif, work / "image")
         verify_unpacked(eif, image)  # what the enclave is about to run is what was measured
         return image, eif
 
-    def _nsm_device(self, eif: Any) -> Any:
+    def _nsm_device(self, eif: EifFile) -> NsmDevice:
         from attest.ca import LocalCA
         from attest.nsm.device import EnclaveIdentity, NsmDevice
 
@@ -562,18 +470,18 @@ class EnclaveSupervisor:
         signer = LocalCA.load_or_create(self.state.path / "ca").new_signer(self.spec.enclave_id)
         return NsmDevice(identity, signer)
 
-    def _app_env(self, image: Any) -> dict[str, str]:
+    def _app_env(self, image: UnpackedImage) -> dict[str, str]:
         env = {str(k): str(v) for k, v in image.env.items()}
         bindir = os.path.dirname(sys.executable)
         env["PATH"] = bindir + (":" + env["PATH"] if env.get("PATH") else ":/usr/bin:/bin")
-        env["PYTHONPATH"] = ":".join([str(image.bootstrap_dir), *_site_packages()])
+        env["PYTHONPATH"] = ":".join([str(image.bootstrap_dir), *site_packages()])
         env["ENCLAVE_FABRIC_FD"] = str(FABRIC_FD)
         env["ENCLAVE_NSM_FD"] = str(NSM_FD)
         env["ENCLAVE_CID"] = str(self.spec.cid)
         env["ENCLAVE_INIT_FD"] = str(INIT_FD)  # removed by init before the app starts
         return env
 
-    async def _verify_late(self, eif: Any, image: Any) -> None:
+    async def _verify_late(self, eif: EifFile, image: UnpackedImage) -> None:
         """Zygote path: re-verify the cached tree while the enclave process is being forked."""
         if self._pending_verify:
             assert self.image_cache is not None
@@ -610,7 +518,40 @@ class EnclaveSupervisor:
                     self._ready.set()
                     await stream.send_all(b"A")
 
-    async def _wait_ready(self, sp: sandbox.Spawned) -> None:
+    async def _app_status_report(self, stream: trio.SocketStream) -> None:
+        """The app's status report on (3, 9001): bounded, first one recorded, never fatal."""
+        from transport.app_status import receive_app_status
+        from transport.errors import RemoteProtocolError
+
+        async with stream:
+            try:
+                status = await receive_app_status(stream)
+            except (RemoteProtocolError, trio.TooSlowError) as exc:
+                self.log.warning("app_status_bad", error=str(exc))
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return
+        if self.app_status is not None:
+            self.log.info("app_status_ignored", state=str(status.state), reason="not the first")
+            return
+        self.app_status = status
+        self.log.info(
+            "app_status", state=str(status.state), detail=status.detail, ports=list(status.ports)
+        )
+        self._event("app_status", state=str(status.state), detail=status.detail)
+        self.info = dataclasses.replace(
+            self.info,
+            app_status={
+                "State": str(status.state).upper(),
+                "Detail": status.detail,
+                "Ports": list(status.ports),
+            },
+        )
+        if self.info.state in (EnclaveState.RUNNING, EnclaveState.TERMINATING):
+            self._write_record(state=self.info.state)
+        self._status_reported.set()
+
+    async def _wait_ready(self) -> None:
         with trio.move_on_at(self._boot_deadline) as scope:
             async with trio.open_nursery() as n:
 
@@ -625,19 +566,18 @@ class EnclaveSupervisor:
             return
         if scope.cancelled_caught or self._ready.is_set():
             what = "heartbeat" if not self._booted.is_set() else "app start"
-            raise NitroCliError(
-                "E36",
+            raise EnclaveBootError(
                 f"Enclave boot failed: no {what} within {self.spec.boot_timeout_s:g} s "
-                "(the enclave was torn down)",
+                "(the enclave was torn down)"
             )
-        reason = self.exit_reason
-        tail = ""
-        if self._console_hist:
-            tail = "; console: " + bytes(self._console_hist[-2048:]).decode(errors="replace")
-        raise NitroCliError(
-            "E36",
-            f"Enclave boot failed: the enclave exited during boot ({_fmt_reason(reason)}){tail}",
+        raise EnclaveBootError(
+            "Enclave boot failed: the enclave exited during boot "
+            f"({_fmt_reason(self.exit_reason)}){self._console_tail()}"
         )
+
+    def _console_tail(self) -> str:
+        tail = self._console.tail(2048)
+        return "; console: " + tail.decode(errors="replace") if tail else ""
 
     async def _watch_exit(self, sp: sandbox.Spawned) -> None:
         await trio.lowlevel.wait_readable(sp.status_fd)
@@ -659,101 +599,6 @@ class EnclaveSupervisor:
         self.log.info("enclave_exited", **reason.to_json())
         self._gone.set()
 
-    async def _console_pump(self, fd: int) -> None:
-        stream = trio.lowlevel.FdStream(fd)
-        try:
-            async with stream:
-                while True:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        break
-                    self._console_hist += data
-                    if len(self._console_hist) > CONSOLE_HISTORY_BYTES:
-                        del self._console_hist[: len(self._console_hist) - CONSOLE_HISTORY_BYTES]
-                    for ch in list(self._console_subs):
-                        try:
-                            ch.send_nowait(bytes(data))
-                        except (
-                            trio.WouldBlock,
-                            trio.BrokenResourceError,
-                            trio.ClosedResourceError,
-                        ):
-                            self._console_subs.remove(ch)
-        finally:
-            # also when cancelled: console readers must see the end, never hang
-            self._console_closed = True
-            for ch in self._console_subs:
-                ch.close()
-            self._console_subs.clear()
-            self._console_done.set()
-
-    async def console_stream(self) -> trio.MemoryReceiveChannel[bytes]:
-        """History plus live console bytes (debug mode only); closes at enclave exit."""
-        if not self.spec.debug:
-            raise NitroCliError("E44", _E44)
-        send, recv = trio.open_memory_channel[bytes](256)
-        if self._console_hist:
-            send.send_nowait(bytes(self._console_hist))
-        if self._console_closed:
-            send.close()
-        else:
-            self._console_subs.append(send)
-        return recv
-
-    async def _serve_control(self, *, task_status: trio.TaskStatus[None]) -> None:
-        path = self.state.socket_path(self.spec.enclave_id)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_path(path) as bindable:
-                await sock.bind(bindable)
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        listener = trio.SocketListener(sock)
-        async with listener:
-            task_status.started()
-            await trio.serve_listeners(self._control_conn, [listener])
-
-    async def _control_conn(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            line = b""
-            with trio.move_on_after(5):
-                while b"\n" not in line and len(line) < MAX_CONTROL_LINE:
-                    chunk = await stream.receive_some(MAX_CONTROL_LINE)
-                    if not chunk:
-                        break
-                    line += chunk
-            try:
-                req = json.loads(line.split(b"\n", 1)[0])
-                op = req["op"]
-            except (ValueError, KeyError, TypeError):
-                await _send_json(stream, {"ok": False, "code": "E14", "message": "bad request"})
-                return
-            self._control_active += 1
-            try:
-                if op == "terminate":
-                    reason = await self.terminate()
-                    await _send_json(stream, {"ok": True, "exit_reason": reason.to_json()})
-                elif op == "console":
-                    recv = await self.console_stream()
-                    await _send_json(stream, {"ok": True, "cid": self.spec.cid})
-                    async with recv:
-                        async for chunk in recv:
-                            await stream.send_all(chunk)
-                else:
-                    await _send_json(
-                        stream, {"ok": False, "code": "E14", "message": f"unknown op {op!r}"}
-                    )
-            except NitroCliError as exc:
-                await _send_json(stream, {"ok": False, "code": exc.code, "message": exc.message})
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                self._control_active -= 1
-
     async def _teardown(self, sp: sandbox.Spawned | None) -> None:
         if sp is not None:
             if not self._gone.is_set():
@@ -773,15 +618,8 @@ class EnclaveSupervisor:
             # The relay reports (or dies) before the app has finished exiting: a killed PID
             # namespace init first waits for the rest of its namespace to die. Gone means gone.
             await _wait_pid_exited(sp.app_pid, KILL_WAIT_S)
-            # cgroup rmdir fails (EBUSY) while the kernel still accounts dying tasks; retry
-            # for up to 3 s (150 x 20 ms).
-            for _ in range(150):
-                sandbox.remove_cgroup(sp.cgroup)
-                if not sp.cgroup or not os.path.exists(sp.cgroup):  # noqa: ASYNC240 - sysfs
-                    break
-                await trio.sleep(0.02)
-            else:
-                self.log.warning("enclave_cgroup_left", cgroup=sp.cgroup, reason="still busy")
+            for cgroup in (sp.cgroup, sp.pids_cgroup):
+                await self._remove_cgroup(cgroup)
         if self.exit_reason is None:
             self.exit_reason = ExitReason(ExitKind.BOOT_FAILED, detail="never started")
         self._gone.set()
@@ -789,8 +627,18 @@ class EnclaveSupervisor:
         self._event("enclave_gone", exit_reason=self.exit_reason.to_json())
         self._cleaned.set()
 
+    async def _remove_cgroup(self, cgroup: str | None) -> None:
+        # rmdir fails (EBUSY) while the kernel still accounts dying tasks; retry for up to
+        # 3 s (150 x 20 ms).
+        for _ in range(150):
+            sandbox.remove_cgroup(cgroup)
+            if not cgroup or not os.path.exists(cgroup):  # noqa: ASYNC240 - sysfs
+                return
+            await trio.sleep(0.02)
+        self.log.warning("enclave_cgroup_left", cgroup=cgroup, reason="still busy")
+
     def _write_record(self, *, state: str) -> None:
-        self.info = _replace(self.info, state=state, process_id=os.getpid())
+        self.info = dataclasses.replace(self.info, state=state, process_id=os.getpid())
         self.state.write_record(self.info, owner_pid=os.getpid())
 
     def _event(self, event: str, **fields: Any) -> None:
@@ -813,15 +661,29 @@ class EnclaveSupervisor:
                 os.close(fd)
 
 
-_EXIT_OOM = 251  # runtime.enclave_init.EXIT_OOM (not imported: that package is enclave-side)
-_E44 = (
-    "The enclave was not started with the debug flag set, include '--debug-mode' in the "
-    "run-enclave command"
-)
+class _LateVerify:
+    """The supervisor's :class:`~runtime.spawners.SpawnObserver` (zygote path): once the fork
+    request is out, start re-verifying the cached tree. Earlier, its thread would compete for
+    the GIL with the request path (5 ms switch interval); now it overlaps the fork and boot,
+    and still gates the app (``_open_gate``). Idempotent."""
+
+    def __init__(
+        self, sup: EnclaveSupervisor, nursery: trio.Nursery, eif: EifFile, image: UnpackedImage
+    ) -> None:
+        self._sup = sup
+        self._nursery = nursery
+        self._eif = eif
+        self._image = image
+        self._started = False
+
+    def request_sent(self) -> None:
+        if not self._started:
+            self._started = True
+            self._nursery.start_soon(self._sup._verify_late, self._eif, self._image)
 
 
 @contextlib.asynccontextmanager
-async def _unwrap_single() -> Any:
+async def _unwrap_single() -> AsyncIterator[None]:
     """Re-raise a lone NitroCliError out of a nursery's ExceptionGroup (callers want the code)."""
     try:
         yield
@@ -864,10 +726,6 @@ def _metadata_view(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _replace(info: EnclaveInfo, **changes: Any) -> EnclaveInfo:
-    return dataclasses.replace(info, **changes)
-
-
 async def _wait_pid_exited(pid: int, timeout_s: float) -> None:
     """Wait, at most ``timeout_s``, until ``pid`` has exited (zombie or reaped).
 
@@ -899,89 +757,3 @@ def _memfd_json(obj: Any) -> int:
     os.write(fd, json.dumps(obj).encode())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
-
-
-async def _send_json(stream: trio.abc.SendStream, obj: Any) -> None:
-    await stream.send_all((json.dumps(obj) + "\n").encode())
-
-
-# -- detached process entry point ------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m runtime.supervisor --state-dir D --spec JSON --ready-fd N [--zygote]``.
-
-    Started detached by ``run-enclave``; writes one JSON line to the ready fd
-    (``{"ok": true, "info": {...}}`` or ``{"ok": false, "code": ..., "message": ...}``),
-    then supervises the enclave until it is gone (SIGTERM/SIGINT terminate it).
-    """
-    from transport.logs import configure_logging
-
-    p = argparse.ArgumentParser(prog="python -m runtime.supervisor")
-    p.add_argument("--state-dir", required=True)
-    p.add_argument("--spec", required=True)
-    p.add_argument("--ready-fd", type=int, required=True)
-    p.add_argument("--log-file")
-    args = p.parse_args(argv)
-    stream = open(args.log_file, "a", buffering=1) if args.log_file else sys.stderr  # noqa: SIM115
-    configure_logging(json=True, stream=stream)
-    state = StateDir(Path(args.state_dir))
-    spec = LaunchSpec.from_json(json.loads(args.spec))
-    ready = os.fdopen(args.ready_fd, "w", buffering=1)
-
-    def report(obj: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            ready.write(json.dumps(obj) + "\n")
-            ready.close()
-
-    try:
-        reservation = state.find(enclave_id=spec.enclave_id)
-    except NitroCliError:
-        reservation = EnclaveInfo(
-            spec.enclave_name,
-            spec.enclave_id,
-            os.getpid(),
-            spec.cid,
-            spec.cpu_ids,
-            spec.memory_mib,
-            state="STARTING",
-        )
-    sup = EnclaveSupervisor(state, reservation, spec)
-
-    async def amain() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        nursery.start_soon(sup.terminate)
-
-            nursery.start_soon(on_signals)
-
-            async def supervise(task_status: trio.TaskStatus[EnclaveInfo]) -> None:
-                await sup.run(task_status=task_status)  # returns once cleaned up
-                nursery.cancel_scope.cancel()
-
-            info = await nursery.start(supervise)
-            report({"ok": True, "info": info.to_record()})
-
-    try:
-        trio.run(amain)
-    except NitroCliError as exc:
-        report({"ok": False, "code": exc.code, "message": exc.message})
-        return exc.exit_code
-    except BaseExceptionGroup as eg:
-        errs = [e for e in _flatten(eg) if isinstance(e, NitroCliError)]
-        if not errs:
-            report({"ok": False, "code": "E36", "message": f"Enclave boot failed: {eg!r}"})
-            raise
-        report({"ok": False, "code": errs[0].code, "message": errs[0].message})
-        return errs[0].exit_code
-    except BaseException as exc:
-        report({"ok": False, "code": "E36", "message": f"Enclave boot failed: {exc!r}"})
-        raise
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

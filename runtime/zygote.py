@@ -46,14 +46,18 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
 from runtime import sandbox
 from runtime._unixsock import short_path
-from runtime.supervisor import ChildLaunch
+from runtime.spawners import ChildLaunch, SpawnObserver, SpawnPath, site_packages
+
+if TYPE_CHECKING:
+    from runtime.eif import EifFile
+    from runtime.state import StateDir
 
 __all__ = ["ZygotePool"]
 
@@ -73,23 +77,23 @@ class _Zygote:
         self.lock = trio.Lock()
 
 
-def _extract_bootstrap(eif: Any, pcr1: str, dest: Path) -> Path:
+def _extract_bootstrap(eif: EifFile | None, pcr1: str, dest: Path) -> Path:
     """Write ``eif``'s bootstrap ramdisk under ``dest`` and check it byte for byte against the
     image (and the interpreter/dependency identity the image measured); returns the bootstrap
     directory. ``eif`` is the parsed image (CRC and measurements checked by ``read_eif``).
 
     Raises:
-        EifFormatError (E35), ImageTamperedError (E36), EifError (E19): from the image layer.
+        EifFormatError (E35), ImageTamperedError (E36), EifFileError (E19): from the image layer.
         OSError: no parsed image, or its PCR1 is not the zygote's digest.
     """
-    from runtime.eif import _our_ramdisks, verify_environment
     from runtime.image._unpack import BOOTSTRAP_DIR, extract, verify_tree
+    from runtime.image._unpacked import our_ramdisks, verify_environment
 
     if eif is None:
         raise OSError("no parsed image to take the zygote's bootstrap from")
     if eif.measurements.get("PCR1") != pcr1:
         raise OSError("the image's PCR1 is not the zygote's bootstrap digest")
-    ramdisks = {BOOTSTRAP_DIR: _our_ramdisks(eif)[BOOTSTRAP_DIR]}
+    ramdisks = {BOOTSTRAP_DIR: our_ramdisks(eif)[BOOTSTRAP_DIR]}
     verify_environment(eif)
     extract(ramdisks, dest)
     verify_tree(ramdisks, dest)
@@ -107,9 +111,9 @@ class ZygotePool:
     """Zygotes keyed by bootstrap digest (PCR1), started on first use, owned by ``nursery``'s
     owner (closed by :meth:`aclose`)."""
 
-    kind = "zygote"
+    kind = SpawnPath.ZYGOTE
 
-    def __init__(self, state: Any, nursery: trio.Nursery) -> None:
+    def __init__(self, state: StateDir, nursery: trio.Nursery) -> None:
         self.state = state
         self._nursery = nursery
         #: by full PCR1 hex (a zygote is never shared between bootstrap digests)
@@ -139,11 +143,12 @@ class ZygotePool:
     def _sweep_dead_zygote_cgroups(self) -> None:
         """Remove empty spare cgroups of zygotes that died without cleaning up (SIGKILL), and
         the bootstrap copies of pools whose runtime process is gone."""
-        for cg in sandbox.CGROUP_MEMORY_ROOT.glob("z*-*"):
-            pid_text = cg.name[1:].partition("-")[0]
-            if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
-                continue
-            sandbox.remove_cgroup(str(cg))  # fails harmlessly while tasks remain
+        for root in (sandbox.CGROUP_MEMORY_ROOT, sandbox.CGROUP_PIDS_ROOT):
+            for cg in root.glob("z*-*"):
+                pid_text = cg.name[1:].partition("-")[0]
+                if not pid_text.isdigit() or os.path.exists(f"/proc/{pid_text}"):
+                    continue
+                sandbox.remove_cgroup(str(cg))  # fails harmlessly while tasks remain
         for entry in self.dir.iterdir():  # <PCR1 prefix>-<runtime pid>-<pool>-<n>[.sock]
             pid_text = entry.name.split("-")[1] if entry.name.count("-") >= 3 else ""
             if pid_text.isdigit() and not os.path.exists(f"/proc/{pid_text}"):
@@ -173,12 +178,10 @@ class ZygotePool:
             raise
 
     async def _spawn_zygote(self, tree: Path, bootstrap: str, name: str) -> _Zygote:
-        from runtime.supervisor import _site_packages
-
         sock_path = str(self.dir / f"{name}.sock")
         env = {
             "PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin",
-            "PYTHONPATH": ":".join([bootstrap, *_site_packages()]),
+            "PYTHONPATH": ":".join([bootstrap, *site_packages()]),
             "OPENBLAS_NUM_THREADS": "1",  # no BLAS thread pool in the zygote (fork safety)
             # The zygote runs as real root: it must never write .pyc files into the verified
             # bootstrap tree.
@@ -229,7 +232,8 @@ class ZygotePool:
         )
         return _Zygote(proc, sock_path, tree, bootstrap)
 
-    async def spawn(self, launch: ChildLaunch) -> sandbox.Spawned:
+    async def spawn(self, launch: ChildLaunch, observer: SpawnObserver) -> sandbox.Spawned:
+        """Fork the enclave from the zygote of its bootstrap (started on first use)."""
         z = await self._get(launch)
         s = launch.sandbox_spec
         fds = [s.fds[3], s.fds[4], s.fds[5]]
@@ -243,6 +247,8 @@ class ZygotePool:
                 "image_root": s.image_root,
                 "strict": s.strict,
                 "cwd": s.cwd,
+                "outside_uid": s.outside_uid,
+                "max_tasks": s.max_tasks,
             },
             "env": launch.env,
             "bootstrap_dir": launch.bootstrap_dir,
@@ -258,8 +264,7 @@ class ZygotePool:
                     [json.dumps(req).encode()],
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _array_fds(fds))],
                 )
-                if launch.on_request_sent is not None:
-                    launch.on_request_sent()
+                observer.request_sent()
                 msg, ancdata, _flags, _addr = await sock.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
         got: list[int] = []
         for level, typ, data in ancdata:
@@ -282,6 +287,7 @@ class ZygotePool:
             status_fd=got[0],
             layers=dict(reply["layers"]),
             cgroup=reply.get("cgroup"),
+            pids_cgroup=reply.get("pids_cgroup"),
             attached=bool(reply.get("attached", False)),
             timing={
                 "zygote_request": float(reply.get("t_request", 0.0)),
@@ -311,10 +317,11 @@ class ZygotePool:
             os.unlink(z.sock_path)
         # A spare pre-forked by this zygote may outlive it only as an empty cgroup
         # (named z<zygote pid>-<n>, never shared with another zygote): sweep those.
-        for cg in sandbox.CGROUP_MEMORY_ROOT.glob(f"z{z.proc.pid}-*"):
-            await trio.to_thread.run_sync(
-                functools.partial(sandbox.remove_cgroup, str(cg), wait_s=2.0)
-            )
+        for root in (sandbox.CGROUP_MEMORY_ROOT, sandbox.CGROUP_PIDS_ROOT):
+            for cg in root.glob(f"z{z.proc.pid}-*"):
+                await trio.to_thread.run_sync(
+                    functools.partial(sandbox.remove_cgroup, str(cg), wait_s=2.0)
+                )
         await trio.to_thread.run_sync(_remove_tree, z.tree)
 
 

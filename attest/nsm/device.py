@@ -10,7 +10,6 @@ supervisor feeds it bytes with :func:`attest.nsm.server.serve_nsm`. It holds the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -49,6 +48,7 @@ from attest.nsm.protocol import (
     decode_request,
     encode_response,
 )
+from attest.pcrs import pcr_extend
 from attest.signer import DocumentSigner
 
 __all__ = ["EnclaveIdentity", "NsmDevice", "DocumentSigner", "ZERO_PCR"]
@@ -174,7 +174,7 @@ class NsmDevice:
                     return ErrorResponse("InvalidIndex")
                 if index in self._locked:
                     return ErrorResponse("ReadOnlyIndex")
-                self._pcrs[index] = hashlib.sha384(self._pcrs[index] + data).digest()
+                self._pcrs[index] = pcr_extend(self._pcrs[index], data)
                 return ExtendPCRResponse(self._pcrs[index])
             case LockPCR(index=index):
                 if index >= MAX_PCRS:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import cbor2
 
-from attest.errors import NSM_ERROR_NAMES
+from attest.errors import NSM_ERROR_NAMES, AttestError
 
 __all__ = [
     "NSM_REQUEST_MAX_SIZE",
@@ -79,8 +79,10 @@ _MAX_DEPTH: Final = 4
 _U16_MAX: Final = 0xFFFF
 
 
-class MessageError(ValueError):
-    """A message could not be decoded; ``code`` is the NSM error name to answer with."""
+class MessageError(AttestError, ValueError):
+    """A message could not be decoded (the sender's fault); ``code`` is the NSM error name to
+    answer with. An :class:`~attest.errors.AttestError` (the project's root) and, as before,
+    a ``ValueError``."""
 
     def __init__(self, code: str, message: str) -> None:
         self.code = code

@@ -29,8 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from attest._cose import ES384_PROTECTED, sig_structure
 from attest.ca import LocalCA
+from attest.cose import ES384_PROTECTED, sig_structure
 from attest.document import parse_document
 from attest.nsm.client import NsmClient
 from attest.nsm.device import EnclaveIdentity, NsmDevice

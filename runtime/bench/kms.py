@@ -42,7 +42,8 @@ from typing import Any
 
 import trio
 
-from attest.nsm.protocol import AttestationResponse
+from attest.ca import LocalCA
+from attest.nsm.local import InProcessNsm
 from kms import _wrap
 from kms.client import AttestedKmsClient, Credentials, KmsClient
 
@@ -95,39 +96,15 @@ async def _start_daemon(state: Path, root_pem: Path) -> tuple[trio.Process, str]
     return proc, m.group(1).decode()
 
 
-class _Nsm:
-    """An emulated enclave NSM in this process (the load generator)."""
-
-    def __init__(self, ca_dir: Path) -> None:
-        from attest.ca import LocalCA
-        from attest.nsm.device import EnclaveIdentity, NsmDevice
-        from attest.nsm.protocol import Attestation, decode_response, encode_request
-
-        self.ca = LocalCA.load_or_create(ca_dir)
-        module_id = "i-0bench0000000000-enc0123456789abcdef"
-        self.pcr0 = os.urandom(48)
-        identity = EnclaveIdentity(module_id=module_id, pcrs={0: self.pcr0, 8: os.urandom(48)})
-        self._device = NsmDevice(identity, self.ca.new_signer(module_id))
-        self._attestation = Attestation
-        self._encode = encode_request
-        self._decode = decode_response
-
-    def document(self, public_key: bytes) -> bytes:
-        request = self._encode(self._attestation(public_key=public_key))
-        resp = self._decode(self._device.handle(request))
-        if not isinstance(resp, AttestationResponse):
-            raise RuntimeError(f"NSM refused the attestation: {resp!r}")
-        return resp.document
-
-    async def attestation(
-        self,
-        *,
-        user_data: bytes | None = None,
-        nonce: bytes | None = None,
-        public_key: bytes | None = None,
-    ) -> bytes:
-        assert public_key is not None
-        return self.document(public_key)
+def _nsm(ca_dir: Path) -> tuple[InProcessNsm, LocalCA, bytes]:
+    """The load generator's emulated enclave: the one in-process NSM source of attest, its CA
+    and its PCR0."""
+    ca = LocalCA.load_or_create(ca_dir)
+    pcr0 = os.urandom(48)
+    nsm = InProcessNsm.create(
+        ca, pcrs={0: pcr0, 8: os.urandom(48)}, module_id="i-0bench00000000000-enc0123456789abcdef"
+    )
+    return nsm, ca, pcr0
 
 
 def es384_verify_rate(seconds: float) -> float:
@@ -268,9 +245,9 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory(prefix="kms-bench-") as tmp:
         base = Path(tmp)
-        nsm = _Nsm(base / "ca")
+        nsm, ca, pcr0 = _nsm(base / "ca")
         root_pem = base / "root.pem"
-        root_pem.write_bytes(nsm.ca.root_pem)
+        root_pem.write_bytes(ca.root_pem)
         proc, endpoint = await _start_daemon(base, root_pem)
         try:
             admin = KmsClient(endpoint=endpoint, credentials=_CREDS)
@@ -293,7 +270,7 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
                         "Resource": "*",
                         "Condition": {
                             "StringEqualsIgnoreCase": {
-                                "kms:RecipientAttestation:ImageSha384": nsm.pcr0.hex()
+                                "kms:RecipientAttestation:ImageSha384": pcr0.hex()
                             }
                         },
                     },
@@ -342,7 +319,7 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
                 decrypt_per_s = max(decrypt_per_s, rate)
                 payloads: list[_Call] = []
                 for _ in range(int(seconds * 3000)):  # more documents than can be used in time
-                    doc = base64.b64encode(nsm.document(spki)).decode()
+                    doc = base64.b64encode(nsm.document(public_key=spki)).decode()
                     recipient = {
                         "AttestationDocument": doc,
                         "KeyEncryptionAlgorithm": "RSAES_OAEP_SHA_256",

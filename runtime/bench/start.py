@@ -8,6 +8,9 @@ Figures (p50, milliseconds):
   interpreter path (sandboxed ``python -m runtime.enclave_init``);
 * ``warm_start_ms``: the same through a zygote of the image's bootstrap (first start, which
   launches the zygote, excluded);
+* ``cli_warm_start_ms``: a start asked of the host daemon the way ``run-enclave`` asks it
+  (request over its socket, reply once running), warm path: what the CLI adds is the daemon
+  round trip (the ``enclave`` process's own interpreter start-up is not counted);
 * ``cold_ratio`` = cold_start_ms / bare_import_ms (budget <= 1.3); warm budget <= 25 ms.
 
 Both paths run the same minimal app, with the full sandbox, image verification and NSM set-up.
@@ -66,11 +69,38 @@ async def _starts(eif: Path, state: Path, *, zygote: bool, n: int) -> list[float
     return out
 
 
+async def _cli_starts(eif: Path, state: Path, *, n: int) -> list[float]:
+    """Starts through the host daemon (run-enclave's path), the daemon served in-process."""
+    from runtime.control import terminate_via_control
+    from runtime.host import launch_via_host, serve_host
+    from runtime.launch import LaunchRequest
+    from runtime.state import StateDir
+
+    st = StateDir(state)
+    req = LaunchRequest(eif_path=str(eif), memory_mib=256, cpu_count=1)
+    out: list[float] = []
+    async with trio.open_nursery() as nursery:
+
+        async def serve(task_status: trio.TaskStatus[None]) -> None:
+            await serve_host(st, linger_s=3600, task_status=task_status)
+
+        await nursery.start(serve)
+        for i in range(n + 1):  # the first start launches the zygote: not measured
+            await trio.sleep(SPACING_S)
+            t = time.perf_counter()
+            reply = await trio.to_thread.run_sync(lambda: launch_via_host(st, req))
+            if i:
+                out.append((time.perf_counter() - t) * 1000)
+            await terminate_via_control(st, reply.info.enclave_id)
+        nursery.cancel_scope.cancel()
+    return out
+
+
 def run(*, quick: bool) -> dict[str, float | int | str | None]:
     """Measure; ``quick`` finishes in a few seconds."""
     from runtime.eif import build_eif
 
-    n_bare, n_cold, n_warm = (3, 3, 5) if quick else (7, 7, 20)
+    n_bare, n_cold, n_warm, n_cli = (3, 3, 5, 3) if quick else (7, 7, 20, 10)
     with tempfile.TemporaryDirectory(prefix="enclave-bench-") as tmp:
         root = Path(tmp)
         app = root / "app"
@@ -82,18 +112,21 @@ def run(*, quick: bool) -> dict[str, float | int | str | None]:
         bare = _bare_import_ms(n_bare)
         cold = trio.run(lambda: _starts(eif, state, zygote=False, n=n_cold))
         warm = trio.run(lambda: _starts(eif, state, zygote=True, n=n_warm))
+        cli = trio.run(lambda: _cli_starts(eif, root / "cli-state", n=n_cli))
     bare_p50 = statistics.median(bare)
     cold_p50 = statistics.median(cold)
     warm_p50 = statistics.median(warm)
+    cli_p50 = statistics.median(cli)
     return {
         "bare_import_ms": round(bare_p50, 1),
         "cold_start_ms": round(cold_p50, 1),
         "warm_start_ms": round(warm_p50, 1),
         "warm_start_p90_ms": round(sorted(warm)[int(0.9 * (len(warm) - 1))], 1),
+        "cli_warm_start_ms": round(cli_p50, 1),
         "cold_ratio": round(cold_p50 / bare_p50, 3),
         "cold_ratio_budget": COLD_RATIO_BUDGET,
         "warm_budget_ms": WARM_BUDGET_MS,
         "cold_ok": cold_p50 / bare_p50 <= COLD_RATIO_BUDGET,
         "warm_ok": warm_p50 <= WARM_BUDGET_MS,
-        "samples": f"bare={n_bare} cold={n_cold} warm={n_warm}",
+        "samples": f"bare={n_bare} cold={n_cold} warm={n_warm} cli={n_cli}",
     }

@@ -32,11 +32,15 @@ _MAX_INPUT: Final = 64 * 1024
 
 
 def register(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("attest", help="verify attestation documents; print the local root")
+    p = subparsers.add_parser(
+        "attest", help="verify attestation documents; print the local root", allow_abbrev=False
+    )
     sub = p.add_subparsers(dest="attest_command", metavar="ACTION")
     sub.required = True
 
-    v = sub.add_parser("verify", help="verify an attestation document and print a JSON report")
+    v = sub.add_parser(
+        "verify", help="verify an attestation document and print a JSON report", allow_abbrev=False
+    )
     v.add_argument("document", metavar="DOC", help="document file (CBOR or base64), or - for stdin")
     v.add_argument(
         "--root",
@@ -60,7 +64,9 @@ def register(subparsers: SubParsers) -> None:
     v.add_argument("--state-dir", type=Path, help="state directory for --root local")
     v.set_defaults(func=run_verify)
 
-    r = sub.add_parser("root", help="print the local CA root certificate (PEM), creating it")
+    r = sub.add_parser(
+        "root", help="print the local CA root certificate (PEM), creating it", allow_abbrev=False
+    )
     r.add_argument("--state-dir", type=Path, help="state directory (default: ENCLAVE_STATE_DIR)")
     r.set_defaults(func=run_root)
 
@@ -72,9 +78,15 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def run_root(args: argparse.Namespace) -> int:
-    from attest.ca import LocalCA
+    """Print the state directory's CA root (created on first use, in a 0700 directory)."""
+    from attest.ca import LocalCA, prepare_state_dir
+    from attest.errors import CAError
 
-    ca = LocalCA.load_or_create(_state_dir(args) / "ca")
+    state = prepare_state_dir(_state_dir(args))
+    try:
+        ca = LocalCA.load_or_create(state / "ca")
+    except OSError as exc:
+        raise CAError(f"cannot use the CA in {state / 'ca'}: {exc.strerror or exc}") from exc
     sys.stdout.write(ca.root_pem.decode("ascii"))
     return 0
 

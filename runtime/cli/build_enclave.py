@@ -13,7 +13,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.eif import MAX_INPUT_FILE_SIZE, EifError, build_eif, read_regular_file
+from runtime.eif import (
+    MAX_INPUT_FILE_SIZE,
+    EifArgumentError,
+    EifMetadataError,
+    build_eif,
+    read_regular_file,
+)
+from runtime.errors import MissingArgumentError, UsageError
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -26,6 +33,7 @@ def register(subparsers: SubParsers) -> None:
         help="build a measured enclave image (EIF) from an app directory",
         description="Build an EIF v4 image: the project's enclave-side code (bootstrap ramdisk) "
         "and APP_DIR with COMMAND and its environment (app ramdisk). Prints its PCRs as JSON.",
+        allow_abbrev=False,
     )
     p.add_argument("--app-dir", metavar="DIR", help="application directory (required)")
     p.add_argument(
@@ -45,17 +53,12 @@ def register(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
-def _usage_error(message: str) -> int:
-    print(f"enclave build-enclave: error: {message}", file=sys.stderr)
-    return 2  # like clap/argparse usage errors
-
-
 def _parse_env(entries: list[str]) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in entries:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise EifError(f"--env expects KEY=VALUE, got {item!r}", code="E03")
+            raise EifArgumentError(f"--env expects KEY=VALUE, got {item!r}", info=("env", item))
         env[key] = value
     return env
 
@@ -67,24 +70,28 @@ def _load_metadata(path: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError):
-        raise EifError(f"the metadata file {path} is not valid JSON", code="E17") from None
+        raise EifMetadataError(f"the metadata file {path} is not valid JSON") from None
     if not isinstance(value, dict):
-        raise EifError(f"the metadata file {path} must hold a JSON object", code="E17")
+        raise EifMetadataError(f"the metadata file {path} must hold a JSON object")
     return value
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the image and print its measurements."""
     if args.docker_uri is not None or args.docker_dir is not None:
-        raise EifError(
+        raise EifArgumentError(
             "--docker-uri/--docker-dir are not supported: enclave-runtime builds images from an "
-            "application directory; use --app-dir DIR --cmd COMMAND [--env K=V]...",
-            code="E03",
+            "application directory; use --app-dir DIR --cmd COMMAND [--env K=V]..."
         )
     if args.app_dir is None or args.cmd is None:
-        return _usage_error("the following arguments are required: --app-dir, --cmd")
-    if (args.signing_certificate is None) != (args.private_key is None):
-        return _usage_error("--signing-certificate and --private-key must be given together")
+        raise UsageError("the following arguments are required: --app-dir, --cmd")
+    # nitro-cli: a certificate without its key (or the reverse) is E01 MissingArgument
+    if args.signing_certificate is not None and args.private_key is None:
+        raise MissingArgumentError("`private-key` argument not found", info=("private-key",))
+    if args.private_key is not None and args.signing_certificate is None:
+        raise MissingArgumentError(
+            "`signing-certificate` argument not found", info=("signing-certificate",)
+        )
     env = _parse_env(args.env)
     metadata = _load_metadata(args.metadata)
     print("Start building the Enclave Image...", file=sys.stderr)

@@ -18,6 +18,7 @@ def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "describe-eif",
         help="describe an enclave image: measurements, CRC and signature checks, metadata",
+        allow_abbrev=False,
     )
     p.add_argument("--eif-path", metavar="PATH", required=True, help="the EIF to describe")
     p.set_defaults(func=run)

@@ -10,26 +10,29 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from runtime._cli_common import print_json
-from runtime.state import StateDir
-from transport.paths import default_state_dir
+from runtime.cli._common import open_state_dir, print_json
+from runtime.records import EnclaveState
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
 
 def register(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("describe-enclaves", help="list running enclaves (nitro-cli)")
+    p = subparsers.add_parser(
+        "describe-enclaves", help="list running enclaves (nitro-cli)", allow_abbrev=False
+    )
     p.add_argument(
         "--metadata",
         action="store_true",
-        help="add ImageName/ImageVersion/Metadata and the Isolation report",
+        help="add ImageName/ImageVersion/Metadata, the Isolation report and the AppStatus",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    state = StateDir(default_state_dir())
-    infos = [r for r in state.records() if r.state in ("RUNNING", "TERMINATING")]
+    state = open_state_dir()
+    infos = [
+        r for r in state.records() if r.state in (EnclaveState.RUNNING, EnclaveState.TERMINATING)
+    ]
     print_json([i.describe_json(metadata=args.metadata) for i in infos])
     return 0

@@ -14,26 +14,26 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attest.pcrs import PCR_SIZE, pcr_extend
 from runtime.eif import (
     MAX_INPUT_FILE_SIZE,
-    EifError,
+    EifFileError,
     EifSigningError,
     pcr8_from_certificate,
-    pcr_extend,
     read_regular_file,
 )
+from runtime.errors import HasherError
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
-
-#: SHA-384 output size: PCRs start as this many zero bytes.
-PCR_SIZE = 48
 
 
 def register(subparsers: SubParsers) -> None:
     """Add ``pcr``."""
     p = subparsers.add_parser(
-        "pcr", help="compute the PCR of a file, or PCR8 of a signing certificate"
+        "pcr",
+        help="compute the PCR of a file, or PCR8 of a signing certificate",
+        allow_abbrev=False,
     )
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--input", metavar="FILE", help="file whose PCR to compute")
@@ -46,14 +46,17 @@ def _file_pcr(path: str) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise EifError(f"cannot read {path}: {exc.strerror or exc}", code="E19") from exc
+        raise EifFileError(
+            f"cannot read {path}: {exc.strerror or exc}", info=(path, "Open")
+        ) from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen: a directory opens fine
+        os.close(fd)
+        raise EifFileError(f"{path} is not a regular file", info=(path, "Open"))
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise EifError(f"{path} is not a regular file", code="E19")
         try:
             digest = hashlib.file_digest(f, "sha384").digest()
         except OSError as exc:
-            raise EifError(f"cannot read {path}: {exc}", code="E19") from exc
+            raise EifFileError(f"cannot read {path}: {exc}", info=(path, "Read")) from exc
     return pcr_extend(bytes(PCR_SIZE), digest)
 
 
@@ -69,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
             out = {"PCR8": pcr8_from_certificate(pem).hex()}
         except EifSigningError as exc:
             # nitro-cli reports an unusable certificate while hashing (HasherError)
-            raise EifError(exc.message, code="E57") from None
+            raise HasherError(exc.message) from None
     print(json.dumps(out, indent=2))
     return 0

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from runtime._cli_common import print_json
-from runtime._model import EnclaveInfo
-from runtime.api import terminate_via_control
-from runtime.errors import NitroCliError
+from runtime.cli._common import open_state_dir, print_json
+from runtime.control import terminate_via_control
+from runtime.errors import EnclaveProcessConnectionError
+from runtime.records import EnclaveInfo, EnclaveState
 from runtime.state import StateDir
-from transport.paths import default_state_dir
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -27,7 +26,9 @@ TERMINATE_TIMEOUT_S = 30.0
 
 
 def register(subparsers: SubParsers) -> None:
-    p = subparsers.add_parser("terminate-enclave", help="terminate enclaves (nitro-cli)")
+    p = subparsers.add_parser(
+        "terminate-enclave", help="terminate enclaves (nitro-cli)", allow_abbrev=False
+    )
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--enclave-id", metavar="ID")
     g.add_argument("--enclave-name", metavar="NAME")
@@ -43,17 +44,17 @@ def _terminate(state: StateDir, info: EnclaveInfo) -> dict[str, Any]:
     try:
         trio.run(go)
     except trio.TooSlowError as exc:
-        raise NitroCliError("E39", f"Timed out terminating {info.enclave_id}") from exc
+        raise EnclaveProcessConnectionError(f"Timed out terminating {info.enclave_id}") from exc
     print(f"Successfully terminated enclave {info.enclave_id}.", file=sys.stderr)
     return {"EnclaveName": info.enclave_name, "EnclaveID": info.enclave_id, "Terminated": True}
 
 
 def run(args: argparse.Namespace) -> int:
-    state = StateDir(default_state_dir())
+    state = open_state_dir()
     if args.all:
         out = []
         for info in state.records():
-            if info.state in ("RUNNING", "TERMINATING"):
+            if info.state in (EnclaveState.RUNNING, EnclaveState.TERMINATING):
                 out.append(_terminate(state, info))
         print_json(out)
         return 0

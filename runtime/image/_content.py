@@ -41,6 +41,7 @@ __all__ = [
     "parse_kernel",
     "cmdline_bytes",
     "bootstrap_files",
+    "missing_entry_point",
     "bootstrap_ramdisk",
     "app_ramdisk",
     "parse_app_manifest",
@@ -334,6 +335,73 @@ def normalise_env(env: Mapping[str, str]) -> dict[str, str]:
             raise ValueError(f"invalid value for environment variable {key}")
         out[key] = value
     return out
+
+
+#: argv[0] names that enclave init runs in-process as Python (``runtime.enclave_init``).
+_PYTHON_RE: Final = re.compile(r"^python(3(\.\d+)?)?$")
+
+
+def _module_exists(app_dir: Path, module: str) -> bool:
+    """Whether ``python -m module`` can find ``module`` in the enclave: the app directory
+    (its working directory), the bootstrap packages, or the installed distributions."""
+    import importlib.util
+
+    parts = module.split(".")
+    if not all(p.isidentifier() for p in parts):
+        return False
+    base = app_dir.joinpath(*parts)
+    if base.with_suffix(".py").is_file() or (base / "__main__.py").is_file():
+        return True
+    if app_dir.joinpath(parts[0]).is_dir() or app_dir.joinpath(parts[0] + ".py").is_file():
+        return True  # a package of the app: let the interpreter say what is wrong inside it
+    try:
+        # the top-level name only: finding ``a.b`` would import (run) package ``a`` here
+        return importlib.util.find_spec(parts[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_entry_point(app_dir: Path, cmd: Sequence[str]) -> str | None:
+    """Why ``cmd`` cannot start in an enclave of ``app_dir``, or None when it can (as far as a
+    build can tell: a typo such as ``python3 mian.py`` is caught here, not at run time).
+
+    Checked: a Python command's script (``python3 FILE``, relative to the app directory, the
+    enclave's working directory) and module (``-m MOD``); a relative program path
+    (``./run.sh``). Programs found on ``PATH`` (``sh``) and absolute paths are not checked.
+    """
+    app_dir = Path(os.path.abspath(app_dir))
+    prog = cmd[0]
+    if _PYTHON_RE.match(os.path.basename(prog)) or os.path.basename(prog) == os.path.basename(
+        sys.executable
+    ):
+        args = list(cmd[1:])
+        while args and args[0].startswith("-") and args[0] not in ("-m", "-c", "-"):
+            args.pop(0)  # interpreter flags, as init skips them
+        if not args:
+            return f"the command {' '.join(cmd)!r} names no Python script or module to run"
+        if args[0] == "-m":
+            if len(args) < 2 or not _module_exists(app_dir, args[1]):
+                name = args[1] if len(args) > 1 else ""
+                return (
+                    f"the entry point module {name!r} of the command {' '.join(cmd)!r} is "
+                    f"neither in the app directory {app_dir} nor installed"
+                )
+            return None
+        if args[0] in ("-c", "-"):
+            return None
+        script = args[0]
+    elif "/" in prog and not os.path.isabs(prog):
+        script = prog
+    else:
+        return None
+    if os.path.isabs(script):
+        return None
+    if not (app_dir / script).is_file():
+        return (
+            f"the entry point {script!r} of the command {' '.join(cmd)!r} does not exist in "
+            f"the app directory {app_dir}"
+        )
+    return None
 
 
 def app_ramdisk(

@@ -20,14 +20,10 @@ from typing import Any, Final
 
 import cbor2
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import (
-    decode_dss_signature,
-    encode_dss_signature,
-)
 
+from attest import cose
 from runtime.image._errors import EifFormatError, EifSigningError
 from runtime.image._format import MAX_SIGNATURE_SIZE, pcr_from_bytes
 
@@ -40,27 +36,8 @@ __all__ = [
     "load_certificate",
 ]
 
-#: COSE header label of the algorithm (RFC 8152 §3.1).
-_COSE_ALG: Final = 1
-#: COSE_Sign1 CBOR tag (accepted when reading; nitro-cli writes untagged).
-_COSE_SIGN1_TAG: Final = 18
-#: Nesting of the section and of a COSE_Sign1: array > map > array, well under this.
+#: Nesting of the section: array > map > array, well under this.
 _MAX_CBOR_DEPTH: Final = 8
-
-
-@dataclass(frozen=True, slots=True)
-class _Alg:
-    cose_id: int
-    hash: type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]
-    coord_size: int  # bytes of r and of s
-
-
-#: Curve name -> COSE algorithm, hash, and field size in bytes.
-_ALGS: Final[dict[str, _Alg]] = {
-    "secp256r1": _Alg(-7, hashes.SHA256, 32),
-    "secp384r1": _Alg(-35, hashes.SHA384, 48),
-    "secp521r1": _Alg(-36, hashes.SHA512, 66),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +63,9 @@ class SignatureSection:
         is the PCR0 payload of this image."""
         try:
             payload = _verify_cose(self.cose_sign1, self.certificate)
-        except (InvalidSignature, EifFormatError):
+        except EifFormatError:
             return False
-        return hmac.compare_digest(payload, pcr0_payload(pcr0))
+        return payload is not None and hmac.compare_digest(payload, pcr0_payload(pcr0))
 
 
 def pcr0_payload(pcr0: bytes) -> bytes:
@@ -126,10 +103,11 @@ def load_private_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _alg_for(key: object, *, what: str) -> _Alg:
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _ALGS:
+def _alg_for(key: object, *, what: str) -> cose.Algorithm:
+    alg = cose.algorithm_for_key(key)
+    if alg is None:
         raise EifSigningError(f"{what} must hold an EC P-256, P-384 or P-521 key")
-    return _ALGS[key.curve.name]
+    return alg
 
 
 def build_signature_section(
@@ -145,25 +123,18 @@ def build_signature_section(
     assert isinstance(pub, ec.EllipticCurvePublicKey)  # checked by load_certificate
     if pub.public_numbers() != private_key.public_key().public_numbers():
         raise EifSigningError("the private key does not match the signing certificate")
-    alg = _alg_for(pub, what="signing certificate")
-    protected = cbor2.dumps({_COSE_ALG: alg.cose_id})
+    protected = cose.protected_header(_alg_for(pub, what="signing certificate"))
     payload = pcr0_payload(pcr0)
-    to_sign = _sig_structure(protected, payload)
-    der = private_key.sign(to_sign, ec.ECDSA(alg.hash(), deterministic_signing=True))
-    r, s = decode_dss_signature(der)
-    raw = r.to_bytes(alg.coord_size, "big") + s.to_bytes(alg.coord_size, "big")
-    cose = cbor2.dumps([protected, {}, payload, raw])
-    section = cbor2.dumps([{"signing_certificate": list(certificate_pem), "signature": list(cose)}])
+    # RFC 6979 nonces: a signed build is as reproducible as an unsigned one
+    raw = cose.sign(private_key, protected, payload, deterministic=True)
+    sign1 = cose.encode_sign1(protected, payload, raw)
+    entry = {"signing_certificate": list(certificate_pem), "signature": list(sign1)}
+    section = cbor2.dumps([entry])
     if len(section) > MAX_SIGNATURE_SIZE:
         raise EifSigningError(
             f"signature section is {len(section)} bytes, over the {MAX_SIGNATURE_SIZE} limit"
         )
     return section
-
-
-def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    # RFC 8152 §4.4: Sig_structure = ["Signature1", body_protected, external_aad, payload]
-    return cbor2.dumps(["Signature1", protected, b"", payload])
 
 
 def _loads(data: bytes, what: str) -> Any:
@@ -204,37 +175,30 @@ def parse_signature_section(data: bytes) -> SignatureSection:
     return SignatureSection(pem, cert, cose)
 
 
-def _verify_cose(cose: bytes, cert: x509.Certificate) -> bytes:
-    """Verify a COSE_Sign1 under the certificate's key; return its payload."""
-    value = _loads(cose, "COSE_Sign1")
-    if isinstance(value, cbor2.CBORTag):
-        if value.tag != _COSE_SIGN1_TAG:
-            raise EifFormatError("COSE_Sign1 has an unexpected tag")
-        value = value.value
-    if not (isinstance(value, list) and len(value) == 4):
-        raise EifFormatError("COSE_Sign1 is not a 4-element array")
-    protected, unprotected, payload, signature = value
-    if not (
-        isinstance(protected, bytes)
-        and isinstance(unprotected, dict)
-        and isinstance(payload, bytes)
-        and isinstance(signature, bytes)
-    ):
-        raise EifFormatError("COSE_Sign1 fields have the wrong types")
-    header = _loads(protected, "COSE protected header") if protected else {}
+def _verify_cose(data: bytes, cert: x509.Certificate) -> bytes | None:
+    """The payload of a COSE_Sign1 whose signature verifies under the certificate's key, None
+    when it does not verify.
+
+    Raises:
+        EifFormatError: not a COSE_Sign1, or its algorithm does not fit the certificate.
+    """
+    try:
+        sign1 = cose.decode_sign1(data)
+    except cose.CoseFormatError as exc:
+        raise EifFormatError(str(exc)) from None
+    header = _loads(sign1.protected, "COSE protected header") if sign1.protected else {}
     if not isinstance(header, dict):
         raise EifFormatError("COSE protected header is not a map")
     try:
         alg = _alg_for(cert.public_key(), what="signing certificate")
     except EifSigningError as exc:
         raise EifFormatError(exc.message) from None
-    if header.get(_COSE_ALG) != alg.cose_id:
+    if header.get(1) != alg.cose_id:  # label 1: alg (RFC 8152 §3.1)
         raise EifFormatError("COSE algorithm does not match the certificate's curve")
-    if len(signature) != 2 * alg.coord_size:
+    if len(sign1.signature) != alg.signature_length:
         raise EifFormatError("COSE signature has the wrong length")
-    r = int.from_bytes(signature[: alg.coord_size], "big")
-    s = int.from_bytes(signature[alg.coord_size :], "big")
     pub = cert.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)  # checked by _alg_for
-    pub.verify(encode_dss_signature(r, s), _sig_structure(protected, payload), ec.ECDSA(alg.hash()))
-    return payload
+    if not cose.verify(pub, sign1.protected, sign1.payload, sign1.signature, algorithm=alg):
+        return None
+    return sign1.payload

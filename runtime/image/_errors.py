@@ -1,26 +1,34 @@
 """Errors of the image layer, re-exported by :mod:`runtime.eif`.
 
-::
+Each is an :class:`EifError` (anything wrong with an image or its inputs) *and* the typed
+nitro-cli failure of :mod:`runtime.errors` it reports as, so callers catch either view::
 
-    NitroCliError (runtime.errors)   renders "[ Exx ] message", exit status = xx
-    └─ EifError                      anything wrong with an image or its inputs
-       ├─ EifFormatError      E35    not a valid EIF / ramdisk (EifParsingError)
-       ├─ EifBuildError       E48    build-enclave could not build (EifBuildingError)
-       ├─ EifSignatureError   E59    signature does not verify (EIFSignatureCheckerError)
-       ├─ EifSigningError     E60    signing failed: bad key/certificate (EIFSigningError)
-       └─ ImageTamperedError  E36    unpacked tree differs from its image (EnclaveBootFailure)
-
-Some operations raise a plain :class:`EifError` with another code: E19 (FileOperationFailure)
-for unreadable inputs / unwritable outputs, E03 (InvalidArgument) for a bad ``cmd``/``env``.
+    EifError                                          anything wrong with an image or its inputs
+    ├─ EifFormatError      (EifParsingError)   E35    not a valid EIF / ramdisk
+    ├─ EifBuildError       (EifBuildingError)  E48    build-enclave could not build
+    ├─ EifSignatureError   (SignatureCheckError) E59  signature does not verify
+    ├─ EifSigningError     (SigningError)      E60    bad key/certificate, or a mismatch
+    ├─ ImageTamperedError  (EnclaveBootError)  E36    unpacked tree differs from its image
+    ├─ EifFileError        (FileOperationError) E19   unreadable input, unwritable output
+    ├─ EifArgumentError    (InvalidArgumentError) E03 a bad ``cmd``/``env``
+    └─ EifMetadataError    (SerdeError)        E17    a metadata file that is not a JSON object
 
 Codes follow ``reference/nitro.md`` §1.6 (nitro-cli's ``document_errors.rs``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from runtime.errors import NitroCliError
+from runtime.errors import (
+    EifBuildingError,
+    EifParsingError,
+    EnclaveBootError,
+    FileOperationError,
+    InvalidArgumentError,
+    NitroCliError,
+    SerdeError,
+    SignatureCheckError,
+    SigningError,
+)
 
 __all__ = [
     "EifError",
@@ -29,43 +37,46 @@ __all__ = [
     "EifSignatureError",
     "EifSigningError",
     "ImageTamperedError",
+    "EifFileError",
+    "EifArgumentError",
+    "EifMetadataError",
 ]
 
 
 class EifError(NitroCliError):
-    """Base of every image error; ``code`` defaults to the class's nitro-cli code."""
+    """Base of every image error (the code is the concrete class's)."""
 
-    default_code: ClassVar[str] = "E35"
-
-    def __init__(self, message: str, *, code: str | None = None) -> None:
-        super().__init__(code or self.default_code, message)
+    code = "E35"
 
 
-class EifFormatError(EifError):
+class EifFormatError(EifParsingError, EifError):
     """The bytes are not a well-formed image (bad magic, sizes, offsets, CRC, ramdisk, ...)."""
 
-    default_code = "E35"  # EifParsingError
+
+class EifBuildError(EifBuildingError, EifError):
+    """An image could not be built from the given inputs (e.g. its entry point is missing)."""
 
 
-class EifBuildError(EifError):
-    """An image could not be built from the given inputs."""
-
-    default_code = "E48"  # EifBuildingError
-
-
-class EifSignatureError(EifError):
+class EifSignatureError(SignatureCheckError, EifError):
     """A signed image's signature section does not verify against its PCR0."""
 
-    default_code = "E59"  # EIFSignatureCheckerError
 
-
-class EifSigningError(EifError):
+class EifSigningError(SigningError, EifError):
     """Signing failed: unreadable or unsupported key/certificate, or a key/cert mismatch."""
 
-    default_code = "E60"  # EIFSigningError
 
-
-class ImageTamperedError(EifError):
+class ImageTamperedError(EnclaveBootError, EifError):
     """An unpacked image tree is not what its EIF measured; the enclave must not start."""
 
-    default_code = "E36"  # EnclaveBootFailure
+
+class EifFileError(FileOperationError, EifError):
+    """An image input could not be read, or an output could not be written.
+    ``info``: (path, operation), as nitro-cli's E19."""
+
+
+class EifArgumentError(InvalidArgumentError, EifError):
+    """A bad ``cmd`` or ``env`` for an image."""
+
+
+class EifMetadataError(SerdeError, EifError):
+    """A custom metadata file that is not valid JSON, or not a JSON object."""

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from attest.pcrs import pcr_extend, pcr_from_bytes
 from runtime.image._errors import EifFormatError
 
 __all__ = [
@@ -123,16 +124,6 @@ class ParsedEif:
     def crc_ok(self) -> bool:
         """True when the header's CRC matches the file (describe-eif ``CheckCRC``)."""
         return self.crc32 == self.computed_crc32
-
-
-def pcr_extend(old: bytes, data: bytes) -> bytes:
-    """One NSM extend: ``SHA384(old || data)``."""
-    return hashlib.sha384(old + data).digest()
-
-
-def pcr_from_bytes(data: bytes) -> bytes:
-    """``SHA384(0^48 || SHA384(data))``: a zero PCR extended with the digest of ``data``."""
-    return pcr_extend(b"\0" * PCR_SIZE, hashlib.sha384(data).digest())
 
 
 def _digest_pcr(chunks: Sequence[bytes]) -> bytes:

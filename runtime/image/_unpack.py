@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Final
 
 from runtime.image._cpio import CpioEntry
-from runtime.image._errors import EifError, ImageTamperedError
+from runtime.image._errors import EifFileError, ImageTamperedError
 
 __all__ = [
     "BOOTSTRAP_DIR",
@@ -71,13 +71,15 @@ def extract(ramdisks: Ramdisks, dest: Path) -> None:
     parsed and validated before the first byte is written.
 
     Raises:
-        EifError (E19): ``dest`` is not usable.
+        EifFileError (E19): ``dest`` is not usable.
     """
     members = list(_members(ramdisks))
     try:
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
         if any(dest.iterdir()):
-            raise EifError(f"unpack destination {dest} is not empty", code="E19")
+            raise EifFileError(
+                f"unpack destination {dest} is not empty", info=(str(dest), "Create")
+            )
         created_dirs = [dest]
         for top in ramdisks:
             os.mkdir(dest / top, 0o700)
@@ -99,7 +101,9 @@ def extract(ramdisks: Ramdisks, dest: Path) -> None:
         for d in reversed(created_dirs):  # children before parents
             os.chmod(d, _DIR_MODE)
     except OSError as exc:
-        raise EifError(f"cannot unpack the image into {dest}: {exc}", code="E19") from exc
+        raise EifFileError(
+            f"cannot unpack the image into {dest}: {exc}", info=(str(dest), "Create")
+        ) from exc
 
 
 def verify_tree(ramdisks: Ramdisks, root: Path) -> None:

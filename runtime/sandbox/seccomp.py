@@ -4,8 +4,14 @@ Theory of operation: the program loads ``seccomp_data.arch`` and kills the proce
 architecture (so a 32-bit ABI cannot be used to dodge the syscall numbers), refuses the x32 ABI,
 then compares ``seccomp_data.nr`` against the deny list and answers ``EPERM`` for a match.
 ``clone3`` answers ``ENOSYS`` (its flags live in memory BPF cannot read; glibc then falls back to
-``clone``, whose flags register is checked: creating new namespaces is refused). Everything else
-is allowed. The filter is installed after the sandbox is set up (mounts done), with
+``clone``, whose flags register is checked: creating new namespaces is refused). ``socket`` and
+``socketpair`` are allowed only for the families an enclave uses (:data:`ALLOWED_FAMILIES`:
+``AF_UNIX`` carries the emulated vsock fabric and the NSM; ``AF_INET``/``AF_INET6`` reach only
+the enclave's own loopback), anything else answers ``EAFNOSUPPORT``: above all ``AF_VSOCK``,
+whose port space is the host's (an enclave could bind there, or two enclaves meet there outside
+the fabric policy), and ``AF_NETLINK``/``AF_PACKET``. io_uring is denied outright: its
+``IORING_OP_SOCKET`` creates sockets without the ``socket`` syscall. Everything else is
+allowed. The filter is installed after the sandbox is set up (mounts done), with
 ``PR_SET_NO_NEW_PRIVS``, and survives ``execve``.
 """
 
@@ -17,7 +23,7 @@ import struct
 
 from . import _sys
 
-__all__ = ["install_filter", "supported", "DENIED"]
+__all__ = ["install_filter", "supported", "DENIED", "ALLOWED_FAMILIES", "build_program"]
 
 # BPF opcodes (linux/bpf_common.h)
 _LD_W_ABS = 0x20
@@ -88,8 +94,17 @@ _X86_64: dict[str, int] = {
     "lookup_dcookie": 212,
     "sched_setaffinity": 203,
     "personality": 135,
+    # io_uring: IORING_OP_SOCKET (and friends) bypass the socket family check below
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
 }
 _CLONE, _CLONE3 = 56, 435
+_SOCKET, _SOCKETPAIR = 41, 53
+#: Address families ``socket``/``socketpair`` may create (linux/socket.h), by name.
+_FAMILIES: dict[str, int] = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10}
+#: Public view of the socket families an enclave may create.
+ALLOWED_FAMILIES: tuple[str, ...] = tuple(_FAMILIES)
 #: Public view of the deny list (names).
 DENIED: tuple[str, ...] = tuple(sorted(_X86_64))
 
@@ -126,6 +141,22 @@ def build_program() -> list[bytes]:
         _stmt(_RET_K, _RET_ALLOW),
         _jump(_JEQ_K, _CLONE3, 0, 1),
         _stmt(_RET_K, _RET_ERRNO | errno.ENOSYS),
+    ]
+    # socket/socketpair: only the allowed families (arg0, the domain: an int, low 32 bits).
+    # Layout: JEQ socket, JEQ socketpair, [LD arg0, JEQ fam_0..fam_n-1, RET EAFNOSUPPORT,
+    # RET ALLOW]; a family match jumps to the ALLOW, other syscalls skip the block.
+    fams = sorted(_FAMILIES.values())
+    n_fam = len(fams)
+    prog += [
+        _jump(_JEQ_K, _SOCKET, 1, 0),
+        _jump(_JEQ_K, _SOCKETPAIR, 0, n_fam + 3),
+        _stmt(_LD_W_ABS, _OFF_ARG0),
+    ]
+    for i, fam in enumerate(fams):
+        prog.append(_jump(_JEQ_K, fam, n_fam - i, 0))
+    prog += [
+        _stmt(_RET_K, _RET_ERRNO | errno.EAFNOSUPPORT),
+        _stmt(_RET_K, _RET_ALLOW),
     ]
     n = len(deny)
     for i, nr in enumerate(deny):

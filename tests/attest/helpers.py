@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from attest._cose import ES384_PROTECTED, sign_es384
+from attest.cose import ES384_PROTECTED, sign_es384
 from attest.document import AttestationDocument, encode_payload
 
 FIXTURE_PROD = "blocky-nitrite_nitro_attestation.b64"

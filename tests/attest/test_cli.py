@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,43 @@ def test_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["attest", "verify", str(tmp_path / "missing")]) == 1
     with pytest.raises(SystemExit):
         main(["attest", "verify"])
+
+
+def test_root_creates_its_state_directory_0700(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10 item 3: ``attest root`` created its state directory 0755 (the README says
+    0700), parents included. Now every directory it creates is 0700, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        state = tmp_path / "new" / "state"
+        assert main(["attest", "root", "--state-dir", str(state)]) == 0
+    finally:
+        os.umask(old)
+    assert capsys.readouterr().out.startswith("-----BEGIN CERTIFICATE-----")
+    for d in (tmp_path / "new", state, state / "ca"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777])
+def test_root_refuses_a_state_directory_others_can_write(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    state = tmp_path / "shared"
+    state.mkdir()
+    state.chmod(mode)
+    assert main(["attest", "root", "--state-dir", str(state)]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: the state directory")
+    assert "writable by other users" in err
+    assert "chmod 700" in err
+    assert not (state / "ca").exists()  # no CA key was written there
+
+
+def test_root_refuses_a_file_as_state_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["attest", "root", "--state-dir", str(f)]) != 0
+    assert capsys.readouterr().err.startswith("error: the state directory")

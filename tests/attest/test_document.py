@@ -9,7 +9,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from attest._cose import ES384_PROTECTED, sign_es384
+from attest.cose import ES384_PROTECTED, sign_es384
 from attest.document import (
     MAX_DOCUMENT_SIZE,
     PAYLOAD_KEYS,

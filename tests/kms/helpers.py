@@ -16,12 +16,7 @@ import trio
 
 from attest.ca import LocalCA
 from attest.nsm.device import EnclaveIdentity, NsmDevice
-from attest.nsm.protocol import (
-    Attestation,
-    AttestationResponse,
-    decode_response,
-    encode_request,
-)
+from attest.nsm.local import InProcessNsm
 from kms.config import CredentialEntry, KmsConfig
 from kms.daemon import serve_kms
 
@@ -117,11 +112,7 @@ class FakeEnclave:
         return cls(NsmDevice(identity, ca.new_signer(module_id), **kwargs), module_id)
 
     def document(self, public_key: bytes | None) -> bytes:
-        resp = decode_response(
-            self.device.handle(encode_request(Attestation(public_key=public_key)))
-        )
-        assert isinstance(resp, AttestationResponse), resp
-        return resp.document
+        return InProcessNsm(self.device).document(public_key=public_key)
 
     async def attestation(
         self,

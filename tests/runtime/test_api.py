@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ async def test_plugin_fixture_runtime(enclave_runtime, enclave_app):
     assert (reason.kind, reason.code) == (ExitKind.EXITED, 0)
     with pytest.raises(NitroCliError) as ei:
         await enclave_runtime.wait_exited("i-0000000000000000-enc0000000000000000")
-    assert ei.value.code == "E39"
+    assert ei.value.code == "E11"  # no such enclave
 
 
 def _corrupt(eif: Path, tmp_path: Path) -> Path:
@@ -129,3 +131,61 @@ async def test_several_errors_stay_grouped(enclave_state_dir):
 
 
 __all__ = ["_fresh_logging"]  # autouse fixture (re-exported on purpose)
+
+
+_EMBEDDED = """
+import sys, trio
+import json
+import os
+from pathlib import Path
+from runtime.api import open_runtime
+
+async def main():
+    async with open_runtime(Path(sys.argv[1])) as rt:
+        info = await rt.run_enclave(Path(sys.argv[2]), cpu_count=1, memory_mib=128)
+        await rt.terminate(info.enclave_id)
+    print("service output only")
+
+trio.run(main)
+"""
+
+
+@pytest.mark.parametrize("level", [None, "warning"])
+def test_embedded_runtime_never_logs_to_stdout(enclave_state_dir, enclave_app, level):
+    """A service that embeds the runtime and never configures logging: its stdout is its own
+    (structlog's unconfigured default prints to stdout); runtime logs go to stderr, at the
+    level of ENCLAVE_LOG_LEVEL."""
+    import subprocess
+    import sys
+
+    eif = enclave_app("import time\ntime.sleep(60)\n")
+    env = dict(os.environ)
+    env.pop("ENCLAVE_LOG_LEVEL", None)
+    if level is not None:
+        env["ENCLAVE_LOG_LEVEL"] = level
+    r = subprocess.run(
+        [sys.executable, "-c", _EMBEDDED, str(enclave_state_dir), str(eif)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "service output only\n"
+    if level is None:
+        assert '"event": "enclave_running"' in r.stderr
+    else:
+        assert "enclave_running" not in r.stderr
+
+
+def test_string_enums_compare_equal_to_their_strings():
+    from runtime.records import EnclaveState
+    from runtime.spawners import SpawnPath
+
+    assert ExitKind.OOM == "oom"
+    assert ExitKind("terminated") is ExitKind.TERMINATED
+    assert f"{ExitKind.EXITED}" == "exited"
+    assert EnclaveState.RUNNING == "RUNNING"
+    assert SpawnPath.ZYGOTE == "zygote"
+    assert json.dumps({"k": ExitKind.SIGNALED}) == '{"k": "signaled"}'

@@ -40,6 +40,7 @@ def _make_app(root: Path, *, reverse: bool = False, mtime: int = 1_000_000) -> P
 def _build(app: Path, out: Path, **kw: object) -> bytes:
     args: dict[str, object] = {"cmd": "python main.py --flag 'two words'", "env": {"A": "1"}}
     args.update(kw)
+    out.parent.mkdir(parents=True, exist_ok=True)
     build_eif(app_dir=app, output=out, **args)  # type: ignore[arg-type]
     return out.read_bytes()
 
@@ -256,7 +257,7 @@ def test_cli_refuses_docker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     argv = ["build-enclave", "--docker-uri", "hello-world:latest", "--output-file", "x.eif"]
     assert main(argv) == 3
     err = capsys.readouterr().err
-    assert err.startswith("[ E03 ] --docker-uri/--docker-dir are not supported")
+    assert err.startswith("[ E03 ] Invalid argument provided.\n--docker-uri/--docker-dir are not")
     assert "--app-dir" in err
     assert main(["build-enclave", "--docker-dir", ".", "--output-file", "x.eif"]) == 3
 
@@ -264,9 +265,10 @@ def test_cli_refuses_docker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 @pytest.mark.parametrize(
     ("extra", "status", "prefix"),
     [
-        (["--cmd", "x"], 2, "enclave build-enclave: error:"),  # no --app-dir
-        (["--app-dir", "{app}"], 2, "enclave build-enclave: error:"),  # no --cmd
-        (["--app-dir", "{app}", "--cmd", "x", "--signing-certificate", "c.pem"], 2, "enclave"),
+        (["--cmd", "x"], 2, "error: the following arguments"),  # no --app-dir
+        (["--app-dir", "{app}"], 2, "error: the following arguments"),  # no --cmd
+        # nitro-cli: a certificate without its key is E01 MissingArgument
+        (["--app-dir", "{app}", "--cmd", "x", "--signing-certificate", "c.pem"], 1, "[ E01 ]"),
         (["--app-dir", "{app}", "--cmd", "x", "--env", "NOEQUALS"], 3, "[ E03 ]"),
         (["--app-dir", "{app}", "--cmd", "x", "--metadata", "{missing}"], 19, "[ E19 ]"),
         (["--app-dir", "{app}", "--cmd", "x", "--metadata", "{badjson}"], 17, "[ E17 ]"),
@@ -334,4 +336,8 @@ def test_describe_garbage_is_e35(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["describe-eif", "--eif-path", str(tmp_path / "junk.eif")]) == 35
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("[ E35 ] not an EIF file")
+    # nitro-cli's layout: the code's description, the specific message, the help link
+    head, message, _blank, link = captured.err.splitlines()[:4]
+    assert head.startswith("[ E35 ] EIF file parsing error.")
+    assert message.startswith("not an EIF file")
+    assert link.endswith("cli-errors.html#E35")

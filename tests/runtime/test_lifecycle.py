@@ -13,8 +13,15 @@ import trio
 
 from runtime import sandbox
 from runtime.api import ExitKind, open_runtime
-from runtime.errors import NitroCliError
-from runtime.supervisor import ChildLaunch, FreshSpawner
+from runtime.errors import (
+    ConflictingArgumentError,
+    InsufficientMemoryAvailableError,
+    InsufficientMemoryRequestedError,
+    MemoryBelowMinimumError,
+    MissingArgumentError,
+    NitroCliError,
+)
+from runtime.spawners import ChildLaunch, FreshSpawner, SpawnObserver
 from tests.runtime.test_lifecycle_support import (
     OP_TIMEOUT_S,
     _fresh_logging,
@@ -87,7 +94,7 @@ async def test_exit_code_and_crash_are_reported(enclave_state_dir, enclave_app):
 class _SilentSpawner(FreshSpawner):
     """A sandboxed child that never sends the heartbeat (a hung boot)."""
 
-    async def spawn(self, launch: ChildLaunch) -> sandbox.Spawned:
+    async def spawn(self, launch: ChildLaunch, observer: SpawnObserver) -> sandbox.Spawned:
         def child() -> NoReturn:
             time.sleep(120)
             os._exit(0)
@@ -248,16 +255,23 @@ async def test_console_ends_with_the_enclave(enclave_state_dir, enclave_app, zyg
 async def test_memory_minimum_rules(enclave_state_dir, enclave_app):
     eif = enclave_app(SLEEPER)
     async with open_runtime(enclave_state_dir) as rt:
-        for mem, code in ((0, "E26"), (32, "E26"), (10_000_000, "E27")):
-            with pytest.raises(NitroCliError) as ei:
+        for mem, err in (
+            (0, InsufficientMemoryRequestedError),
+            (32, MemoryBelowMinimumError),
+            (10_000_000, InsufficientMemoryAvailableError),
+        ):
+            with pytest.raises(err):
                 await rt.run_enclave(eif, cpu_count=1, memory_mib=mem)
-            assert ei.value.code == code
-        with pytest.raises(NitroCliError) as ei:
+        # argument misuse from Python: typed, and ValueError subclasses
+        with pytest.raises(MissingArgumentError) as ei:
             await rt.run_enclave(eif, memory_mib=128)
         assert ei.value.code == "E01"
-        with pytest.raises(NitroCliError) as ei:
+        assert isinstance(ei.value, ValueError)
+        with pytest.raises(ConflictingArgumentError) as ei2:
             await rt.run_enclave(eif, cpu_count=1, cpu_ids=[0], memory_mib=128)
-        assert ei.value.code == "E02"
+        assert ei2.value.code == "E02"
+        with pytest.raises(ValueError, match="cpu-count"):
+            await rt.run_enclave(eif, cpu_count="1", memory_mib=128)  # type: ignore[arg-type]
     assert list((enclave_state_dir / "enclaves").iterdir()) == []
 
 
@@ -279,7 +293,7 @@ def test_memory_vs_eif_size(enclave_state_dir, tmp_path):
             owner_pid=os.getpid(),
         )
     assert ei.value.code == "E26"
-    assert "minimum memory should be 160 MB" in ei.value.message
+    assert "minimum memory should be 160 MB" in ei.value.cli_report()
 
 
 __all__ = ["_fresh_logging"]  # autouse fixture (re-exported on purpose)

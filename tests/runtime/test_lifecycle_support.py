@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from runtime.api import Runtime
-from runtime.sandbox import CGROUP_MEMORY_ROOT
+from runtime.sandbox import CGROUP_MEMORY_ROOT, CGROUP_PIDS_ROOT
 
 #: Hard bound on any single enclave operation in these tests.
 OP_TIMEOUT_S = 30
@@ -56,6 +56,7 @@ def assert_no_leftovers(state: Path, enclave_id: str, pids: list[int]) -> None:
     assert not (enclaves / f"{slot}.sock").exists()
     assert not (enclaves / slot).exists()
     assert not (CGROUP_MEMORY_ROOT / slot).exists()
+    assert not (CGROUP_PIDS_ROOT / slot).exists()
 
 
 def fabric_cids(state: Path) -> list[str]:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 import subprocess
 import textwrap
@@ -18,7 +20,7 @@ import trio
 from runtime import sandbox
 from runtime.api import ExitKind, open_runtime
 from runtime.errors import NitroCliError
-from runtime.sandbox import seccomp
+from runtime.sandbox import _cgroups, _spawn, seccomp
 from tests.runtime.test_lifecycle_support import OP_TIMEOUT_S, _fresh_logging, console_json
 from transport.vsock import VsockAddr, open_vsock_stream
 
@@ -57,7 +59,25 @@ PROBE = textwrap.dedent("""
         with socket.create_connection(("127.0.0.1", int(env["HOST_PORT"])), timeout=2) as s:
             return s.recv(16)
     attempt("tcp_host_loopback", tcp)
-    res["interfaces"] = [n for _, n in socket.if_nameindex()]
+
+    def interfaces():  # SIOCGIFCONF on an inet socket (if_nameindex needs netlink: refused)
+        import array, fcntl, struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            buf = array.array("B", bytes(40 * 32))
+            addr, size = buf.buffer_info()
+            req = struct.pack("iL", size, addr)
+            n = struct.unpack("iL", fcntl.ioctl(s.fileno(), 0x8912, req))[0]  # SIOCGIFCONF
+            raw = buf.tobytes()
+            return [raw[i:i + 16].split(b"\\0", 1)[0].decode() for i in range(0, n, 40)]
+    res["interfaces"] = interfaces()
+    # address families the enclave has no use for (AF_VSOCK: the host's own port space)
+    attempt("vsock_socket", lambda: socket.socket(40, socket.SOCK_STREAM).close())
+    attempt("vsock_dgram", lambda: socket.socket(40, socket.SOCK_DGRAM).close())
+    attempt("netlink_socket", lambda: socket.socket(16, socket.SOCK_RAW, 0).close())
+    attempt("packet_socket", lambda: socket.socket(17, socket.SOCK_RAW, 0).close())
+    attempt("unix_socketpair", lambda: [s.close() for s in socket.socketpair()])
+    r = libc.syscall(425, 8, ctypes.create_string_buffer(120))  # io_uring_setup
+    res["io_uring_setup"] = [r, ctypes.get_errno()]
     attempt("read_secret", lambda: open(env["SECRET_PATH"]).read())
     attempt("read_etc_passwd", lambda: open("/etc/passwd").read())
     attempt("list_state_dir", lambda: os.listdir(env["STATE_DIR"]))
@@ -138,6 +158,13 @@ async def test_escape_attempts_from_inside(enclave_state_dir, enclave_app, tmp_p
     # network: no interface but loopback, the host's loopback is unreachable
     assert res["interfaces"] == ["lo"]
     assert res["tcp_host_loopback"][0] != "ok"
+    # socket families: AF_VSOCK, netlink and packet sockets are refused by seccomp (97 =
+    # EAFNOSUPPORT), io_uring (which could create sockets past that check) with EPERM; the
+    # families the enclave uses still work
+    for name in ("vsock_socket", "vsock_dgram", "netlink_socket", "packet_socket"):
+        assert res[name] == ["OSError", errno.EAFNOSUPPORT], (name, res[name])
+    assert res["io_uring_setup"] == [-1, errno.EPERM]
+    assert res["unix_socketpair"][0] == "ok"
     # files outside the image: invisible; the image itself read-only; private tmpfs only
     assert (
         res["read_secret"][0] == "FileNotFoundError" or res["read_secret"][0] == "PermissionError"
@@ -184,8 +211,10 @@ async def test_escape_attempts_from_inside(enclave_state_dir, enclave_app, tmp_p
     )
     assert res["cwd"].endswith("/app/rootfs")
     iso = meta["Isolation"]
-    assert list(meta)[-1] == "Isolation"
+    assert list(meta)[-2:] == ["Isolation", "AppStatus"]
     assert all(v.startswith("enforced") for v in iso.values()), iso
+    assert iso["pids"].startswith("enforced"), iso
+    assert "AF_UNIX, AF_INET, AF_INET6 only" in iso["seccomp"], iso
 
 
 async def test_memory_limit_is_enforced_and_reported(enclave_state_dir, enclave_app):
@@ -217,6 +246,141 @@ async def test_missing_layer_named_and_strict_refuses(enclave_state_dir, enclave
             assert rt.describe() == []
 
 
+TASKS = textwrap.dedent("""
+    import json, os, threading, time
+    threads, forks, err = [], 0, None
+    stop = threading.Event()
+    try:
+        for _ in range(400):  # threads until refused (the limit is far below 400)
+            t = threading.Thread(target=stop.wait, daemon=True)
+            t.start()
+            threads.append(t)
+    except RuntimeError as exc:
+        err = str(exc)
+    n_threads = len(threads)
+    stop.set()
+    for t in threads:
+        t.join()
+    children, fork_err = [], None
+    try:
+        for _ in range(400):  # then processes until refused
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(30)
+                os._exit(0)
+            children.append(pid)
+    except OSError as exc:
+        fork_err = exc.errno
+    for pid in children:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    print("RESULT " + json.dumps({"threads": n_threads, "thread_error": err,
+                                  "forks": len(children), "fork_errno": fork_err}), flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "fresh"])
+async def test_task_limit_refuses_runaway_threads_and_processes(
+    enclave_state_dir, enclave_app, zygote
+):
+    """Issue 10 item 8: an enclave may not create tasks without bound (it once made 3,000
+    threads and 1,325 processes). The pids cgroup refuses the 33rd task of a 32-task enclave
+    (EAGAIN), the enclave keeps running, and the layer is reported."""
+    eif = enclave_app(TASKS)
+    with trio.fail_after(OP_TIMEOUT_S * 2):
+        async with open_runtime(enclave_state_dir, zygote=zygote) as rt:
+            info = await rt.run_enclave(eif, cpu_count=1, memory_mib=256, debug=True, max_tasks=32)
+            res = await console_json(rt, info.enclave_id, timeout=40)
+            assert info.isolation.layers["pids"] == "enforced (pids cgroup, 32 tasks)"
+            assert rt.describe()[0].describe_json(metadata=True)["Isolation"]["pids"] == (
+                "enforced (pids cgroup, 32 tasks)"
+            )
+            await rt.terminate(info.enclave_id)
+    # the main thread plus the app's own (the interpreter's) count too: < 32 extra threads
+    assert 0 < res["threads"] < 32, res
+    assert res["thread_error"] == "can't start new thread", res
+    assert 0 < res["forks"] < 32, res
+    assert res["fork_errno"] == errno.EAGAIN, res
+
+
+async def test_task_limit_falls_back_to_rlimit_nproc(enclave_state_dir, enclave_app, monkeypatch):
+    """Without a writable pids hierarchy, RLIMIT_NPROC on the enclave's own uid bounds its
+    tasks, and the layer says so."""
+    monkeypatch.setattr(_cgroups, "CGROUP_PIDS_ROOT", Path("/proc/no-pids-cgroup-here"))
+    eif = enclave_app(TASKS)
+    with trio.fail_after(OP_TIMEOUT_S * 2):
+        async with open_runtime(enclave_state_dir, zygote=False) as rt:
+            info = await rt.run_enclave(eif, cpu_count=1, memory_mib=256, debug=True, max_tasks=32)
+            res = await console_json(rt, info.enclave_id, timeout=40)
+            await rt.terminate(info.enclave_id)
+    assert info.isolation.layers["pids"] == (
+        f"enforced (RLIMIT_NPROC on uid {info.outside_uid}, 32 tasks)"
+    )
+    assert 0 < res["threads"] < 32, res
+    assert 0 < res["forks"] < 32, res
+    assert res["fork_errno"] == errno.EAGAIN, res
+
+
+async def test_each_enclave_has_its_own_uid_that_others_cannot_signal(
+    enclave_state_dir, enclave_app
+):
+    """Issue 10 item 9: enclaves ran as host uid 65534, so any process running as ``nobody``
+    could SIGSTOP or SIGKILL them. Each enclave's root now maps to a uid of its own, from the
+    runtime's range; a process of another uid (nobody, or another enclave's) cannot signal it."""
+    from runtime.state import ENCLAVE_UID_RANGE
+
+    eif = enclave_app("import time\ntime.sleep(120)\n")
+    with trio.fail_after(OP_TIMEOUT_S):
+        async with open_runtime(enclave_state_dir) as rt:
+            a = await rt.run_enclave(eif, cpu_count=1, memory_mib=128)
+            b = await rt.run_enclave(eif, cpu_count=1, memory_mib=128)
+            uids = []
+            for info in (a, b):
+                assert info.app_pid is not None
+                st = Path(f"/proc/{info.app_pid}/status").read_text().splitlines()
+                real_uid = int(next(ln for ln in st if ln.startswith("Uid:")).split()[1])
+                uids.append(real_uid)
+                assert real_uid == info.outside_uid
+                first, count = ENCLAVE_UID_RANGE
+                assert first <= real_uid < first + count
+            assert uids[0] != uids[1]
+            assert sandbox.NOBODY_UID not in uids
+            for signaller in (sandbox.NOBODY_UID, uids[1]):  # nobody; the other enclave's uid
+                for sig in (0, signal.SIGSTOP, signal.SIGKILL):
+                    assert _signal_as(signaller, a.app_pid, sig) == errno.EPERM
+            assert rt.describe()[0].outside_uid == uids[0]
+            await rt.terminate(a.enclave_id)
+            await rt.terminate(b.enclave_id)
+
+
+def _signal_as(uid: int, pid: int, sig: int) -> int:
+    """kill(pid, sig) from a child running as ``uid``; returns the errno (0: delivered)."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            try:
+                os.kill(pid, sig)
+            except OSError as exc:
+                code = exc.errno or 255
+            os.write(w, bytes([code]))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        got = os.read(r, 1)
+    finally:
+        os.close(r)
+        os.waitpid(child, 0)
+    return got[0] if got else -1
+
+
 def test_host_detection_reports_every_layer():
     layers = sandbox.detect()
     assert set(layers) >= {
@@ -229,6 +393,7 @@ def test_host_detection_reports_every_layer():
         "landlock",
         "seccomp",
         "memory",
+        "pids",
     }
 
 
@@ -271,9 +436,9 @@ def test_handshake_waits_for_the_app_pid(lines: bytes) -> None:
     status_r, status_w = os.pipe()
     try:
         os.write(sync_w, lines)
-        spec = cast("Any", SimpleNamespace(memory_mib=128))
-        sp = sandbox._handshake(
-            spec, os.getpid(), sync_r, go_w, status_r, None, attach=False, attached=False
+        spec = cast("Any", SimpleNamespace(memory_mib=128, outside_uid=0x70000001))
+        sp = _spawn.handshake(
+            spec, os.getpid(), sync_r, go_w, status_r, None, None, attach=False, attached=False
         )
         assert sp.app_pid == 4242
         assert sp.status_fd == status_r
@@ -291,20 +456,20 @@ def test_attach_cgroup_refuses_non_pids(tmp_path: Path) -> None:
     assert (tmp_path / "cgroup.procs").read_text() == ""
 
 
-@pytest.mark.skipif(sandbox._mem_layer() != "cgroup", reason="needs a writable memory cgroup")
+@pytest.mark.skipif(sandbox.mem_layer() != "cgroup", reason="needs a writable memory cgroup")
 def test_enclave_cgroups_are_never_shared() -> None:
     """Cgroup names are machine-wide: a stale one (empty) is replaced, a live one is left to
     its owner and this enclave falls back to RLIMIT_AS."""
     slot = f"{os.getpid():08x}{os.urandom(4).hex()}"
-    spec = cast("Any", SimpleNamespace(enclave_id=f"i-test-enc{slot}", memory_mib=64))
+    enclave_id = f"i-test-enc{slot}"
     path = sandbox.CGROUP_MEMORY_ROOT / slot
     path.mkdir()  # a leftover of a dead supervisor
     proc = None
     try:
-        assert sandbox._make_cgroup(spec) == str(path)
+        assert _cgroups.make_memory_cgroup(enclave_id, 64) == str(path)
         proc = subprocess.Popen(["sleep", "30"])
         sandbox.attach_cgroup(str(path), proc.pid)  # now somebody else's live enclave
-        assert sandbox._make_cgroup(spec) is None
+        assert _cgroups.make_memory_cgroup(enclave_id, 64) is None
         assert str(proc.pid) in (path / "cgroup.procs").read_text().split()
         assert (path / "memory.limit_in_bytes").read_text().strip() == str(64 << 20)
     finally:

@@ -10,18 +10,33 @@ from typing import Any
 
 __all__ = [
     "EnclaveInfo",
+    "EnclaveState",
+    "ExitKind",
     "ExitReason",
     "IsolationReport",
     "LaunchSpec",
     "HASH_ALGORITHM",
+    "DEFAULT_MAX_TASKS",
 ]
 
 #: ``describe-*`` print the Rust ``Debug`` of ``sha2::Sha384`` literally (nitro.md §1.3).
 HASH_ALGORITHM = "Sha384 { ... }"
+#: Tasks (processes + threads) an enclave may have at once by default (the sandbox's pids
+#: limit): far more than an inference server uses, far less than the host's pid_max.
+DEFAULT_MAX_TASKS = 512
 
 
-class ExitKind(enum.Enum):
-    """How an enclave ended."""
+class EnclaveState(enum.StrEnum):
+    """An enclave record's state (``describe-enclaves`` ``State``; nitro-cli's
+    ``EnclaveState`` plus our STARTING, which describe-enclaves never shows)."""
+
+    STARTING = "STARTING"  #: reserved, booting
+    RUNNING = "RUNNING"
+    TERMINATING = "TERMINATING"
+
+
+class ExitKind(enum.StrEnum):
+    """How an enclave ended (a ``StrEnum``: ``ExitKind.OOM == "oom"``)."""
 
     EXITED = "exited"  #: the app returned an exit status
     SIGNALED = "signaled"  #: the app was killed by a signal
@@ -87,6 +102,10 @@ class LaunchSpec:
     peer_cids: frozenset[int] = frozenset()
     boot_timeout_s: float = 30.0
     terminate_grace_s: float = 5.0
+    #: the host uid the enclave's root maps to (allocated per enclave by ``StateDir.reserve``)
+    outside_uid: int = 65534
+    #: the task limit (pids cgroup, or RLIMIT_NPROC on ``outside_uid``)
+    max_tasks: int = DEFAULT_MAX_TASKS
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,6 +121,8 @@ class LaunchSpec:
             "peer_cids": sorted(self.peer_cids),
             "boot_timeout_s": self.boot_timeout_s,
             "terminate_grace_s": self.terminate_grace_s,
+            "outside_uid": self.outside_uid,
+            "max_tasks": self.max_tasks,
         }
 
     @classmethod
@@ -120,6 +141,8 @@ class LaunchSpec:
             peer_cids=frozenset(int(c) for c in m.get("peer_cids", ())),
             boot_timeout_s=float(m.get("boot_timeout_s", 30.0)),
             terminate_grace_s=float(m.get("terminate_grace_s", 5.0)),
+            outside_uid=int(m.get("outside_uid", 65534)),
+            max_tasks=int(m.get("max_tasks", DEFAULT_MAX_TASKS)),
         )
 
 
@@ -146,6 +169,11 @@ class EnclaveInfo:
     app_pid: int | None = None
     eif_path: str = ""
     exit_reason: ExitReason | None = None
+    #: the host uid the enclave's root maps to (None in records of older runtimes)
+    outside_uid: int | None = None
+    #: the app's first status report (``transport.app_status``): ``{"state", "detail",
+    #: "ports"}``, None until it reports
+    app_status: Mapping[str, Any] | None = None
 
     @property
     def number_of_cpus(self) -> int:
@@ -168,8 +196,9 @@ class EnclaveInfo:
         }
 
     def describe_json(self, *, metadata: bool = False) -> dict[str, Any]:
-        """``EnclaveDescribeInfo``. The sandbox report is only added under ``--metadata``, as
-        the last key (``Isolation``), so the default shape stays byte-compatible with nitro-cli."""
+        """``EnclaveDescribeInfo``. Our additions come only with ``--metadata``, after nitro-cli's
+        keys (``Isolation``: the sandbox layers; ``AppStatus``: the app's report, None until it
+        reports), so the default shape stays byte-compatible with nitro-cli."""
         out = self.run_json()
         out["State"] = self.state
         out["Flags"] = self.flags
@@ -183,6 +212,7 @@ class EnclaveInfo:
             out["ImageVersion"] = self.image_version
             out["Metadata"] = dict(self.metadata or {})
             out["Isolation"] = self.isolation.to_json()
+            out["AppStatus"] = None if self.app_status is None else dict(self.app_status)
         return out
 
     def to_record(self) -> dict[str, Any]:
@@ -203,6 +233,8 @@ class EnclaveInfo:
             "app_pid": self.app_pid,
             "eif_path": self.eif_path,
             "exit_reason": None if self.exit_reason is None else self.exit_reason.to_json(),
+            "outside_uid": self.outside_uid,
+            "app_status": None if self.app_status is None else dict(self.app_status),
         }
 
     @classmethod
@@ -225,4 +257,6 @@ class EnclaveInfo:
             app_pid=m.get("app_pid"),
             eif_path=str(m.get("eif_path", "")),
             exit_reason=None if er is None else ExitReason.from_json(er),
+            outside_uid=None if m.get("outside_uid") is None else int(m["outside_uid"]),
+            app_status=m.get("app_status") if isinstance(m.get("app_status"), dict) else None,
         )
