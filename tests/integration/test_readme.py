@@ -124,7 +124,7 @@ def test_whole_path_recipe(short_tmp: Path) -> None:
     principals = [s["Principal"]["AWS"] for s in statements]
     assert principals == [_OWNER, _INSTANCE]
     conditions = statements[1]["Condition"]["StringEqualsIgnoreCase"]
-    assert conditions["kms:RecipientAttestation:PCR0"] == measurements["PCR0"].lower()
+    assert conditions["kms:RecipientAttestation:ImageSha384"] == measurements["PCR0"].lower()
     # The audit log: the owner sealed, the instance's attested server got the key, the debug
     # enclave (PCR0 zeros) was refused it, and nobody decrypted without an attestation.
     (state_dir,) = short_tmp.glob("er-*")

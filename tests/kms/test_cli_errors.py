@@ -198,7 +198,7 @@ def test_broken_audit_chain_is_one_error_line_and_the_flag_starts(tmp_path: Path
 def test_demo_model_key_policy_is_expressible_with_the_builder() -> None:
     """Issue 11: runtime/demo.py's model_key_policy is one call of kms.policy's builder."""
     from kms.policy import KeyPolicy, enclave_key_policy
-    from runtime.demo import INSTANCE_ARN, OWNER_ARN, model_key_policy
+    from runtime.stack import INSTANCE_ARN, OWNER_ARN, model_key_policy
 
     pcr0 = "cd" * 48
     built = enclave_key_policy(

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from kms.policy import KeyPolicy, RequestContext
 from runtime.cli import EXIT_INTERRUPTED, _report
 from runtime.demo import Console, run_in_process
-from runtime.errors import NitroCliError
+from runtime.errors import FileOperationError
 from runtime.stack import (
     INSTANCE_ARN,
     OWNER_ARN,
@@ -104,8 +104,10 @@ def test_net_unwraps_groups(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_net_lines(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _report(NitroCliError("E19", "cannot read x"), "pcr", debug=False) == 19
-    assert _line(capsys).startswith("[ E19 ] cannot read x\n")
+    assert _report(FileOperationError("cannot read x"), "pcr", debug=False) == 19
+    block = _line(capsys)
+    assert block.startswith("[ E19 ] File operation failure.")
+    assert "\ncannot read x\n" in block
     busy = OSError(errno.EADDRINUSE, "Address already in use")
     assert _report(busy, "ingress", debug=False) == 1
     assert _line(capsys).startswith("error: ingress: address already in use")
