@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from models.errors import ModelLoadError
 from models.text.bundle import BundleConfig, decode_bundle, encode_bundle
@@ -15,6 +17,7 @@ from models.text.errors import (
     EmptyInputError,
     EmptyTextError,
     InvalidUtf8Error,
+    TextInputError,
     TextTooLargeError,
     TooManyTextsError,
 )
@@ -127,3 +130,16 @@ def test_the_embedder_imports_only_what_the_enclave_image_carries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "[]"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.text(min_size=1, max_size=300), min_size=1, max_size=4))
+def test_any_unicode_text_embeds_to_a_unit_vector_or_is_refused_clearly(texts: list[str]) -> None:
+    try:
+        out = minilm_embedder().embed(texts)
+    except TextInputError:
+        return
+    assert out.vectors.shape == (len(texts), 384)
+    assert np.isfinite(out.vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(out.vectors, axis=1), 1.0, atol=1e-4)
+    assert len(out.truncated) == len(texts)
