@@ -42,9 +42,11 @@ __all__ = [
 #: Texts per model call. 32 is where MiniLM's throughput on two cores stops improving (measured:
 #: see the minilm report); larger batches only add latency for the first texts.
 DEFAULT_MAX_BATCH_TEXTS: Final = 32
-#: Padded tokens per model call (texts x padded length): 32 texts of 256 tokens. Bounds the
-#: activations of one call (~100 MiB of attention scores per layer at this size).
-DEFAULT_MAX_BATCH_TOKENS: Final = 32 * 256
+#: Padded tokens per model call (texts x padded length): 8 texts of 256, 32 of 64. Bounds the
+#: activations of one call: a process embedding 32 texts of 256 tokens peaks at 415 MB RSS with
+#: this cap (the session's own load peak) and 605 MB with 32 x 256; per-token cost is no lower
+#: above a few hundred tokens per call on two cores (measured: see the minilm report).
+DEFAULT_MAX_BATCH_TOKENS: Final = 2048
 #: Largest padding fraction of a batch of several texts. 0.2 measured best with 0.1 on the
 #: realistic mix of the minilm bench (0.5 or no cap: up to 4x slower in calls of 32 texts).
 DEFAULT_MAX_PADDING: Final = 0.2

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def read_bundle(path: Path, *, max_size: int = MAX_BUNDLE_SIZE) -> ModelBundle:
         OSError: it cannot be read.
     """
     with path.open("rb") as f:
-        size = path.stat().st_size
+        size = os.fstat(f.fileno()).st_size  # the file opened, not whatever the path names now
         if size > max_size:
             raise BundleFormatError(f"{path} is larger than {max_size} bytes")
         buf = bytearray(size)

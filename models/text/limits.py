@@ -107,9 +107,9 @@ def check_texts(items: Sequence[object], limits: TextLimits | None = None) -> li
 def _decode_one(item: object, index: int, max_bytes: int) -> tuple[str, int]:
     """One text as ``str`` and its UTF-8 size, the size checked before any decoding."""
     if isinstance(item, bytes | bytearray | memoryview):
-        raw = bytes(item)
-        if len(raw) > max_bytes:
+        if memoryview(item).nbytes > max_bytes:  # sized before any copy
             raise _too_large(index, max_bytes)
+        raw = bytes(item)
         try:
             return raw.decode("utf-8", errors="strict"), len(raw)
         except UnicodeDecodeError as exc:
