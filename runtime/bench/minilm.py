@@ -205,8 +205,6 @@ def optimized_graph(onnx_bytes: bytes) -> bytes:
 
 def _rss_probe(optimized: bool) -> None:
     """Child process: load the bundle (optionally optimized), embed the mix, print peak RSS."""
-    import resource
-
     from models.text.bundle import decode_bundle, encode_bundle, read_bundle
     from models.text.embedder import Embedder
     from models.text.minilm import ensure_minilm_bundle
@@ -225,7 +223,17 @@ def _rss_probe(optimized: bool) -> None:
     corpus = mixed_corpus()
     for i in range(0, len(corpus), 32):
         embedder.embed(corpus[i : i + 32])
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+
+
+def _vm_hwm_mb() -> float:
+    """Peak RSS of this process image. Not ``ru_maxrss``: Linux carries that over fork and
+    exec, so a child of a large parent would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _peak_rss_mb(optimized: bool) -> float:
