@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from models.errors import ModelLoadError
+from models.errors import InferenceError, ModelLoadError
 from models.text.batching import (
     DEFAULT_MAX_BATCH_TEXTS,
     DEFAULT_MAX_BATCH_TOKENS,
@@ -147,7 +147,8 @@ class Embedder:
 
         Raises:
             TextInputError: a request limit is broken (the subclass says which).
-            onnxruntime's error: the run failed or was terminated.
+            InferenceError: onnxruntime failed, or the run was terminated through
+                ``run_options`` (onnxruntime's error is the ``__cause__``).
         """
         checked = check_texts(texts, self.limits)
         tokenized = self.tokenizer.encode(checked)
@@ -161,6 +162,9 @@ class Embedder:
         for batch in plan:
             ids, mask = pad_batch(sequences, batch, pad_id=self.tokenizer.pad_id)
             feed = {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: mask}
-            (vectors,) = self.session.run([OUTPUT_NAME], feed, run_options)
+            try:
+                (vectors,) = self.session.run([OUTPUT_NAME], feed, run_options)
+            except Exception as exc:  # onnxruntime's Fail/RuntimeException: no common base
+                raise InferenceError(f"{self.config.model_name}: inference failed") from exc
             out[list(batch.indices)] = vectors
         return Embeddings(vectors=out, truncated=tuple(t.truncated for t in tokenized))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import zipfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 import models.text.minilm as minilm
 from models.text.errors import ModelBuildError
-from models.text.weights import BertConfig, MiniLMSource, load_source, locate_weights_zip
+from models.text.weights import BertConfig, load_source, locate_weights_zip
 from tests.models.minilm_support import minilm_bundle_path, minilm_source
 
 
@@ -47,13 +48,7 @@ def test_changed_weights_fail_the_digest_check() -> None:
     arrays["encoder.layer.3.output.dense.bias"] = arrays["encoder.layer.3.output.dense.bias"] + (
         np.float32(1e-3)
     )
-    changed = MiniLMSource(
-        safetensors=save(arrays),
-        tokenizer_json=src.tokenizer_json,
-        bert=src.bert,
-        max_seq_length=src.max_seq_length,
-        zip_sha384=src.zip_sha384,
-    )
+    changed = dataclasses.replace(src, safetensors=save(arrays))
     with pytest.raises(ModelBuildError, match="recorded"):
         minilm.build_minilm(changed)
 
@@ -111,13 +106,7 @@ def test_a_zip_member_over_its_cap_is_refused(
 
 def test_malformed_safetensors_are_a_build_error() -> None:
     src = minilm_source()
-    broken = MiniLMSource(
-        safetensors=b"\xff" * 64,
-        tokenizer_json=src.tokenizer_json,
-        bert=src.bert,
-        max_seq_length=src.max_seq_length,
-        zip_sha384=src.zip_sha384,
-    )
+    broken = dataclasses.replace(src, safetensors=b"\xff" * 64)
     with pytest.raises(ModelBuildError, match="safetensors"):
         minilm.build_minilm(broken)
 

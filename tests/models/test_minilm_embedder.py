@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models.errors import ModelLoadError
+from models.errors import InferenceError, ModelLoadError
 from models.text.bundle import BundleConfig, decode_bundle, encode_bundle
 from models.text.embedder import Embedder, available_cpus
 from models.text.errors import (
@@ -143,3 +144,14 @@ def test_any_unicode_text_embeds_to_a_unit_vector_or_is_refused_clearly(texts: l
     assert np.isfinite(out.vectors).all()
     np.testing.assert_allclose(np.linalg.norm(out.vectors, axis=1), 1.0, atol=1e-4)
     assert len(out.truncated) == len(texts)
+
+
+def test_a_terminated_run_is_an_inference_error_and_the_embedder_keeps_serving() -> None:
+    """RunOptions.terminate (what a deadline sets from another thread) stops the run."""
+    e = minilm_embedder()
+    stop = ort.RunOptions()
+    stop.terminate = True
+    with pytest.raises(InferenceError, match="inference failed") as info:
+        e.embed(MIXED, run_options=stop)
+    assert "terminate" in str(info.value.__cause__).lower()
+    assert e.embed(["still serving"]).vectors.shape == (1, 384)
