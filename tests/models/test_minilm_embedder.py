@@ -65,6 +65,13 @@ def test_bytes_texts_are_utf8() -> None:
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def small_limits() -> Embedder:
+    return Embedder(
+        minilm_bundle(), limits=TextLimits(max_texts=2, max_text_bytes=64, max_total_bytes=128)
+    )
+
+
 @pytest.mark.parametrize(
     ("texts", "error"),
     [
@@ -75,10 +82,10 @@ def test_bytes_texts_are_utf8() -> None:
         (["x" * 65], TextTooLargeError),
     ],
 )
-def test_limits_apply_before_any_work(texts: list[object], error: type[Exception]) -> None:
-    e = Embedder(
-        minilm_bundle(), limits=TextLimits(max_texts=2, max_text_bytes=64, max_total_bytes=128)
-    )
+def test_limits_apply_before_any_work(
+    small_limits: Embedder, texts: list[object], error: type[Exception]
+) -> None:
+    e = small_limits
     with pytest.raises(error):
         e.embed(texts)
     assert e.embed(["still serving"]).vectors.shape == (1, 384)
