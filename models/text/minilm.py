@@ -8,7 +8,7 @@ weights, or a serialiser that no longer writes the same bytes) fails loudly rath
 a model nobody has checked.
 
 ``ensure_minilm_bundle()`` is what tests, the demo and the bench call: it returns the cached
-bundle when its digest matches and builds it otherwise (about 3 s on two cores; no network,
+bundle when its digest matches and builds it otherwise (about 2.5 s on two cores; no network,
 only the installed package). The cache lives in ``$ENCLAVE_MODEL_CACHE`` if set, else
 ``$XDG_CACHE_HOME/enclave-runtime/models`` (``~/.cache/...``): outside any checkout, so every
 worktree and a fresh clone on the same machine share one build; files are content-addressed by

@@ -1,7 +1,7 @@
 """The real MiniLM for tests, built once per test process from the cache (never downloaded).
 
 ``minilm_bundle_path()`` finds or builds the bundle (``models.text.minilm``: the first run on a
-machine builds it in ~3 s; later runs only check its digest). The rest are cached on top of it,
+machine builds it in ~2.5 s; later runs only check its digest). The rest are cached on top of it,
 so every test module shares one parsed bundle, one weights read and one onnxruntime session.
 """
 

@@ -22,7 +22,7 @@ def test_cached_bundle_matches_the_recorded_digest() -> None:
 
 
 def test_a_corrupt_cache_entry_is_rebuilt_to_the_same_bytes(tmp_path: Path) -> None:
-    """Builds from the weights (~3 s): deterministic, digest-checked, written atomically."""
+    """Builds from the weights (~2.5 s): deterministic, digest-checked, written atomically."""
     good = minilm_bundle_path().read_bytes()
     target = tmp_path / minilm_bundle_path().name
     target.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
