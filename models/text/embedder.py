@@ -86,8 +86,9 @@ class Embedder:
             (int64 ``input_ids``/``attention_mask`` in, float32 [N, embedding_dim] out).
         BundleFormatError: the tokenizer is unusable.
 
-    Not thread-safe for concurrent calls on one instance beyond what onnxruntime allows (its
-    ``run`` is); the tokenizer and the batch plan are per call.
+    Concurrency: calls share the tokenizer and the session, which only read their state after
+    construction (onnxruntime's ``run`` is thread-safe); the batch plan and buffers are per
+    call. How many calls run at once is the service's decision.
     """
 
     def __init__(
