@@ -7,11 +7,9 @@ missing (tests/transport/test_fabric_enclave_process.py adds it).
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -36,15 +34,6 @@ from transport.vsock import (
 )
 
 TIMEOUT_S = 5
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def heartbeat(stream: trio.SocketStream) -> None:

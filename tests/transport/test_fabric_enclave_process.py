@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,15 +76,6 @@ async def main():
 
 trio.run(main)
 """
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def heartbeat(stream: trio.SocketStream) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +23,6 @@ from transport.vsock import (
 )
 
 TIMEOUT_S = 5
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    # Short on purpose: sun_path holds 107 bytes and pytest's tmp_path can be long.
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _echo_once(listener: trio.SocketListener) -> None:
