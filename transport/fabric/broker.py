@@ -176,12 +176,11 @@ class _Broker:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
+            except EOFError:
+                self.log.debug("vsock_fabric_enclave_closed")
+                return
             except OSError as exc:
                 self.log.info("vsock_fabric_enclave_gone", error=exc.strerror)
-                return
-            if not data:
-                close_fds(fds)
-                self.log.debug("vsock_fabric_enclave_closed")
                 return
             try:
                 if truncated:

@@ -147,10 +147,6 @@ class EnclaveFabricClient:
         self._changed = trio.Event()
 
     def _dispatch(self, data: bytes, fds: list[int], truncated: bool) -> None:
-        if not data:
-            close_fds(fds)
-            self._break(VsockError("the vsock fabric broker closed the connection"))
-            return
         try:
             if truncated:
                 raise RemoteProtocolError("oversized fabric message or ancillary data")
@@ -189,6 +185,9 @@ class EnclaveFabricClient:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
+            except EOFError:
+                self._break(VsockError("the vsock fabric broker closed the connection"))
+                return
             except OSError as exc:
                 self._break(VsockError(f"fabric broker socket failed: {exc.strerror}"))
                 return
