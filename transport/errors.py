@@ -14,7 +14,8 @@ can catch "anything this library reports" in one clause while still telling faul
     │   │   └── RemoteProtocolError       the *peer* sent something invalid
     │   │       └── AuthenticationFailed  opaque: the peer learns "failed" and nothing more
     │   ├── ChannelClosed                 the channel was closed (by us or cleanly by the peer)
-    │   └── PeerUnreachable               nothing answered (or a relay could not reach its target)
+    │   ├── PeerUnreachable               nothing answered (or a relay could not reach its target)
+    │   └── PeerTimeout                   the peer stalled: no answer, or stopped mid-record/stream
     ├── attest.errors.AttestError     attest/ (NSM, documents, verification)
     ├── kms.errors.KmsError           kms/
     ├── models.errors.ModelError      models/
@@ -40,6 +41,7 @@ __all__ = [
     "AuthenticationFailed",
     "ChannelClosed",
     "PeerUnreachable",
+    "PeerTimeout",
 ]
 
 
@@ -107,4 +109,12 @@ class PeerUnreachable(TransportError, ConnectionError):
 
     Nothing was authenticated and nothing was sent, so this is not an attestation failure: a
     client tells the user "enclave unreachable", not "authentication failed".
+    """
+
+
+class PeerTimeout(TransportError, TimeoutError):
+    """The peer did not do its part in time: no answer to a call before its deadline, a record
+    or frame left half-sent, a stream that stopped mid-way, or a peer that stopped reading.
+
+    Also a :class:`TimeoutError`. The message says what was waited for and for how long.
     """

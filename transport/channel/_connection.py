@@ -60,6 +60,7 @@ from transport.channel._record import (
 )
 from transport.channel._types import DocumentVerifier, PeerAttestation, Suite
 from transport.errors import AuthenticationFailed, LocalProtocolError
+from transport.sansio import NEED_DATA
 
 __all__ = [
     "PROTOCOL_NAME",
@@ -121,10 +122,6 @@ _MAX_DATA_BODY: Final = MAX_RECORD_PLAINTEXT + TAG_SIZE
 _COPY_BELOW: Final = 2048
 #: Marker returned by _read_record for the close record.
 _CLOSED: Final = b"<close>"
-
-
-class NEED_DATA:
-    """Sentinel returned by ``next_event`` when more bytes must be received first."""
 
 
 class Role(enum.Enum):
