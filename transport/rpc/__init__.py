@@ -65,6 +65,7 @@ from transport.rpc._events import Event as Event
 from transport.rpc._events import GoAwayReceived as GoAwayReceived
 from transport.rpc._events import MessageReceived as MessageReceived
 from transport.rpc._events import PongReceived as PongReceived
+from transport.rpc._events import RequestReceived as RequestReceived
 from transport.rpc._events import StreamCancelled as StreamCancelled
 from transport.rpc._events import StreamEnded as StreamEnded
 from transport.rpc._events import StreamErrored as StreamErrored
@@ -114,6 +115,7 @@ __all__ = [
     "Event",
     "StreamOpened",
     "MessageReceived",
+    "RequestReceived",
     "StreamEnded",
     "StreamCancelled",
     "StreamErrored",

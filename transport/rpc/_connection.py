@@ -44,6 +44,7 @@ from transport.rpc._events import (
     GoAwayReceived,
     MessageReceived,
     PongReceived,
+    RequestReceived,
     StreamCancelled,
     StreamEnded,
     StreamErrored,
@@ -304,8 +305,8 @@ class Connection:
                     self.fail(ChannelClosed, "RPC connection failed: a write was cancelled", None)
                     raise
                 finally:
+                    self.last_sent = self.write_started  # (when it began: close enough)
                     self.write_started = None
-                self.last_sent = now()
         finally:
             self.writer = None
             self.after_write()
@@ -403,7 +404,7 @@ class Connection:
         """Act on one event from the core: hand it to the endpoint of its stream."""
         kind = type(ev)
         if kind is MessageReceived:
-            assert isinstance(ev, MessageReceived)
+            ev = cast("MessageReceived", ev)
             endpoint = self.streams.get(ev.stream_id)
             if endpoint is None:  # a stream we reset or forgot: drop, but account for it
                 grant = self.core.message_consumed(ev.stream_id, ev.size)
@@ -413,22 +414,23 @@ class Connection:
                 endpoint.deliver(ev.message, ev.size, ev.end)
             if ev.end:
                 self.forget_if_done(ev.stream_id)
+        elif kind is RequestReceived:
+            self.on_request(cast("RequestReceived", ev))
         elif kind is StreamOpened:
-            assert isinstance(ev, StreamOpened)
-            self.on_open(ev)
+            self.on_open(cast("StreamOpened", ev))
         elif kind is WindowUpdated:
-            assert isinstance(ev, WindowUpdated)
+            ev = cast("WindowUpdated", ev)
             endpoint = self.streams.get(ev.stream_id)
             if endpoint is not None:
                 endpoint.credit_arrived()
         elif kind is StreamEnded:
-            assert isinstance(ev, StreamEnded)
+            ev = cast("StreamEnded", ev)
             endpoint = self.streams.get(ev.stream_id)
             if endpoint is not None:
                 endpoint.deliver_end()
             self.forget_if_done(ev.stream_id)
         elif kind is StreamCancelled or kind is StreamErrored:
-            assert isinstance(ev, StreamCancelled | StreamErrored)
+            ev = cast("StreamCancelled | StreamErrored", ev)
             endpoint = self.streams.pop(ev.stream_id, None)
             if endpoint is not None:
                 if isinstance(ev, StreamErrored):
@@ -439,18 +441,22 @@ class Connection:
                     )
             self.on_reset(ev.stream_id)
         elif kind is PongReceived:
-            assert isinstance(ev, PongReceived)
+            ev = cast("PongReceived", ev)
             parker = self.pings.pop(ev.payload, None)
             if parker is not None:
                 parker.unpark()
         elif kind is GoAwayReceived:
-            assert isinstance(ev, GoAwayReceived)
+            ev = cast("GoAwayReceived", ev)
             log.debug("rpc_goaway_received", code=ev.code, last_stream_id=ev.last_stream_id)
         # ConnectionEnded: process() fails the connection on EOF.
 
     def on_open(self, ev: StreamOpened) -> None:
         """Hook (server): the client opened a stream."""
         raise AssertionError("a client never receives OPEN")  # the core rejects it first
+
+    def on_request(self, ev: RequestReceived) -> None:
+        """Hook (server): the client opened a stream and its first message came with it."""
+        raise AssertionError("a client never receives OPEN")
 
     def on_reset(self, stream_id: int) -> None:
         """Hook: the peer reset a stream (after its endpoint was told)."""

@@ -67,6 +67,7 @@ from transport.rpc._events import (
     GoAwayReceived,
     MessageReceived,
     PongReceived,
+    RequestReceived,
     StreamCancelled,
     StreamEnded,
     StreamErrored,
@@ -436,6 +437,9 @@ class RpcConnection:
             reservations. Streams over it are refused like over ``max_streams``. Must hold
             at least one stream's reservation.
         closed_streams_remembered: how many closed stream ids to remember (see module doc).
+        merge_first_message: (server) when an OPEN and the stream's first DATA are both
+            buffered, report them as one :class:`RequestReceived` instead of
+            :class:`StreamOpened` then :class:`MessageReceived` (one event per unary call).
 
     Raises:
         ValueError: an argument is out of range.
@@ -451,6 +455,7 @@ class RpcConnection:
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_buffered_bytes: int | None = None,
         closed_streams_remembered: int = DEFAULT_CLOSED_STREAMS_REMEMBERED,
+        merge_first_message: bool = False,
     ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, got {role!r}")
@@ -481,6 +486,7 @@ class RpcConnection:
             self.window_messages > INITIAL_WINDOW_MESSAGES
             or self.window_bytes > INITIAL_WINDOW_BYTES
         )
+        self._merge_first = bool(merge_first_message)
         self._peer_open = 0  # streams whose peer may still send DATA (OPEN, HALF_CLOSED_LOCAL)
         self._buffered = 0  # bytes received, not yet reported consumed (every stream)
         self._streams: dict[int, _Stream] = {}
@@ -708,7 +714,16 @@ class RpcConnection:
             extra_m, extra_b = self._initial_grant(st)
             data += self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b))
         if first is not None:
-            data += self.send_data(stream_id, first, end=end)
+            # A fresh stream: OPEN, with its initial credit (send_data's checks hold).
+            size = len(first)
+            st.send_msgs -= 1
+            st.send_bytes -= size
+            if end:
+                st.state = StreamState.HALF_CLOSED_LOCAL  # the peer may still send: no change
+            self._messages_sent += 1
+            self._frames_sent += 1
+            self._bytes_sent += HEADER_SIZE + size
+            data += _HEADER_PACK(size, _T_DATA, FLAG_END if end else 0, stream_id) + first
         return stream_id, data
 
     def _encode_open(self, method: str, metadata: Mapping[str, Any] | None) -> bytes:
@@ -1096,7 +1111,9 @@ class RpcConnection:
             return  # closed long ago and forgotten: drop (bounded memory, see module doc)
         transition(state, _RECV_INPUT[ftype])  # raises RemoteProtocolError if not allowed
 
-    def _handle_open(self, stream_id: int, payload: memoryview) -> StreamOpened | None:
+    def _handle_open(
+        self, stream_id: int, payload: memoryview
+    ) -> StreamOpened | RequestReceived | None:
         if self.role is not Role.SERVER:
             self._fail("the server sent OPEN (only the client opens streams)")
         if stream_id % 2 == 0 or stream_id <= self._last_stream_id or stream_id > MAX_STREAM_ID:
@@ -1141,7 +1158,48 @@ class RpcConnection:
         if self._extra_window:
             extra_m, extra_b = self._initial_grant(st)
             self._owe(self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)))
+        if self._merge_first:
+            first = self._take_first_message(stream_id, st)
+            if first is not None:
+                message, size, end = first
+                return RequestReceived(stream_id, method, metadata, message, size, end)
         return StreamOpened(stream_id, method, metadata)
+
+    def _take_first_message(self, stream_id: int, st: _Stream) -> tuple[Any, int, bool] | None:
+        """If the next buffered frame is a complete, plain DATA for the stream just opened,
+        consume it (see ``merge_first_message``); anything else is left to next_event."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, pos)
+        start = pos + HEADER_SIZE
+        end = start + length
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags & ~FLAG_END
+            or length > self.max_message_size
+            or end > len(buf)
+        ):
+            return None
+        self._pos = end
+        self._frames_received += 1
+        if length <= _COPY_BELOW:
+            message = self._decode(buf[start:end], self._unpack_limits, "message")
+        else:
+            with memoryview(buf) as view, view[start:end] as data:
+                message = self._decode(data, self._unpack_limits, "message")
+        # A fresh stream holds its initial credit and is OPEN (see next_event's fast path).
+        st.peer_msgs -= 1
+        st.peer_bytes -= length
+        if flags:
+            self._set_state(stream_id, st, StreamState.HALF_CLOSED_REMOTE)
+        self._messages_received += 1
+        self._buffered += length
+        st.queued_msgs += 1
+        st.queued_bytes += length
+        return message, length, bool(flags)
 
     def _handle_connection_frame(
         self, ftype: FrameType, payload: memoryview

@@ -49,7 +49,7 @@ from transport.rpc._core import (
     RpcConnection,
 )
 from transport.rpc._errors import RpcError
-from transport.rpc._events import StreamOpened
+from transport.rpc._events import RequestReceived, StreamOpened
 from transport.rpc._routing import Handler, InlineFunction, inline_function
 from transport.rpc._stream import ACTIVE_STATES, RpcStream
 from transport.sync import Parker, TaskPool
@@ -88,7 +88,7 @@ class _InlineCall:
         self.fn = fn
 
     def deliver(self, message: Any, size: int, end: bool) -> None:
-        self._conn.run_inline(self, message, size)
+        self._conn.answer_inline(self.stream, self.fn, message, size)
 
     def deliver_end(self) -> None:  # the stream ended without a request
         conn = self._conn
@@ -171,18 +171,35 @@ class _ServerConnection(Connection):
                 scope.cancel()
             self.deferred_cancels.clear()
 
+    def inline_for(self, method: str) -> InlineFunction | None:
+        try:
+            return self.inline_cache[method]
+        except KeyError:
+            fn = inline_function(self.handler, method)
+            if len(self.inline_cache) < _INLINE_CACHE_SIZE:
+                self.inline_cache[method] = fn
+            return fn
+
     def on_open(self, ev: StreamOpened) -> None:
         stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
-        try:
-            fn = self.inline_cache[ev.method]
-        except KeyError:
-            fn = inline_function(self.handler, ev.method)
-            if len(self.inline_cache) < _INLINE_CACHE_SIZE:
-                self.inline_cache[ev.method] = fn
+        fn = self.inline_for(ev.method)
         if fn is not None:
             self.streams[ev.stream_id] = _InlineCall(self, stream, fn)
-            return  # answered by run_inline() when the request arrives
+            return  # answered by answer_inline() when the request arrives
         self.streams[ev.stream_id] = stream
+        self.running_handlers += 1
+        self.pool.start(stream)
+
+    def on_request(self, ev: RequestReceived) -> None:
+        # The unary fast path: an inline method whose request came with the OPEN is answered
+        # at once, without registering anything for the stream.
+        stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
+        fn = self.inline_for(ev.method)
+        if fn is not None:
+            self.answer_inline(stream, fn, ev.message, ev.size)
+            return
+        self.streams[ev.stream_id] = stream
+        stream.deliver(ev.message, ev.size, ev.end)
         self.running_handlers += 1
         self.pool.start(stream)
 
@@ -200,16 +217,15 @@ class _ServerConnection(Connection):
 
     # ------------------------------------------------------------ inline methods
 
-    def run_inline(self, call: _InlineCall, request: Any, size: int) -> None:
+    def answer_inline(self, stream: RpcStream, fn: InlineFunction, request: Any, size: int) -> None:
         """Answer a unary request in the reader task: no task, no cancel scope, no hop."""
         core = self.core
-        stream = call.stream
         stream_id = stream.stream_id
         grant = core.message_consumed(stream_id, size)
         if grant:
             self.outbox.append(grant)
         try:
-            data = core.send_message(stream_id, call.fn(request, stream), end=True)
+            data = core.send_message(stream_id, fn(request, stream), end=True)
         except RpcError as exc:
             data = core.send_error(stream_id, exc.code, exc.message)
         except Exception as exc:
@@ -412,6 +428,7 @@ async def serve_rpc(
         window_bytes=window_bytes,
         max_streams=max_streams,
         max_buffered_bytes=max_buffered_bytes,
+        merge_first_message=True,
     )
     conn: _ServerConnection | None = None
     try:
