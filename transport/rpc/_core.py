@@ -40,9 +40,11 @@ application consumes messages (:meth:`RpcConnection.message_consumed`), never so
 Buffered bytes are bounded per stream by that window and per connection by
 ``max_buffered_bytes``, without a connection-level window on the wire. A stream whose peer may
 still send DATA can make us hold at most its *reservation*, ``min(window_bytes - 1 +
-max_message_size, window_messages * max_message_size)``; a stream whose peer has ended holds
-only what it has queued. A new stream is accepted (server) or opened (client) only if every
-peer-open stream's reservation plus every byte still queued fits in ``max_buffered_bytes``;
+max_message_size, window_messages * max_message_size)`` (its queue included, since queue and
+credit together never exceed the window); a stream whose peer has ended holds only what it has
+queued. A new stream is accepted (server) or opened (client) only if every peer-open stream's
+reservation, the queues of the others and the new stream's own reservation (just its bytes,
+for a request that arrived whole with its END) fit in ``max_buffered_bytes``;
 a server refuses the others with ERROR ``resource_exhausted`` (the connection stays up). So
 the bytes received and not yet consumed never exceed ``max_buffered_bytes``, plus at most one
 partly received frame.
@@ -489,6 +491,8 @@ class RpcConnection:
         self._merge_first = bool(merge_first_message)
         self._peer_open = 0  # streams whose peer may still send DATA (OPEN, HALF_CLOSED_LOCAL)
         self._buffered = 0  # bytes received, not yet reported consumed (every stream)
+        # ...of which held by streams whose peer can send no more (no reservation covers them)
+        self._buffered_ended = 0
         self._streams: dict[int, _Stream] = {}
         self._closed: OrderedDict[int, StreamState] = OrderedDict()
         self._last_stream_id = 0  # highest id opened so far (all streams are client-initiated)
@@ -588,6 +592,8 @@ class RpcConnection:
             bytes_received=self._bytes_received,
             queued_messages=sum(s.queued_msgs for s in self._streams.values()),
             queued_bytes=sum(s.queued_bytes for s in self._streams.values()),
+            buffered_bytes=self._buffered,
+            reserved_bytes=self._reserved(),
         )
 
     # ------------------------------------------------------------------ sending
@@ -626,19 +632,24 @@ class RpcConnection:
 
     def _set_state(self, stream_id: int, st: _Stream, new: StreamState) -> None:
         if st.state in _PEER_OPEN and new not in _PEER_OPEN:
-            self._peer_open -= 1  # the peer can send no more here: its reservation ends
+            # The peer can send no more here: its reservation ends, its queue is all it holds.
+            self._peer_open -= 1
+            self._buffered_ended += st.queued_bytes
         st.state = new
         if new in _TERMINAL:
             self._retire(stream_id, new)
 
-    def open_refusal(self) -> tuple[str, str] | None:
+    def open_refusal(self, reservation: int | None = None) -> tuple[str, str] | None:
         """Why a new stream cannot be opened (client) or accepted (server) right now, as an
-        RPC error ``(code, message)``; None if it can. Per-stream refusals, not failures."""
+        RPC error ``(code, message)``; None if it can. Per-stream refusals, not failures.
+
+        ``reservation``: what the new stream can make us hold, if less than a full
+        :attr:`stream_reservation` (a request that arrived complete with its END)."""
         if self._goaway_sent or self._goaway_received:
             return ("unavailable", "the connection is shutting down")
         if len(self._streams) >= self.max_streams:
             return ("resource_exhausted", f"too many concurrent streams ({self.max_streams})")
-        if not self._fits_another_stream():
+        if not self._fits_another_stream(reservation):
             return (
                 "resource_exhausted",
                 f"too much data buffered on this connection ({self._buffered} bytes queued, "
@@ -646,13 +657,18 @@ class RpcConnection:
             )
         return None
 
-    def _fits_another_stream(self) -> bool:
-        """Whether one more peer-open stream fits the buffer budget (module docstring)."""
+    def _fits_another_stream(self, reservation: int | None = None) -> bool:
+        """Whether one more stream fits the buffer budget (module docstring)."""
         budget = self.max_buffered_bytes
-        return (
-            budget is None
-            or (self._peer_open + 1) * self.stream_reservation + self._buffered <= budget
-        )
+        if budget is None:
+            return True
+        extra = self.stream_reservation if reservation is None else reservation
+        return self._reserved() + extra <= budget
+
+    def _reserved(self) -> int:
+        # Each peer-open stream can hold at most its reservation (queue included: queued +
+        # credit <= window); the others hold what they queued.
+        return self._peer_open * self.stream_reservation + self._buffered_ended
 
     def _initial_grant(self, st: _Stream) -> tuple[int, int]:
         """Credit beyond the protocol's initial window that our configuration promises."""
@@ -866,6 +882,8 @@ class RpcConnection:
         """
         self._buffered -= size
         st = self._streams.get(stream_id)
+        if st is None or st.state not in _PEER_OPEN:
+            self._buffered_ended -= size
         if st is None or self._broken is not None:
             return b""
         st.queued_msgs -= 1
@@ -987,12 +1005,12 @@ class RpcConnection:
                                 message = self._decode(payload, self._unpack_limits, "message")
                         st.peer_msgs -= 1
                         st.peer_bytes -= length
-                        if after is not st.state:
-                            self._set_state(stream_id, st, after)
                         self._messages_received += 1
                         self._buffered += length
                         st.queued_msgs += 1
                         st.queued_bytes += length
+                        if after is not st.state:
+                            self._set_state(stream_id, st, after)  # (after queuing: see there)
                         return MessageReceived(stream_id, message, length, flags == FLAG_END)
                 # Everything else. The payload is a view into the buffer, released before the
                 # buffer can change.
@@ -1047,11 +1065,11 @@ class RpcConnection:
         message = self._decode(payload, self._unpack_limits, "message")
         st.peer_msgs -= 1
         st.peer_bytes -= size
-        self._set_state(stream_id, st, state)
         self._messages_received += 1
         self._buffered += size
         st.queued_msgs += 1
         st.queued_bytes += size
+        self._set_state(stream_id, st, state)
         return MessageReceived(stream_id, message, size, end)
 
     def _handle(
@@ -1141,7 +1159,10 @@ class RpcConnection:
             if not metadata and len(self._open_decoded) < _OPEN_CACHE_SIZE:
                 self._open_decoded[raw] = method
         self._last_stream_id = stream_id
-        refusal = self.open_refusal()
+        # A request that came complete with its END holds only its own bytes, not a whole
+        # stream's reservation: unary calls are admitted while streams hold the budget.
+        complete = self._peek_first_message(stream_id) if self._merge_first else None
+        refusal = self.open_refusal(None if complete is None else complete)
         if refusal is not None:
             code, text = refusal
             payload_out = self._packer.pack([code, text])
@@ -1164,6 +1185,24 @@ class RpcConnection:
                 message, size, end = first
                 return RequestReceived(stream_id, method, metadata, message, size, end)
         return StreamOpened(stream_id, method, metadata)
+
+    def _peek_first_message(self, stream_id: int) -> int | None:
+        """The size of the next buffered frame if it is a complete DATA with END for
+        ``stream_id`` (a whole unary request), else None."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, pos)
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags != FLAG_END
+            or length > self.max_message_size
+            or pos + HEADER_SIZE + length > len(buf)
+        ):
+            return None
+        return int(length)
 
     def _take_first_message(self, stream_id: int, st: _Stream) -> tuple[Any, int, bool] | None:
         """If the next buffered frame is a complete, plain DATA for the stream just opened,
@@ -1193,12 +1232,12 @@ class RpcConnection:
         # A fresh stream holds its initial credit and is OPEN (see next_event's fast path).
         st.peer_msgs -= 1
         st.peer_bytes -= length
-        if flags:
-            self._set_state(stream_id, st, StreamState.HALF_CLOSED_REMOTE)
         self._messages_received += 1
         self._buffered += length
         st.queued_msgs += 1
         st.queued_bytes += length
+        if flags:
+            self._set_state(stream_id, st, StreamState.HALF_CLOSED_REMOTE)
         return message, length, bool(flags)
 
     def _handle_connection_frame(
