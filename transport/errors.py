@@ -91,12 +91,18 @@ class RemoteProtocolError(ProtocolError):
 class AuthenticationFailed(RemoteProtocolError):
     """Authentication or integrity failed: a bad tag, a rejected attestation, a truncation.
 
-    The message is intentionally uninformative ("authentication failed"); the reason is logged
-    locally by the code that detected it.
+    The one class for this idea in the project (the secure channel raises it too). ``str()`` is
+    intentionally uninformative ("authentication failed"), so nothing about which check failed
+    can reach the peer or a user-facing message by accident; :attr:`reason` says which check
+    failed, for our own logs only (the code that detects a failure logs it).
+
+    Attributes:
+        reason: a short, secret-free description of the failed check ("" if not given).
     """
 
-    def __init__(self, message: str = "authentication failed") -> None:
-        super().__init__(message)
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("authentication failed")
+        self.reason = reason
 
 
 class ChannelClosed(TransportError):

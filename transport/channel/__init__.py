@@ -20,7 +20,6 @@ from transport.channel._connection import Attestation as Attestation
 from transport.channel._connection import AttestationRequest as AttestationRequest
 from transport.channel._connection import ChannelConnection as ChannelConnection
 from transport.channel._connection import ChannelEstablished as ChannelEstablished
-from transport.channel._connection import ChannelRejected as ChannelRejected
 from transport.channel._connection import ClientConnection as ClientConnection
 from transport.channel._connection import Close as Close
 from transport.channel._connection import Data as Data
@@ -33,7 +32,6 @@ from transport.channel._record import DEFAULT_MAX_RECORDS as DEFAULT_MAX_RECORDS
 from transport.channel._record import MAX_RECORD_PLAINTEXT as MAX_RECORD_PLAINTEXT
 from transport.channel._trio import HANDSHAKE_TIMEOUT_S as HANDSHAKE_TIMEOUT_S
 from transport.channel._trio import SOCKET_BUFFER_SIZE as SOCKET_BUFFER_SIZE
-from transport.channel._trio import ChannelAuthenticationFailed as ChannelAuthenticationFailed
 from transport.channel._trio import ChannelStatistics as ChannelStatistics
 from transport.channel._trio import SecureChannel as SecureChannel
 from transport.channel._trio import accept_channel as accept_channel
@@ -48,7 +46,6 @@ __all__ = [
     "connect_channel",
     "accept_channel",
     "SecureChannel",
-    "ChannelAuthenticationFailed",
     "ChannelStatistics",
     "HANDSHAKE_TIMEOUT_S",
     "SOCKET_BUFFER_SIZE",
@@ -71,7 +68,6 @@ __all__ = [
     "Data",
     "Close",
     "NEED_DATA",
-    "ChannelRejected",
     # protocol constants
     "PROTOCOL_NAME",
     "PROTOCOL_VERSION",
