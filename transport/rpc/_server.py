@@ -328,7 +328,7 @@ class _ServerConnection(Connection):
                         self.close_for("the client stopped reading", stall_timeout, PeerTimeout)
                         return
                     wake = min(wake, started + stall_timeout)
-                if self.core.receive_buffered:
+                if self.core.receive_buffered or _transport_holds_partial(self.transport):
                     if now - self.last_received >= stall_timeout:
                         self.close_for("the client stalled mid-frame", stall_timeout, PeerTimeout)
                         return
@@ -348,6 +348,16 @@ class _ServerConnection(Connection):
         log.info("rpc_connection_closed", reason=reason, after_s=seconds)
         self.closed_reason = reason
         self.fail(cls, f"RPC server closed the connection: {reason} ({seconds} s)", None)
+
+
+def _transport_holds_partial(transport: trio.abc.Stream) -> bool:
+    """Whether the byte stream under us holds bytes it has not handed up yet (a secure
+    channel's partly received record): a stall below the RPC frames."""
+    statistics = getattr(transport, "statistics", None)
+    if not callable(statistics):
+        return False
+    buffered = getattr(statistics(), "bytes_buffered", 0)
+    return isinstance(buffered, int) and buffered > 0
 
 
 class RpcServerConnection:
