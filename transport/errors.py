@@ -5,7 +5,8 @@ can catch "anything this library reports" in one clause while still telling faul
 
     EnclaveError                      root of the project (this module is the lowest layer)
     ├── ConfigurationError            a config file, flag or argument is invalid (caller's fault)
-    │   └── AddressError              a HOST:PORT or vsock address that does not parse
+    │   ├── AddressError              a HOST:PORT or vsock address that does not parse
+    │   └── AddressInUse              something already listens there (a busy port)
     ├── TransportError                transport/: addressing, fabric, channel, framing
     │   ├── VsockError
     │   │   └── VsockConnectionRefused    nobody listens there, or policy forbids it
@@ -32,6 +33,7 @@ __all__ = [
     "EnclaveError",
     "ConfigurationError",
     "AddressError",
+    "AddressInUse",
     "TransportError",
     "VsockError",
     "VsockConnectionRefused",
@@ -59,6 +61,11 @@ class ConfigurationError(EnclaveError, ValueError):
 
 class AddressError(ConfigurationError):
     """A ``HOST:PORT`` (or other address) given by the caller does not parse or is out of range."""
+
+
+class AddressInUse(ConfigurationError, OSError):
+    """The address to listen on is taken (``EADDRINUSE``): choose another port or stop the
+    other listener. Also an :class:`OSError`, as the failed ``bind`` was."""
 
 
 class TransportError(EnclaveError):

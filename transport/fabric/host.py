@@ -31,7 +31,7 @@ from typing import Final
 
 import trio
 
-from transport.errors import VsockConnectionRefused, VsockError
+from transport.errors import AddressInUse, VsockConnectionRefused, VsockError
 from transport.fabric.addressing import (
     FABRIC_DIR_ENV,
     MAX_SUN_PATH,
@@ -77,7 +77,7 @@ _BACKLOG_MAX_DELAY_S: Final = 0.05
 _TEMP_NAME_TRIES: Final = 16
 
 
-class VsockAddressInUse(VsockError):
+class VsockAddressInUse(VsockError, AddressInUse):
     """Another live listener is bound at this vsock address (``EADDRINUSE``)."""
 
 
