@@ -7,7 +7,7 @@ supervisor-side broker; this module is the public surface and only re-exports.
 
 Typical use::
 
-    stream = await open_vsock_stream(VsockAddr(PARENT_CID, 8000))     # inside an enclave
+    stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 8000))  # inside an enclave
     listener = await open_vsock_listener(5005)                         # anywhere
     await trio.serve_listeners(handler, [listener])
 """

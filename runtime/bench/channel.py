@@ -41,7 +41,7 @@ from transport.channel import SOCKET_BUFFER_SIZE, Suite, accept_channel, connect
 from transport.channel.testing import TestAuthority, TestVerifier, default_pcrs
 from transport.logs import configure_logging
 from transport.rpc import RpcStream, open_rpc_client, route, serve_rpc, unary_inline
-from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener, open_vsock_stream
 
 __all__ = ["run", "main"]
 
@@ -170,7 +170,7 @@ async def _serve(stream: trio.SocketStream, mode: bytes, attester: Any) -> None:
 
 
 async def _open(fabric_dir: Path, mode: bytes) -> trio.SocketStream:
-    stream = await open_vsock_stream(VsockAddr(PARENT_CID, PORT), fabric_dir=fabric_dir)
+    stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, PORT), fabric_dir=fabric_dir)
     if mode in (_MODE_SINK, _MODE_ECHO):
         _same_buffers_as_the_channel(stream)
     await stream.send_all(mode)

@@ -449,7 +449,7 @@ async def test_attester_failure_propagates_and_closes_the_stream() -> None:
 
 
 async def test_over_the_vsock_fabric(tmp_path: Path) -> None:
-    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener, open_vsock_stream
 
     fabric = tmp_path / "vsock"
     authority = TestAuthority()
@@ -466,7 +466,7 @@ async def test_over_the_vsock_fabric(tmp_path: Path) -> None:
                         await channel.send_all(data[::-1])
 
             nursery.start_soon(serve_one)
-            stream = await open_vsock_stream(VsockAddr(PARENT_CID, 5005), fabric_dir=fabric)
+            stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 5005), fabric_dir=fabric)
             channel = await connect_channel(
                 stream, verifier=authority.verifier(), suites=[Suite.MLKEM768_X25519]
             )

@@ -36,7 +36,7 @@ configure_logging(stream=sys.stderr)  # stdout is this test's result channel
 
 async def main():
     with trio.fail_after(10):
-        async with await open_vsock_stream(VsockAddr(PARENT_CID, 9000)) as hb:
+        async with await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 9000)) as hb:
             await hb.send_all(b"\xb7")
             assert await hb.receive_some(1) == b"\xb7"
         print("heartbeat ok", flush=True)

@@ -13,7 +13,7 @@ import trio
 from transport.errors import VsockConnectionRefused, VsockError
 from transport.fabric.host import BoundSocket, bind_fabric_socket, probe_listener
 from transport.vsock import (
-    PARENT_CID,
+    VMADDR_CID_PARENT,
     VMADDR_PORT_ANY,
     VsockAddr,
     VsockAddressInUse,
@@ -40,7 +40,7 @@ async def test_listen_connect_echo_and_modes(fabric_dir: Path) -> None:
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         assert stat.S_IMODE(fabric_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((fabric_dir / "3").stat().st_mode) == 0o700
-        assert listener.socket.getsockname() == (PARENT_CID, 5005)
+        assert listener.socket.getsockname() == (VMADDR_CID_PARENT, 5005)
         async with listener, trio.open_nursery() as nursery:
             nursery.start_soon(_echo_once, listener)
             stream = await open_vsock_stream(VsockAddr(3, 5005), fabric_dir=fabric_dir)

@@ -446,13 +446,13 @@ async def test_cli_denied_and_allowed(fabric_dir: Path, tmp_path: Path) -> None:
 EGRESS_CHILD = r"""
 import sys, trio
 from transport.logs import configure_logging
-from transport.vsock import PARENT_CID, VsockAddr, open_vsock_stream
+from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
 
 configure_logging(stream=sys.stderr)
 
 async def main():
     with trio.fail_after(10):
-        async with await open_vsock_stream(VsockAddr(PARENT_CID, 8000)) as s:
+        async with await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 8000)) as s:
             await s.send_all(b"GET / over the proxy")
             await s.send_eof()
             got = b""

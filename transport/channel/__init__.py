@@ -9,6 +9,7 @@ Layers (wire format in ``transport/PROTOCOL.md``):
 
 from __future__ import annotations
 
+from transport._exports import fixup_module_metadata
 from transport.channel._connection import MAX_DOCUMENT_SIZE as MAX_DOCUMENT_SIZE
 from transport.channel._connection import MAX_FRAME_SIZE as MAX_FRAME_SIZE
 from transport.channel._connection import NEED_DATA as NEED_DATA
@@ -78,3 +79,5 @@ __all__ = [
     "DEFAULT_MAX_RECORDS",
     "USER_DATA_PREFIX",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from transport.errors import PeerTimeout, TransportError
+from transport.errors import EnclaveError, PeerTimeout, TransportError
 from transport.rpc._core import RpcConnection, StreamCredit, StreamState
 from transport.rpc._errors import RpcError
 from transport.sync import Parker
@@ -30,10 +30,11 @@ ACTIVE_STATES: Final = frozenset(
 )
 
 
-class EndOfStream(trio.EndOfChannel):
+class EndOfStream(trio.EndOfChannel, EnclaveError):
     """The peer ended the stream (END): no more messages will arrive on it.
 
-    A subclass of :class:`trio.EndOfChannel`, so ``async for msg in stream`` stops on it.
+    A subclass of :class:`trio.EndOfChannel`, so ``async for msg in stream`` stops on it (and
+    of the project's root error, as every exception the project raises).
     """
 
 
