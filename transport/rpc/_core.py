@@ -193,6 +193,7 @@ _WINDOW: Final = struct.Struct("!II")
 _OPEN_CACHE_SIZE: Final = 64
 _FRAME_TYPES: Final = {int(t): t for t in FrameType}
 _T_DATA: Final = int(FrameType.DATA)
+_T_OPEN: Final = int(FrameType.OPEN)
 _HEADER_PACK: Final = HEADER.pack
 _HEADER_UNPACK: Final = HEADER.unpack_from
 
@@ -992,6 +993,10 @@ class RpcConnection:
                 self._pos = end
                 self._frames_received += 1
                 st = self._streams.get(stream_id)
+                if ftype == _T_OPEN and self._merge_first:
+                    request = self._unary_request(stream_id, start, end)
+                    if request is not None:
+                        return request
                 if ftype == _T_DATA and st is not None:
                     # Fast path, inline: a message on a stream whose peer may send.
                     after = (_AFTER_DATA_END if flags == FLAG_END else _AFTER_DATA).get(st.state)
@@ -1185,6 +1190,68 @@ class RpcConnection:
                 message, size, end = first
                 return RequestReceived(stream_id, method, metadata, message, size, end)
         return StreamOpened(stream_id, method, metadata)
+
+    def _unary_request(self, stream_id: int, start: int, end: int) -> RequestReceived | None:
+        """next_event's fast path for the common unary call (server, ``merge_first_message``):
+        an OPEN seen before (cached) for a new, valid id, directly followed in the buffer by the
+        whole request with its END, admitted by every limit. Consumes both frames and returns
+        one event; returns None, consuming nothing, for anything else (the general path then
+        handles the OPEN, with every check and error)."""
+        if (
+            stream_id % 2 == 0
+            or stream_id <= self._last_stream_id
+            or stream_id > MAX_STREAM_ID
+            or self._goaway_received
+            or self._goaway_sent
+            or len(self._streams) >= self.max_streams
+        ):
+            return None
+        buf = self._buf
+        method = self._open_decoded.get(bytes(buf[start:end]))
+        if method is None:
+            return None
+        n = len(buf)
+        if n - end < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, end)
+        data_start = end + HEADER_SIZE
+        data_end = data_start + length
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags != FLAG_END
+            or length > self.max_message_size
+            or data_end > n
+        ):
+            return None
+        budget = self.max_buffered_bytes
+        if budget is not None and self._reserved() + length > budget:
+            return None
+        if length <= _COPY_BELOW:
+            message = self._decode(buf[data_start:data_end], self._unpack_limits, "message")
+        else:
+            with memoryview(buf) as view, view[data_start:data_end] as data:
+                message = self._decode(data, self._unpack_limits, "message")
+        # The stream is born half-closed by the peer, holding its one message (what the
+        # general path reaches through OPEN then DATA|END; the peer never held a reservation).
+        st = _Stream()
+        st.state = StreamState.HALF_CLOSED_REMOTE
+        st.peer_msgs -= 1
+        st.peer_bytes -= length
+        st.queued_msgs = 1
+        st.queued_bytes = length
+        if self._extra_window:  # (the grant is owed even though the peer will not use it)
+            extra_m, extra_b = self._initial_grant(st)
+            self._owe(self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)))
+        self._streams[stream_id] = st
+        self._last_stream_id = stream_id
+        self._streams_opened += 1
+        self._pos = data_end
+        self._frames_received += 1  # (the OPEN was counted by next_event)
+        self._messages_received += 1
+        self._buffered += length
+        self._buffered_ended += length
+        return RequestReceived(stream_id, method, {}, message, length, True)
 
     def _peek_first_message(self, stream_id: int) -> int | None:
         """The size of the next buffered frame if it is a complete DATA with END for

@@ -77,6 +77,23 @@ DEFAULT_STALL_TIMEOUT_S: Final = 30.0
 _INLINE_CACHE_SIZE: Final = 64
 
 
+class _InlineView(RpcStream):
+    """What an inline function gets as its ``stream`` argument on the unary fast path: an
+    :class:`RpcStream` with only :attr:`stream_id`, :attr:`method` and :attr:`metadata` set,
+    which is all :func:`~transport.rpc.unary_inline` promises it (made for every call, so it
+    does no more work than that)."""
+
+    __slots__ = ()
+
+    def __init__(  # the parent's __init__ is deliberately not called (see the docstring)
+        self, owner: _ServerConnection, stream_id: int, method: str, metadata: Any
+    ) -> None:
+        self._owner = owner
+        self.stream_id = stream_id  # type: ignore[misc]
+        self.method = method  # type: ignore[misc]
+        self.metadata = metadata  # type: ignore[misc]
+
+
 class _InlineCall:
     """Endpoint of a stream whose method is answered inline (see :func:`unary_inline`)."""
 
@@ -193,10 +210,16 @@ class _ServerConnection(Connection):
     def on_request(self, ev: RequestReceived) -> None:
         # The unary fast path: an inline method whose request came with the OPEN is answered
         # at once, without registering anything for the stream.
-        stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
         fn = self.inline_for(ev.method)
-        if fn is not None:
-            self.answer_inline(stream, fn, ev.message, ev.size)
+        if fn is not None and ev.end:
+            view = _InlineView(self, ev.stream_id, ev.method, ev.metadata)
+            self.answer_inline(view, fn, ev.message, ev.size)
+            return
+        stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
+        if fn is not None:  # an inline method whose client keeps sending: answer, then drain
+            call = _InlineCall(self, stream, fn)
+            self.streams[ev.stream_id] = call
+            call.deliver(ev.message, ev.size, ev.end)
             return
         self.streams[ev.stream_id] = stream
         stream.deliver(ev.message, ev.size, ev.end)
