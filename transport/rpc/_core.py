@@ -707,9 +707,15 @@ class RpcConnection:
         self._check_usable()
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client opens streams")
-        refusal = self.open_refusal()
-        if refusal is not None:
-            raise LocalProtocolError(f"cannot open a stream: {refusal[1]}")
+        if (
+            self._goaway_sent
+            or self._goaway_received
+            or len(self._streams) >= self.max_streams
+            or self.max_buffered_bytes is not None
+        ):  # (the common case needs none of open_refusal's work)
+            refusal = self.open_refusal()
+            if refusal is not None:
+                raise LocalProtocolError(f"cannot open a stream: {refusal[1]}")
         if first is not None and len(first) > self.max_message_size:
             raise LocalProtocolError(
                 f"message of {len(first)} bytes exceeds max_message_size "
@@ -726,10 +732,14 @@ class RpcConnection:
         self._peer_open += 1
         self._last_stream_id = stream_id
         self._streams_opened += 1
-        data = self._frame(FrameType.OPEN, 0, stream_id, payload)
+        self._frames_sent += 1
+        self._bytes_sent += HEADER_SIZE + len(payload)
+        parts = [_HEADER_PACK(len(payload), _T_OPEN, 0, stream_id), payload]
         if self._extra_window:
             extra_m, extra_b = self._initial_grant(st)
-            data += self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b))
+            parts.append(
+                self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b))
+            )
         if first is not None:
             # A fresh stream: OPEN, with its initial credit (send_data's checks hold).
             size = len(first)
@@ -740,8 +750,9 @@ class RpcConnection:
             self._messages_sent += 1
             self._frames_sent += 1
             self._bytes_sent += HEADER_SIZE + size
-            data += _HEADER_PACK(size, _T_DATA, FLAG_END if end else 0, stream_id) + first
-        return stream_id, data
+            parts.append(_HEADER_PACK(size, _T_DATA, FLAG_END if end else 0, stream_id))
+            parts.append(first)
+        return stream_id, b"".join(parts)
 
     def _encode_open(self, method: str, metadata: Mapping[str, Any] | None) -> bytes:
         if not metadata and type(method) is str:
