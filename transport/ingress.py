@@ -42,10 +42,10 @@ DEFAULT_LISTEN_HOST: Final = "127.0.0.1"
 #: Connections forwarded at once; further clients are refused at once. Each costs two sockets
 #: and two small tasks, so this bounds fds well below common RLIMIT_NOFILE (1024).
 DEFAULT_MAX_CONNECTIONS: Final = 256
-#: Connections forwarded at once from one source address: a quarter of the inference server's
-#: 64 connection slots, so one client (or one local process: every local client is 127.0.0.1)
-#: cannot take them all.
-DEFAULT_MAX_PER_SOURCE: Final = 16
+#: Connections forwarded at once from one source address: half the inference server's 64
+#: connection slots, so one source cannot take them all, while leaving room for many local
+#: clients (every local client is 127.0.0.1).
+DEFAULT_MAX_PER_SOURCE: Final = 32
 #: Bound on reaching the enclave's vsock port, per connection (seconds): the fabric answers
 #: at once, so this only bounds a stuck enclave broker.
 CONNECT_TIMEOUT_S: Final = 10.0
