@@ -2,17 +2,18 @@
 
 Everything here could be written with plain trio primitives (``trio.Event``, a reader task and a
 memory channel, ``nursery.start_soon`` per job); each class below exists because the plain way
-cost measurably more on the paths that carry every RPC call and every fabric request. The figures
-are from ``/tmp``-free micro-benchmarks on the project's 2-vCPU VM (trio 0.35, CPython 3.11):
+cost measurably more on the paths that carry every RPC call and every fabric request. Figures
+from the project's 2-vCPU VM (trio 0.35, CPython 3.11), shared with other work:
 
-=====================  =================================  =========================  ==========
-primitive              replaces                           plain / here (µs)          where
-=====================  =================================  =========================  ==========
-:class:`Parker`        ``trio.Event`` per wait            8.1 / 7.2 per wake pair    RPC streams
-:class:`LeaderFollower` a reader task + a hop per reply    one task switch per reply  RPC client,
-                                                                                      fabric client
-:class:`TaskPool`      ``start_soon`` + ``CancelScope``   14.1 / 8.4 per job         RPC server
-=====================  =================================  =========================  ==========
+======================  ================================  ==========================  ============
+primitive               replaces                          plain / here                where
+======================  ================================  ==========================  ============
+:class:`Parker`         ``trio.Event`` per wait           8.1 / 7.2 µs per wake pair  RPC streams
+:class:`LeaderFollower` a dedicated reader task that      159-166 / 143-152 µs per    RPC client,
+                        wakes the waiter (a task hop)     RPC call (channel, two      fabric client
+                                                          processes, three runs)
+:class:`TaskPool`       ``start_soon`` + ``CancelScope``  14.1 / 8.4 µs per job       RPC server
+======================  ================================  ==========================  ============
 
 All of them use ``trio.lowlevel`` (``wait_task_rescheduled`` / ``reschedule``) in this module
 only; callers never touch it. None of them is thread-safe (trio objects, one run).
