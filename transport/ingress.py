@@ -56,9 +56,7 @@ async def _open_target(target: VsockAddr, fabric_dir: Path | None) -> trio.Socke
         return await open_vsock_stream(target, fabric_dir=fabric_dir)
 
 
-async def open_tcp_listeners_or_explain(
-    host: str, port: int
-) -> list[trio.SocketListener]:
+async def open_tcp_listeners_or_explain(host: str, port: int) -> list[trio.SocketListener]:
     """``trio.open_tcp_listeners`` with failures turned into one clear error.
 
     Raises:
