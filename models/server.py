@@ -200,7 +200,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path) -> int:
     from attest.channel import nsm_attester
     from attest.nsm.client import NsmClient
     from kms.client import AttestedKmsClient, Credentials, KmsClient
-    from transport.vsock import PARENT_CID, VsockAddr
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr
 
     t0 = time.perf_counter()
     nsm = await NsmClient.open()
@@ -216,7 +216,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path) -> int:
             return 3
         kms = AttestedKmsClient(
             KmsClient(
-                vsock=VsockAddr(PARENT_CID, config.kms_proxy_port),
+                vsock=VsockAddr(VMADDR_CID_PARENT, config.kms_proxy_port),
                 credentials=Credentials(
                     creds.access_key_id, creds.secret_access_key, creds.session_token
                 ),

@@ -33,7 +33,7 @@ import trio
 from models.errors import ModelLoadError
 from models.sealed import MAX_MODEL_SIZE
 from transport.rpc import RpcError, open_rpc_client, serve_rpc
-from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener, open_vsock_stream
 
 __all__ = [
     "HostCredentials",
@@ -212,7 +212,7 @@ class _StoreConnection:
         self._cm: Any = None
 
     async def __aenter__(self) -> StoreClient:
-        self._stream = await open_vsock_stream(VsockAddr(PARENT_CID, self._port))
+        self._stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, self._port))
         self._cm = open_rpc_client(self._stream)
         rpc = await self._cm.__aenter__()
         return StoreClient(rpc)

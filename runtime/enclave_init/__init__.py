@@ -79,12 +79,12 @@ def _heartbeat_sync(fabric_fd: int) -> None:
     (3, 9000) over the inherited fabric socket (``transport.fabric`` wire codec), then blocking
     I/O on the connected socket. Starting trio here would cost milliseconds of a warm start."""
     from transport.fabric import fdpass, wire
-    from transport.fabric.addressing import PARENT_CID, VsockAddr
+    from transport.fabric.addressing import VMADDR_CID_PARENT, VsockAddr
 
     broker = socket.socket(fileno=os.dup(fabric_fd))
     try:
         broker.settimeout(HANDSHAKE_TIMEOUT_S)
-        request = wire.Connect(_INIT_REQUEST_ID, VsockAddr(PARENT_CID, HEARTBEAT_PORT))
+        request = wire.Connect(_INIT_REQUEST_ID, VsockAddr(VMADDR_CID_PARENT, HEARTBEAT_PORT))
         fdpass.send_message(broker, wire.encode(request))
         data, fds, truncated = fdpass.recv_message(broker)
     finally:
@@ -109,9 +109,9 @@ def _heartbeat_sync(fabric_fd: int) -> None:
 async def _heartbeat_and_ready() -> None:
     import trio
 
-    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_stream
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
 
-    stream = await open_vsock_stream(VsockAddr(PARENT_CID, HEARTBEAT_PORT))
+    stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, HEARTBEAT_PORT))
     async with stream:
         await stream.send_all(bytes([HEARTBEAT]))
         echo = b""
