@@ -384,7 +384,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path, nsm: NsmClient | No
     from attest.channel import nsm_attester
     from attest.nsm.client import NsmClient
     from kms.client import AttestedKmsClient, Credentials, KmsClient
-    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener
 
     reporter = _Reporter(config)
     try:
@@ -402,7 +402,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path, nsm: NsmClient | No
                 return await reporter.failed(detail, store=store)
             kms = AttestedKmsClient(
                 KmsClient(
-                    vsock=VsockAddr(PARENT_CID, config.kms_proxy_port),
+                    vsock=VsockAddr(VMADDR_CID_PARENT, config.kms_proxy_port),
                     credentials=Credentials(
                         creds.access_key_id, creds.secret_access_key, creds.session_token
                     ),

@@ -43,7 +43,7 @@ from transport.rpc import (
     serve_rpc,
     unary_inline,
 )
-from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener, open_vsock_stream
 
 __all__ = [
     "HostCredentials",
@@ -227,7 +227,7 @@ class _StoreConnection:
 
     async def __aenter__(self) -> StoreClient:
         async with AsyncExitStack() as stack:
-            stream = await open_vsock_stream(VsockAddr(PARENT_CID, self._port))
+            stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, self._port))
             await stack.enter_async_context(stream)
             rpc = await stack.enter_async_context(open_rpc_client(stream))
             self._stack = stack.pop_all()

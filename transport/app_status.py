@@ -33,7 +33,7 @@ from typing import Final
 import trio
 
 from transport.errors import RemoteProtocolError, TransportError
-from transport.fabric.addressing import PARENT_CID, VsockAddr
+from transport.fabric.addressing import VMADDR_CID_PARENT, VsockAddr
 from transport.fabric.api import open_vsock_stream
 
 __all__ = [
@@ -81,7 +81,7 @@ class AppStatus:
         if len(self.ports) > MAX_PORTS:
             raise ValueError(f"at most {MAX_PORTS} ports in one report")
         for port in self.ports:
-            VsockAddr(PARENT_CID, port)  # type and range check
+            VsockAddr(VMADDR_CID_PARENT, port)  # type and range check
         if len(self.detail) > MAX_DETAIL_CHARS:
             object.__setattr__(self, "detail", self.detail[: MAX_DETAIL_CHARS - 1] + "…")
 
@@ -132,7 +132,7 @@ async def report_app_status(status: AppStatus, *, timeout_s: float = STATUS_TIME
     frame = encode_status(status)
     with trio.move_on_after(timeout_s):
         try:
-            stream = await open_vsock_stream(VsockAddr(PARENT_CID, APP_STATUS_PORT))
+            stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, APP_STATUS_PORT))
         except (OSError, TransportError):
             return False
         async with stream:

@@ -5,7 +5,8 @@ can catch "anything this library reports" in one clause while still telling faul
 
     EnclaveError                      root of the project (this module is the lowest layer)
     ├── ConfigurationError            a config file, flag or argument is invalid (caller's fault)
-    │   └── AddressError              a HOST:PORT or vsock address that does not parse
+    │   ├── AddressError              a HOST:PORT or vsock address that does not parse
+    │   └── AddressInUse              something already listens there (a busy port)
     ├── TransportError                transport/: addressing, fabric, channel, framing
     │   ├── VsockError
     │   │   └── VsockConnectionRefused    nobody listens there, or policy forbids it
@@ -14,7 +15,8 @@ can catch "anything this library reports" in one clause while still telling faul
     │   │   └── RemoteProtocolError       the *peer* sent something invalid
     │   │       └── AuthenticationFailed  opaque: the peer learns "failed" and nothing more
     │   ├── ChannelClosed                 the channel was closed (by us or cleanly by the peer)
-    │   └── PeerUnreachable               nothing answered (or a relay could not reach its target)
+    │   ├── PeerUnreachable               nothing answered (or a relay could not reach its target)
+    │   └── PeerTimeout                   the peer stalled: no answer, or stopped mid-record/stream
     ├── attest.errors.AttestError     attest/ (NSM, documents, verification)
     ├── kms.errors.KmsError           kms/
     ├── models.errors.ModelError      models/
@@ -31,6 +33,7 @@ __all__ = [
     "EnclaveError",
     "ConfigurationError",
     "AddressError",
+    "AddressInUse",
     "TransportError",
     "VsockError",
     "VsockConnectionRefused",
@@ -40,6 +43,7 @@ __all__ = [
     "AuthenticationFailed",
     "ChannelClosed",
     "PeerUnreachable",
+    "PeerTimeout",
 ]
 
 
@@ -57,6 +61,11 @@ class ConfigurationError(EnclaveError, ValueError):
 
 class AddressError(ConfigurationError):
     """A ``HOST:PORT`` (or other address) given by the caller does not parse or is out of range."""
+
+
+class AddressInUse(ConfigurationError, OSError):
+    """The address to listen on is taken (``EADDRINUSE``): choose another port or stop the
+    other listener. Also an :class:`OSError`, as the failed ``bind`` was."""
 
 
 class TransportError(EnclaveError):
@@ -89,12 +98,18 @@ class RemoteProtocolError(ProtocolError):
 class AuthenticationFailed(RemoteProtocolError):
     """Authentication or integrity failed: a bad tag, a rejected attestation, a truncation.
 
-    The message is intentionally uninformative ("authentication failed"); the reason is logged
-    locally by the code that detected it.
+    The one class for this idea in the project (the secure channel raises it too). ``str()`` is
+    intentionally uninformative ("authentication failed"), so nothing about which check failed
+    can reach the peer or a user-facing message by accident; :attr:`reason` says which check
+    failed, for our own logs only (the code that detects a failure logs it).
+
+    Attributes:
+        reason: a short, secret-free description of the failed check ("" if not given).
     """
 
-    def __init__(self, message: str = "authentication failed") -> None:
-        super().__init__(message)
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("authentication failed")
+        self.reason = reason
 
 
 class ChannelClosed(TransportError):
@@ -107,4 +122,12 @@ class PeerUnreachable(TransportError, ConnectionError):
 
     Nothing was authenticated and nothing was sent, so this is not an attestation failure: a
     client tells the user "enclave unreachable", not "authentication failed".
+    """
+
+
+class PeerTimeout(TransportError, TimeoutError):
+    """The peer did not do its part in time: no answer to a call before its deadline, a record
+    or frame left half-sent, a stream that stopped mid-way, or a peer that stopped reading.
+
+    Also a :class:`TimeoutError`. The message says what was waited for and for how long.
     """

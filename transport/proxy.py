@@ -10,22 +10,20 @@ connection to the TCP endpoint ``remote_host:remote_port``. As in Nitro:
 * at most ``num_workers`` connections are served at once (the others wait in the backlog);
 * the remote name is resolved again for every connection; ``-4``/``-6`` restrict the family.
 
-Data is copied in chunks of at most 64 KiB per ``receive_some`` with the sender's ``send_all`` as
-backpressure (at most one chunk in flight per direction), and half-close is propagated: when one
-side finishes sending, the other side sees EOF but may keep answering. TLS stays end to end
-between the enclave and the endpoint; the proxy only ever sees ciphertext.
-
-The allowlist parser and matcher are pure; the rest is the trio adapter.
+Connections are forwarded by :func:`transport.relay.serve_forwarding`, the accept loop ingress
+uses too (64 KiB chunks, half-close propagated; TLS stays end to end between the enclave and the
+endpoint, so the proxy only ever sees ciphertext), waiting for a worker when all are busy as
+Nitro's does. The allowlist parser and matcher are pure; the rest is the trio adapter.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-import itertools
 import socket as _stdlib_socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -36,6 +34,8 @@ import yaml
 from transport.errors import ConfigurationError
 from transport.fabric.addressing import VsockAddr
 from transport.fabric.api import open_vsock_listener
+from transport.hostport import format_host_port
+from transport.relay import PIPE_CHUNK_SIZE, PipeStats, pipe_streams, serve_forwarding
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -53,6 +53,9 @@ __all__ = [
     "PipeStats",
 ]
 
+# pipe_streams, PipeStats and PIPE_CHUNK_SIZE live in transport.relay (shared with ingress);
+# they stay importable from here.
+
 log = structlog.get_logger()
 
 #: Nitro's default configuration file.
@@ -61,9 +64,6 @@ DEFAULT_CONFIG_PATH: Final = Path("/etc/nitro_enclaves/vsock-proxy.yaml")
 DEFAULT_PROXY_PORT: Final = 8000
 #: Nitro's default --num_workers.
 DEFAULT_NUM_WORKERS: Final = 4
-#: Bytes per receive_some when piping: large enough to move a whole TLS record or channel
-#: record per call (64 KiB, the size the channel benchmark uses), small enough to bound memory.
-PIPE_CHUNK_SIZE: Final = 64 * 1024
 #: Largest allowlist file we read (bytes); Nitro's shipped file is ~5 KiB.
 MAX_CONFIG_SIZE: Final = 1 << 20
 #: Largest number of allowlist entries (the shipped file has ~60).
@@ -155,7 +155,9 @@ class Allowlist:
         try:
             document: Any = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigurationError(f"vsock-proxy config is not valid YAML: {exc}") from exc
+            raise ConfigurationError(
+                f"vsock-proxy config is not valid YAML: {_one_line(exc)}"
+            ) from exc
         except RecursionError:  # PyYAML composes nested nodes recursively
             raise ConfigurationError("vsock-proxy config is nested too deeply") from None
         return cls.from_mapping(document)
@@ -176,6 +178,15 @@ class Allowlist:
     def of(cls, endpoints: Iterable[tuple[str, int]]) -> Allowlist:
         """An allowlist of ``(address, port)`` pairs (for embedding and tests)."""
         return cls.from_mapping({"allowlist": [{"address": a, "port": p} for a, p in endpoints]})
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong, and where (its str() spans several)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "syntax error"
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(problem).replace("\n", " ")
 
 
 def _normalize_ip(text: str) -> str:
@@ -240,52 +251,6 @@ async def check_allowlist(
     )
 
 
-@dataclass
-class PipeStats:
-    """Bytes moved by :func:`pipe_streams`, per direction."""
-
-    a_to_b: int = 0
-    b_to_a: int = 0
-
-
-async def _copy(
-    src: trio.abc.ReceiveStream, dst: trio.abc.SendStream, stats: PipeStats, up: bool
-) -> None:
-    while True:
-        data = await src.receive_some(PIPE_CHUNK_SIZE)
-        if not data:
-            break
-        await dst.send_all(data)
-        if up:
-            stats.a_to_b += len(data)
-        else:
-            stats.b_to_a += len(data)
-    if isinstance(dst, trio.abc.HalfCloseableStream):
-        await dst.send_eof()  # propagate the half-close; the other direction goes on
-    else:
-        await dst.aclose()
-
-
-async def pipe_streams(a: trio.abc.Stream, b: trio.abc.Stream) -> PipeStats:
-    """Copy ``a -> b`` and ``b -> a`` until both directions reach EOF or either side fails.
-
-    EOF in one direction is propagated as ``send_eof`` (half-close). A broken or reset side
-    stops both directions. The streams are not closed here (the caller owns them).
-    """
-    stats = PipeStats()
-
-    async def run(src: trio.abc.Stream, dst: trio.abc.Stream, up: bool) -> None:
-        try:
-            await _copy(src, dst, stats, up)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(run, a, b, True)
-        nursery.start_soon(run, b, a, False)
-    return stats
-
-
 async def _open_tcp(host: str, port: int, ip_version: IpVersion) -> trio.SocketStream:
     if ip_version is IpVersion.ANY:
         return await trio.open_tcp_stream(host, port)
@@ -307,41 +272,6 @@ async def _open_tcp(host: str, port: int, ip_version: IpVersion) -> trio.SocketS
         return trio.SocketStream(sock)
     assert error is not None
     raise error
-
-
-async def _serve_one(
-    conn: trio.SocketStream,
-    remote_host: str,
-    remote_port: int,
-    ip_version: IpVersion,
-    conn_id: int,
-    slots: trio.Semaphore,
-) -> None:
-    started = trio.current_time()
-    try:
-        async with conn:
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT_S):
-                    remote = await _open_tcp(remote_host, remote_port, ip_version)
-            except (OSError, trio.TooSlowError) as exc:
-                log.warning(
-                    "vsock_proxy_remote_failed",
-                    conn=conn_id,
-                    remote=f"{remote_host}:{remote_port}",
-                    error=str(exc) or type(exc).__name__,
-                )
-                return
-            async with remote:
-                stats = await pipe_streams(conn, remote)
-            log.info(
-                "vsock_proxy_connection_closed",
-                conn=conn_id,
-                bytes_to_remote=stats.a_to_b,
-                bytes_from_remote=stats.b_to_a,
-                duration_s=round(trio.current_time() - started, 6),
-            )
-    finally:
-        slots.release()
 
 
 async def serve_vsock_proxy(
@@ -385,37 +315,29 @@ async def serve_vsock_proxy(
         )
     listener = await open_vsock_listener(local_port, fabric_dir=fabric_dir)
     bound_port = int(listener.socket.getsockname()[1])
-    slots = trio.Semaphore(num_workers)
-    ids = itertools.count(1)
+    remote = format_host_port(remote_host, remote_port)
     log.info(
         "vsock_proxy_listening",
         local=str(VsockAddr(3, bound_port)),
-        remote=f"{remote_host}:{remote_port}",
+        remote=remote,
         num_workers=num_workers,
     )
-    async with listener, trio.open_nursery() as nursery:
-        task_status.started(bound_port)
-        while True:
-            await slots.acquire()
-            try:
-                conn = await listener.accept()
-            except BaseException:
-                slots.release()
-                raise
-            conn_id = next(ids)
-            log.info("vsock_proxy_connection_opened", conn=conn_id)
-            nursery.start_soon(
-                _serve_one, conn, remote_host, remote_port, ip_version, conn_id, slots
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(
+                serve_forwarding,
+                [listener],
+                partial(_connect_remote, remote_host, remote_port, ip_version),
+                name="vsock_proxy",
+                target=remote,
+                max_connections=num_workers,
+                when_full="wait",  # Nitro: the others wait in the backlog for a worker
             )
+        )
+        task_status.started(bound_port)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def parse_endpoints(values: Sequence[str]) -> list[tuple[str, int]]:
-    """Parse ``HOST:PORT`` strings (``[v6]:PORT`` for IPv6) into pairs."""
-    out: list[tuple[str, int]] = []
-    for value in values:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ConfigurationError(f"{value!r} is not HOST:PORT")
-        out.append((host.strip("[]"), int(port)))
-    return out
+async def _connect_remote(host: str, port: int, ip_version: IpVersion) -> trio.SocketStream:
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        return await _open_tcp(host, port, ip_version)

@@ -7,7 +7,7 @@ supervisor-side broker; this module is the public surface and only re-exports.
 
 Typical use::
 
-    stream = await open_vsock_stream(VsockAddr(PARENT_CID, 8000))     # inside an enclave
+    stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 8000))  # inside an enclave
     listener = await open_vsock_listener(5005)                         # anywhere
     await trio.serve_listeners(handler, [listener])
 """
@@ -18,7 +18,6 @@ from transport.errors import VsockConnectionRefused as VsockConnectionRefused
 from transport.errors import VsockError as VsockError
 from transport.fabric.addressing import MAX_ENCLAVE_CID as MAX_ENCLAVE_CID
 from transport.fabric.addressing import MIN_ENCLAVE_CID as MIN_ENCLAVE_CID
-from transport.fabric.addressing import PARENT_CID as PARENT_CID
 from transport.fabric.addressing import VMADDR_CID_ANY as VMADDR_CID_ANY
 from transport.fabric.addressing import VMADDR_CID_HOST as VMADDR_CID_HOST
 from transport.fabric.addressing import VMADDR_CID_HYPERVISOR as VMADDR_CID_HYPERVISOR
@@ -45,7 +44,6 @@ __all__ = [
     "VMADDR_CID_HYPERVISOR",
     "VMADDR_CID_LOCAL",
     "VMADDR_CID_HOST",
-    "PARENT_CID",
     "VMADDR_CID_PARENT",
     "VMADDR_PORT_ANY",
     "MIN_ENCLAVE_CID",

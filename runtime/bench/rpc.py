@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import trio
 
-from transport.rpc._trio import open_rpc_client, serve_rpc, unary, unary_inline
+from transport.rpc import open_rpc_client, serve_rpc, unary, unary_inline
 
 __all__ = ["run"]
 

@@ -2,24 +2,31 @@
 
 ``enclave ingress --listen 127.0.0.1:5005 --cid 16 --port 5005`` accepts TCP connections and pipes
 each one to vsock ``(16, 5005)``. Once listening it prints one JSON line on stdout with the bound
-address (useful with port 0).
+address (useful with port 0). Every user error (a bad or busy ``--listen``, a bad CID or port, a
+missing flag) is one ``error:`` line on stderr and a non-zero exit, never a traceback.
+
+(This module also holds :func:`run_until_signal`, shared with ``enclave vsock-proxy``: ingress
+must not import the proxy module and its YAML dependency.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
-from runtime.cli.vsock_proxy import run_until_signal
 from transport.errors import ConfigurationError
+from transport.hostport import format_host_port, parse_host_port
 from transport.ingress import (
     DEFAULT_LISTEN_HOST,
     DEFAULT_MAX_CONNECTIONS,
-    parse_listen,
+    DEFAULT_MAX_PER_SOURCE,
     serve_ingress,
 )
 from transport.vsock import VsockAddr
@@ -27,7 +34,36 @@ from transport.vsock import VsockAddr
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "run_until_signal", "one_line_errors", "parse_count"]
+
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make ``parser`` report its own usage errors (a missing argument, an unknown flag) as
+    one ``error:`` line on stderr with exit status 2, instead of argparse's usage block."""
+
+    def error(message: str) -> NoReturn:
+        print(f"error: {parser.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+    setattr(parser, "error", error)  # noqa: B010 (an instance override of argparse's method)
+    return parser
+
+
+def parse_count(value: str, flag: str) -> int:
+    """A positive integer flag value, or a ConfigurationError naming the flag."""
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise ConfigurationError(f"{flag} {value!r}: expected a positive integer")
+    return int(text)
+
+
+def _vsock_number(value: str | None, flag: str) -> int:
+    if value is None:
+        raise ConfigurationError(f"{flag} is required")
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or int(text) > 0xFFFF_FFFF:
+        raise ConfigurationError(f"{flag} {value!r}: expected a number 0 … 4294967295")
+    return int(text)
 
 
 def register(subparsers: SubParsers) -> None:
@@ -36,19 +72,26 @@ def register(subparsers: SubParsers) -> None:
         help="forward a host TCP port to an enclave's vsock port",
         description="Accept TCP connections on --listen and pipe each to vsock (--cid, --port).",
     )
+    one_line_errors(p)
     p.add_argument(
         "--listen",
         default=f"{DEFAULT_LISTEN_HOST}:0",
         metavar="HOST:PORT",
         help=f"TCP address to listen on (default {DEFAULT_LISTEN_HOST}:0, any free port)",
     )
-    p.add_argument("--cid", type=int, required=True, help="the enclave's CID")
-    p.add_argument("--port", type=int, required=True, help="the enclave's vsock port")
+    p.add_argument("--cid", metavar="CID", help="the enclave's CID (required)")
+    p.add_argument("--port", metavar="PORT", help="the enclave's vsock port (required)")
     p.add_argument(
         "--max-connections",
-        type=int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        help=f"connections forwarded at once (default {DEFAULT_MAX_CONNECTIONS})",
+        default=str(DEFAULT_MAX_CONNECTIONS),
+        metavar="N",
+        help=f"connections forwarded at once; more are refused (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--max-per-source",
+        default=str(DEFAULT_MAX_PER_SOURCE),
+        metavar="N",
+        help=f"connections forwarded at once from one source IP (default {DEFAULT_MAX_PER_SOURCE})",
     )
     p.add_argument(
         "--fabric-dir",
@@ -60,10 +103,14 @@ def register(subparsers: SubParsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    host, port = parse_listen(args.listen)
-    target = VsockAddr(args.cid, args.port)  # VsockError (exit 1) if out of range
-    if args.max_connections < 1:
-        raise ConfigurationError("--max-connections must be at least 1")
+    host, port = parse_host_port(
+        args.listen, default_host=DEFAULT_LISTEN_HOST, allow_port_zero=True, what="--listen"
+    )
+    cid = _vsock_number(args.cid, "--cid")
+    vsock_port = _vsock_number(args.port, "--port")
+    target = VsockAddr(cid, vsock_port)  # VsockError (one error line) if out of range
+    max_connections = parse_count(args.max_connections, "--max-connections")
+    max_per_source = parse_count(args.max_per_source, "--max-per-source")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -73,10 +120,50 @@ def run(args: argparse.Namespace) -> int:
                     port,
                     target,
                     fabric_dir=args.fabric_dir,
-                    max_connections=args.max_connections,
+                    max_connections=max_connections,
+                    max_per_source=max_per_source,
                     task_status=task_status,
                 )
             )
-            print(json.dumps({"listen": f"{host}:{bound}", "target": str(target)}), flush=True)
+            listen = format_host_port(host, bound)
+            print(json.dumps({"listen": listen, "target": str(target)}), flush=True)
 
     return run_until_signal(main)
+
+
+def run_until_signal(serve: Callable[[], Awaitable[object]]) -> int:
+    """``trio.run(serve)`` until it returns or SIGTERM/SIGINT arrives; then cancel it, so
+    listeners close and remove their socket files. Returns the exit status (0).
+
+    A lone error out of ``serve`` (say, "address already in use") is re-raised as itself, not
+    inside an exception group, so the CLI reports it as one ``error:`` line.
+    """
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            await serve()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], Exception):
+            raise leaves[0] from None
+        raise
+    return 0
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

@@ -4,20 +4,20 @@
 listens on the parent's vsock port ``LOCAL_PORT`` (CID 3) and pipes each connection to TCP
 ``REMOTE_ADDR:REMOTE_PORT``, which must be on the allowlist. Without ``--config`` the allowlist
 is Nitro's default file; if that file does not exist the proxy refuses to start (fail closed).
+Every user error (a bad port or worker count, a missing or invalid allowlist, a denied endpoint,
+a busy vsock port, a missing argument) is one ``error:`` line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
-
+from runtime.cli.ingress import one_line_errors, parse_count, run_until_signal
 from transport.errors import ConfigurationError
+from transport.hostport import parse_host_port
 from transport.proxy import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_NUM_WORKERS,
@@ -32,10 +32,20 @@ if TYPE_CHECKING:
 __all__ = ["register", "run", "load_allowlist", "run_until_signal"]
 
 
-def _port(value: str) -> int:
-    if not value.isdigit() or int(value) > 0xFFFF_FFFF:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port number")
-    return int(value)
+def _local_port(value: str) -> int:
+    """The vsock port to listen on (u32, as Nitro's proxy accepts)."""
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or int(text) > 0xFFFF_FFFF:
+        raise ConfigurationError(f"LOCAL_PORT {value!r}: expected a vsock port 0 … 4294967295")
+    return int(text)
+
+
+def _remote(addr: str, port: str) -> tuple[str, int]:
+    """REMOTE_ADDR and REMOTE_PORT through the one HOST:PORT parser (brackets added for v6)."""
+    host = addr.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return parse_host_port(f"{host}:{port.strip()}", what="REMOTE_ADDR REMOTE_PORT")
 
 
 def register(subparsers: SubParsers) -> None:
@@ -45,9 +55,10 @@ def register(subparsers: SubParsers) -> None:
         description="Listen on vsock (3, LOCAL_PORT) and forward each connection to "
         "REMOTE_ADDR:REMOTE_PORT, which must be allowed by the YAML allowlist.",
     )
-    p.add_argument("local_port", type=_port, metavar="LOCAL_PORT", help="vsock port on CID 3")
+    one_line_errors(p)
+    p.add_argument("local_port", metavar="LOCAL_PORT", help="vsock port on CID 3")
     p.add_argument("remote_addr", metavar="REMOTE_ADDR", help="remote host name or IP")
-    p.add_argument("remote_port", type=_port, metavar="REMOTE_PORT", help="remote TCP port")
+    p.add_argument("remote_port", metavar="REMOTE_PORT", help="remote TCP port")
     p.add_argument(
         "--config",
         type=Path,
@@ -62,8 +73,7 @@ def register(subparsers: SubParsers) -> None:
         "--num_workers",
         "--num-workers",
         dest="num_workers",
-        type=int,
-        default=DEFAULT_NUM_WORKERS,
+        default=str(DEFAULT_NUM_WORKERS),
         help=f"connections served at once (default {DEFAULT_NUM_WORKERS})",
     )
     p.add_argument(
@@ -87,53 +97,19 @@ def load_allowlist(config: Path | None) -> Allowlist:
     return Allowlist.from_file(config)
 
 
-def run_until_signal(serve: Callable[[], Awaitable[object]]) -> int:
-    """``trio.run(serve)`` until it returns or SIGTERM/SIGINT arrives; then cancel it, so
-    listeners close and remove their socket files. Returns the exit status (0)."""
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def watch() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        return
-
-            nursery.start_soon(watch)
-            await serve()
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        # Re-raise a lone error (e.g. "not allowed") as itself, for the CLI's error report.
-        leaves = _leaves(group)
-        if len(leaves) == 1 and isinstance(leaves[0], Exception):
-            raise leaves[0] from None
-        raise
-    return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.num_workers < 1:
-        raise ConfigurationError("--num_workers must be at least 1")
+    local_port = _local_port(args.local_port)
+    remote_host, remote_port = _remote(args.remote_addr, args.remote_port)
+    num_workers = parse_count(args.num_workers, "--num_workers")
     allowlist = load_allowlist(args.config)
     ip_version = IpVersion.IPV4 if args.ipv4 else IpVersion.IPV6 if args.ipv6 else IpVersion.ANY
     serve = partial(
         serve_vsock_proxy,
-        args.local_port,
-        args.remote_addr,
-        args.remote_port,
+        local_port,
+        remote_host,
+        remote_port,
         allowlist=allowlist,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         fabric_dir=args.fabric_dir,
         ip_version=ip_version,
     )

@@ -80,10 +80,10 @@ async def _heartbeat_and_ready() -> None:
     the zygote has imported trio and the fabric client already.)"""
     import trio
 
-    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_stream
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
 
     with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-        stream = await open_vsock_stream(VsockAddr(PARENT_CID, HEARTBEAT_PORT))
+        stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, HEARTBEAT_PORT))
     async with stream:
         await stream.send_all(bytes([HEARTBEAT]))
         echo = b""

@@ -18,7 +18,7 @@ from attest.nsm.server import serve_nsm
 from attest.policy import MeasurementSet, Policy
 from attest.verify import Verifier
 from transport.channel import Suite, accept_channel, connect_channel
-from transport.errors import AuthenticationFailed
+from transport.errors import AuthenticationFailed, ChannelClosed
 
 from .helpers import MODULE_ID, pcr
 
@@ -51,7 +51,7 @@ async def _handshake(
             async def enclave() -> None:
                 try:
                     chan = await accept_channel(server_stream, attester=nsm_attester(nsm))
-                except AuthenticationFailed:
+                except (AuthenticationFailed, ChannelClosed):  # the client hung up
                     outcome["server_failed"] = True
                     return
                 data = await chan.receive_some()

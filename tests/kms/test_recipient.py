@@ -353,7 +353,7 @@ async def test_attested_client_over_vsock_proxy(
 ) -> None:
     """Enclave path of the demo: KmsClient(vsock=(3, port)) → vsock-proxy → TCP daemon."""
     from transport.proxy import serve_vsock_proxy
-    from transport.vsock import PARENT_CID, VMADDR_PORT_ANY, VsockAddr
+    from transport.vsock import VMADDR_CID_PARENT, VMADDR_PORT_ANY, VsockAddr
 
     fabric = tmp_path / "vsock"
     monkeypatch.setenv("ENCLAVE_VSOCK_DIR", str(fabric))
@@ -372,7 +372,9 @@ async def test_attested_client_over_vsock_proxy(
                     fabric_dir=fabric,
                 )
             )
-            kms = KmsClient(vsock=VsockAddr(PARENT_CID, proxy_port), credentials=_creds(ENCLAVE))
+            kms = KmsClient(
+                vsock=VsockAddr(VMADDR_CID_PARENT, proxy_port), credentials=_creds(ENCLAVE)
+            )
             client = AttestedKmsClient(kms, FakeEnclave.create(test_ca))
             client.prepare()
             got = await client.decrypt(sealed["blob"], encryption_context={"m": "digits"})

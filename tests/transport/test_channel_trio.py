@@ -19,16 +19,29 @@ import trio.testing
 from tests.transport.channel_helpers import open_secure_pair
 from transport.channel import (
     MAX_RECORD_PLAINTEXT,
-    ChannelAuthenticationFailed,
     SecureChannel,
     Suite,
     accept_channel,
     connect_channel,
 )
 from transport.channel.testing import TestAuthority
-from transport.errors import AuthenticationFailed, LocalProtocolError
+from transport.errors import (
+    AuthenticationFailed,
+    ChannelClosed,
+    LocalProtocolError,
+    PeerTimeout,
+    PeerUnreachable,
+)
 
 TIMEOUT_S = 10
+
+
+def socket_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return (
+        trio.SocketStream(trio.socket.from_stdlib_socket(a)),
+        trio.SocketStream(trio.socket.from_stdlib_socket(b)),
+    )
 
 
 async def memory_pair(**kwargs: Any) -> tuple[SecureChannel, SecureChannel]:
@@ -133,7 +146,7 @@ async def test_verifier_rejection_is_opaque_and_logged() -> None:
     async def server() -> None:
         try:
             await accept_channel(b, attester=authority.attester(debug=True))
-        except AuthenticationFailed as exc:
+        except ChannelClosed as exc:
             outcome["server"] = exc
 
     with trio.fail_after(TIMEOUT_S), structlog.testing.capture_logs() as logs:
@@ -142,9 +155,10 @@ async def test_verifier_rejection_is_opaque_and_logged() -> None:
             with pytest.raises(AuthenticationFailed) as info:
                 await connect_channel(a, verifier=authority.verifier())
     assert str(info.value) == "authentication failed"
+    assert "debug-mode" in info.value.reason  # for the caller's own log, not in str()
     assert info.value.__cause__ is None
-    assert isinstance(info.value, trio.BrokenResourceError)
-    assert isinstance(outcome["server"], ChannelAuthenticationFailed)  # client hung up
+    assert isinstance(info.value, trio.BrokenResourceError)  # trio's Stream vocabulary
+    assert isinstance(outcome["server"], ChannelClosed)  # the client hung up
     failures = [e for e in logs if e["event"] == "channel_failed"]
     assert any("debug-mode" in e["reason"] for e in failures if e["role"] == "client")
 
@@ -155,9 +169,9 @@ async def test_truncation_is_an_authentication_failure() -> None:
         await client.send_all(b"partial")
         await client.transport_stream.aclose()  # EOF without the close record
         assert await server.receive_some() == b"partial"
-        with pytest.raises(ChannelAuthenticationFailed):
+        with pytest.raises(AuthenticationFailed):
             await server.receive_some()
-        with pytest.raises(ChannelAuthenticationFailed):  # stays failed
+        with pytest.raises(AuthenticationFailed):  # stays failed
             await server.receive_some()
     assert any("truncation" in e.get("reason", "") for e in logs)
 
@@ -191,11 +205,65 @@ async def test_tampering_in_transit_is_detected() -> None:
 
 
 async def test_handshake_timeout(autojump_clock: trio.testing.MockClock) -> None:
+    """A peer that says nothing is a timeout, not an authentication failure (typed, so a user
+    can be told what happened), on both sides."""
     a, b = trio.testing.memory_stream_pair()  # nobody answers on b
-    with trio.fail_after(100), pytest.raises(ChannelAuthenticationFailed):
+    with trio.fail_after(100), pytest.raises(PeerTimeout) as info:
         await connect_channel(a, verifier=TestAuthority().verifier(), handshake_timeout=5)
+    assert not isinstance(info.value, AuthenticationFailed)
     assert 5 <= trio.current_time() < 6
     await b.aclose()
+    c, d = trio.testing.memory_stream_pair()  # a client that connects and sits idle
+    start = trio.current_time()
+    with trio.fail_after(100), pytest.raises(PeerTimeout):
+        await accept_channel(d, attester=TestAuthority().attester(), handshake_timeout=3)
+    assert 3 <= trio.current_time() - start < 4
+    await c.aclose()
+
+
+async def test_a_peer_that_closes_before_answering_is_unreachable_not_unauthenticated() -> None:
+    """What the ingress does when it cannot reach its target: accept, then close without a
+    byte. The client must say "unreachable", not "authentication failed" (issue 10)."""
+    a, b = trio.testing.memory_stream_pair()
+
+    async def relay_that_cannot_reach_its_target() -> None:
+        await b.receive_some(1 << 16)  # the hello
+        await b.aclose()  # nothing sent back
+
+    with trio.fail_after(TIMEOUT_S), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay_that_cannot_reach_its_target)
+            with pytest.raises(PeerUnreachable) as info:
+                await connect_channel(a, verifier=TestAuthority().verifier())
+    assert not isinstance(info.value, AuthenticationFailed)
+    assert "unreachable" in str(info.value)
+    assert any(e["event"] == "channel_peer_unreachable" for e in logs)
+
+
+async def test_a_reset_before_any_byte_is_unreachable_too() -> None:
+    a, b = socket_stream_pair()
+    await b.aclose()  # closed before the hello even left
+    with trio.fail_after(TIMEOUT_S), pytest.raises(PeerUnreachable):
+        await connect_channel(a, verifier=TestAuthority().verifier())
+
+
+async def test_a_peer_that_closes_mid_handshake_is_closed_not_unauthenticated() -> None:
+    a, b = trio.testing.memory_stream_pair()
+    authority = TestAuthority()
+
+    async def server_that_hangs_up_after_its_first_bytes() -> None:
+        hello = await b.receive_some(1 << 16)
+        assert hello
+        document_frame = b"\x02\x00\x00\x10\x00"  # a frame header promising more
+        await b.send_all(document_frame)
+        await b.aclose()
+
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server_that_hangs_up_after_its_first_bytes)
+            with pytest.raises((ChannelClosed, AuthenticationFailed)) as info:
+                await connect_channel(a, verifier=authority.verifier())
+    assert not isinstance(info.value, PeerUnreachable)
 
 
 async def test_record_limit_through_the_adapter() -> None:
@@ -336,7 +404,7 @@ async def test_authentic_records_are_delivered_before_a_bad_one() -> None:
         bad[-1] ^= 1
         await a.send_all(good + bytes(bad))  # both arrive in one read
         assert await server.receive_some() == b"good"
-        with pytest.raises(ChannelAuthenticationFailed):
+        with pytest.raises(AuthenticationFailed):
             await server.receive_some()
 
 
@@ -349,7 +417,7 @@ async def test_cancelled_send_breaks_the_channel_and_the_peer_sees_truncation() 
         with pytest.raises(trio.BrokenResourceError):
             await client.send_all(b"more")
         await client.aclose()  # no close record after a broken send
-        with pytest.raises(ChannelAuthenticationFailed):
+        with pytest.raises(AuthenticationFailed):
             await drain_until_failure(server)
 
 
@@ -370,7 +438,9 @@ async def test_attester_failure_propagates_and_closes_the_stream() -> None:
         async with trio.open_nursery() as nursery:
 
             async def client() -> None:
-                with pytest.raises(ChannelAuthenticationFailed):
+                # The enclave closed without a byte: the client cannot tell this from an
+                # enclave that is not there at all.
+                with pytest.raises(PeerUnreachable):
                     await connect_channel(a, verifier=TestAuthority().verifier())
 
             nursery.start_soon(client)
@@ -379,7 +449,7 @@ async def test_attester_failure_propagates_and_closes_the_stream() -> None:
 
 
 async def test_over_the_vsock_fabric(tmp_path: Path) -> None:
-    from transport.vsock import PARENT_CID, VsockAddr, open_vsock_listener, open_vsock_stream
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_listener, open_vsock_stream
 
     fabric = tmp_path / "vsock"
     authority = TestAuthority()
@@ -396,7 +466,7 @@ async def test_over_the_vsock_fabric(tmp_path: Path) -> None:
                         await channel.send_all(data[::-1])
 
             nursery.start_soon(serve_one)
-            stream = await open_vsock_stream(VsockAddr(PARENT_CID, 5005), fabric_dir=fabric)
+            stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 5005), fabric_dir=fabric)
             channel = await connect_channel(
                 stream, verifier=authority.verifier(), suites=[Suite.MLKEM768_X25519]
             )

@@ -7,11 +7,9 @@ missing (tests/transport/test_fabric_enclave_process.py adds it).
 from __future__ import annotations
 
 import errno
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -36,15 +34,6 @@ from transport.vsock import (
 )
 
 TIMEOUT_S = 5
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def heartbeat(stream: trio.SocketStream) -> None:
@@ -324,6 +313,34 @@ async def test_garbage_from_enclave_is_logged_and_ignored(fabric_dir: Path) -> N
             assert len(bad) == 5
 
 
+async def test_empty_datagram_is_a_bad_request_not_end_of_file(fabric_dir: Path) -> None:
+    """Regression (issue 10 item 11): a zero-length datagram from the enclave was read as
+    end-of-file and stopped that enclave's broker."""
+    with trio.fail_after(TIMEOUT_S):
+        async with broker(fabric_dir, POLICY, {9000: heartbeat}) as (client, _):
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(3):
+                    send_message(client._sock, b"")
+                async with await client.connect(VsockAddr(3, 9000)) as hb:
+                    assert await roundtrip(hb, b"\xb7") == b"\xb7"
+            bad = [e for e in logs if e["event"] == "vsock_fabric_bad_request"]
+            assert len(bad) == 3
+            assert not any(e["event"] == "vsock_fabric_enclave_closed" for e in logs)
+
+
+def test_recv_message_tells_an_empty_datagram_from_end_of_file() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with a, b:
+        b.setblocking(False)
+        a.send(b"")
+        assert recv_message(b) == (b"", [], False)
+        with pytest.raises(BlockingIOError):
+            recv_message(b)
+        a.close()
+        with pytest.raises(EOFError):
+            recv_message(b)
+
+
 # -- the enclave client against a scripted broker -------------------------------------------
 
 
@@ -376,10 +393,11 @@ async def test_cancelled_connect_late_reply_does_not_confuse_the_next() -> None:
     [
         b"garbage!",
         wire.encode(wire.Refused(1, errno.EPROTO))[:-1],
-        b"",  # EOF: the broker is gone
+        b"",  # an empty datagram is malformed too (not end-of-file)
+        None,  # EOF: the broker is gone
     ],
 )
-async def test_broken_broker_fails_closed(reply: bytes) -> None:
+async def test_broken_broker_fails_closed(reply: bytes | None) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
     client = EnclaveFabricClient(theirs, cid=16)
@@ -388,7 +406,7 @@ async def test_broken_broker_fails_closed(reply: bytes) -> None:
 
             async def fake_broker() -> None:
                 await _recv_request(ours)
-                if reply:
+                if reply is not None:
                     send_message(ours, reply)
                 else:
                     ours.shutdown(socket.SHUT_RDWR)

@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +36,7 @@ configure_logging(stream=sys.stderr)  # stdout is this test's result channel
 
 async def main():
     with trio.fail_after(10):
-        async with await open_vsock_stream(VsockAddr(PARENT_CID, 9000)) as hb:
+        async with await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 9000)) as hb:
             await hb.send_all(b"\xb7")
             assert await hb.receive_some(1) == b"\xb7"
         print("heartbeat ok", flush=True)
@@ -79,15 +76,6 @@ async def main():
 
 trio.run(main)
 """
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def heartbeat(stream: trio.SocketStream) -> None:

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ import trio
 from transport.errors import VsockConnectionRefused, VsockError
 from transport.fabric.host import BoundSocket, bind_fabric_socket, probe_listener
 from transport.vsock import (
-    PARENT_CID,
+    VMADDR_CID_PARENT,
     VMADDR_PORT_ANY,
     VsockAddr,
     VsockAddressInUse,
@@ -26,16 +23,6 @@ from transport.vsock import (
 )
 
 TIMEOUT_S = 5
-
-
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    # Short on purpose: sun_path holds 107 bytes and pytest's tmp_path can be long.
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _echo_once(listener: trio.SocketListener) -> None:
@@ -53,7 +40,7 @@ async def test_listen_connect_echo_and_modes(fabric_dir: Path) -> None:
         assert stat.S_IMODE(path.lstat().st_mode) == 0o600
         assert stat.S_IMODE(fabric_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE((fabric_dir / "3").stat().st_mode) == 0o700
-        assert listener.socket.getsockname() == (PARENT_CID, 5005)
+        assert listener.socket.getsockname() == (VMADDR_CID_PARENT, 5005)
         async with listener, trio.open_nursery() as nursery:
             nursery.start_soon(_echo_once, listener)
             stream = await open_vsock_stream(VsockAddr(3, 5005), fabric_dir=fabric_dir)

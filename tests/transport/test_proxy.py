@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.cli import build_parser
+from runtime.cli import main as enclave_main
 from transport.errors import ConfigurationError, VsockConnectionRefused
 from transport.proxy import (
     Allowlist,
@@ -30,7 +30,7 @@ from transport.proxy import (
     check_allowlist,
     serve_vsock_proxy,
 )
-from transport.vsock import VMADDR_PORT_ANY, VsockAddr, open_vsock_stream
+from transport.vsock import VMADDR_PORT_ANY, VsockAddr, open_vsock_listener, open_vsock_stream
 
 TIMEOUT_S = 5
 
@@ -131,15 +131,6 @@ async def test_check_allowlist_resolves_names() -> None:
 # -- the proxy over the fabric -------------------------------------------------------------
 
 
-@pytest.fixture
-def fabric_dir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="vs", dir="/tmp"))
-    try:
-        yield base / "fabric"
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 @asynccontextmanager
 async def tcp_echo_server() -> AsyncIterator[int]:
     """A real TCP echo server on loopback that echoes until EOF, then closes."""
@@ -203,8 +194,8 @@ async def test_proxy_pipes_to_allowed_endpoint(fabric_dir: Path) -> None:
                     inner.start_soon(one)
             nursery.cancel_scope.cancel()
     closed = [e for e in logs if e["event"] == "vsock_proxy_connection_closed"]
-    assert closed[0]["bytes_to_remote"] == len(payload)
-    assert closed[0]["bytes_from_remote"] == len(payload)
+    assert closed[0]["bytes_to_target"] == len(payload)
+    assert closed[0]["bytes_from_target"] == len(payload)
     assert not (fabric_dir / "3" / str(port)).exists(), "the listener file goes with the proxy"
 
 
@@ -276,7 +267,7 @@ async def test_unreachable_remote_closes_the_vsock_side(fabric_dir: Path) -> Non
             async with await open_vsock_stream(VsockAddr(3, port), fabric_dir=fabric_dir) as s:
                 assert await s.receive_some(10) == b""
             nursery.cancel_scope.cancel()
-    assert any(e["event"] == "vsock_proxy_remote_failed" for e in logs)
+    assert any(e["event"] == "vsock_proxy_target_unreachable" for e in logs)
 
 
 # -- the CLI -------------------------------------------------------------------------------
@@ -287,7 +278,7 @@ def test_cli_without_config_fails_closed(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
     monkeypatch.setattr(vsock_proxy, "DEFAULT_CONFIG_PATH", tmp_path / "vsock-proxy.yaml")
     args = build_parser().parse_args(["vsock-proxy", "8000", "kms.us-east-1.amazonaws.com", "443"])
-    assert args.num_workers == 4
+    assert args.num_workers == "4"
     with pytest.raises(ConfigurationError, match=r"does not exist; pass --config"):
         args.func(args)
 
@@ -297,14 +288,103 @@ def test_cli_flags(tmp_path: Path) -> None:
     args = parser.parse_args(
         ["vsock-proxy", "8000", "h", "443", "-4", "-w", "9", "--config", str(tmp_path / "c")]
     )
-    assert (args.local_port, args.remote_addr, args.remote_port) == (8000, "h", 443)
+    assert (args.local_port, args.remote_addr, args.remote_port) == ("8000", "h", "443")
     assert args.ipv4
-    assert args.num_workers == 9
+    assert args.num_workers == "9"  # (values are checked by run(), with one-line errors)
     assert args.config == tmp_path / "c"
     with pytest.raises(SystemExit):
         parser.parse_args(["vsock-proxy", "8000", "h", "443", "-4", "-6"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["vsock-proxy", "x", "h", "443"])
+
+
+def _cli(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str]:
+    try:
+        status = enclave_main(argv)
+    except SystemExit as exc:  # argparse-level errors exit
+        status = int(exc.code or 0)
+    return status, capsys.readouterr().err
+
+
+def _error_lines(err: str) -> list[str]:
+    """stderr without the structured log lines (JSON when not on a terminal): what the user
+    reads as the error."""
+    return [line for line in err.strip().splitlines() if not line.startswith("{")]
+
+
+def _allowlist(tmp_path: Path, port: int = 443) -> str:
+    config = tmp_path / "allow.yaml"
+    config.write_text(f"allowlist:\n- {{address: 127.0.0.1, port: {port}}}\n")
+    return str(config)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vsock-proxy"],  # nothing
+        ["vsock-proxy", "8000", "127.0.0.1"],  # no REMOTE_PORT
+        ["vsock-proxy", "x", "127.0.0.1", "443", "--config", "{config}"],
+        ["vsock-proxy", "99999999999", "127.0.0.1", "443", "--config", "{config}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "0", "--config", "{config}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "https", "--config", "{config}"],
+        ["vsock-proxy", "8000", "bad host", "443", "--config", "{config}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "443", "-w", "0", "--config", "{config}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "443", "-w", "two", "--config", "{config}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "443", "--config", "{missing}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "443", "--config", "{garbage}"],
+        ["vsock-proxy", "8000", "127.0.0.1", "444", "--config", "{config}"],  # not allowed
+        ["vsock-proxy", "8000", "127.0.0.1", "443", "-4", "-6", "--config", "{config}"],
+    ],
+)
+def test_cli_user_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fabric_dir: Path, argv: list[str]
+) -> None:
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("allowlist: [unclosed\n")
+    values = {
+        "config": _allowlist(tmp_path),
+        "missing": str(tmp_path / "nope.yaml"),
+        "garbage": str(garbage),
+    }
+    argv = [a.format(**values) for a in argv] + ["--fabric-dir", str(fabric_dir)]
+    status, err = _cli(capsys, argv)
+    assert status != 0
+    lines = _error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:")
+    assert "Traceback" not in err
+
+
+def test_cli_busy_vsock_port_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fabric_dir: Path
+) -> None:
+    listening, done = threading.Event(), threading.Event()
+
+    async def hold_the_port() -> None:  # another proxy already listens on (3, 8000)
+        async with await open_vsock_listener(8000, fabric_dir=fabric_dir):
+            listening.set()
+            await trio.to_thread.run_sync(done.wait)
+
+    holder = threading.Thread(target=trio.run, args=(hold_the_port,))
+    holder.start()
+    try:
+        assert listening.wait(TIMEOUT_S)
+        status, err = _cli(
+            capsys,
+            [
+                "vsock-proxy",
+                "8000",
+                "127.0.0.1",
+                "443",
+                "--config",
+                _allowlist(tmp_path),
+                "--fabric-dir",
+                str(fabric_dir),
+            ],
+        )
+    finally:
+        done.set()
+        holder.join(TIMEOUT_S)
+    assert status != 0
+    assert _error_lines(err) == ["error: vsock:3:8000 is already in use"]
 
 
 @pytest.mark.slow
@@ -366,13 +446,13 @@ async def test_cli_denied_and_allowed(fabric_dir: Path, tmp_path: Path) -> None:
 EGRESS_CHILD = r"""
 import sys, trio
 from transport.logs import configure_logging
-from transport.vsock import PARENT_CID, VsockAddr, open_vsock_stream
+from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
 
 configure_logging(stream=sys.stderr)
 
 async def main():
     with trio.fail_after(10):
-        async with await open_vsock_stream(VsockAddr(PARENT_CID, 8000)) as s:
+        async with await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, 8000)) as s:
             await s.send_all(b"GET / over the proxy")
             await s.send_eof()
             got = b""

@@ -22,6 +22,7 @@ from transport.rpc import (
     INITIAL_WINDOW_MESSAGES,
     MAX_CONTROL_PAYLOAD,
     MAX_METADATA_ENTRIES,
+    NEED_DATA,
     ConnectionEnded,
     Event,
     FrameType,
@@ -40,6 +41,16 @@ from transport.rpc import (
     WindowUpdated,
 )
 from transport.rpc._core import _TRANSITIONS
+
+
+def receive(conn: RpcConnection, data: bytes) -> list[Event]:
+    """Feed ``data`` and take every event it completes (h11's loop, as the adapters run it)."""
+    conn.receive_data(data)
+    events: list[Event] = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        assert isinstance(event, Event)
+        events.append(event)
+    return events
 
 
 def frame(ftype: int, stream_id: int, payload: bytes = b"", flags: int = 0) -> bytes:
@@ -63,12 +74,12 @@ class ConnectionPair:
 
     def deliver(self, sender: RpcConnection, data: bytes) -> list[Event]:
         """Feed ``data`` (from ``sender``) to the other side, then return its events."""
-        return self.peer(sender).receive_data(data)
+        return receive(self.peer(sender), data)
 
     def flush(self, sender: RpcConnection) -> list[Event]:
         """Deliver whatever ``sender`` owes its peer (PONGs, refusals, grants)."""
         data = sender.data_to_send()
-        return self.peer(sender).receive_data(data) if data else []
+        return receive(self.peer(sender), data) if data else []
 
     def open(self, method: str = "m", metadata: dict[str, Any] | None = None) -> int:
         stream_id, data = self.client.send_open(method, metadata)
@@ -230,7 +241,7 @@ def test_peer_exceeding_message_credit_is_a_protocol_error() -> None:
         pair.deliver(pair.client, one)
     assert pair.server.broken
     with pytest.raises(LocalProtocolError):
-        pair.server.receive_data(one)
+        receive(pair.server, one)
 
 
 def test_peer_exceeding_byte_credit_is_a_protocol_error() -> None:
@@ -398,7 +409,7 @@ def test_open_payload_limits() -> None:
 def test_malformed_open_is_rejected(payload: bytes) -> None:
     server = RpcConnection(Role.SERVER)
     with pytest.raises(RemoteProtocolError):
-        server.receive_data(frame(FrameType.OPEN, 1, payload))
+        receive(server, frame(FrameType.OPEN, 1, payload))
 
 
 def test_streams_over_max_streams_are_refused_not_fatal() -> None:
@@ -408,7 +419,7 @@ def test_streams_over_max_streams_are_refused_not_fatal() -> None:
     a, _ = pair.open(), pair.open()
     sid, data = pair.client.send_open("third")
     data += pair.client.send_message(sid, "hello")
-    assert pair.server.receive_data(data) == []  # refused: no event, its DATA dropped
+    assert receive(pair.server, data) == []  # refused: no event, its DATA dropped
     events = pair.flush(pair.server)
     assert events == [StreamErrored(sid, "resource_exhausted", "too many concurrent streams (2)")]
     # The refused stream's late frames are ignored; the connection and other streams are fine.
@@ -421,7 +432,7 @@ def test_client_caps_its_own_streams() -> None:
     client = RpcConnection(Role.CLIENT, max_streams=2)
     client.send_open("a")
     client.send_open("b")
-    with pytest.raises(LocalProtocolError, match="too many open streams"):
+    with pytest.raises(LocalProtocolError, match="too many concurrent streams"):
         client.send_open("c")
 
 
@@ -430,13 +441,13 @@ def test_client_caps_its_own_streams() -> None:
 
 def test_oversized_frame_rejected_from_header_alone() -> None:
     server = RpcConnection(Role.SERVER, max_message_size=1024)
-    server.receive_data(frame(FrameType.OPEN, 1, msgpack.packb(["m", {}])))
+    receive(server, frame(FrameType.OPEN, 1, msgpack.packb(["m", {}])))
     header = HEADER.pack(1025, FrameType.DATA, 0, 1)
     with pytest.raises(RemoteProtocolError, match="exceeds the limit of 1024"):
-        server.receive_data(header)  # no payload byte needed: rejected before buffering
+        receive(server, header)  # no payload byte needed: rejected before buffering
     control = HEADER.pack(MAX_CONTROL_PAYLOAD + 1, FrameType.OPEN, 0, 3)
     with pytest.raises(RemoteProtocolError):
-        RpcConnection(Role.SERVER).receive_data(control)
+        receive(RpcConnection(Role.SERVER), control)
 
 
 def test_oversized_message_rejected_on_send_without_state_change() -> None:
@@ -509,7 +520,7 @@ def test_ping_pong_and_goaway() -> None:
     sid = pair.open()
     events = pair.deliver(pair.server, pair.server.send_goaway("unavailable", "bye"))
     assert events == [GoAwayReceived(sid, "unavailable", "bye")]
-    with pytest.raises(LocalProtocolError, match="going away"):
+    with pytest.raises(LocalProtocolError, match="shutting down"):
         pair.client.send_open("m")
     # Existing streams keep working.
     (ev,) = pair.deliver(pair.client, pair.client.send_message(sid, 1))
@@ -519,14 +530,14 @@ def test_ping_pong_and_goaway() -> None:
 def test_eof() -> None:
     pair = ConnectionPair()
     _, data = pair.client.send_open("m")
-    assert pair.server.receive_data(data[:5]) == []
+    assert receive(pair.server, data[:5]) == []
     with pytest.raises(RemoteProtocolError, match="middle of a frame"):
-        pair.server.receive_data(b"")
+        receive(pair.server, b"")
     pair = ConnectionPair()
     pair.open()
-    assert pair.server.receive_data(b"") == [ConnectionEnded()]
+    assert receive(pair.server, b"") == [ConnectionEnded()]
     with pytest.raises(LocalProtocolError):
-        pair.server.receive_data(b"more")
+        receive(pair.server, b"more")
 
 
 def test_constructor_validation() -> None:
@@ -579,7 +590,7 @@ def _scenario_bytes(script: list[tuple[int, int, Any]]) -> tuple[bytes, list[Eve
                 data = pair.client.send_end(sid)
                 open_ids.remove(sid)
         out += data
-        events += pair.server.receive_data(data)
+        events += receive(pair.server, data)
     return bytes(out), events
 
 
@@ -612,7 +623,7 @@ def test_rechunking_gives_the_same_events(
     prev = 0
     for p in [*points, len(data)]:
         if p > prev:
-            events += server.receive_data(data[prev:p])
+            events += receive(server, data[prev:p])
         prev = p
     assert events == expected
     # h11 style, one event at a time, gives the same sequence too.
@@ -621,8 +632,9 @@ def test_rechunking_gives_the_same_events(
     prev = 0
     for p in [*points, len(data)]:
         if p > prev:
-            one_by_one.feed(data[prev:p])
-        while (ev := one_by_one.next_event()) is not None:
+            one_by_one.receive_data(data[prev:p])
+        while (ev := one_by_one.next_event()) is not NEED_DATA:
+            assert isinstance(ev, Event)
             pulled.append(ev)
         prev = p
     assert pulled == expected
@@ -642,16 +654,16 @@ def test_arbitrary_bytes_give_events_or_remote_error(
     if prefix and role is Role.CLIENT:
         conn.send_open("m")  # so stream 1 exists and garbage can hit it
     elif prefix:
-        conn.receive_data(frame(FrameType.OPEN, 1, msgpack.packb(["m", {}])))
+        receive(conn, frame(FrameType.OPEN, 1, msgpack.packb(["m", {}])))
     for chunk in [*chunks, b""] if eof else chunks:
         try:
-            events = conn.receive_data(chunk)
+            events = receive(conn, chunk)
         except RemoteProtocolError:
             assert conn.broken
             return
         assert all(isinstance(e, Event) for e in events)
         # Buffered bytes never exceed one maximal frame.
-        assert len(conn._buf) <= 10 + max(4096, MAX_CONTROL_PAYLOAD)
+        assert conn.receive_buffered <= 10 + max(4096, MAX_CONTROL_PAYLOAD)
 
 
 _STATES = list(StreamState)
@@ -695,9 +707,9 @@ def test_state_machine_received_frames(state: StreamState, event: StreamInput) -
     entry = _TRANSITIONS.get((state, event))
     if entry is None:
         with pytest.raises(RemoteProtocolError):
-            pair.client.receive_data(_RECV_FRAME[event](sid))
+            receive(pair.client, _RECV_FRAME[event](sid))
         return
-    events = pair.client.receive_data(_RECV_FRAME[event](sid))
+    events = receive(pair.client, _RECV_FRAME[event](sid))
     new_state, deliver = entry
     assert bool(events) == deliver
     assert pair.client.stream_state(sid) is new_state
@@ -723,7 +735,7 @@ def test_state_machine_sends(state: StreamState, event: StreamInput) -> None:
         return
     data = action()
     assert c.stream_state(sid) is entry[0]
-    pair.server.receive_data(data)  # the peer accepts what we were allowed to send
+    receive(pair.server, data)  # the peer accepts what we were allowed to send
 
 
 def test_wire_example_from_rpc_md() -> None:
@@ -735,7 +747,7 @@ def test_wire_example_from_rpc_md() -> None:
         "00000004 02 01 00000001 81a17801"
     )
     server = RpcConnection(Role.SERVER)
-    events = server.receive_data(bytes.fromhex("00000007010000000001 92a46563686f80"))
+    events = receive(server, bytes.fromhex("00000007010000000001 92a46563686f80"))
     assert events == [StreamOpened(1, "echo", {})]
 
 
@@ -762,7 +774,7 @@ def test_well_framed_garbage_gives_events_or_remote_error(
         conn.send_open("n")
     data = b"".join(frame(t, sid, payload, flags) for t, sid, flags, payload in frames)
     try:
-        events = conn.receive_data(data)
+        events = receive(conn, data)
     except RemoteProtocolError:
         assert conn.broken
         return
@@ -776,11 +788,11 @@ def test_ping_flood_without_reading_pongs_is_cut_off() -> None:
     server = RpcConnection(Role.SERVER)
     ping = frame(FrameType.PING, 0, b"12345678")
     n_ok = MAX_PENDING_OUTPUT // len(ping)
-    server.receive_data(ping * n_ok)  # owed, not yet taken: fine up to the cap
+    receive(server, ping * n_ok)  # owed, not yet taken: fine up to the cap
     with pytest.raises(RemoteProtocolError, match="does not read"):
-        server.receive_data(ping * 2)
+        receive(server, ping * 2)
     # Draining what is owed is what a live peer's writer does, and keeps PINGs allowed.
     other = RpcConnection(Role.SERVER)
     for _ in range(3):
-        other.receive_data(ping * n_ok)
+        receive(other, ping * n_ok)
         assert len(other.data_to_send()) == n_ok * len(ping)

@@ -126,7 +126,8 @@ async def test_streaming_both_ways_in_order() -> None:
 
 async def test_many_concurrent_streams() -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with socket_rpc(HANDLERS, max_streams=256) as rpc:
+        # Concurrency, not the byte budget, is under test: 50 streams x 5 MiB reservations.
+        async with socket_rpc(HANDLERS, max_streams=256, max_buffered_bytes=None) as rpc:
             results: dict[int, Any] = {}
 
             async def call(i: int) -> None:
@@ -343,7 +344,10 @@ async def test_mixed_load_with_errors_cancels_and_timeouts() -> None:
     client_stream, server_stream = socket_stream_pair()
     with trio.fail_after(TIMEOUT_S), structlog.testing.capture_logs():
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(partial(serve_rpc, server_stream, handler, max_streams=64))
+            # (no byte budget: every stream must be accepted for the accounting below)
+            server = await nursery.start(
+                partial(serve_rpc, server_stream, handler, max_streams=64, max_buffered_bytes=None)
+            )
             async with open_rpc_client(client_stream) as rpc:
                 async with trio.open_nursery() as workers:
                     for seed in range(30):
@@ -359,5 +363,9 @@ async def test_mixed_load_with_errors_cancels_and_timeouts() -> None:
                 assert server_stats.open_streams == 0
                 assert server_stats.streams_opened == stats.streams_opened
                 assert server_stats.queued_messages == 0
+                # Every message received was reported consumed, on both sides (the byte
+                # budget's accounting balances whatever happened to the streams).
+                assert server_stats.buffered_bytes == 0
+                assert rpc.statistics().buffered_bytes == 0
     assert outcomes["ok"] > 0
     assert outcomes["rpc_error"] > 0

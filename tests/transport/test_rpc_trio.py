@@ -137,7 +137,8 @@ async def test_unary_and_streaming(make: StreamMaker) -> None:
 
 async def test_many_concurrent_streams_in_order() -> None:
     with trio.fail_after(TIMEOUT_S):
-        async with rpc_pair(HANDLERS, max_streams=64) as rpc:
+        # Concurrency, not the byte budget, is under test (each stream reserves ~5 MiB).
+        async with rpc_pair(HANDLERS, max_streams=64, max_buffered_bytes=None) as rpc:
             results: dict[int, list[Any]] = {}
 
             async def one(n: int) -> None:

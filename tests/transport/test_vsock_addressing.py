@@ -15,11 +15,11 @@ from transport.fabric import native
 from transport.fabric.addressing import cid_dir, parse_socket_name, socket_path
 from transport.fabric.backend import Backend, PlatformProbe, select_backend
 from transport.vsock import (
-    PARENT_CID,
     VMADDR_CID_ANY,
     VMADDR_CID_HOST,
     VMADDR_CID_HYPERVISOR,
     VMADDR_CID_LOCAL,
+    VMADDR_CID_PARENT,
     VMADDR_PORT_ANY,
     FabricPolicy,
     InvalidVsockAddress,
@@ -29,7 +29,12 @@ from transport.vsock import (
 
 
 def test_nitro_constants() -> None:
-    assert (VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_CID_HOST, PARENT_CID) == (0, 1, 2, 3)
+    assert (VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_CID_HOST, VMADDR_CID_PARENT) == (
+        0,
+        1,
+        2,
+        3,
+    )
     assert VMADDR_CID_ANY == VMADDR_PORT_ANY == 0xFFFFFFFF
     assert not is_enclave_cid(3)
     assert is_enclave_cid(4)

@@ -9,6 +9,7 @@ Layers (wire format in ``transport/PROTOCOL.md``):
 
 from __future__ import annotations
 
+from transport._exports import fixup_module_metadata
 from transport.channel._connection import MAX_DOCUMENT_SIZE as MAX_DOCUMENT_SIZE
 from transport.channel._connection import MAX_FRAME_SIZE as MAX_FRAME_SIZE
 from transport.channel._connection import NEED_DATA as NEED_DATA
@@ -20,7 +21,6 @@ from transport.channel._connection import Attestation as Attestation
 from transport.channel._connection import AttestationRequest as AttestationRequest
 from transport.channel._connection import ChannelConnection as ChannelConnection
 from transport.channel._connection import ChannelEstablished as ChannelEstablished
-from transport.channel._connection import ChannelRejected as ChannelRejected
 from transport.channel._connection import ClientConnection as ClientConnection
 from transport.channel._connection import Close as Close
 from transport.channel._connection import Data as Data
@@ -33,7 +33,6 @@ from transport.channel._record import DEFAULT_MAX_RECORDS as DEFAULT_MAX_RECORDS
 from transport.channel._record import MAX_RECORD_PLAINTEXT as MAX_RECORD_PLAINTEXT
 from transport.channel._trio import HANDSHAKE_TIMEOUT_S as HANDSHAKE_TIMEOUT_S
 from transport.channel._trio import SOCKET_BUFFER_SIZE as SOCKET_BUFFER_SIZE
-from transport.channel._trio import ChannelAuthenticationFailed as ChannelAuthenticationFailed
 from transport.channel._trio import ChannelStatistics as ChannelStatistics
 from transport.channel._trio import SecureChannel as SecureChannel
 from transport.channel._trio import accept_channel as accept_channel
@@ -48,7 +47,6 @@ __all__ = [
     "connect_channel",
     "accept_channel",
     "SecureChannel",
-    "ChannelAuthenticationFailed",
     "ChannelStatistics",
     "HANDSHAKE_TIMEOUT_S",
     "SOCKET_BUFFER_SIZE",
@@ -71,7 +69,6 @@ __all__ = [
     "Data",
     "Close",
     "NEED_DATA",
-    "ChannelRejected",
     # protocol constants
     "PROTOCOL_NAME",
     "PROTOCOL_VERSION",
@@ -82,3 +79,5 @@ __all__ = [
     "DEFAULT_MAX_RECORDS",
     "USER_DATA_PREFIX",
 ]
+
+fixup_module_metadata(__name__, globals())

@@ -11,8 +11,8 @@ Theory of operation (h11 style; the wire format is specified in ``transport/PROT
   anything secret, so no adapter can skip it. The enclave's :class:`Attester` is async, so the
   server core instead returns an :class:`AttestationRequest` event and waits for
   ``send(Attestation(document))``.
-* Every failure caused by the peer's bytes raises :class:`ChannelRejected`: an
-  :class:`~transport.errors.AuthenticationFailed` whose message says nothing, with the detailed
+* Every failure caused by the peer's bytes raises
+  :class:`~transport.errors.AuthenticationFailed`, whose message says nothing, with the detailed
   ``reason`` as an attribute for the adapter to log. The core then stays in ``ERROR``. Misuse of
   the API raises :class:`~transport.errors.LocalProtocolError`.
 * Every length read from the peer is checked against a per-state bound as soon as the 5-byte
@@ -60,6 +60,7 @@ from transport.channel._record import (
 )
 from transport.channel._types import DocumentVerifier, PeerAttestation, Suite
 from transport.errors import AuthenticationFailed, LocalProtocolError
+from transport.sansio import NEED_DATA
 
 __all__ = [
     "PROTOCOL_NAME",
@@ -78,7 +79,6 @@ __all__ = [
     "ChannelEstablished",
     "Data",
     "Close",
-    "ChannelRejected",
     "ChannelConnection",
     "ClientConnection",
     "ServerConnection",
@@ -121,10 +121,6 @@ _MAX_DATA_BODY: Final = MAX_RECORD_PLAINTEXT + TAG_SIZE
 _COPY_BELOW: Final = 2048
 #: Marker returned by _read_record for the close record.
 _CLOSED: Final = b"<close>"
-
-
-class NEED_DATA:
-    """Sentinel returned by ``next_event`` when more bytes must be received first."""
 
 
 class Role(enum.Enum):
@@ -247,18 +243,6 @@ class Data(Event):
 @dataclass(frozen=True, slots=True)
 class Close(Event):
     """Authenticated end of one direction (received: the peer will send nothing more)."""
-
-
-class ChannelRejected(AuthenticationFailed):
-    """The peer's bytes failed a check. ``str()`` is opaque; ``reason`` is for local logs only.
-
-    Attributes:
-        reason: a short, secret-free description of the failed check.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__()
-        self.reason = reason
 
 
 class _ReceiveBuffer:
@@ -424,7 +408,7 @@ class ChannelConnection:
         if new is None:
             if inp.name.startswith("SEND"):
                 raise LocalProtocolError(f"cannot {inp.name.lower()} in state {self._state.name}")
-            raise ChannelRejected(f"unexpected {inp.name.lower()} in state {self._state.name}")
+            raise AuthenticationFailed(f"unexpected {inp.name.lower()} in state {self._state.name}")
         self._set_state(new)
 
     def _set_state(self, new: State) -> None:
@@ -433,8 +417,8 @@ class ChannelConnection:
         self._can_send_data = new in _SEND_DATA_STATES
         self._reads_records = new in _RECV_RECORD_STATES
 
-    def _reject(self, reason: str) -> ChannelRejected:
-        return ChannelRejected(reason)
+    def _reject(self, reason: str) -> AuthenticationFailed:
+        return AuthenticationFailed(reason)
 
     # ----------------------------------------------------------------- input
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -507,24 +491,24 @@ class ChannelConnection:
 
     def _guard(self) -> None:
         if self._failure is not None:
-            raise ChannelRejected(f"channel already failed: {self._failure}")
+            raise AuthenticationFailed(f"channel already failed: {self._failure}")
 
     def next_event(self) -> Event | type[NEED_DATA]:
         """The next event from received bytes, or :data:`NEED_DATA`.
 
         Raises:
-            ChannelRejected: (an ``AuthenticationFailed``) the peer's bytes failed a check, or
+            AuthenticationFailed: (an ``AuthenticationFailed``) the peer's bytes failed a check, or
                 the transport ended without an authenticated close; the state becomes ERROR.
             LocalProtocolError: called in a state where this side must send first.
         """
         self._guard()
         try:
             return self._next_event()
-        except ChannelRejected as exc:
+        except AuthenticationFailed as exc:
             self._fail(exc)
             raise
 
-    def _fail(self, exc: ChannelRejected) -> None:
+    def _fail(self, exc: AuthenticationFailed) -> None:
         self._set_state(State.ERROR)
         self._failure = exc.reason
         self._sealer = self._opener = None
@@ -610,7 +594,7 @@ class ChannelConnection:
         nothing more is read). Records that authenticated before a failure stay in ``out``.
 
         Raises:
-            ChannelRejected: as :meth:`next_event`.
+            AuthenticationFailed: as :meth:`next_event`.
             LocalProtocolError: before the handshake completed.
         """
         self._guard()
@@ -627,7 +611,7 @@ class ChannelConnection:
                 if record is _CLOSED:
                     return True
                 out.append(record)
-        except ChannelRejected as exc:
+        except AuthenticationFailed as exc:
             self._fail(exc)
             raise
         return False
@@ -733,7 +717,7 @@ class ChannelConnection:
         bytes must be received, or after the peer's close.
 
         Raises:
-            ChannelRejected: as :meth:`next_event`.
+            AuthenticationFailed: as :meth:`next_event`.
         """
         self._guard()
         if len(out) < MAX_RECORD_PLAINTEXT:
@@ -753,7 +737,7 @@ class ChannelConnection:
             while True:
                 try:
                     frame = self._peek_frame()
-                except ChannelRejected:
+                except AuthenticationFailed:
                     if written:  # hand over what was authentic; the failure repeats next call
                         return written
                     raise
@@ -783,7 +767,7 @@ class ChannelConnection:
                     self._transition(_Input.RECV_CLOSE)
                     return written
                 self._transition(_Input.RECV_DATA)
-        except ChannelRejected as exc:
+        except AuthenticationFailed as exc:
             self._fail(exc)
             raise
 

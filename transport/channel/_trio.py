@@ -16,11 +16,17 @@ cryptography; this module only moves bytes and maps failures:
   straight into the core's preallocated receive buffer; AF_UNIX socket buffers are raised to
   1 MiB so a coalesced write of four records goes out in one piece.
 * **Failures**: anything the peer did wrong (bad tag, rejected document, truncation, malformed
-  or oversized frames, a handshake timeout) is logged here with its reason and raised as
-  :class:`ChannelAuthenticationFailed`, whose message says nothing more. It is also a
-  ``trio.BrokenResourceError``, the vocabulary of ``trio.abc.Stream``. A transport that breaks
-  before the peer's close record is a truncation too; on the send side transport errors
-  propagate as trio's own (``BrokenResourceError``, ``ClosedResourceError``).
+  or oversized frames) is logged here with its reason and raised as
+  :class:`~transport.errors.AuthenticationFailed`, whose message says nothing more (also a
+  ``trio.BrokenResourceError``, the vocabulary of ``trio.abc.Stream``). A transport
+  that breaks before the peer's close record is a truncation too. What is *not* an
+  authentication failure is kept apart, so that a user can be told what happened: during the
+  handshake, a transport that ends or breaks before the enclave sent its first byte raises
+  :class:`~transport.errors.PeerUnreachable` (nothing answered: a relay such as the ingress
+  could not reach its target); one that ends after that raises
+  :class:`~transport.errors.ChannelClosed`; a handshake that does not finish in time raises
+  :class:`~transport.errors.PeerTimeout`. On the send side transport errors propagate as
+  trio's own (``BrokenResourceError``, ``ClosedResourceError``).
 * **Concurrency**: one sender and one receiver at a time, enforced with a ConflictDetector-style
   guard (``trio.BusyResourceError``), as trio's own streams do.
 """
@@ -45,7 +51,6 @@ from transport.channel._connection import (
     AttestationRequest,
     ChannelConnection,
     ChannelEstablished,
-    ChannelRejected,
     ClientConnection,
     Close,
     Hello,
@@ -58,14 +63,19 @@ from transport.channel._record import (
     TAG_SIZE,
 )
 from transport.channel._types import Attester, DocumentVerifier, PeerAttestation, Suite
-from transport.errors import AuthenticationFailed, LocalProtocolError
+from transport.errors import (
+    AuthenticationFailed,
+    ChannelClosed,
+    LocalProtocolError,
+    PeerTimeout,
+    PeerUnreachable,
+)
 
 __all__ = [
     "HANDSHAKE_TIMEOUT_S",
     "CLOSE_TIMEOUT_S",
     "SOCKET_BUFFER_SIZE",
     "ChannelStatistics",
-    "ChannelAuthenticationFailed",
     "SecureChannel",
     "accept_channel",
     "connect_channel",
@@ -86,14 +96,6 @@ SOCKET_BUFFER_SIZE = 1 << 20
 _RECORDS_PER_WRITE = 4
 #: Bytes asked of a generic transport per read: ≤ 64 KiB avoids the recv allocation cliff.
 _RECEIVE_SIZE = 64 * 1024
-
-
-class ChannelAuthenticationFailed(AuthenticationFailed, trio.BrokenResourceError):
-    """The channel failed: bad record, rejected attestation, truncation, failed handshake.
-
-    Opaque by design (the reason is logged locally). Both an
-    :class:`~transport.errors.AuthenticationFailed` and a ``trio.BrokenResourceError``.
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +159,22 @@ def _enlarge_socket_buffers(sock: trio.socket.SocketType) -> None:
             pass
 
 
-def _failed(role: str, reason: str, **fields: object) -> ChannelAuthenticationFailed:
+class _StreamAuthenticationFailed(AuthenticationFailed, trio.BrokenResourceError):
+    """:class:`~transport.errors.AuthenticationFailed` as a :class:`SecureChannel` raises it:
+    also a ``trio.BrokenResourceError``, the vocabulary ``trio.abc.Stream`` requires of a stream
+    that broke (``trio.testing.check_two_way_stream`` holds the channel to it). Not a name of
+    its own: it shows as, and is caught as, ``AuthenticationFailed`` (``transport.errors``
+    cannot derive from trio: it is imported where trio is not, such as enclave boot)."""
+
+
+_StreamAuthenticationFailed.__name__ = "AuthenticationFailed"
+_StreamAuthenticationFailed.__qualname__ = "AuthenticationFailed"
+_StreamAuthenticationFailed.__module__ = "transport.errors"
+
+
+def _failed(role: str, reason: str, **fields: object) -> AuthenticationFailed:
     log.warning("channel_failed", role=role, reason=reason, **fields)
-    return ChannelAuthenticationFailed()
+    return _StreamAuthenticationFailed(reason)
 
 
 class SecureChannel(trio.abc.HalfCloseableStream):
@@ -173,7 +188,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
 
     ``send_eof`` sends the authenticated close record (the peer's ``receive_some`` then returns
     ``b""``); ``aclose`` sends it too when it can, then closes the transport. A transport EOF
-    without that record makes ``receive_some`` raise :class:`ChannelAuthenticationFailed`.
+    without that record makes ``receive_some`` raise :class:`AuthenticationFailed`.
     """
 
     def __init__(
@@ -299,7 +314,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("the channel is closed")
         if self._recv_failed:
-            raise ChannelAuthenticationFailed()
+            raise _StreamAuthenticationFailed("the channel failed earlier")
         return max_bytes
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -310,7 +325,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         out without a further copy.
 
         Raises:
-            ChannelAuthenticationFailed: a record failed authentication, the transport ended
+            AuthenticationFailed: a record failed authentication, the transport ended
                 without a close record, or the peer broke the protocol. The channel stays failed.
             trio.BusyResourceError: another task is in ``receive_some``/``receive_into``.
             trio.ClosedResourceError: after ``aclose``.
@@ -353,7 +368,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             while True:
                 try:
                     n = conn.read_into(out)
-                except ChannelRejected as exc:
+                except AuthenticationFailed as exc:
                     self._recv_failed = True
                     raise _failed(self._role, exc.reason) from None
                 if n or conn.their_closed:
@@ -379,7 +394,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         while True:
             try:
                 self._peer_eof = conn.read_records(pending)
-            except ChannelRejected as exc:
+            except AuthenticationFailed as exc:
                 if not pending:
                     self._recv_failed = True
                     raise _failed(self._role, exc.reason) from None
@@ -456,17 +471,47 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         )
 
 
-async def _handshake_io(
-    stream: trio.abc.Stream, conn: ChannelConnection
-) -> ChannelEstablished | AttestationRequest:
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            conn.receive_data(await stream.receive_some(MAX_FRAME_SIZE))
-            continue
-        if isinstance(event, ChannelEstablished | AttestationRequest):
-            return event
-        raise ChannelRejected(f"unexpected event {type(event).__name__} during the handshake")
+class _TransportEnded(Exception):
+    """The transport ended or broke during the handshake (internal; mapped by the callers)."""
+
+    def __init__(self, received: int, detail: str) -> None:
+        super().__init__(detail)
+        self.received = received  # bytes the peer had sent until then
+
+
+class _Handshake:
+    """The handshake's I/O: loop ``next_event`` / ``receive_some``, counting what arrived."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: ChannelConnection) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.received = 0
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise _TransportEnded(self.received, f"sending failed: {exc!r}") from None
+
+    async def next(self) -> ChannelEstablished | AttestationRequest:
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = await self.stream.receive_some(MAX_FRAME_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise _TransportEnded(self.received, f"receiving failed: {exc!r}") from None
+                if not data:
+                    raise _TransportEnded(self.received, "the transport ended")
+                self.received += len(data)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, ChannelEstablished | AttestationRequest):
+                return event
+            raise AuthenticationFailed(
+                f"unexpected event {type(event).__name__} during the handshake"
+            )
 
 
 async def _fail_handshake(stream: trio.abc.Stream) -> None:
@@ -496,26 +541,42 @@ async def connect_channel(
         max_records: records per key and direction (tests inject small values).
 
     Raises:
-        ChannelAuthenticationFailed: the document was rejected, the handshake was malformed,
-            timed out, or the transport failed during it. The reason is logged, not raised.
+        AuthenticationFailed: the document was rejected or the enclave's handshake messages
+            were malformed: a verification or integrity failure. The reason is logged, not
+            raised (``exc.reason`` holds it for the caller's own log).
+        PeerUnreachable: the transport ended, broke or was reset before the enclave sent a
+            single byte: nothing answered (a relay such as the ingress accepted the
+            connection but could not reach the enclave, or nothing listens behind it).
+        ChannelClosed: the transport ended or broke later in the handshake.
+        PeerTimeout: the handshake did not complete within ``handshake_timeout``.
     """
     conn = ClientConnection(verifier=verifier, suites=suites, max_records=max_records)
+    io = _Handshake(stream, conn)
     started = time.perf_counter()
     try:
         with trio.fail_after(handshake_timeout):
-            await stream.send_all(conn.send(Hello()))
-            event = await _handshake_io(stream, conn)
+            await io.send(conn.send(Hello()))
+            event = await io.next()
             assert isinstance(event, ChannelEstablished)
-            await stream.send_all(conn.data_to_send())
-    except ChannelRejected as exc:
+            await io.send(conn.data_to_send())
+    except AuthenticationFailed as exc:
         await _fail_handshake(stream)
         raise _failed("client", exc.reason) from None
     except trio.TooSlowError:
         await _fail_handshake(stream)
-        raise _failed("client", "handshake timed out") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.warning("channel_handshake_timeout", role="client", received=io.received)
+        raise PeerTimeout(
+            f"the enclave did not complete the handshake within {handshake_timeout} s"
+        ) from None
+    except _TransportEnded as exc:
         await _fail_handshake(stream)
-        raise _failed("client", f"transport failed during the handshake: {exc!r}") from None
+        if exc.received == 0:
+            log.warning("channel_peer_unreachable", role="client", detail=str(exc))
+            raise PeerUnreachable(
+                "enclave unreachable: the connection closed before the enclave answered"
+            ) from None
+        log.warning("channel_handshake_interrupted", role="client", detail=str(exc))
+        raise ChannelClosed("the connection closed during the channel handshake") from None
     except BaseException:
         await _fail_handshake(stream)
         raise
@@ -551,33 +612,42 @@ async def accept_channel(
         attester: obtains the attestation document (``attest.channel.nsm_attester``).
         suites: suites accepted, in order of preference.
         handshake_timeout, max_record_size, max_records: as for :func:`connect_channel`.
+            ``handshake_timeout`` bounds how long a client that connects and says nothing
+            (or stalls half-way) holds the connection.
 
     Raises:
-        ChannelAuthenticationFailed: the client's messages were malformed or its sealed secret
-            did not open, the handshake timed out, or the transport failed during it.
+        AuthenticationFailed: the client's messages were malformed or its sealed secret did
+            not open.
+        ChannelClosed: the client closed or broke the connection during the handshake.
+        PeerTimeout: the handshake did not complete within ``handshake_timeout``.
         Exception: whatever ``attester`` raises (a local failure) propagates unchanged.
     """
     conn = ServerConnection(suites=suites, max_records=max_records)
+    io = _Handshake(stream, conn)
     started = time.perf_counter()
     try:
         with trio.fail_after(handshake_timeout):
-            request = await _handshake_io(stream, conn)
+            request = await io.next()
             assert isinstance(request, AttestationRequest)
             document = await attester(
                 nonce=request.nonce, public_key=request.public_key, user_data=request.user_data
             )
-            await stream.send_all(conn.send(Attestation(document)))
-            event = await _handshake_io(stream, conn)
+            await io.send(conn.send(Attestation(document)))
+            event = await io.next()
             assert isinstance(event, ChannelEstablished)
-    except ChannelRejected as exc:
+    except AuthenticationFailed as exc:
         await _fail_handshake(stream)
         raise _failed("server", exc.reason) from None
     except trio.TooSlowError:
         await _fail_handshake(stream)
-        raise _failed("server", "handshake timed out") from None
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        log.info("channel_handshake_timeout", role="server", received=io.received)
+        raise PeerTimeout(
+            f"the client did not complete the handshake within {handshake_timeout} s"
+        ) from None
+    except _TransportEnded as exc:
         await _fail_handshake(stream)
-        raise _failed("server", f"transport failed during the handshake: {exc!r}") from None
+        log.info("channel_handshake_interrupted", role="server", detail=str(exc))
+        raise ChannelClosed("the client closed the connection during the handshake") from None
     except BaseException:
         await _fail_handshake(stream)
         raise

@@ -5,3 +5,8 @@ Layers: ``addressing``, ``policy`` and ``wire`` are pure (no I/O); ``host``, ``e
 real AF_VSOCK, the supervisor-side broker); ``backend`` chooses one per process and ``api``
 dispatches to it.
 """
+
+from __future__ import annotations
+
+# Nothing is re-exported here: the fabric's public face is transport.vsock.
+__all__: list[str] = []

@@ -22,7 +22,6 @@ __all__ = [
     "VMADDR_CID_HYPERVISOR",
     "VMADDR_CID_LOCAL",
     "VMADDR_CID_HOST",
-    "PARENT_CID",
     "VMADDR_CID_PARENT",
     "VMADDR_PORT_ANY",
     "MIN_ENCLAVE_CID",
@@ -51,10 +50,8 @@ VMADDR_CID_HYPERVISOR: Final = 0
 VMADDR_CID_LOCAL: Final = 1
 #: The host; not a valid enclave CID.
 VMADDR_CID_HOST: Final = 2
-#: "The CID used by the parent instance is always 3" (Nitro user guide).
-PARENT_CID: Final = 3
-#: Alias with Linux-style naming (STYLE B2).
-VMADDR_CID_PARENT: Final = PARENT_CID
+#: "The CID used by the parent instance is always 3" (Nitro user guide; nitro-cli's name).
+VMADDR_CID_PARENT: Final = 3
 #: Port wildcard (-1U): bind to any free port.
 VMADDR_PORT_ANY: Final = 0xFFFF_FFFF
 #: Smallest CID an enclave may have (0-3 are reserved, see above).

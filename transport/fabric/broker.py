@@ -42,7 +42,7 @@ from transport.fabric import wire
 from transport.fabric.addressing import (
     ENCLAVE_CID_ENV,
     FABRIC_FD_ENV,
-    PARENT_CID,
+    VMADDR_CID_PARENT,
     VMADDR_PORT_ANY,
     VsockAddr,
     cid_dir,
@@ -88,7 +88,7 @@ _ACCEPT_ERROR_SLEEP_S: Final = 0.1
 _FIRST_LOCAL_PORT: Final = 49152
 #: Peer address reported for incoming connections: Unix peers are unnamed, and every
 #: connection into an enclave comes from the parent side of the fabric.
-_INCOMING_PEER: Final = VsockAddr(PARENT_CID, VMADDR_PORT_ANY)
+_INCOMING_PEER: Final = VsockAddr(VMADDR_CID_PARENT, VMADDR_PORT_ANY)
 
 
 class _EnclaveGone(Exception):
@@ -176,12 +176,11 @@ class _Broker:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
                 continue
+            except EOFError:
+                self.log.debug("vsock_fabric_enclave_closed")
+                return
             except OSError as exc:
                 self.log.info("vsock_fabric_enclave_gone", error=exc.strerror)
-                return
-            if not data:
-                close_fds(fds)
-                self.log.debug("vsock_fabric_enclave_closed")
                 return
             try:
                 if truncated:
@@ -240,7 +239,7 @@ class _Broker:
         if not self.policy.allows(addr, handled_ports=self.handled_ports):
             self.log.warning("vsock_connect_denied", target=str(addr))
             return wire.Refused(request.request_id, errno.ECONNREFUSED), None
-        handler = self.parent_handlers.get(addr.port) if addr.cid == PARENT_CID else None
+        handler = self.parent_handlers.get(addr.port) if addr.cid == VMADDR_CID_PARENT else None
         if handler is not None:
             ours, theirs = _stdlib_socket.socketpair(
                 _stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM
@@ -272,7 +271,7 @@ class _Broker:
             self.log.warning("vsock_connect_denied", target=str(addr))
             await self.refuse(request.request_id, errno.ECONNREFUSED)
             return
-        handler = self.parent_handlers.get(addr.port) if addr.cid == PARENT_CID else None
+        handler = self.parent_handlers.get(addr.port) if addr.cid == VMADDR_CID_PARENT else None
         if handler is not None:
             await self.connect_handler(request, handler)
             return

@@ -6,10 +6,11 @@ The enclave inherits ``ENCLAVE_FABRIC_FD``, a ``SOCK_SEQPACKET`` socket to its b
 ``connect``/``listen`` sends one request with a fresh request id and waits for the reply with that
 id; connections to the enclave's listeners arrive unsolicited as ``Incoming`` messages. Any number
 of tasks may wait at once, so there is no background task (``open_vsock_stream`` needs no nursery):
-whichever waiting task finds nobody reading becomes the *reader*, receives datagrams and files
-each one where it belongs (the waiter's slot for a reply; the listener's backlog for an incoming
-connection), until its own wait is over; then it hands the role on by waking the others.
-Closing a listener interrupts the reader's wait so its acceptors see the close at once. Replies
+reading is leader/follower (:class:`transport.sync.LeaderFollower`): whichever waiting task finds
+nobody reading becomes the *reader*, receives datagrams and files each one where it belongs (the
+waiter's slot for a reply; the listener's backlog for an incoming connection), waking the
+others to look, until its own wait is over; then it hands the role on. Closing a listener
+interrupts the reader's wait so its acceptors see the close at once. Replies
 to requests whose waiter was cancelled are undone (fds closed, a listener bound for a cancelled
 ``listen`` released), connections for listeners that are closed or full are dropped. An invalid
 message or the broker's EOF breaks the client for good: every waiter and every later call raises
@@ -45,6 +46,7 @@ from transport.fabric.addressing import (
 from transport.fabric.fdpass import close_fds, recv_message, send_message
 from transport.fabric.host import VsockAddressInUse
 from transport.fabric.listen_socket import CallbackListenSocket
+from transport.sync import LeaderFollower
 
 __all__ = ["EnclaveFabricClient", "enclave_client", "MAX_PENDING_INCOMING"]
 
@@ -93,9 +95,8 @@ class EnclaveFabricClient:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Slot] = {}
         self._backlogs: dict[int, _Backlog] = {}
-        self._reading = False
-        self._reader_scope: trio.CancelScope | None = None
-        self._changed = trio.Event()
+        # Interruptible: closing a listener must wake a reader waiting for its connections.
+        self._reading = LeaderFollower(self._read_one, interruptible=True)
         self._send_lock = trio.Lock()
         self._deferred: list[bytes] = []
         self._broken: VsockError | None = None
@@ -143,14 +144,9 @@ class EnclaveFabricClient:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._reading.wake_all()  # waiters look again (few waiters, rare messages)
 
     def _dispatch(self, data: bytes, fds: list[int], truncated: bool) -> None:
-        if not data:
-            close_fds(fds)
-            self._break(VsockError("the vsock fabric broker closed the connection"))
-            return
         try:
             if truncated:
                 raise RemoteProtocolError("oversized fabric message or ancillary data")
@@ -189,6 +185,9 @@ class EnclaveFabricClient:
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
                 continue
+            except EOFError:
+                self._break(VsockError("the vsock fabric broker closed the connection"))
+                return
             except OSError as exc:
                 self._break(VsockError(f"fabric broker socket failed: {exc.strerror}"))
                 return
@@ -196,23 +195,12 @@ class EnclaveFabricClient:
             return
 
     async def _wait_until(self, ready: Callable[[], bool]) -> None:
-        while not ready():
+        # close() of a listener interrupts the reader, so a reader waiting for its own
+        # listener's connections re-checks ``ready`` (no data is lost: the receive itself is
+        # synchronous, only the wait is cancelled).
+        await self._reading.wait_until(lambda: ready() or self._broken is not None)
+        if not ready():
             self._check_broken()
-            if self._reading:
-                await self._changed.wait()
-                continue
-            self._reading = True
-            try:
-                while not ready() and self._broken is None:
-                    # close() of a listener cancels this scope, so a reader waiting for its
-                    # own listener's connections re-checks ``ready`` (no data is lost: the
-                    # receive itself is synchronous, only the wait is cancelled).
-                    with trio.CancelScope() as self._reader_scope:
-                        await self._read_one()
-            finally:
-                self._reader_scope = None
-                self._reading = False
-                self._notify()
 
     async def _request(self, message: wire.Connect | wire.Listen) -> tuple[wire.Reply, int | None]:
         slot = _Slot(is_listen=isinstance(message, wire.Listen))
@@ -243,8 +231,7 @@ class EnclaveFabricClient:
         data = wire.encode(wire.Unlisten(self._next_id(), port))
         if self._broken is None and not self._send_nowait(data):
             self._deferred.append(data)
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        self._reading.interrupt()
         self._notify()
 
     # -- public operations --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import os
+import select
 import socket
 from typing import Final
 
@@ -42,14 +43,22 @@ def send_message(sock: socket.socket, data: bytes, fd: int | None = None) -> Non
 
 
 def recv_message(sock: socket.socket) -> tuple[bytes, list[int], bool]:
-    """Receive one datagram: ``(data, fds, truncated)``. Raises ``BlockingIOError``.
+    """Receive one datagram: ``(data, fds, truncated)``.
 
-    ``data == b""`` means the peer closed (fabric messages are never empty). ``truncated`` is
-    true when the datagram or its ancillary data did not fit (both are protocol errors).
+    ``truncated`` is true when the datagram or its ancillary data did not fit (both are
+    protocol errors). An *empty datagram* is returned as ``(b"", fds, False)``: it is not
+    end-of-file (fabric messages are never empty, so the caller rejects it like any malformed
+    message and keeps serving).
+
+    Raises:
+        BlockingIOError: nothing is queued (non-blocking socket).
+        EOFError: the peer has closed its end.
     """
     data, ancdata, flags, _ = sock.recvmsg(
         MAX_MESSAGE_SIZE + 1, _ANC_SPACE, socket.MSG_CMSG_CLOEXEC
     )
+    if not data and not ancdata and _peer_closed(sock):
+        raise EOFError("the peer closed the fabric socket")
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -57,3 +66,11 @@ def recv_message(sock: socket.socket) -> tuple[bytes, list[int], bool]:
             fds.extend(array.array("i", payload[:usable]))
     truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)) or len(data) > MAX_MESSAGE_SIZE
     return data, fds, truncated
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    """True if the peer has closed: on SOCK_SEQPACKET, ``recvmsg`` returns no bytes both for
+    end-of-file and for an empty datagram; only the hang-up flags tell them apart."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLRDHUP)
+    return any(mask & (select.POLLRDHUP | select.POLLHUP) for _, mask in poller.poll(0))

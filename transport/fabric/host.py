@@ -31,12 +31,12 @@ from typing import Final
 
 import trio
 
-from transport.errors import VsockConnectionRefused, VsockError
+from transport.errors import AddressInUse, VsockConnectionRefused, VsockError
 from transport.fabric.addressing import (
     FABRIC_DIR_ENV,
     MAX_SUN_PATH,
-    PARENT_CID,
     VMADDR_CID_ANY,
+    VMADDR_CID_PARENT,
     VMADDR_PORT_ANY,
     VsockAddr,
     cid_dir,
@@ -77,7 +77,7 @@ _BACKLOG_MAX_DELAY_S: Final = 0.05
 _TEMP_NAME_TRIES: Final = 16
 
 
-class VsockAddressInUse(VsockError):
+class VsockAddressInUse(VsockError, AddressInUse):
     """Another live listener is bound at this vsock address (``EADDRINUSE``)."""
 
 
@@ -300,10 +300,10 @@ async def open_fabric_listener(
     The host is the parent instance, CID 3: ``cid`` must be ``VMADDR_CID_ANY`` or 3, as a real
     ``bind()`` to another machine's CID fails with ``EADDRNOTAVAIL``.
     """
-    if cid not in (VMADDR_CID_ANY, PARENT_CID):
-        raise VsockError(f"cannot bind CID {cid} on the host (it is CID {PARENT_CID})")
+    if cid not in (VMADDR_CID_ANY, VMADDR_CID_PARENT):
+        raise VsockError(f"cannot bind CID {cid} on the host (it is CID {VMADDR_CID_PARENT})")
     await trio.lowlevel.checkpoint()
-    bound = bind_fabric_socket(fabric_dir, VsockAddr(PARENT_CID, port))
+    bound = bind_fabric_socket(fabric_dir, VsockAddr(VMADDR_CID_PARENT, port))
     inner = trio.socket.from_stdlib_socket(bound.sock)
     path, ident = bound.path, bound.ident
     return trio.SocketListener(

@@ -21,7 +21,7 @@ from typing import overload
 
 import trio
 
-from transport.fabric.addressing import PARENT_CID, VMADDR_PORT_ANY, VsockAddr
+from transport.fabric.addressing import VMADDR_CID_PARENT, VMADDR_PORT_ANY, VsockAddr
 
 __all__ = ["FabricListenSocket", "DelegatingListenSocket", "CallbackListenSocket"]
 
@@ -114,7 +114,7 @@ class DelegatingListenSocket(FabricListenSocket):
         sock, _ = await self._inner.accept()
         # Unix peers are unnamed: report the port as unknown (VMADDR_PORT_ANY) and the CID as
         # the parent's, since the fabric cannot tell the host's own clients from enclaves.
-        return sock, (PARENT_CID, VMADDR_PORT_ANY)
+        return sock, (VMADDR_CID_PARENT, VMADDR_PORT_ANY)
 
     def close(self) -> None:
         if self._closed:

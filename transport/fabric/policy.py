@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transport.fabric.addressing import PARENT_CID, VsockAddr, is_enclave_cid
+from transport.fabric.addressing import VMADDR_CID_PARENT, VsockAddr, is_enclave_cid
 
 __all__ = ["FabricPolicy"]
 
@@ -33,7 +33,7 @@ class FabricPolicy:
             raise ValueError(f"{self.cid} is not a valid enclave CID (4 … 2**32-2)")
         if self.parent_ports is not None:
             for port in self.parent_ports:
-                VsockAddr(PARENT_CID, port)
+                VsockAddr(VMADDR_CID_PARENT, port)
         for cid in self.peer_cids:
             if not is_enclave_cid(cid) or cid == self.cid:
                 raise ValueError(f"peer CID {cid} is not another enclave's CID")
@@ -43,7 +43,7 @@ class FabricPolicy:
 
         ``handled_ports`` are the parent ports the broker serves in-process (always allowed).
         """
-        if addr.cid == PARENT_CID:
+        if addr.cid == VMADDR_CID_PARENT:
             if addr.port in handled_ports:
                 return True
             return self.parent_ports is None or addr.port in self.parent_ports

@@ -1,9 +1,15 @@
 """Streaming RPC framing ``enclave-rpc/1``: msgpack messages on numbered streams over any
 trio byte stream (normally the attested :class:`~transport.channel.SecureChannel`).
 
-Layers: ``_core`` is the sans-IO protocol (frames, per-stream state machine, credit flow
-control; bytes in, events out); ``_events`` its frozen event dataclasses; ``_trio`` the thin trio
-adapter (:func:`open_rpc_client`, :func:`serve_rpc`). The wire format is in transport/RPC.md.
+Layers (wire format in transport/RPC.md):
+    _core.py        sans-IO protocol: frames, per-stream state machine, credit flow control,
+                    the connection's buffer budget (bytes in, events out; transport.sansio)
+    _events.py      its frozen event dataclasses;  _errors.py  RpcError and error codes
+    _stream.py      RpcStream (what applications use) and the endpoint interface it implements
+    _connection.py  what client and server share: the coalescing outbox, failure, dispatch
+    _client.py      open_rpc_client / RpcClient (leader/follower reading, deadlines)
+    _server.py      serve_rpc (reader task, handler task pool, idle/stall watchdog)
+    _routing.py     handler shapes: unary, unary_inline, route
 
 Client::
 
@@ -22,9 +28,18 @@ Server::
 
 from __future__ import annotations
 
+from transport._exports import fixup_module_metadata
+from transport.rpc._client import DEFAULT_CALL_TIMEOUT_S as DEFAULT_CALL_TIMEOUT_S
+from transport.rpc._client import DEFAULT_CLIENT_MAX_STREAMS as DEFAULT_CLIENT_MAX_STREAMS
+from transport.rpc._client import RpcClient as RpcClient
+from transport.rpc._client import open_rpc_client as open_rpc_client
+from transport.rpc._connection import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
+from transport.rpc._connection import RECEIVE_SIZE as RECEIVE_SIZE
+from transport.rpc._connection import RpcStatistics as RpcStatistics
 from transport.rpc._core import (
     DEFAULT_CLOSED_STREAMS_REMEMBERED as DEFAULT_CLOSED_STREAMS_REMEMBERED,
 )
+from transport.rpc._core import DEFAULT_MAX_BUFFERED_BYTES as DEFAULT_MAX_BUFFERED_BYTES
 from transport.rpc._core import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from transport.rpc._core import DEFAULT_MAX_STREAMS as DEFAULT_MAX_STREAMS
 from transport.rpc._core import FLAG_END as FLAG_END
@@ -50,27 +65,26 @@ from transport.rpc._events import Event as Event
 from transport.rpc._events import GoAwayReceived as GoAwayReceived
 from transport.rpc._events import MessageReceived as MessageReceived
 from transport.rpc._events import PongReceived as PongReceived
+from transport.rpc._events import RequestReceived as RequestReceived
 from transport.rpc._events import StreamCancelled as StreamCancelled
 from transport.rpc._events import StreamEnded as StreamEnded
 from transport.rpc._events import StreamErrored as StreamErrored
 from transport.rpc._events import StreamOpened as StreamOpened
 from transport.rpc._events import WindowUpdated as WindowUpdated
-from transport.rpc._trio import CLOSE_TIMEOUT_S as CLOSE_TIMEOUT_S
-from transport.rpc._trio import RECEIVE_SIZE as RECEIVE_SIZE
-from transport.rpc._trio import EndOfStream as EndOfStream
-from transport.rpc._trio import Handler as Handler
-from transport.rpc._trio import InlineFunction as InlineFunction
-from transport.rpc._trio import InlineUnary as InlineUnary
-from transport.rpc._trio import Router as Router
-from transport.rpc._trio import RpcClient as RpcClient
-from transport.rpc._trio import RpcServerConnection as RpcServerConnection
-from transport.rpc._trio import RpcStatistics as RpcStatistics
-from transport.rpc._trio import RpcStream as RpcStream
-from transport.rpc._trio import open_rpc_client as open_rpc_client
-from transport.rpc._trio import route as route
-from transport.rpc._trio import serve_rpc as serve_rpc
-from transport.rpc._trio import unary as unary
-from transport.rpc._trio import unary_inline as unary_inline
+from transport.rpc._routing import Handler as Handler
+from transport.rpc._routing import InlineFunction as InlineFunction
+from transport.rpc._routing import InlineUnary as InlineUnary
+from transport.rpc._routing import Router as Router
+from transport.rpc._routing import route as route
+from transport.rpc._routing import unary as unary
+from transport.rpc._routing import unary_inline as unary_inline
+from transport.rpc._server import DEFAULT_IDLE_TIMEOUT_S as DEFAULT_IDLE_TIMEOUT_S
+from transport.rpc._server import DEFAULT_STALL_TIMEOUT_S as DEFAULT_STALL_TIMEOUT_S
+from transport.rpc._server import RpcServerConnection as RpcServerConnection
+from transport.rpc._server import serve_rpc as serve_rpc
+from transport.rpc._stream import EndOfStream as EndOfStream
+from transport.rpc._stream import RpcStream as RpcStream
+from transport.sansio import NEED_DATA as NEED_DATA
 
 __all__ = [
     # trio API
@@ -91,6 +105,7 @@ __all__ = [
     "RpcError",
     # sans-IO core
     "RpcConnection",
+    "NEED_DATA",
     "Role",
     "StreamState",
     "StreamInput",
@@ -100,6 +115,7 @@ __all__ = [
     "Event",
     "StreamOpened",
     "MessageReceived",
+    "RequestReceived",
     "StreamEnded",
     "StreamCancelled",
     "StreamErrored",
@@ -114,7 +130,12 @@ __all__ = [
     "FLAG_END",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_MAX_STREAMS",
+    "DEFAULT_MAX_BUFFERED_BYTES",
+    "DEFAULT_CLIENT_MAX_STREAMS",
     "DEFAULT_CLOSED_STREAMS_REMEMBERED",
+    "DEFAULT_CALL_TIMEOUT_S",
+    "DEFAULT_IDLE_TIMEOUT_S",
+    "DEFAULT_STALL_TIMEOUT_S",
     "INITIAL_WINDOW_MESSAGES",
     "INITIAL_WINDOW_BYTES",
     "MAX_CONTROL_PAYLOAD",
@@ -125,16 +146,4 @@ __all__ = [
     "CLOSE_TIMEOUT_S",
 ]
 
-
-def _fixup_module_metadata() -> None:
-    """Show public names as ``transport.rpc.X`` in reprs and tracebacks (trio does the same)."""
-    for name in __all__:
-        obj = globals()[name]
-        if getattr(obj, "__module__", "").startswith("transport.rpc._"):
-            try:
-                obj.__module__ = __name__
-            except (AttributeError, TypeError):  # e.g. type aliases
-                pass
-
-
-_fixup_module_metadata()
+fixup_module_metadata(__name__, globals())

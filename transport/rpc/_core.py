@@ -6,11 +6,12 @@ Theory of operation
 One :class:`RpcConnection` per side of a byte stream. It does no I/O, keeps no clock and never
 logs (h2's "no I/O and no context switches"):
 
-* ``receive_data(data)`` takes bytes from the peer (``b""`` = EOF) and returns a list of
-  events (:mod:`transport.rpc._events`), h2 style; ``feed(data)`` + ``next_event()`` (None =
-  need more data) do the same one event at a time, h11 style. Anything the peer gets wrong
-  raises :class:`~transport.errors.RemoteProtocolError`; the connection is then dead and every
-  later call raises :class:`~transport.errors.LocalProtocolError`.
+* ``receive_data(data)`` buffers bytes from the peer (``b""`` = EOF) and ``next_event()``
+  parses up to the next event (:mod:`transport.rpc._events`) or returns
+  :data:`~transport.sansio.NEED_DATA`: h11's contract, shared with the channel core
+  (:mod:`transport.sansio`). Anything the peer gets wrong raises
+  :class:`~transport.errors.RemoteProtocolError`; the connection is then dead and every later
+  call raises :class:`~transport.errors.LocalProtocolError`.
 * ``send_*()`` methods return the bytes of the frames they encode. Misuse (sending on a closed
   stream, without credit, a message over the size limit) raises ``LocalProtocolError`` *before*
   any state changes, so the caller may recover.
@@ -34,7 +35,19 @@ each direction. A DATA frame may be sent while the sender holds at least one mes
 and a *positive* byte credit; it costs one message and its payload length in bytes, so the byte
 credit may go negative by less than one message (a message larger than the window still
 goes through, one at a time). The receiver grants credit back with WINDOW frames as the
-application consumes messages (:meth:`RpcConnection.message_consumed`).
+application consumes messages (:meth:`RpcConnection.message_consumed`), never sooner.
+
+Buffered bytes are bounded per stream by that window and per connection by
+``max_buffered_bytes``, without a connection-level window on the wire. A stream whose peer may
+still send DATA can make us hold at most its *reservation*, ``min(window_bytes - 1 +
+max_message_size, window_messages * max_message_size)`` (its queue included, since queue and
+credit together never exceed the window); a stream whose peer has ended holds only what it has
+queued. A new stream is accepted (server) or opened (client) only if every peer-open stream's
+reservation, the queues of the others and the new stream's own reservation (just its bytes,
+for a request that arrived whole with its END) fit in ``max_buffered_bytes``;
+a server refuses the others with ERROR ``resource_exhausted`` (the connection stays up). So
+the bytes received and not yet consumed never exceed ``max_buffered_bytes``, plus at most one
+partly received frame.
 """
 
 from __future__ import annotations
@@ -56,12 +69,14 @@ from transport.rpc._events import (
     GoAwayReceived,
     MessageReceived,
     PongReceived,
+    RequestReceived,
     StreamCancelled,
     StreamEnded,
     StreamErrored,
     StreamOpened,
     WindowUpdated,
 )
+from transport.sansio import NEED_DATA
 
 __all__ = [
     "PROTOCOL_NAME",
@@ -84,6 +99,7 @@ __all__ = [
     "MAX_METHOD_LENGTH",
     "MAX_METADATA_ENTRIES",
     "DEFAULT_MAX_STREAMS",
+    "DEFAULT_MAX_BUFFERED_BYTES",
     "MAX_STREAMS_LIMIT",
     "MAX_STREAM_ID",
     "PING_PAYLOAD_SIZE",
@@ -149,6 +165,12 @@ MAX_METADATA_ENTRIES: Final = 32
 #: ``resource_exhausted``). With the default windows this bounds a server's buffered input per
 #: connection to about 32 x (1 MiB + 4 MiB).
 DEFAULT_MAX_STREAMS: Final = 32
+#: Default bound on the bytes a server connection holds received but not yet consumed (see
+#: the module docstring). 64 MiB admits twelve streams whose client may still send, at the
+#: default windows (1 MiB + one 4 MiB message each), while bounding what one connection can
+#: pin to an eighth of a 512 MiB enclave; unary calls release their share as soon as the
+#: request is in, so they are not limited by it.
+DEFAULT_MAX_BUFFERED_BYTES: Final = 64 << 20
 #: Upper bound accepted for ``max_streams``.
 MAX_STREAMS_LIMIT: Final = 65536
 #: Largest stream id (31 bits, as in h2); a client that exhausts them opens a new connection.
@@ -171,6 +193,7 @@ _WINDOW: Final = struct.Struct("!II")
 _OPEN_CACHE_SIZE: Final = 64
 _FRAME_TYPES: Final = {int(t): t for t in FrameType}
 _T_DATA: Final = int(FrameType.DATA)
+_T_OPEN: Final = int(FrameType.OPEN)
 _HEADER_PACK: Final = HEADER.pack
 _HEADER_UNPACK: Final = HEADER.unpack_from
 
@@ -225,6 +248,11 @@ class StreamInput(enum.Enum):
 _S = StreamState
 _I = StreamInput
 _TERMINAL: Final = frozenset({_S.CLOSED, _S.RESET_LOCAL, _S.RESET_REMOTE})
+#: States in which the peer may still send DATA on the stream (it holds a reservation).
+_PEER_OPEN: Final = frozenset({_S.OPEN, _S.HALF_CLOSED_LOCAL})
+#: Payloads up to this size (bytes) are decoded from a copy, larger ones from a buffer view:
+#: below it, copying is cheaper than making and releasing a memoryview.
+_COPY_BELOW: Final = 4096
 
 #: (state, input) -> (next state, deliver an event?). Anything not in this table is invalid:
 #: LocalProtocolError for SEND_* inputs, RemoteProtocolError for RECV_* inputs (h2's rule).
@@ -269,6 +297,25 @@ _TRANSITIONS: Final[dict[tuple[StreamState, StreamInput], tuple[StreamState, boo
     (_S.RESET_LOCAL, _I.RECV_ERROR): (_S.RESET_LOCAL, False),
     (_S.RESET_LOCAL, _I.RECV_WINDOW): (_S.RESET_LOCAL, False),
     # The peer reset: it must send nothing more on the stream (RESET_REMOTE has no entries).
+}
+
+
+#: next_event's fast path, read off the table: the state after a delivered DATA (with END).
+_AFTER_DATA: Final = {
+    st: new for (st, inp), (new, deliver) in _TRANSITIONS.items() if inp is _I.RECV_DATA and deliver
+}
+_AFTER_SEND_DATA: Final = {
+    st: new for (st, inp), (new, _) in _TRANSITIONS.items() if inp is _I.SEND_DATA
+}
+_AFTER_SEND_DATA_END: Final = {
+    st: _TRANSITIONS[(mid, _I.SEND_END)][0]
+    for st, mid in _AFTER_SEND_DATA.items()
+    if (mid, _I.SEND_END) in _TRANSITIONS
+}
+_AFTER_DATA_END: Final = {
+    st: _TRANSITIONS[(mid, _I.RECV_END)][0]
+    for st, mid in _AFTER_DATA.items()
+    if (mid, _I.RECV_END) in _TRANSITIONS and _TRANSITIONS[(mid, _I.RECV_END)][1]
 }
 
 
@@ -318,7 +365,12 @@ class StreamCredit:
 
 @dataclass(frozen=True, slots=True)
 class CoreStatistics:
-    """Counters of one :class:`RpcConnection` (see :meth:`RpcConnection.statistics`)."""
+    """Counters of one :class:`RpcConnection` (see :meth:`RpcConnection.statistics`).
+
+    ``queued_*`` count what open streams hold unconsumed; ``buffered_bytes`` every received
+    byte not yet reported consumed (closed streams included); ``reserved_bytes`` what the
+    buffer budget counts (see the module docstring).
+    """
 
     open_streams: int
     streams_opened: int
@@ -330,6 +382,8 @@ class CoreStatistics:
     bytes_received: int
     queued_messages: int
     queued_bytes: int
+    buffered_bytes: int = 0
+    reserved_bytes: int = 0
 
 
 class _Stream:
@@ -380,7 +434,15 @@ class RpcConnection:
         max_streams: concurrently open streams. A server refuses more with an ERROR
             ``resource_exhausted``; a client raises :class:`LocalProtocolError` instead of
             opening more.
+        max_buffered_bytes: bound on bytes received and not yet consumed, for the whole
+            connection (see the module docstring), or None (the default here; ``serve_rpc``
+            uses :data:`DEFAULT_MAX_BUFFERED_BYTES`) for no bound beyond ``max_streams``
+            reservations. Streams over it are refused like over ``max_streams``. Must hold
+            at least one stream's reservation.
         closed_streams_remembered: how many closed stream ids to remember (see module doc).
+        merge_first_message: (server) when an OPEN and the stream's first DATA are both
+            buffered, report them as one :class:`RequestReceived` instead of
+            :class:`StreamOpened` then :class:`MessageReceived` (one event per unary call).
 
     Raises:
         ValueError: an argument is out of range.
@@ -394,7 +456,9 @@ class RpcConnection:
         window_messages: int = INITIAL_WINDOW_MESSAGES,
         window_bytes: int = INITIAL_WINDOW_BYTES,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_buffered_bytes: int | None = None,
         closed_streams_remembered: int = DEFAULT_CLOSED_STREAMS_REMEMBERED,
+        merge_first_message: bool = False,
     ) -> None:
         if not isinstance(role, Role):
             raise TypeError(f"role must be a Role, got {role!r}")
@@ -412,10 +476,29 @@ class RpcConnection:
         self._remembered: Final = _check_int(
             "closed_streams_remembered", closed_streams_remembered, 0, 1 << 20
         )
+        #: What one stream whose peer may still send can make us hold (bytes).
+        self.stream_reservation: Final = min(
+            self.window_bytes - 1 + self.max_message_size,
+            self.window_messages * self.max_message_size,
+        )
+        if max_buffered_bytes is not None:
+            _check_int("max_buffered_bytes", max_buffered_bytes, self.stream_reservation, 1 << 40)
+        self.max_buffered_bytes: Final = max_buffered_bytes
+        # Whether our window exceeds the protocol's initial one (granted at stream open).
+        self._extra_window = (
+            self.window_messages > INITIAL_WINDOW_MESSAGES
+            or self.window_bytes > INITIAL_WINDOW_BYTES
+        )
+        self._merge_first = bool(merge_first_message)
+        self._peer_open = 0  # streams whose peer may still send DATA (OPEN, HALF_CLOSED_LOCAL)
+        self._buffered = 0  # bytes received, not yet reported consumed (every stream)
+        # ...of which held by streams whose peer can send no more (no reservation covers them)
+        self._buffered_ended = 0
         self._streams: dict[int, _Stream] = {}
         self._closed: OrderedDict[int, StreamState] = OrderedDict()
         self._last_stream_id = 0  # highest id opened so far (all streams are client-initiated)
         self._buf = bytearray()
+        self._pos = 0  # parse position in _buf (consumed bytes are dropped lazily)
         self._pending = bytearray()  # frames owed to the peer, drained by data_to_send()
         self._broken: str | None = None  # set once a protocol error killed the connection
         self._eof = False
@@ -510,6 +593,8 @@ class RpcConnection:
             bytes_received=self._bytes_received,
             queued_messages=sum(s.queued_msgs for s in self._streams.values()),
             queued_bytes=sum(s.queued_bytes for s in self._streams.values()),
+            buffered_bytes=self._buffered,
+            reserved_bytes=self._reserved(),
         )
 
     # ------------------------------------------------------------------ sending
@@ -543,10 +628,48 @@ class RpcConnection:
 
     def _apply(self, stream_id: int, st: _Stream, event: StreamInput) -> bool:
         new, deliver = transition(st.state, event)
+        self._set_state(stream_id, st, new)
+        return deliver
+
+    def _set_state(self, stream_id: int, st: _Stream, new: StreamState) -> None:
+        if st.state in _PEER_OPEN and new not in _PEER_OPEN:
+            # The peer can send no more here: its reservation ends, its queue is all it holds.
+            self._peer_open -= 1
+            self._buffered_ended += st.queued_bytes
         st.state = new
         if new in _TERMINAL:
             self._retire(stream_id, new)
-        return deliver
+
+    def open_refusal(self, reservation: int | None = None) -> tuple[str, str] | None:
+        """Why a new stream cannot be opened (client) or accepted (server) right now, as an
+        RPC error ``(code, message)``; None if it can. Per-stream refusals, not failures.
+
+        ``reservation``: what the new stream can make us hold, if less than a full
+        :attr:`stream_reservation` (a request that arrived complete with its END)."""
+        if self._goaway_sent or self._goaway_received:
+            return ("unavailable", "the connection is shutting down")
+        if len(self._streams) >= self.max_streams:
+            return ("resource_exhausted", f"too many concurrent streams ({self.max_streams})")
+        if not self._fits_another_stream(reservation):
+            return (
+                "resource_exhausted",
+                f"too much data buffered on this connection ({self._buffered} bytes queued, "
+                f"max_buffered_bytes={self.max_buffered_bytes})",
+            )
+        return None
+
+    def _fits_another_stream(self, reservation: int | None = None) -> bool:
+        """Whether one more stream fits the buffer budget (module docstring)."""
+        budget = self.max_buffered_bytes
+        if budget is None:
+            return True
+        extra = self.stream_reservation if reservation is None else reservation
+        return self._reserved() + extra <= budget
+
+    def _reserved(self) -> int:
+        # Each peer-open stream can hold at most its reservation (queue included: queued +
+        # credit <= window); the others hold what they queued.
+        return self._peer_open * self.stream_reservation + self._buffered_ended
 
     def _initial_grant(self, st: _Stream) -> tuple[int, int]:
         """Credit beyond the protocol's initial window that our configuration promises."""
@@ -557,9 +680,20 @@ class RpcConnection:
         return extra_m, extra_b
 
     def send_open(
-        self, method: str, metadata: Mapping[str, Any] | None = None
+        self,
+        method: str,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        first: bytes | None = None,
+        end: bool = False,
     ) -> tuple[int, bytes]:
-        """Open a new stream (client only).
+        """Open a new stream (client only), optionally with its first message in the same call.
+
+        Args:
+            method, metadata: the OPEN frame's content.
+            first: an encoded message (:meth:`pack_message`) sent right after the OPEN, as
+                :meth:`send_data` would; a unary call is ``first=request, end=True``.
+            end: with ``first``: half-close after it (DATA with the END flag).
 
         Returns:
             ``(stream_id, bytes to send)``.
@@ -567,28 +701,58 @@ class RpcConnection:
         Raises:
             TypeError / ValueError: ``method`` or ``metadata`` is malformed or too large.
             LocalProtocolError: not a client, the connection is broken or going away, too many
-                open streams, or stream ids are exhausted.
+                open streams, the buffer budget is full, ``first`` is over the size limit, or
+                stream ids are exhausted.
         """
         self._check_usable()
         if self.role is not Role.CLIENT:
             raise LocalProtocolError("only the client opens streams")
-        if self._goaway_received or self._goaway_sent:
-            raise LocalProtocolError("the connection is going away; no new streams")
-        if len(self._streams) >= self.max_streams:
-            raise LocalProtocolError(f"too many open streams (max_streams={self.max_streams})")
+        if (
+            self._goaway_sent
+            or self._goaway_received
+            or len(self._streams) >= self.max_streams
+            or self.max_buffered_bytes is not None
+        ):  # (the common case needs none of open_refusal's work)
+            refusal = self.open_refusal()
+            if refusal is not None:
+                raise LocalProtocolError(f"cannot open a stream: {refusal[1]}")
+        if first is not None and len(first) > self.max_message_size:
+            raise LocalProtocolError(
+                f"message of {len(first)} bytes exceeds max_message_size "
+                f"({self.max_message_size} bytes)"
+            )
+        if end and first is None:
+            raise ValueError("end=True needs a first message")
         payload = self._encode_open(method, metadata)
         stream_id = self._last_stream_id + 2 if self._last_stream_id else 1  # 1, 3, 5, ...
         if stream_id > MAX_STREAM_ID:
             raise LocalProtocolError("stream ids exhausted; open a new connection")
         st = _Stream()
         self._streams[stream_id] = st
+        self._peer_open += 1
         self._last_stream_id = stream_id
         self._streams_opened += 1
-        data = self._frame(FrameType.OPEN, 0, stream_id, payload)
-        extra_m, extra_b = self._initial_grant(st)
-        if extra_m or extra_b:
-            data += self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b))
-        return stream_id, data
+        self._frames_sent += 1
+        self._bytes_sent += HEADER_SIZE + len(payload)
+        parts = [_HEADER_PACK(len(payload), _T_OPEN, 0, stream_id), payload]
+        if self._extra_window:
+            extra_m, extra_b = self._initial_grant(st)
+            parts.append(
+                self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b))
+            )
+        if first is not None:
+            # A fresh stream: OPEN, with its initial credit (send_data's checks hold).
+            size = len(first)
+            st.send_msgs -= 1
+            st.send_bytes -= size
+            if end:
+                st.state = StreamState.HALF_CLOSED_LOCAL  # the peer may still send: no change
+            self._messages_sent += 1
+            self._frames_sent += 1
+            self._bytes_sent += HEADER_SIZE + size
+            parts.append(_HEADER_PACK(size, _T_DATA, FLAG_END if end else 0, stream_id))
+            parts.append(first)
+        return stream_id, b"".join(parts)
 
     def _encode_open(self, method: str, metadata: Mapping[str, Any] | None) -> bytes:
         if not metadata and type(method) is str:
@@ -647,23 +811,27 @@ class RpcConnection:
             LocalProtocolError: the stream is not open for sending, there is no send credit
                 (check :meth:`has_send_credit` first), or the payload is over the size limit.
         """
-        st = self._stream_for_send(stream_id)
+        st = self._streams.get(stream_id)
+        if st is None or self._broken is not None:
+            st = self._stream_for_send(stream_id)  # raises
         size = len(payload)
         if size > self.max_message_size:
             raise LocalProtocolError(
                 f"message of {size} bytes exceeds max_message_size ({self.max_message_size} bytes)"
             )
-        # Validate every transition before touching credit or state.
-        state = transition(st.state, StreamInput.SEND_DATA)[0]
-        if end:
-            state = transition(state, StreamInput.SEND_END)[0]
+        # Validate every transition before touching credit or state (the common ones are
+        # read off the table in advance; the rest go through transition(), which raises).
+        state = (_AFTER_SEND_DATA_END if end else _AFTER_SEND_DATA).get(st.state)
+        if state is None:
+            state = transition(st.state, StreamInput.SEND_DATA)[0]
+            if end:
+                state = transition(state, StreamInput.SEND_END)[0]
         if st.send_msgs < 1 or st.send_bytes < 1:
             raise LocalProtocolError(f"no send credit on stream {stream_id}")
         st.send_msgs -= 1
         st.send_bytes -= size
-        st.state = state
-        if state in _TERMINAL:
-            self._retire(stream_id, state)
+        if state is not st.state:
+            self._set_state(stream_id, st, state)
         self._messages_sent += 1
         self._frames_sent += 1
         self._bytes_sent += HEADER_SIZE + size
@@ -714,13 +882,20 @@ class RpcConnection:
         return self._frame(FrameType.PING, 0, 0, payload)
 
     def message_consumed(self, stream_id: int, size: int) -> bytes:
-        """Report that the application took one received message of ``size`` bytes.
+        """Report that the application took one received message of ``size`` bytes, or that
+        it was discarded (a reset stream's queue): either way we no longer hold it.
+
+        Call it exactly once for every :class:`MessageReceived`, even after the stream closed:
+        the connection's buffer budget counts every message until then.
 
         Returns:
             A WINDOW frame to send if the peer's credit fell to half the window or less,
             else ``b""``. Closed or unknown streams return ``b""``.
         """
+        self._buffered -= size
         st = self._streams.get(stream_id)
+        if st is None or st.state not in _PEER_OPEN:
+            self._buffered_ended -= size
         if st is None or self._broken is not None:
             return b""
         st.queued_msgs -= 1
@@ -754,6 +929,11 @@ class RpcConnection:
             )
         self._pending += frame
 
+    @property
+    def receive_buffered(self) -> int:
+        """Bytes received and not yet parsed into events (a partly received frame, or more)."""
+        return len(self._buf) - self._pos
+
     def has_data_to_send(self) -> bool:
         """True if :meth:`data_to_send` would return frames."""
         return bool(self._pending)
@@ -768,55 +948,111 @@ class RpcConnection:
 
     # ------------------------------------------------------------------ receiving
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Feed bytes received from the peer (``b""`` = the peer closed) and parse them all.
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer bytes received from the peer; ``b""`` marks the peer's end-of-file.
 
-        h2 style: equivalent to :meth:`feed` then :meth:`next_event` until it returns None.
-
-        Returns:
-            The events completed by these bytes, in order.
-
-        Raises:
-            RemoteProtocolError: the peer violated the protocol (the connection is then dead).
-            LocalProtocolError: called after the connection broke or after EOF.
-        """
-        self.feed(data)
-        events: list[Event] = []
-        self._run_parser(events, one=False)
-        return events
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer bytes received from the peer without parsing them; ``b""`` marks EOF.
+        Nothing is parsed until :meth:`next_event` (h11's contract, :mod:`transport.sansio`).
 
         Raises:
             LocalProtocolError: called after the connection broke or after EOF.
         """
         self._check_usable()
         if self._eof:
-            raise LocalProtocolError("data fed after EOF")
+            raise LocalProtocolError("receive_data after EOF")
         if not data:
             self._eof = True
             return
         self._bytes_received += len(data)
+        if self._pos:
+            del self._buf[: self._pos]  # cheap: CPython drops a bytearray's head in place
+            self._pos = 0
         self._buf += data
 
-    def next_event(self) -> Event | None:
-        """Parse buffered bytes up to the next event (h11 style); None means "need more data".
+    def next_event(self) -> Event | type[NEED_DATA]:
+        """Parse buffered bytes up to the next event; :data:`NEED_DATA` if more are needed.
 
-        Processing events one at a time lets the caller act on each (for example answer a
-        stream, which frees its slot) before the next frame is looked at.
+        Frames that produce no event (legal ones crossing our own END/CANCEL, PINGs, which
+        only owe a PONG to :meth:`data_to_send`) are consumed on the way. After the peer's
+        end-of-file, one :class:`ConnectionEnded` comes once every complete frame was taken.
 
         Raises:
             RemoteProtocolError: the peer violated the protocol (the connection is then dead).
+            LocalProtocolError: called after the connection broke.
         """
-        self._check_usable()
-        events: list[Event] = []
-        self._run_parser(events, one=True)
-        return events[0] if events else None
-
-    def _run_parser(self, events: list[Event], *, one: bool) -> None:
+        if self._broken is not None:
+            raise LocalProtocolError(f"the RPC connection is broken: {self._broken}")
+        buf = self._buf
         try:
-            self._parse(events, one)
+            while True:
+                pos = self._pos
+                n = len(buf)
+                if n - pos < HEADER_SIZE:
+                    break
+                length, ftype, flags, stream_id = _HEADER_UNPACK(buf, pos)
+                # Every length is checked as soon as the header is complete, before the
+                # payload is waited for, so a peer cannot make us buffer more than one frame.
+                limit = self.max_message_size if ftype == _T_DATA else MAX_CONTROL_PAYLOAD
+                if length > limit:
+                    self._fail(
+                        f"{_frame_name(ftype)} frame of {length} bytes exceeds the limit of "
+                        f"{limit} bytes"
+                    )
+                start = pos + HEADER_SIZE
+                end = start + length
+                if end > n:
+                    break
+                self._pos = end
+                self._frames_received += 1
+                st = self._streams.get(stream_id)
+                if ftype == _T_OPEN and self._merge_first:
+                    request = self._unary_request(stream_id, start, end)
+                    if request is not None:
+                        return request
+                if ftype == _T_DATA and st is not None:
+                    # Fast path, inline: a message on a stream whose peer may send.
+                    after = (_AFTER_DATA_END if flags == FLAG_END else _AFTER_DATA).get(st.state)
+                    if after is not None and flags & ~FLAG_END == 0:
+                        if st.peer_msgs < 1 or st.peer_bytes < 1:
+                            self._fail(f"DATA on stream {stream_id} without credit")
+                        if length <= _COPY_BELOW:
+                            message = self._decode(buf[start:end], self._unpack_limits, "message")
+                        else:
+                            with memoryview(buf) as view, view[start:end] as payload:
+                                message = self._decode(payload, self._unpack_limits, "message")
+                        st.peer_msgs -= 1
+                        st.peer_bytes -= length
+                        self._messages_received += 1
+                        self._buffered += length
+                        st.queued_msgs += 1
+                        st.queued_bytes += length
+                        if after is not st.state:
+                            self._set_state(stream_id, st, after)  # (after queuing: see there)
+                        return MessageReceived(stream_id, message, length, flags == FLAG_END)
+                # Everything else. The payload is a view into the buffer, released before the
+                # buffer can change.
+                event: Event | None
+                with memoryview(buf) as view, view[start:end] as payload:
+                    if ftype == _T_DATA and st is not None:
+                        event = self._receive_message(stream_id, st, flags, payload)
+                    else:
+                        ft = _FRAME_TYPES.get(ftype)
+                        if ft is None:
+                            self._fail(f"unknown frame type 0x{ftype:02x}")
+                        event = self._handle(ft, flags, stream_id, payload)
+                if event is not None:
+                    return event
+            if self._pos and self._pos == len(buf):
+                buf.clear()
+                self._pos = 0
+            if self._eof:
+                if len(buf) > self._pos:  # whatever is left is an incomplete frame
+                    self._fail(
+                        f"connection closed in the middle of a frame ({len(buf) - self._pos} bytes)"
+                    )
+                if not self._eof_reported:
+                    self._eof_reported = True
+                    return ConnectionEnded()
+            return NEED_DATA
         except RemoteProtocolError as exc:
             self._broken = str(exc)
             raise
@@ -828,53 +1064,13 @@ class RpcConnection:
         self._broken = reason
         raise RemoteProtocolError(reason)
 
-    def _parse(self, events: list[Event], one: bool) -> None:
-        buf = self._buf
-        pos = 0
-        n = len(buf)
-        max_message = self.max_message_size
-        streams = self._streams
-        with memoryview(buf) as view:
-            while n - pos >= HEADER_SIZE:
-                length, ftype, flags, stream_id = _HEADER_UNPACK(buf, pos)
-                # Every length is checked as soon as the header is complete, before the
-                # payload is waited for, so a peer cannot make us buffer more than one frame.
-                if length > (max_message if ftype == _T_DATA else MAX_CONTROL_PAYLOAD):
-                    self._fail(
-                        f"{_frame_name(ftype)} frame of {length} bytes exceeds the limit of "
-                        f"{max_message if ftype == _T_DATA else MAX_CONTROL_PAYLOAD} bytes"
-                    )
-                end = pos + HEADER_SIZE + length
-                if end > n:
-                    break
-                self._frames_received += 1
-                st = streams.get(stream_id)
-                # (the payload view is passed, never bound here: it must die before `del buf`)
-                if ftype == _T_DATA and st is not None and not flags & ~FLAG_END:
-                    # Fast path: a message on an open stream.
-                    self._receive_message(
-                        stream_id, st, flags, view[pos + HEADER_SIZE : end], events
-                    )
-                else:
-                    ft = _FRAME_TYPES.get(ftype)
-                    if ft is None:
-                        self._fail(f"unknown frame type 0x{ftype:02x}")
-                    self._handle(ft, flags, stream_id, view[pos + HEADER_SIZE : end], events)
-                pos = end
-                if one and events:
-                    break
-        if pos:
-            del buf[:pos]  # cheap: CPython drops a bytearray's head without copying
-        if self._eof and not (one and events):
-            if buf:  # whatever is left is an incomplete frame
-                self._fail(f"connection closed in the middle of a frame ({len(buf)} bytes)")
-            if not self._eof_reported:
-                self._eof_reported = True
-                events.append(ConnectionEnded())
-
     def _receive_message(
-        self, stream_id: int, st: _Stream, flags: int, payload: memoryview, events: list[Event]
-    ) -> None:
+        self, stream_id: int, st: _Stream, flags: int, payload: memoryview
+    ) -> MessageReceived:
+        # The general path (next_event inlines the common case): errors for DATA where the
+        # table does not allow it, and flags that are not ours.
+        if flags & ~FLAG_END:
+            self._fail(f"DATA frame with unknown flags 0x{flags:02x}")
         state = transition(st.state, StreamInput.RECV_DATA)[0]
         end = bool(flags & FLAG_END)
         if end:
@@ -885,13 +1081,12 @@ class RpcConnection:
         message = self._decode(payload, self._unpack_limits, "message")
         st.peer_msgs -= 1
         st.peer_bytes -= size
-        st.state = state
-        if state in _TERMINAL:
-            self._retire(stream_id, state)
         self._messages_received += 1
+        self._buffered += size
         st.queued_msgs += 1
         st.queued_bytes += size
-        events.append(MessageReceived(stream_id, message, size, end))
+        self._set_state(stream_id, st, state)
+        return MessageReceived(stream_id, message, size, end)
 
     def _handle(
         self,
@@ -899,48 +1094,47 @@ class RpcConnection:
         flags: int,
         stream_id: int,
         payload: memoryview,
-        events: list[Event],
-    ) -> None:
+    ) -> Event | None:
         if flags & ~(FLAG_END if ftype is FrameType.DATA else 0):
             self._fail(f"{ftype.name} frame with unknown flags 0x{flags:02x}")
         if ftype in (FrameType.GOAWAY, FrameType.PING, FrameType.PONG):
             if stream_id != 0:
                 self._fail(f"{ftype.name} frame on stream {stream_id} (must be 0)")
-            self._handle_connection_frame(ftype, payload, events)
-            return
+            return self._handle_connection_frame(ftype, payload)
         if stream_id == 0:
             self._fail(f"{ftype.name} frame on stream 0")
         if ftype is FrameType.OPEN:
-            self._handle_open(stream_id, payload, events)
-            return
+            return self._handle_open(stream_id, payload)
         st = self._streams.get(stream_id)
         if st is None:
             self._handle_closed_stream(ftype, stream_id)
-            return
+            return None
         if ftype is FrameType.DATA:
-            self._receive_message(stream_id, st, flags, payload, events)
-        elif ftype is FrameType.END:
+            return self._receive_message(stream_id, st, flags, payload)
+        if ftype is FrameType.END:
             self._expect_empty(ftype, payload)
-            if self._apply(stream_id, st, StreamInput.RECV_END):
-                events.append(StreamEnded(stream_id))
-        elif ftype is FrameType.CANCEL:
+            return StreamEnded(stream_id) if self._apply(stream_id, st, _I.RECV_END) else None
+        if ftype is FrameType.CANCEL:
             self._expect_empty(ftype, payload)
-            if self._apply(stream_id, st, StreamInput.RECV_CANCEL):
-                events.append(StreamCancelled(stream_id))
-        elif ftype is FrameType.ERROR:
+            if self._apply(stream_id, st, _I.RECV_CANCEL):
+                return StreamCancelled(stream_id)
+            return None
+        if ftype is FrameType.ERROR:
             code, message = self._decode_error(payload)
-            if self._apply(stream_id, st, StreamInput.RECV_ERROR):
-                events.append(StreamErrored(stream_id, code, message))
-        else:  # WINDOW
-            if len(payload) != _WINDOW.size:
-                self._fail(f"WINDOW frame payload of {len(payload)} bytes (must be 8)")
-            grant_m, grant_b = _WINDOW.unpack(payload)
-            if self._apply(stream_id, st, StreamInput.RECV_WINDOW):
-                if st.send_msgs + grant_m > MAX_WINDOW or st.send_bytes + grant_b > MAX_WINDOW:
-                    self._fail(f"WINDOW on stream {stream_id} overflows the credit limit")
-                st.send_msgs += grant_m
-                st.send_bytes += grant_b
-                events.append(WindowUpdated(stream_id, grant_m, grant_b))
+            if self._apply(stream_id, st, _I.RECV_ERROR):
+                return StreamErrored(stream_id, code, message)
+            return None
+        # WINDOW
+        if len(payload) != _WINDOW.size:
+            self._fail(f"WINDOW frame payload of {len(payload)} bytes (must be 8)")
+        grant_m, grant_b = _WINDOW.unpack(payload)
+        if not self._apply(stream_id, st, _I.RECV_WINDOW):
+            return None
+        if st.send_msgs + grant_m > MAX_WINDOW or st.send_bytes + grant_b > MAX_WINDOW:
+            self._fail(f"WINDOW on stream {stream_id} overflows the credit limit")
+        st.send_msgs += grant_m
+        st.send_bytes += grant_b
+        return WindowUpdated(stream_id, grant_m, grant_b)
 
     def _handle_closed_stream(self, ftype: FrameType, stream_id: int) -> None:
         """A frame for a stream that is not open: ignore, or reject as unknown/after close."""
@@ -951,7 +1145,9 @@ class RpcConnection:
             return  # closed long ago and forgotten: drop (bounded memory, see module doc)
         transition(state, _RECV_INPUT[ftype])  # raises RemoteProtocolError if not allowed
 
-    def _handle_open(self, stream_id: int, payload: memoryview, events: list[Event]) -> None:
+    def _handle_open(
+        self, stream_id: int, payload: memoryview
+    ) -> StreamOpened | RequestReceived | None:
         if self.role is not Role.SERVER:
             self._fail("the server sent OPEN (only the client opens streams)")
         if stream_id % 2 == 0 or stream_id <= self._last_stream_id or stream_id > MAX_STREAM_ID:
@@ -979,38 +1175,159 @@ class RpcConnection:
             if not metadata and len(self._open_decoded) < _OPEN_CACHE_SIZE:
                 self._open_decoded[raw] = method
         self._last_stream_id = stream_id
-        if self._goaway_sent or len(self._streams) >= self.max_streams:
-            code, text = (
-                ("unavailable", "the server is shutting down")
-                if self._goaway_sent
-                else ("resource_exhausted", f"too many concurrent streams ({self.max_streams})")
-            )
+        # A request that came complete with its END holds only its own bytes, not a whole
+        # stream's reservation: unary calls are admitted while streams hold the budget.
+        complete = self._peek_first_message(stream_id) if self._merge_first else None
+        refusal = self.open_refusal(None if complete is None else complete)
+        if refusal is not None:
+            code, text = refusal
             payload_out = self._packer.pack([code, text])
             self._owe(self._frame(FrameType.ERROR, 0, stream_id, payload_out))
             if self._remembered:
                 self._closed[stream_id] = StreamState.RESET_LOCAL
                 if len(self._closed) > self._remembered:
                     self._closed.popitem(last=False)
-            return
+            return None
         st = _Stream()
         self._streams[stream_id] = st
+        self._peer_open += 1
         self._streams_opened += 1
-        extra_m, extra_b = self._initial_grant(st)
-        if extra_m or extra_b:
+        if self._extra_window:
+            extra_m, extra_b = self._initial_grant(st)
             self._owe(self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)))
-        events.append(StreamOpened(stream_id, method, metadata))
+        if self._merge_first:
+            first = self._take_first_message(stream_id, st)
+            if first is not None:
+                message, size, end = first
+                return RequestReceived(stream_id, method, metadata, message, size, end)
+        return StreamOpened(stream_id, method, metadata)
+
+    def _unary_request(self, stream_id: int, start: int, end: int) -> RequestReceived | None:
+        """next_event's fast path for the common unary call (server, ``merge_first_message``):
+        an OPEN seen before (cached) for a new, valid id, directly followed in the buffer by the
+        whole request with its END, admitted by every limit. Consumes both frames and returns
+        one event; returns None, consuming nothing, for anything else (the general path then
+        handles the OPEN, with every check and error)."""
+        if (
+            stream_id % 2 == 0
+            or stream_id <= self._last_stream_id
+            or stream_id > MAX_STREAM_ID
+            or self._goaway_received
+            or self._goaway_sent
+            or len(self._streams) >= self.max_streams
+        ):
+            return None
+        buf = self._buf
+        method = self._open_decoded.get(bytes(buf[start:end]))
+        if method is None:
+            return None
+        n = len(buf)
+        if n - end < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, end)
+        data_start = end + HEADER_SIZE
+        data_end = data_start + length
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags != FLAG_END
+            or length > self.max_message_size
+            or data_end > n
+        ):
+            return None
+        budget = self.max_buffered_bytes
+        if budget is not None and self._reserved() + length > budget:
+            return None
+        if length <= _COPY_BELOW:
+            message = self._decode(buf[data_start:data_end], self._unpack_limits, "message")
+        else:
+            with memoryview(buf) as view, view[data_start:data_end] as data:
+                message = self._decode(data, self._unpack_limits, "message")
+        # The stream is born half-closed by the peer, holding its one message (what the
+        # general path reaches through OPEN then DATA|END; the peer never held a reservation).
+        st = _Stream()
+        st.state = StreamState.HALF_CLOSED_REMOTE
+        st.peer_msgs -= 1
+        st.peer_bytes -= length
+        st.queued_msgs = 1
+        st.queued_bytes = length
+        if self._extra_window:  # (the grant is owed even though the peer will not use it)
+            extra_m, extra_b = self._initial_grant(st)
+            self._owe(self._frame(FrameType.WINDOW, 0, stream_id, _WINDOW.pack(extra_m, extra_b)))
+        self._streams[stream_id] = st
+        self._last_stream_id = stream_id
+        self._streams_opened += 1
+        self._pos = data_end
+        self._frames_received += 1  # (the OPEN was counted by next_event)
+        self._messages_received += 1
+        self._buffered += length
+        self._buffered_ended += length
+        return RequestReceived(stream_id, method, {}, message, length, True)
+
+    def _peek_first_message(self, stream_id: int) -> int | None:
+        """The size of the next buffered frame if it is a complete DATA with END for
+        ``stream_id`` (a whole unary request), else None."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, pos)
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags != FLAG_END
+            or length > self.max_message_size
+            or pos + HEADER_SIZE + length > len(buf)
+        ):
+            return None
+        return int(length)
+
+    def _take_first_message(self, stream_id: int, st: _Stream) -> tuple[Any, int, bool] | None:
+        """If the next buffered frame is a complete, plain DATA for the stream just opened,
+        consume it (see ``merge_first_message``); anything else is left to next_event."""
+        buf = self._buf
+        pos = self._pos
+        if len(buf) - pos < HEADER_SIZE:
+            return None
+        length, ftype, flags, sid = _HEADER_UNPACK(buf, pos)
+        start = pos + HEADER_SIZE
+        end = start + length
+        if (
+            ftype != _T_DATA
+            or sid != stream_id
+            or flags & ~FLAG_END
+            or length > self.max_message_size
+            or end > len(buf)
+        ):
+            return None
+        self._pos = end
+        self._frames_received += 1
+        if length <= _COPY_BELOW:
+            message = self._decode(buf[start:end], self._unpack_limits, "message")
+        else:
+            with memoryview(buf) as view, view[start:end] as data:
+                message = self._decode(data, self._unpack_limits, "message")
+        # A fresh stream holds its initial credit and is OPEN (see next_event's fast path).
+        st.peer_msgs -= 1
+        st.peer_bytes -= length
+        self._messages_received += 1
+        self._buffered += length
+        st.queued_msgs += 1
+        st.queued_bytes += length
+        if flags:
+            self._set_state(stream_id, st, StreamState.HALF_CLOSED_REMOTE)
+        return message, length, bool(flags)
 
     def _handle_connection_frame(
-        self, ftype: FrameType, payload: memoryview, events: list[Event]
-    ) -> None:
+        self, ftype: FrameType, payload: memoryview
+    ) -> PongReceived | GoAwayReceived | None:
         if ftype is FrameType.PING or ftype is FrameType.PONG:
             if len(payload) != PING_PAYLOAD_SIZE:
                 self._fail(f"{ftype.name} payload of {len(payload)} bytes (must be 8)")
             if ftype is FrameType.PING:
                 self._owe(self._frame(FrameType.PONG, 0, 0, bytes(payload)))
-            else:
-                events.append(PongReceived(bytes(payload)))
-            return
+                return None
+            return PongReceived(bytes(payload))
         decoded = self._decode(payload, self._control_limits, "GOAWAY payload")
         if not (
             isinstance(decoded, list)
@@ -1025,7 +1342,7 @@ class RpcConnection:
         last_id, code, message = decoded
         self._check_code(code, "GOAWAY")
         self._goaway_received = True
-        events.append(GoAwayReceived(last_id, code, message[:MAX_ERROR_MESSAGE_LENGTH]))
+        return GoAwayReceived(last_id, code, message[:MAX_ERROR_MESSAGE_LENGTH])
 
     def _decode_error(self, payload: memoryview) -> tuple[str, str]:
         decoded = self._decode(payload, self._control_limits, "ERROR payload")
@@ -1049,7 +1366,7 @@ class RpcConnection:
         if len(payload):
             self._fail(f"{ftype.name} frame with a {len(payload)}-byte payload (must be empty)")
 
-    def _decode(self, payload: memoryview, limits: dict[str, Any], what: str) -> Any:
+    def _decode(self, payload: memoryview | bytearray, limits: dict[str, Any], what: str) -> Any:
         try:
             return msgpack.unpackb(payload, **limits)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -14,6 +14,7 @@ __all__ = [
     "Event",
     "StreamOpened",
     "MessageReceived",
+    "RequestReceived",
     "StreamEnded",
     "StreamCancelled",
     "StreamErrored",
@@ -58,6 +59,22 @@ class MessageReceived(Event):
     """
 
     stream_id: int
+    message: Any
+    size: int
+    end: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived(Event):
+    """A stream opened and its first message arrived together: :class:`StreamOpened` and
+    :class:`MessageReceived` in one event (a unary call's OPEN and DATA|END usually share a
+    read). Only a core made with ``merge_first_message=True`` produces it; the fields are
+    those of the two events.
+    """
+
+    stream_id: int
+    method: str
+    metadata: Mapping[str, Any]
     message: Any
     size: int
     end: bool = False
