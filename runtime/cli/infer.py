@@ -243,11 +243,13 @@ def _for_the_user(
         return PeerUnreachable(text)
     if isinstance(exc, AuthenticationFailed):
         if not connected:
-            return AuthenticationFailed(
+            # AuthenticationFailed's str() is opaque by design; the user's line is a plain
+            # EnclaveError that says which stage failed (the log says which check).
+            return EnclaveError(
                 f"attestation failed: the enclave at {endpoint} did not prove what {policy} "
                 "requires (root, PCRs, debug mode, freshness); the log says which check failed"
             )
-        return AuthenticationFailed(
+        return EnclaveError(
             f"the channel to the enclave at {endpoint} failed its integrity check (tampering "
             "on the way, or the enclave went away mid-record)"
         )

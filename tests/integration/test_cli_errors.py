@@ -176,7 +176,7 @@ CASES = [
           "{policy}", "--model", "digits", "--input", "{npz}"), ("{tmp}/none.pem",)),
     Case("ingress-busy-port",
          ("ingress", "--listen", "127.0.0.1:{busy}", "--cid", "16", "--port", "5005"),
-         ("{busy}",), owner="transport"),
+         ("{busy}",)),
     Case("ingress-bad-listen", ("ingress", "--listen", "nonsense", "--cid", "16", "--port", "1"),
          ("nonsense",)),
     Case("ingress-unusable-fabric-dir",
