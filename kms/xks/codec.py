@@ -120,7 +120,9 @@ _MAX_LIST = 10
 _MAX_DEPTH = 8
 
 _URI_PATH_RE = re.compile(r"^[A-Za-z0-9/_-]+$")
-_KEY_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: The spec's key id characters; "." and ".." excluded: HTTP clients remove such dot segments
+#: from URIs (RFC 3986 §5.2.4), so a key with that id could never be addressed.
+_KEY_ID_RE = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$")
 
 
 class ResponseFormatError(XksError):
@@ -165,7 +167,7 @@ def validate_uri_path(path: str) -> str:
 
 
 def validate_key_id(key_id: str) -> str:
-    """Check an external key id (1-128 of ``[A-Za-z0-9._-]``) and return it.
+    """Check an external key id (1-128 of ``[A-Za-z0-9._-]``, not ``.`` or ``..``).
 
     Raises:
         ValueError: it breaks the spec's rules.

@@ -43,6 +43,9 @@ class XksCallContext(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class _Row:
+    #: The spec table's "Failure Scenario" (also keeps every member's value distinct: equal
+    #: values would make enum aliases).
+    scenario: str
     management: str
     create_key: str
     message: str
@@ -58,16 +61,22 @@ _STORE_STATE = "CustomKeyStoreInvalidStateException"
 _INVALID_RESPONSE = "XksProxyInvalidResponseException"
 
 
+@enum.unique  # equal rows would silently become aliases of one another
 class XksFailure(enum.Enum):
     """One row of the spec's table: a way a call to the proxy can fail."""
 
     #: The proxy answered ValidationException.
     VALIDATION = _Row(
-        _INVALID_RESPONSE, _STORE_STATE, _CANNOT_INTERPRET, "XKS_PROXY_INVALID_RESPONSE"
+        "Proxy returns a ValidationException",
+        _INVALID_RESPONSE,
+        _STORE_STATE,
+        _CANNOT_INTERPRET,
+        "XKS_PROXY_INVALID_RESPONSE",
     )
     #: The proxy answered InvalidStateException (key or key store disabled in the proxy).
     #: Management row absent from the table: a disabled key store is a configuration problem.
     INVALID_STATE = _Row(
+        "Proxy returns an InvalidStateException",
         "XksProxyInvalidConfigurationException",
         "XksKeyInvalidConfigurationException",
         "The external key associated with this KMS key in an external key store is not enabled "
@@ -77,6 +86,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered InvalidCiphertextException (Decrypt).
     INVALID_CIPHERTEXT = _Row(
+        "Proxy returns an InvalidCiphertextException",
         _INVALID_RESPONSE,
         _STORE_STATE,
         "The external key store proxy rejected the request because the specified ciphertext "
@@ -86,6 +96,7 @@ class XksFailure(enum.Enum):
     #: What the proxy returned did not decrypt under KMS's own key material (double encryption)
     #: or failed its integrity value: a KMS-side finding, for the KMS daemon to raise.
     INVALID_PROXY_CIPHERTEXT = _Row(
+        "Proxy returns an invalid ciphertext",
         _INVALID_RESPONSE,
         _STORE_STATE,
         "The ciphertext that the external key store proxy submitted for decryption, or the "
@@ -94,6 +105,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered InvalidKeyUsageException.
     INVALID_KEY_USAGE = _Row(
+        "Proxy returns an InvalidKeyUsageException",
         _INVALID_RESPONSE,
         "XksKeyInvalidConfigurationException",
         "The external key associated with this KMS key in an external key store does not "
@@ -103,6 +115,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered AuthenticationFailedException.
     AUTHENTICATION_FAILED = _Row(
+        "Proxy returns an AuthenticationFailedException",
         "XksProxyIncorrectAuthenticationCredentialException",
         _STORE_STATE,
         "The external key store proxy rejected the request because it could not authenticate "
@@ -113,6 +126,7 @@ class XksFailure(enum.Enum):
     #: The proxy answered AccessDeniedException. Management row absent from the table (the
     #: health check is exempt from authorization): the proxy broke the spec.
     ACCESS_DENIED = _Row(
+        "Proxy returns an AccessDeniedException",
         _INVALID_RESPONSE,
         "KMSInvalidStateException",
         "The external key store proxy denied access to the operation. Verify that the user and "
@@ -121,6 +135,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered KeyNotFoundException.
     KEY_NOT_FOUND = _Row(
+        "Proxy returns a KeyNotFoundException",
         _INVALID_RESPONSE,
         "XksKeyNotFoundException",
         "The external key associated with this KMS key in an external key store was not found "
@@ -130,6 +145,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered InvalidUriPathException.
     INVALID_URI_PATH = _Row(
+        "Proxy returns an InvalidUriPathException",
         "XksProxyInvalidConfigurationException",
         _STORE_STATE,
         "The external key store proxy rejected the request because of an invalid URI path. "
@@ -138,6 +154,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered UnsupportedOperationException.
     UNSUPPORTED_OPERATION = _Row(
+        "Proxy returns an UnsupportedOperationException",
         _INVALID_RESPONSE,
         "XksKeyInvalidConfigurationException",
         "The external key store proxy rejected the request because it does not support the "
@@ -147,6 +164,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered DependencyTimeoutException.
     DEPENDENCY_TIMEOUT = _Row(
+        "Proxy returns a DependencyTimeoutException",
         _UNREACHABLE,
         _STORE_STATE,
         "The external key store proxy did not respond to the request in the time allotted. "
@@ -156,6 +174,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered ThrottlingException.
     THROTTLING = _Row(
+        "Proxy returns a ThrottlingException",
         _UNREACHABLE,
         _STORE_STATE,
         "The external key store proxy rejected the request due to a very high request rate. "
@@ -164,6 +183,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy answered InternalException.
     INTERNAL = _Row(
+        "Proxy returns an InternalException",
         _INVALID_RESPONSE,
         _STORE_STATE,
         "The external key store proxy rejected the request because it cannot communicate with "
@@ -173,6 +193,7 @@ class XksFailure(enum.Enum):
     )
     #: No TCP connection could be established (refused, no route, name not found).
     UNREACHABLE = _Row(
+        "AWS KMS cannot establish a TCP connection",
         _UNREACHABLE,
         _STORE_STATE,
         "AWS KMS cannot communicate with the external key store proxy. This might be a "
@@ -183,6 +204,7 @@ class XksFailure(enum.Enum):
     )
     #: The TLS handshake failed (certificate, name, protocol).
     TLS_FAILED = _Row(
+        "AWS KMS cannot establish a TLS connection",
         _UNREACHABLE,
         _STORE_STATE,
         "AWS KMS cannot establish a TLS connection to the external key store proxy. Verify the "
@@ -191,6 +213,7 @@ class XksFailure(enum.Enum):
     )
     #: The proxy did not answer within the call's time bound.
     TIMED_OUT = _Row(
+        "AWS KMS encounters a socket timeout",
         _UNREACHABLE,
         _STORE_STATE,
         "AWS KMS rejected the request because the external key store proxy did not respond in "
@@ -201,11 +224,16 @@ class XksFailure(enum.Enum):
     #: The answer was not what the spec prescribes (not JSON, wrong fields, wrong sizes, an
     #: HTTP error without an errorName, a closed connection mid-answer).
     MALFORMED_RESPONSE = _Row(
-        _INVALID_RESPONSE, _STORE_STATE, _CANNOT_INTERPRET, "XKS_PROXY_INVALID_RESPONSE"
+        "Proxy returns a malformed response",
+        _INVALID_RESPONSE,
+        _STORE_STATE,
+        _CANNOT_INTERPRET,
+        "XKS_PROXY_INVALID_RESPONSE",
     )
     #: The health check answered that every external key manager is UNAVAILABLE (the model's
     #: XksProxyUriUnreachableException documentation names this case). Message: ours.
     ALL_KEY_MANAGERS_UNAVAILABLE = _Row(
+        "Every external key manager is UNAVAILABLE",
         _UNREACHABLE,
         _STORE_STATE,
         "The external key store proxy reports that all of its external key managers are "
@@ -214,6 +242,7 @@ class XksFailure(enum.Enum):
     )
     #: The custom key store is not CONNECTED (a KMS-side state, for the KMS daemon to raise).
     NOT_CONNECTED = _Row(
+        "Custom key store is not in CONNECTED state",
         _STORE_STATE,
         _STORE_STATE,
         "This KMS key is in a custom key store that is not connected to its external key store "
