@@ -365,7 +365,11 @@ class XksProxyClient:
                     raise trio.BrokenResourceError("closed")
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.RemoteProtocolError) as exc:
             await _close_quietly(conn.stream)
-            if not got_bytes and not isinstance(exc, h11.RemoteProtocolError):
+            if isinstance(exc.__cause__, ssl.SSLError):  # TLS 1.3 reports a refused client
+                raise XksProxyError(  # certificate after the handshake, on the first read
+                    XksFailure.TLS_FAILED, f"TLS failed: {exc.__cause__}"
+                ) from None
+            if not got_bytes:
                 raise _Broken from None
             raise XksProxyError(
                 XksFailure.MALFORMED_RESPONSE, f"answer cut short or not HTTP: {exc}"
