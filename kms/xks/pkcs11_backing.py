@@ -18,8 +18,13 @@ python-pkcs11; the key never leaves the token.
   ``C_Initialize``), which allows no concurrent calls. Callers bound each call in time; an
   abandoned call keeps its token busy until the token answers, so later calls time out too,
   which is right for a hung key manager.
-* ``C_Initialize`` is per process, so each library is loaded once per process
-  (:data:`_LIBRARIES`, the one module-level cache here, for that reason).
+* ``C_Initialize`` is per process, so each library is loaded once per process, and a login is
+  per application and token (a second ``C_Login`` fails with ``CKR_USER_ALREADY_LOGGED_IN``), so
+  each token has one logged-in session per process, shared by every configuration that uses it
+  (a reload opens the new keys on the same session) and closed when the last one lets go. A
+  reload that gives a logged-in token another PIN is refused: a new PIN takes effect at the next
+  start. (:data:`_LIBRARIES` and :data:`_SESSIONS`, the module-level state here, for these
+  reasons.)
 
 python-pkcs11 is imported only when a PKCS#11 key is configured (it is an optional dependency:
 ``pip install 'enclave-runtime[hsm]'``).
@@ -27,6 +32,8 @@ python-pkcs11 is imported only when a PKCS#11 key is configured (it is an option
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +55,20 @@ _T = TypeVar("_T")
 #: Loaded libraries by path, with the lock serialising calls into each (see module docstring).
 _LIBRARIES: dict[str, tuple[Any, threading.Lock]] = {}
 _LIBRARIES_LOCK = threading.Lock()
+
+
+class _SharedSession:
+    """A token's logged-in session and how many :class:`Pkcs11Token` objects use it."""
+
+    def __init__(self, token: Any, session: Any, pin_digest: bytes) -> None:
+        self.token = token
+        self.session = session
+        self.pin_digest = pin_digest
+        self.users = 0
+
+
+#: Logged-in sessions by (module, token label), under _LIBRARIES_LOCK.
+_SESSIONS: dict[tuple[str, str], _SharedSession] = {}
 
 
 def _import_pkcs11() -> Any:
@@ -87,24 +108,10 @@ class Pkcs11Token:
         #: The library's root error class (callers catch it around :meth:`call`).
         self.error_type: type[Exception] = p11.exceptions.PKCS11Error
         self._lib, self._lib_lock = _library(module)
-        try:
-            with self._lib_lock:
-                token = self._lib.get_token(token_label=token_label)
-                self._session = token.open(user_pin=pin)
-        except p11.exceptions.NoSuchToken:
-            raise ConfigurationError(
-                f"no PKCS#11 token labelled {token_label!r} in {module}"
-            ) from None
-        except p11.exceptions.MultipleTokensReturned:
-            raise ConfigurationError(
-                f"several PKCS#11 tokens are labelled {token_label!r} in {module}"
-            ) from None
-        except (p11.exceptions.PinIncorrect, p11.exceptions.PinInvalid):
-            raise ConfigurationError(f"wrong PIN for PKCS#11 token {token_label!r}") from None
-        except p11.exceptions.PKCS11Error as exc:
-            raise ConfigurationError(
-                f"cannot open PKCS#11 token {token_label!r}: {type(exc).__name__}"
-            ) from None
+        self._where = (str(module), token_label)
+        shared = self._acquire(module, token_label, pin)
+        token = shared.token
+        self._session = shared.session
         serial = token.serial
         serial_text = serial.decode("ascii", "replace") if isinstance(serial, bytes) else serial
         self.label = token_label
@@ -112,6 +119,58 @@ class Pkcs11Token:
         self._model = f"{token.manufacturer_id.strip()} {token.model.strip()}".strip()
         self.limiter = trio.CapacityLimiter(1)
         self._closed = False
+
+    def _acquire(self, module: Path, token_label: str, pin: str) -> _SharedSession:
+        """The token's shared logged-in session (opened and logged in on first use)."""
+        p11 = self._p11
+        digest = hashlib.sha256(pin.encode()).digest()
+        with _LIBRARIES_LOCK:
+            shared = _SESSIONS.get(self._where)
+            if shared is not None:
+                if not hmac.compare_digest(shared.pin_digest, digest):
+                    raise ConfigurationError(
+                        f"PKCS#11 token {token_label!r} is logged in with another PIN; a new "
+                        "PIN takes effect at the next start"
+                    )
+                shared.users += 1
+                return shared
+            try:
+                with self._lib_lock:
+                    token = self._lib.get_token(token_label=token_label)
+                    session = token.open(user_pin=pin)
+            except p11.exceptions.NoSuchToken:
+                raise ConfigurationError(
+                    f"no PKCS#11 token labelled {token_label!r} in {module}"
+                ) from None
+            except p11.exceptions.MultipleTokensReturned:
+                raise ConfigurationError(
+                    f"several PKCS#11 tokens are labelled {token_label!r} in {module}"
+                ) from None
+            except (p11.exceptions.PinIncorrect, p11.exceptions.PinInvalid):
+                raise ConfigurationError(f"wrong PIN for PKCS#11 token {token_label!r}") from None
+            except p11.exceptions.PKCS11Error as exc:
+                raise ConfigurationError(
+                    f"cannot open PKCS#11 token {token_label!r}: {type(exc).__name__}"
+                ) from None
+            shared = _SESSIONS[self._where] = _SharedSession(token, session, digest)
+            shared.users = 1
+            return shared
+
+    def _release(self) -> None:
+        """Let go of the shared session; the last user closes it (which logs out)."""
+        with _LIBRARIES_LOCK:
+            shared = _SESSIONS.get(self._where)
+            if shared is None or shared.session is not self._session:
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del _SESSIONS[self._where]
+            with self._lib_lock:
+                try:
+                    self._session.close()
+                except self.error_type:
+                    pass
 
     @property
     def id(self) -> str:
@@ -218,26 +277,19 @@ class Pkcs11Token:
             return "UNAVAILABLE"
 
     async def aclose(self) -> None:
-        """Close the session once the call in flight (if any) has ended. A hung token keeps
-        this waiting: callers bound it in time."""
+        """Let go of the session once this object's call in flight (if any) has ended. A hung
+        token keeps this waiting: callers bound it in time."""
         if self._closed:
             return
         self._closed = True
         async with self.limiter:  # no call of ours is running in the token after this
-            await trio.to_thread.run_sync(self._close_session)
+            await trio.to_thread.run_sync(self._release, abandon_on_cancel=True)
 
     def close_now(self) -> None:
-        """Close the session from synchronous code (a configuration that failed to load)."""
+        """Let go of the session from synchronous code (a configuration that failed to load)."""
         if not self._closed:
             self._closed = True
-            self._close_session()
-
-    def _close_session(self) -> None:
-        with self._lib_lock:
-            try:
-                self._session.close()
-            except self.error_type:
-                pass
+            self._release()
 
 
 #: Errors that say the data was wrong (decrypt): an invalid ciphertext, not a broken token.
