@@ -91,7 +91,7 @@ def write_config(
     lines = [
         'listen = "127.0.0.1:0"',
         f"uri_path = {_toml_value(top.pop('uri_path', URI_PATH))}",
-        f'region = "{REGION}"',
+        f"region = {_toml_value(top.pop('region', REGION))}",
     ]
     lines += [f"{k} = {_toml_value(v)}" for k, v in top.items()]
     for c in credentials:
