@@ -38,6 +38,8 @@ __all__ = [
     "FileKeyBacking",
     "read_key_file",
     "read_secret_file",
+    "require_own_iv",
+    "IV_BYTES",
 ]
 
 #: The IV length this proxy makes and decrypts with (96 bits, GCM's native size).
@@ -100,6 +102,19 @@ class KeyBacking(Protocol):
             InternalError: the key manager failed.
         """
         ...
+
+
+def require_own_iv(iv: bytes) -> None:
+    """Refuse an IV length this proxy never makes (16 bytes: another proxy's ciphertext).
+
+    Raises:
+        UnsupportedOperationError: not 96 bits.
+    """
+    if len(iv) != IV_BYTES:
+        raise UnsupportedOperationError(
+            "This proxy decrypts with 12-byte initialization vectors only.",
+            reason=f"IV of {len(iv)} bytes",
+        )
 
 
 def _read_private(path: Path, what: str, max_bytes: int) -> bytes:
@@ -212,11 +227,7 @@ class FileKeyBacking:
         return sealed[:IV_BYTES], sealed[IV_BYTES:-TAG_SIZE], sealed[-TAG_SIZE:]
 
     async def decrypt(self, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
-        if len(iv) != IV_BYTES:
-            raise UnsupportedOperationError(
-                "This proxy decrypts with 12-byte initialization vectors only.",
-                reason=f"IV of {len(iv)} bytes",
-            )
+        require_own_iv(iv)
         try:
             return self._aead.open(iv + ciphertext + tag, aad)
         except CiphertextFormatError:

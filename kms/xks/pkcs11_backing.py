@@ -43,13 +43,12 @@ import trio
 
 from transport.errors import ConfigurationError
 
+from .backing import IV_BYTES, require_own_iv
 from .codec import TAG_SIZE
-from .errors import InternalError, InvalidCiphertextError, UnsupportedOperationError
+from .errors import InternalError, InvalidCiphertextError
 
 __all__ = ["Pkcs11Token", "Pkcs11KeyBacking"]
 
-#: The IV length this backing makes and decrypts with.
-IV_BYTES = 12
 _T = TypeVar("_T")
 
 #: Loaded libraries by path, with the lock serialising calls into each (see module docstring).
@@ -330,11 +329,7 @@ class Pkcs11KeyBacking:
             raise InternalError(reason=f"token encrypt failed: {type(exc).__name__}") from None
 
     async def decrypt(self, iv: bytes, ciphertext: bytes, tag: bytes, aad: bytes) -> bytes:
-        if len(iv) != IV_BYTES:
-            raise UnsupportedOperationError(
-                "This proxy decrypts with 12-byte initialization vectors only.",
-                reason=f"IV of {len(iv)} bytes",
-            )
+        require_own_iv(iv)
         try:
             return await self._token.call(
                 lambda: self._token.decrypt(self._key, iv, ciphertext, tag, aad)

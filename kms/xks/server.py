@@ -35,14 +35,14 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 
 import structlog
 import trio
 
-from transport.errors import ConfigurationError, EnclaveError
+from transport.errors import ConfigurationError
 
 from ._http import HttpLimits, serve_http
 from .config import TlsConfig, XksProxyConfig
@@ -256,19 +256,7 @@ def run_xks_proxy(config: XksProxyConfig) -> int:
                     shutdown.set()
                     break
 
-    try:
-        trio.run(main)
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        if len(leaves) == 1 and isinstance(leaves[0], EnclaveError):
-            raise leaves[0] from None
-        raise
+    # Start-up failures surface inside nursery groups; the CLI reports the single underlying
+    # project error as its one line (runtime.cli picks it out of the group).
+    trio.run(main)
     return 0
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
