@@ -126,7 +126,10 @@ class XksProxyClient:
         self._uri_path = codec.validate_uri_path(uri_path)
         self._credential = credential
         self._region = region
+        # Built once: the default context loads the system's trust store (milliseconds).
         self._ssl_context = ssl_context
+        if self._ssl_context is None and parts.scheme == "https":
+            self._ssl_context = ssl.create_default_context()
         self._timeout_s = timeout_s
         self._max_idle = max_idle_connections
         self._connect = connect
@@ -311,8 +314,10 @@ class XksProxyClient:
                 ) from None
             stream = tcp
             if self._scheme == "https":
-                ctx = self._ssl_context or ssl.create_default_context()
-                tls = trio.SSLStream(tcp, ctx, server_hostname=self._host, https_compatible=True)
+                assert self._ssl_context is not None
+                tls = trio.SSLStream(
+                    tcp, self._ssl_context, server_hostname=self._host, https_compatible=True
+                )
                 try:
                     await tls.do_handshake()
                 except trio.BrokenResourceError as exc:
