@@ -36,7 +36,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import structlog
@@ -121,6 +121,8 @@ class RunningProxy:
     scheme: str
     service: XksProxyService
     _nursery: trio.Nursery
+    #: Keyrings replaced by reloads (closed in the background, and again at exit: idempotent).
+    _retired: list[Keyring] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -153,6 +155,7 @@ class RunningProxy:
             log.warning("xks_reload_partial", reason="listen and [tls] change at the next start")
         new = replace(new, host=running.host, port=running.port, tls=running.tls)
         old = self.service.install(new, keyring)
+        self._retired.append(old)
         self._nursery.start_soon(old.aclose)
         log.info(
             "xks_reloaded",
@@ -187,6 +190,7 @@ async def serve_xks_proxy(
         peer_check = _subject_check(config.tls.client_subject)
     keyring = await trio.to_thread.run_sync(Keyring.load, config)
     service = XksProxyService(config, keyring, clock=clock)
+    retired: list[Keyring] = []
     try:
         try:
             listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -205,7 +209,8 @@ async def serve_xks_proxy(
             graceful_timeout_s=config.graceful_timeout_s,
         )
         async with trio.open_nursery() as nursery:
-            running = RunningProxy(host, port, "https" if ssl_context else "http", service, nursery)
+            scheme = "https" if ssl_context else "http"
+            running = RunningProxy(host, port, scheme, service, nursery, retired)
 
             async def ready() -> None:
                 log.info(
@@ -228,8 +233,11 @@ async def serve_xks_proxy(
             )
             nursery.cancel_scope.cancel()  # a closing keyring may still be waiting
     finally:
+        # Every keyring lets go of its tokens (bounded by CLOSE_TIMEOUT_S each), even the ones
+        # whose background close was cut short just above.
         with trio.CancelScope(shield=True):
-            await service.keyring.aclose()
+            for keyring in (*retired, service.keyring):
+                await keyring.aclose()
 
 
 def run_xks_proxy(config: XksProxyConfig) -> int:
