@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from kms.xks import (
     RunningProxy,
@@ -178,7 +179,7 @@ async def test_a_stopped_proxy_fails_the_next_call_as_unreachable(config: XksPro
         async with proxy_and_client(config, timeout_s=20.0) as (_, client, shutdown):
             await client.encrypt("k", b"x", metadata=MD)  # a kept connection now exists
             shutdown.set()
-            await trio.sleep(0.2)  # the proxy closes its listener and idle connections
+            await trio.testing.wait_all_tasks_blocked()  # listener and idle connection closed
             with pytest.raises(XksProxyError) as info:
                 await client.encrypt("k", b"x", metadata=MD)
             # Refused at once, not a timeout: the owner's disconnection is visible immediately.

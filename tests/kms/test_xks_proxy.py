@@ -22,6 +22,7 @@ import h11
 import pytest
 import structlog
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms.xks import RunningProxy, XksProxyConfig
@@ -526,7 +527,7 @@ async def test_unproven_connections_make_room_for_callers(config_path: Path) -> 
     with trio.fail_after(IO_TIMEOUT_S):
         async with running_proxy(config) as p:
             idle = [await trio.open_tcp_stream(p.host, p.port) for _ in range(2)]
-            await trio.sleep(0.1)  # both admitted
+            await trio.testing.wait_all_tasks_blocked()  # both accepted and admitted
             ok = await call(p, f"{URI_PATH}/health", {"requestMetadata": health_metadata()})
             assert ok.status == 200
             assert await idle[0].receive_some(16) == b""  # the oldest unproven was displaced
