@@ -22,6 +22,7 @@ def register(subparsers: SubParsers) -> None:
         run_audit_verify,
         run_serve,
     )
+    from runtime.cli import xks_proxy
 
     # Usage errors are one `error:` line (issue 10); no abbreviated flags (a script's --debug
     # must never silently mean something else).
@@ -89,6 +90,7 @@ def register(subparsers: SubParsers) -> None:
         help="actions released to the enclave (default kms:Decrypt, kms:GenerateDataKey)",
     )
     policy.set_defaults(func=run_enclave_policy)
+    xks_proxy.add_subcommand(sub)
 
 
 def run_enclave_policy(args: argparse.Namespace) -> int:

@@ -136,6 +136,18 @@ CASES = [
     Case("kms-enclave-policy-admin-is-enclave",
          ("kms", "enclave-policy", "--pcr", f"0={_PCR}", "--admin", _ADMIN, "--enclave", _ADMIN),
          (_ADMIN,)),
+    Case("kms-xks-proxy-no-config", ("kms", "xks-proxy"), ("--config",)),
+    Case("kms-xks-proxy-missing-config", ("kms", "xks-proxy", "--config", "{tmp}/none.toml"),
+         ("{tmp}/none.toml",)),
+    Case("kms-xks-proxy-not-toml", ("kms", "xks-proxy", "--config", "{junk}"), ("{junk}",)),
+    Case("kms-xks-proxy-loose-key-file", ("kms", "xks-proxy", "--config", "{xks_loose}"),
+         ("xks-loose.key", "chmod 600")),
+    Case("kms-xks-proxy-bad-listen",
+         ("kms", "xks-proxy", "--config", "{xks_ok}", "--listen", "127.0.0.1:port"),
+         ("127.0.0.1:port",)),
+    Case("kms-xks-proxy-busy-port",
+         ("kms", "xks-proxy", "--config", "{xks_ok}", "--listen", "127.0.0.1:{busy}"),
+         ("{busy}",)),
     Case("model-seal-kms-down",
          ("model", "seal", "{onnx}", "--out", "{tmp}/m.sealed", "--key-id", "alias/m",
           "--kms-endpoint", "http://127.0.0.1:{dead}"), ("127.0.0.1:{dead}",), env=_CREDS),
@@ -277,6 +289,24 @@ class _Filled:
         self.places = places
 
 
+def _xks_places(tmp: Path) -> dict[str, str]:
+    """XKS proxy configurations: a usable one, and one whose key file others can read."""
+    out = {}
+    for name, mode in (("xks_ok", 0o600), ("xks_loose", 0o644)):
+        key = tmp / f"{name.replace('_', '-')}.key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(mode)
+        config = tmp / f"{name}.toml"
+        config.write_text(
+            'uri_path = "/kms/xks/v1"\n[[credentials]]\naccess_key_id = "AKIAXKSCLITESTKEY2345"\n'
+            'secret_access_key = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0MTI="\n'
+            f'[[keys]]\nid = "k"\nbacking = {{ type = "file", path = "{key.name}" }}\n'
+        )
+        config.chmod(0o600)
+        out[name] = str(config)
+    return out
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Filled]]:
     tmp = tmp_path_factory.mktemp("cli-errors")
@@ -303,10 +333,11 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Fil
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
+    xks = _xks_places(tmp)
     places = Places({
         "tmp": str(tmp), "junk": str(junk), "app": str(app), "policy": str(policy),
         "npz": str(npz), "allowlist": str(allowlist), "onnx": str(MODEL_PATH),
-        "dead": str(_free_port()), "busy": str(busy.getsockname()[1]),
+        "dead": str(_free_port()), "busy": str(busy.getsockname()[1]), **xks,
     })  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env["ENCLAVE_STATE_DIR"] = str(state)
