@@ -1,8 +1,8 @@
 """The in-enclave init: the first code that runs inside an enclave (part of the measured
-bootstrap ramdisk). It may import only the standard library, the public faces of the
-enclave-side packages (``transport.vsock``, ...) and trio, the event loop they run on; never
-the host runtime, never a package's private modules (``tests/runtime/test_enclave_side.py``
-checks every import).
+bootstrap ramdisk). It may import only the standard library and the public modules of the
+enclave-side packages (``transport.blocking``, ...); never trio (it would cost every fresh
+start ~90 ms), never the host runtime, never a package's private modules
+(``tests/runtime/test_enclave_side.py`` checks every import).
 
 As Nitro's init (``reference/nitro.md`` §1.7) it connects to the parent at (3, 9000), writes the
 heartbeat byte 0xB7 and dies unless the parent echoes it. Our extension: init then writes one
@@ -74,29 +74,20 @@ def _read_spec(fd: int) -> dict[str, Any]:
 HANDSHAKE_TIMEOUT_S = 30.0
 
 
-async def _heartbeat_and_ready() -> None:
-    """The boot handshake through the public vsock face (``transport.vsock``): the same code
-    on the emulated fabric and on real ``AF_VSOCK``. (One ``trio.run`` costs ~0.3 ms here, and
-    the zygote has imported trio and the fabric client already.)"""
-    import trio
+def _heartbeat_and_ready() -> None:
+    """The boot handshake, blocking: the same code on the emulated fabric and on real
+    ``AF_VSOCK`` (:mod:`transport.blocking`). No event loop: importing trio here would cost
+    ~90 ms of every fresh-interpreter start, for three bytes."""
+    from transport.blocking import VMADDR_CID_PARENT, VsockAddr, connect_vsock_blocking
 
-    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
-
-    with trio.fail_after(HANDSHAKE_TIMEOUT_S):
-        stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, HEARTBEAT_PORT))
-    async with stream:
-        await stream.send_all(bytes([HEARTBEAT]))
-        echo = b""
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):  # the parent answers at once
-            while not echo:
-                echo = await stream.receive_some(1)
-                if not echo:
-                    break
+    addr = VsockAddr(VMADDR_CID_PARENT, HEARTBEAT_PORT)
+    with connect_vsock_blocking(addr, timeout_s=HANDSHAKE_TIMEOUT_S) as conn:
+        conn.sendall(bytes([HEARTBEAT]))
+        echo = conn.recv(1)  # the parent answers at once; the socket's timeout bounds it
         if echo != bytes([HEARTBEAT]):
             raise RuntimeError(f"bad heartbeat echo {echo!r}")
-        await stream.send_all(bytes([READY]))
-        with trio.fail_after(HANDSHAKE_TIMEOUT_S):  # acknowledged once readiness is recorded
-            await stream.receive_some(1)
+        conn.sendall(bytes([READY]))
+        conn.recv(1)  # acknowledged once readiness is recorded (or EOF)
 
 
 def _not_dumpable() -> None:
@@ -172,9 +163,7 @@ def run(spec: Mapping[str, Any], *, heartbeat: bool = True) -> NoReturn:
         os.chdir(cwd)
     if heartbeat:
         try:
-            import trio
-
-            trio.run(_heartbeat_and_ready)
+            _heartbeat_and_ready()
         except BaseException as exc:
             print(f"enclave_init: heartbeat failed: {exc!r}", file=sys.stderr)
             _exit(1)
