@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
-from ..policy import account_of
+from ..policy import RequestContext, account_of
 from ._model import Answer, Grant, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Request, Require
 from .management import page
@@ -234,6 +234,8 @@ async def _list_retirable_grants(svc: KmsService, r: Request) -> Answer:
             retiring,
             account_of(retiring),
         ):
+            r.outcome.decision = "deny"
+            r.outcome.reason = "retiring principal of another account"
             raise KmsApiError(
                 "AccessDeniedException",
                 f"User: {r.caller.principal_arn} is not authorized to perform: "
@@ -278,16 +280,22 @@ def _find(svc: KmsService, r: Request) -> tuple[Key, Grant]:
 
 
 async def _retire_grant(svc: KmsService, r: Request) -> Answer:
+    """AWS: the retiring principal, the grantee if the grant allows RetireGrant, or the account
+    that issued the grant may retire it. With no IAM emulated, "the account" is its root
+    principal, or a principal the key policy allows kms:RetireGrant (an account-level grant of
+    the permission, as IAM would give)."""
     key, grant = _find(svc, r)
     out, caller = r.outcome, r.caller.principal_arn
     out.key_arn = key.arn
-    account = account_of(caller)
+    ctx = RequestContext(caller, "kms:RetireGrant", key.arn, svc.conditions(r.caller, None, None))
     if grant.retiring == caller:
         why = "the grant's retiring principal"
     elif grant.grantee == caller and "RetireGrant" in grant.operations:
         why = "the grantee, and the grant allows RetireGrant"
-    elif account is not None and grant.issuing_account == f"arn:aws:iam::{account}:root":
-        why = "a principal of the account that issued the grant"
+    elif caller == grant.issuing_account:
+        why = "the account that issued the grant"
+    elif key.policy.evaluate(ctx).allowed:
+        why = "the key policy (kms:RetireGrant)"
     else:
         out.decision = "deny"
         out.reason = "not the retiring principal, nor a grantee allowed to retire, nor the issuer"
