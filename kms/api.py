@@ -224,7 +224,14 @@ OPERATIONS: dict[str, dict[str, FieldSpec]] = {
         "XksKeyId": _s(1, 128, pattern=_XKS_KEY_ID_RE),
     },
     "DescribeKey": {"KeyId": _KEY_ID, "GrantTokens": _GRANTS},
-    "ListKeys": {"Limit": _LIMIT, "Marker": _MARKER},
+    "ListKeys": {
+        "Limit": _LIMIT,
+        "Marker": _MARKER,
+        # No RAM here: OTHER_ACCOUNTS_VIA_RAM lists nothing.
+        "ResourceOwners": FieldSpec(
+            "enumlist", min=1, max=2, enum=("SELF", "OTHER_ACCOUNTS_VIA_RAM")
+        ),
+    },
     "CreateAlias": {"AliasName": _ALIAS, "TargetKeyId": _KEY_ID},
     "UpdateAlias": {"AliasName": _ALIAS, "TargetKeyId": _KEY_ID},
     "DeleteAlias": {"AliasName": _ALIAS},
@@ -238,7 +245,8 @@ OPERATIONS: dict[str, dict[str, FieldSpec]] = {
         "DryRun": _BOOL,
     },
     "Decrypt": {
-        "CiphertextBlob": _CIPHERTEXT,
+        # Optional in the model since DryRunModifiers: required unless IGNORE_CIPHERTEXT.
+        "CiphertextBlob": _b(1, 6144),
         "EncryptionContext": _CTX,
         "GrantTokens": _GRANTS,
         "KeyId": _s(),
@@ -248,7 +256,7 @@ OPERATIONS: dict[str, dict[str, FieldSpec]] = {
         "DryRunModifiers": _DRY_RUN_MODIFIERS,
     },
     "ReEncrypt": {
-        "CiphertextBlob": _CIPHERTEXT,
+        "CiphertextBlob": _b(1, 6144),
         "SourceEncryptionContext": _CTX,
         "SourceKeyId": _s(),
         "DestinationKeyId": _KEY_ID,
@@ -534,6 +542,7 @@ def _enumlist(name: str, value: Any, spec: FieldSpec) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise _serialization(name, "list of strings")
     assert spec.enum is not None
+    _check_len(name, len(value), spec)
     for v in value:
         if v not in spec.enum:
             raise _validation(

@@ -244,6 +244,12 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
             ignore = _dry_run(op, params) and "IGNORE_CIPHERTEXT" in params.get(
                 "DryRunModifiers", ()
             )
+            if not ignore and step.param not in params:
+                raise KmsApiError(
+                    "ValidationException",
+                    f"1 validation error detected: Value null at '{step.param[0].lower()}"
+                    f"{step.param[1:]}' failed to satisfy constraint: Member must not be null",
+                )
             if algorithm != SYMMETRIC or ignore:
                 if key_id is None:
                     why = "an asymmetric ciphertext" if not ignore else "IGNORE_CIPHERTEXT"

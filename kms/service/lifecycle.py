@@ -234,7 +234,9 @@ async def _describe_key(svc: KmsService, r: Request) -> Answer:
 async def _list_keys(svc: KmsService, r: Request) -> Answer:
     from .management import page
 
-    items, more = page(svc.keys_sorted(), r.params, 1000)
+    owners = r.params.get("ResourceOwners", ["SELF"])
+    keys = svc.keys_sorted() if "SELF" in owners else []  # no keys are shared through RAM here
+    items, more = page(keys, r.params, 1000)
     return {"Keys": [{"KeyId": k, "KeyArn": arn} for k, arn in items], **more}
 
 
