@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 from .. import _asym, _wrap
@@ -195,10 +196,21 @@ class Key:
     grants: dict[str, Grant] = field(default_factory=dict)
     grants_by_grantee: dict[str, list[Grant]] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def spec(self) -> SpecInfo:
-        """The key spec's table entry."""
+        """The key spec's table entry (a key's spec never changes)."""
         return spec_info(str(self.meta["KeySpec"]))
+
+    @cached_property
+    def key_conditions(self) -> dict[str, tuple[str, ...]]:
+        """The policy condition keys the key itself gives (kms:KeySpec, KeyUsage, KeyOrigin:
+        none of them ever changes)."""
+        m = self.meta
+        return {
+            "kms:keyspec": (str(m["KeySpec"]),),
+            "kms:keyusage": (str(m["KeyUsage"]),),
+            "kms:keyorigin": (str(m["Origin"]),),
+        }
 
     @property
     def usage(self) -> str:
@@ -217,8 +229,12 @@ class Key:
 
     def material_id(self, version: int) -> str | None:
         """The KeyMaterialId of material ``version`` (None if unknown)."""
-        entry = self.meta.get("Materials", {}).get(str(version))
-        return None if entry is None else str(entry["Id"])
+        meta = self.meta
+        cached = self.__dict__.get("_ids")
+        if cached is None or cached[0] is not meta:  # rebuilt when the record is replaced
+            ids = {int(v): str(e["Id"]) for v, e in meta.get("Materials", {}).items()}
+            cached = self.__dict__["_ids"] = (meta, ids)
+        return cached[1].get(version)
 
     def add_grant(self, grant: Grant) -> None:
         """Index a grant (loaded or created)."""
