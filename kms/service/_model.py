@@ -114,7 +114,8 @@ class Grant:
 
     Attributes:
         operations: the grant operations it allows (``ReEncryptFrom``, ``Decrypt``...).
-        constraints: ``EncryptionContextEquals`` / ``EncryptionContextSubset`` (a dict each).
+        constraints: ``EncryptionContextEquals`` / ``EncryptionContextSubset`` (a dict each)
+            and ``SourceArn`` (a string).
     """
 
     grant_id: str
@@ -125,7 +126,7 @@ class Grant:
     retiring: str | None
     issuing_account: str
     operations: frozenset[str]
-    constraints: Mapping[str, Mapping[str, str]]
+    constraints: Mapping[str, Any]
     grantee_service: str | None = None
     retiring_service: str | None = None
 
@@ -151,7 +152,9 @@ class Grant:
             if value is not None:
                 out[name] = value
         if self.constraints:
-            out["Constraints"] = {k: dict(v) for k, v in self.constraints.items()}
+            out["Constraints"] = {
+                k: dict(v) if isinstance(v, Mapping) else v for k, v in self.constraints.items()
+            }
         return out
 
     @classmethod
@@ -167,7 +170,10 @@ class Grant:
             retiring=d.get("RetiringPrincipal"),
             issuing_account=str(d["IssuingAccount"]),
             operations=frozenset(d["Operations"]),
-            constraints={k: dict(v) for k, v in d.get("Constraints", {}).items()},
+            constraints={
+                k: dict(v) if isinstance(v, dict) else str(v)
+                for k, v in d.get("Constraints", {}).items()
+            },
             grantee_service=d.get("GranteeServicePrincipal"),
             retiring_service=d.get("RetiringServicePrincipal"),
         )

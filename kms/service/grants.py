@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KmsApiError
 from ..policy import RequestContext, account_of
@@ -53,10 +53,18 @@ _ACCOUNT_RE = re.compile(r"\d{12}")
 
 
 def constraints_hold(grant: Grant, context: Mapping[str, str] | None) -> bool:
-    """True if ``grant``'s encryption context constraint admits a request's ``context``
-    (None: the operation takes no encryption context, and the constraint does not apply)."""
+    """True if ``grant``'s constraints admit a request with encryption context ``context``
+    (None: the operation takes no encryption context, and that constraint does not apply).
+
+    A ``SourceArn`` constraint never holds: no request here is made on behalf of an AWS
+    resource (there is no ``aws:SourceArn``), so such a grant allows nothing (fail closed).
+    """
     c = grant.constraints
-    if not c or context is None:
+    if not c:
+        return True
+    if "SourceArn" in c:
+        return False
+    if context is None:
         return True
     equals = c.get("EncryptionContextEquals")
     if equals is not None and dict(context) != dict(equals):
@@ -112,7 +120,7 @@ def _conditions(p: Params) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _at_least_as_strict(parent: Grant, new: Mapping[str, Mapping[str, str]]) -> bool:
+def _at_least_as_strict(parent: Grant, new: Mapping[str, Any]) -> bool:
     """AWS: a grant created under a constrained grant's CreateGrant permission must be equally
     strict or stricter."""
     equals = parent.constraints.get("EncryptionContextEquals")
@@ -141,9 +149,7 @@ def _same_request(grant: Grant, p: Params, constraints: Mapping[str, object]) ->
 async def _create_grant(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
     constraints = {
-        k: dict(v)
-        for k, v in (p.get("Constraints") or {}).items()
-        if k in ("EncryptionContextEquals", "EncryptionContextSubset")
+        k: dict(v) if isinstance(v, Mapping) else v for k, v in (p.get("Constraints") or {}).items()
     }
     if r.outcome.grant_id is not None:  # authorized by a grant, not by the key policy
         parent = key.grants.get(r.outcome.grant_id)

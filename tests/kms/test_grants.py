@@ -325,3 +325,24 @@ def test_grants_survive_restart_and_a_forged_row_grants_nothing(tmp_path: Path) 
             grantee.decrypt(CiphertextBlob=blob)
         assert _code(e) == "AccessDeniedException"
         assert boto_client(d.endpoint, ADMIN).decrypt(CiphertextBlob=blob)["Plaintext"] == b"kept"
+
+
+def test_source_arn_constrained_grant_allows_nothing(admin: Any, grantee: Any) -> None:
+    """No request here comes on behalf of an AWS resource: a SourceArn grant must not act as an
+    unconstrained one (it did when the constraint was dropped)."""
+    kid = admin.create_key(Policy=_admin_only_policy())["KeyMetadata"]["KeyId"]
+    admin.create_grant(
+        KeyId=kid,
+        GranteePrincipal=ENCLAVE.principal_arn,
+        Operations=["Encrypt", "DescribeKey"],
+        Constraints={"SourceArn": "arn:aws:s3:::a-bucket"},
+    )
+    (listed,) = admin.list_grants(KeyId=kid)["Grants"]
+    assert listed["Constraints"] == {"SourceArn": "arn:aws:s3:::a-bucket"}
+    for call in (
+        lambda: grantee.encrypt(KeyId=kid, Plaintext=b"x"),
+        lambda: grantee.describe_key(KeyId=kid),
+    ):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert _code(e) == "AccessDeniedException"
