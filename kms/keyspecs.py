@@ -24,6 +24,7 @@ __all__ = [
     "HASH_OF",
     "DIGEST_BYTES",
     "MAC_ALGORITHMS",
+    "HMAC_MAX_BYTES",
     "UNSUPPORTED_SIGNING",
     "spec_info",
     "rsa_max_plaintext",
@@ -69,6 +70,10 @@ UNSUPPORTED_SIGNING: dict[str, str] = {
     "ED25519_PH_SHA_512": "ED25519_PH_SHA_512 (Ed25519ph) is not supported by this KMS: the "
     "cryptography library offers no Ed25519ph signer. Use ED25519_SHA_512 with MessageType RAW.",
 }
+
+#: Imported HMAC material may be as long as the hash's block size (AWS: 28..64 bytes for
+#: HMAC_224, 32..64 for HMAC_256, 48..128 for HMAC_384, 64..128 for HMAC_512).
+HMAC_MAX_BYTES = {"HMAC_224": 64, "HMAC_256": 64, "HMAC_384": 128, "HMAC_512": 128}
 
 #: HMAC key spec → its one MAC algorithm.
 MAC_ALGORITHMS = {

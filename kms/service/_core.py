@@ -38,7 +38,7 @@ import trio
 from .. import _asym, _wrap, ciphertext
 from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import MasterKey
-from ..keyspecs import MAC_ALGORITHMS, spec_info
+from ..keyspecs import HMAC_MAX_BYTES, MAC_ALGORITHMS, spec_info
 from ..policy import Decision, KeyPolicy, RequestContext, account_of, default_key_policy
 from ..storage import AliasRow, GrantRow, KeyRow, Snapshot, Storage, VersionRow
 from . import (
@@ -308,8 +308,11 @@ class KmsService:
                 raise _asym.KeyMaterialError("symmetric key material must be 256 bits")
             key.versions[version] = _wrap.Aead(material)
         elif spec.kind == "hmac":
-            if not 1 <= len(material) <= 64:  # AWS accepts imported HMAC keys up to 512 bits
-                raise _asym.KeyMaterialError("HMAC key material must be 1 to 64 bytes")
+            if not spec.size <= len(material) <= HMAC_MAX_BYTES[spec.name]:
+                raise _asym.KeyMaterialError(
+                    f"{spec.name} key material must be {spec.size} to "
+                    f"{HMAC_MAX_BYTES[spec.name]} bytes"
+                )
             key.hmac = _asym.HmacKey(MAC_ALGORITHMS[spec.name], material)
         else:
             key.asymmetric = _asym.AsymmetricKey.load(spec, material)

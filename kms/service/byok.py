@@ -30,6 +30,7 @@ import trio
 from .. import _asym
 from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import ImportToken
+from ..keyspecs import HMAC_MAX_BYTES
 from ..storage import VersionRow
 from ._model import DAY_S, Answer, Key, Params
 from ._scaffold import KeyStep, Operation, Request, Require
@@ -59,8 +60,6 @@ _SUPPORTED_WRAPPING = (
     "RSA_AES_KEY_WRAP_SHA_1",
     "RSA_AES_KEY_WRAP_SHA_256",
 )
-#: Imported HMAC material: from the digest size up to the hash's block size (AWS).
-_HMAC_MAX_BYTES = {"HMAC_224": 64, "HMAC_256": 64, "HMAC_384": 128, "HMAC_512": 128}
 
 
 def _b64(data: bytes) -> str:
@@ -140,8 +139,8 @@ def _check_material(key: Key, material: bytes) -> None:
         ok = len(material) == 32
         why = "symmetric key material must be 256 bits"
     elif spec.kind == "hmac":
-        ok = spec.size <= len(material) <= _HMAC_MAX_BYTES[spec.name]
-        why = f"{spec.name} key material must be {spec.size} to {_HMAC_MAX_BYTES[spec.name]} bytes"
+        ok = spec.size <= len(material) <= HMAC_MAX_BYTES[spec.name]
+        why = f"{spec.name} key material must be {spec.size} to {HMAC_MAX_BYTES[spec.name]} bytes"
     else:
         try:
             _asym.AsymmetricKey.load(spec, material)

@@ -410,3 +410,42 @@ async def test_expiry_takes_effect(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "kms" / "kms.sqlite3")
     assert db.execute("SELECT count(*) FROM key_versions WHERE key_id=?", (kid,)).fetchone() == (0,)
     db.close()
+
+
+async def test_long_hmac_material_imports_and_survives_restart(tmp_path: Path) -> None:
+    """HMAC_512 takes up to 128 bytes of imported material (the hash's block size); such a key
+    must import, and load again at the next start (it was refused past 64 bytes)."""
+    clock = Clock()
+    app = _app(tmp_path, clock)
+    material = os.urandom(100)
+    try:
+        async with trio.open_nursery() as nursery:
+            c = _client(app, nursery, clock)
+            with trio.fail_after(30):
+                meta = await c.call("CreateKey", {"Origin": "EXTERNAL", "KeySpec": "HMAC_512"})
+                kid = meta["KeyMetadata"]["KeyId"]
+                params = await c.call(
+                    "GetParametersForImport",
+                    {"KeyId": kid, "WrappingAlgorithm": "RSAES_OAEP_SHA_256",
+                     "WrappingKeySpec": "RSA_2048"},
+                )  # fmt: skip
+                wrapped = wrap(
+                    base64.b64decode(params["PublicKey"]), "RSAES_OAEP_SHA_256", material
+                )
+                await c.call(
+                    "ImportKeyMaterial",
+                    {"KeyId": kid, "ImportToken": params["ImportToken"],
+                     "EncryptedKeyMaterial": _b64(wrapped),
+                     "ExpirationModel": "KEY_MATERIAL_DOES_NOT_EXPIRE"},
+                )  # fmt: skip
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        app.close()
+    again = _app(tmp_path, clock)
+    try:
+        key = again.service.resolve(kid)
+        assert key.hmac is not None
+        assert key.hmac.mac(b"m") == hmac.new(material, b"m", hashlib.sha512).digest()
+    finally:
+        again.close()
