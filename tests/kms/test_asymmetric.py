@@ -554,6 +554,14 @@ def test_aws_cli_drives_asymmetric_operations(daemon: DaemonThread, tmp_path: Pa
     dec = cli("decrypt", "--key-id", eid, "--ciphertext-blob", f"fileb://{tmp_path / 'blob'}",
               "--encryption-algorithm", "RSAES_OAEP_SHA_1")  # fmt: skip
     assert base64.b64decode(dec["Plaintext"]) == _MESSAGE
+    sym = cli("create-key")["KeyMetadata"]["KeyId"]
+    pair = cli("generate-data-key-pair", "--key-id", sym, "--key-pair-spec",
+               "ECC_NIST_EDWARDS25519")  # fmt: skip
+    private = serialization.load_der_private_key(
+        base64.b64decode(pair["PrivateKeyPlaintext"]), password=None
+    )
+    assert isinstance(private, ed25519.Ed25519PrivateKey)
+    assert len(pair["KeyMaterialId"]) == 64
     # An RSA key makes no data keys: the CLI reports AWS's error and exits non-zero.
     code, _, err = aws_cli(daemon.endpoint, ADMIN, "generate-data-key-pair-without-plaintext",
                            "--key-id", eid, "--key-pair-spec", "RSA_2048")  # fmt: skip
