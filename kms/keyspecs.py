@@ -25,6 +25,7 @@ __all__ = [
     "DIGEST_BYTES",
     "MAC_ALGORITHMS",
     "HMAC_MAX_BYTES",
+    "CMK_SPECS",
     "UNSUPPORTED_SIGNING",
     "spec_info",
     "rsa_max_plaintext",
@@ -204,6 +205,27 @@ SPECS: dict[str, SpecInfo] = {
         ),
     )
 }
+
+
+#: The values of the deprecated CustomerMasterKeySpec field (its enum stopped growing; keys of
+#: newer specs answer without it).
+CMK_SPECS = frozenset(
+    {
+        "RSA_2048",
+        "RSA_3072",
+        "RSA_4096",
+        "ECC_NIST_P256",
+        "ECC_NIST_P384",
+        "ECC_NIST_P521",
+        "ECC_SECG_P256K1",
+        "SYMMETRIC_DEFAULT",
+        "HMAC_224",
+        "HMAC_256",
+        "HMAC_384",
+        "HMAC_512",
+        "SM2",
+    }
+)
 
 
 def spec_info(name: str) -> SpecInfo:

@@ -11,7 +11,7 @@ import base64
 from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
-from ..keyspecs import UNSUPPORTED_SIGNING
+from ..keyspecs import CMK_SPECS, UNSUPPORTED_SIGNING
 from ._model import Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Release, Request, Require
 
@@ -97,14 +97,16 @@ async def _get_public_key(svc: KmsService, r: Request) -> Answer:
     asym = key.asymmetric
     if asym is None:
         raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending import.")
-    return {
+    answer: Answer = {
         "KeyId": key.arn,
         "PublicKey": _b64(asym.public_der()),
-        "CustomerMasterKeySpec": key.meta["KeySpec"],
         "KeySpec": key.meta["KeySpec"],
         "KeyUsage": key.usage,
         **spec.algorithms(key.usage),
     }
+    if spec.name in CMK_SPECS:  # the deprecated field's enum stopped growing
+        answer["CustomerMasterKeySpec"] = spec.name
+    return answer
 
 
 def _mac_key(key: Key, algorithm: str) -> _asym.HmacKey:

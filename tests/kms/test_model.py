@@ -94,3 +94,20 @@ def test_unsupported_operations_name_themselves(daemon: DaemonThread) -> None:
     assert code != 0
     assert "UnsupportedOperationException" in err
     assert "DescribeCustomKeyStores" in err
+
+
+def test_answers_use_only_model_enum_values(daemon: DaemonThread) -> None:
+    """KeyMetadata values are within the model's enums (CustomerMasterKeySpec, deprecated, does
+    not list Ed25519: such keys answer without it)."""
+    admin = boto_client(daemon.endpoint, ADMIN)
+    cmk = _MODEL.shape_for("CustomerMasterKeySpec").enum
+    for params in ({}, {"KeySpec": "ECC_NIST_EDWARDS25519"}, {"KeySpec": "HMAC_224"}):
+        meta = admin.create_key(**params)["KeyMetadata"]
+        assert meta.get("CustomerMasterKeySpec", meta["KeySpec"]) in cmk or (
+            "CustomerMasterKeySpec" not in meta
+        )
+        assert meta["KeySpec"] in _MODEL.shape_for("KeySpec").enum
+        assert meta["KeyState"] in _MODEL.shape_for("KeyState").enum
+    meta = admin.create_key(KeySpec="ECC_NIST_EDWARDS25519")["KeyMetadata"]
+    assert "CustomerMasterKeySpec" not in meta
+    assert "CustomerMasterKeySpec" not in admin.get_public_key(KeyId=meta["KeyId"])
