@@ -449,3 +449,26 @@ async def test_long_hmac_material_imports_and_survives_restart(tmp_path: Path) -
         assert key.hmac.mac(b"m") == hmac.new(material, b"m", hashlib.sha512).digest()
     finally:
         again.close()
+
+
+def test_pending_import_key_states(admin: Any) -> None:
+    """AWS's key-state table for a key waiting for its material."""
+    kid = admin.create_key(Origin="EXTERNAL")["KeyMetadata"]["KeyId"]
+    for call in (
+        lambda: admin.enable_key(KeyId=kid),
+        lambda: admin.disable_key(KeyId=kid),
+        lambda: admin.generate_data_key(KeyId=kid, KeySpec="AES_256"),
+        lambda: admin.create_grant(
+            KeyId=kid, GranteePrincipal=ADMIN.principal_arn, Operations=["Encrypt"]
+        ),
+    ):
+        with pytest.raises(ClientError) as e:
+            call()
+        assert _code(e) == "KMSInvalidStateException"
+        assert "pending import" in e.value.response["Error"]["Message"]
+    admin.tag_resource(KeyId=kid, Tags=[{"TagKey": "k", "TagValue": "v"}])
+    admin.update_key_description(KeyId=kid, Description="still waiting")
+    admin.schedule_key_deletion(KeyId=kid, PendingWindowInDays=7)
+    assert admin.describe_key(KeyId=kid)["KeyMetadata"]["KeyState"] == "PendingDeletion"
+    admin.cancel_key_deletion(KeyId=kid)  # back to waiting for its material, not Disabled
+    assert admin.describe_key(KeyId=kid)["KeyMetadata"]["KeyState"] == "PendingImport"
