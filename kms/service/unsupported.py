@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NoReturn
 
 from ..errors import KmsApiError
-from ._scaffold import Operation, Request
+from ._scaffold import Operation, Request, Run
 
 if TYPE_CHECKING:
     from ._core import KmsService
@@ -37,7 +37,7 @@ REASONS: dict[str, str] = {
 }
 
 
-def _refuse(name: str) -> object:
+def _refuse(name: str) -> Run:
     async def run(svc: KmsService, r: Request) -> NoReturn:
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -47,4 +47,4 @@ def _refuse(name: str) -> object:
     return run
 
 
-OPERATIONS = tuple(Operation(name, _refuse(name)) for name in sorted(REASONS))  # type: ignore[arg-type]
+OPERATIONS = tuple(Operation(name, _refuse(name)) for name in sorted(REASONS))
