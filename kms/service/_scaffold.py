@@ -226,6 +226,7 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
     """Steps 3 and 4 (synchronous: every key step works on the in-memory key set)."""
     params = request.params
     extra = op.conditions(params) if op.conditions is not None else None
+    dry_run = _dry_run(op, params)
     for step in op.keys:
         if step.optional and step.param not in params:
             request.keys.append(None)
@@ -241,9 +242,7 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
             algorithm = (
                 params.get(step.algorithm_param, SYMMETRIC) if step.algorithm_param else (SYMMETRIC)
             )
-            ignore = _dry_run(op, params) and "IGNORE_CIPHERTEXT" in params.get(
-                "DryRunModifiers", ()
-            )
+            ignore = dry_run and "IGNORE_CIPHERTEXT" in params.get("DryRunModifiers", ())
             if not ignore and step.param not in params:
                 raise KmsApiError(
                     "ValidationException",
@@ -274,7 +273,8 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
         )
         if step.require is not Require.ANY:
             _require(key, step.require)
-        if step.usage is not None or step.symmetric:
+        usage = step.usage
+        if (usage is not None and key.meta["KeyUsage"] != usage) or step.symmetric:
             _usage(key, step, step.action or op.name)
         if header is not None:
             request.plaintext = svc.open_ciphertext(key, header, context, request.outcome)
@@ -289,7 +289,7 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
                 key, asymmetric, params[step.param], request.outcome
             )
         request.keys.append(key)
-    if _dry_run(op, params):
+    if dry_run:
         raise KmsApiError(
             "DryRunOperationException",
             "The request would have succeeded, but the DryRun option is set.",
