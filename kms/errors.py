@@ -11,6 +11,7 @@
         ├── SigV4Failure             (kms.sigv4) a request failed SigV4 authentication
         ├── RecipientRejected        (kms.service) a Recipient's attestation document is refused
         ├── PolicyError              a key policy document is malformed
+        ├── KeyMaterialError         key material does not fit its key spec (also a ValueError)
         └── AuditChainError          an audit log line breaks the hash chain
 
 Configuration problems raise :class:`transport.errors.ConfigurationError`.
@@ -27,6 +28,7 @@ __all__ = [
     "KmsApiError",
     "CiphertextFormatError",
     "PolicyError",
+    "KeyMaterialError",
     "AuditChainError",
 ]
 
@@ -68,6 +70,10 @@ class CiphertextFormatError(KmsError):
 
 class PolicyError(KmsError):
     """A key policy document is not valid JSON or not in the supported IAM subset."""
+
+
+class KeyMaterialError(KmsError, ValueError):
+    """Key material (generated, stored or imported) does not fit its key spec."""
 
 
 class AuditChainError(KmsError):

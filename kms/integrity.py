@@ -7,7 +7,12 @@ under keys derived from the one master key, which never touches the database or 
 * each key record (metadata JSON and policy text) and each alias row: an HMAC-SHA256 tag under
   the **record** subkey, stored beside the row and checked when the daemon loads it;
 * the audit log: each line's ``mac`` is an HMAC-SHA256 under the **audit** subkey over the
-  previous line's ``mac`` and this line's canonical JSON (see :mod:`kms.audit`).
+  previous line's ``mac`` and this line's canonical JSON (see :mod:`kms.audit`);
+* each grant row: an HMAC-SHA256 tag under the **record** subkey, like key records;
+* what the daemon hands out and takes back later without storing it: grant tokens (an
+  HMAC-SHA256 under the **grant-token** subkey over the grant id and a fresh nonce) and import
+  tokens (the BYOK wrapping private key, AES-256-GCM under the **import-token** subkey with the
+  key id, algorithm and expiry as associated data).
 
 The subkeys come from HKDF-SHA256 with one label per purpose, so no key serves two algorithms.
 Someone who can write the state directory but does not hold the master key can therefore not
@@ -23,14 +28,18 @@ service migrates a state directory forward.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import struct
+from dataclasses import dataclass
 
 from . import _wrap
 from .errors import CiphertextFormatError
 
 __all__ = [
     "MasterKey",
+    "ImportToken",
     "LABEL_WRAP",
     "LABEL_RECORD_MAC",
     "LABEL_AUDIT_MAC",
@@ -41,12 +50,40 @@ __all__ = [
 LABEL_WRAP = b"enclave-kms/v2/key-material-wrap"
 LABEL_RECORD_MAC = b"enclave-kms/v2/record-mac"
 LABEL_AUDIT_MAC = b"enclave-kms/v2/audit-chain-mac"
+LABEL_GRANT_TOKEN = b"enclave-kms/v3/grant-token-mac"
+LABEL_IMPORT_TOKEN = b"enclave-kms/v3/import-token-seal"
 #: ``prev`` of the first line of an audit chain.
 GENESIS_MAC = "0" * 64
 
 _WRAP_AAD = b"enclave-kms/key-material/v1\x00"
 _MASTER_CHECK_AAD = b"enclave-kms/master-check/v1"
 _MASTER_CHECK = b"enclave-kms master key check"
+_GRANT_TOKEN_VERSION = 1
+#: Grant ids are 32 random bytes (64 hex digits, as AWS's); tokens add a 16-byte nonce so each
+#: CreateGrant answer carries a token of its own, and a 32-byte tag.
+_GRANT_ID_BYTES = 32
+_GRANT_NONCE_BYTES = 16
+_GRANT_TOKEN_BYTES = 1 + _GRANT_ID_BYTES + _GRANT_NONCE_BYTES + _wrap.Mac.TAG_BYTES
+_IMPORT_TOKEN_VERSION = 1
+_IMPORT_AAD = b"enclave-kms/import-token/v1\x00"
+#: An import token's clear header is a few hundred bytes at most; refuse more before parsing.
+_MAX_IMPORT_HEADER = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ImportToken:
+    """What an import token carries: for which key, algorithm and wrapping key spec it was
+    issued, until when (epoch seconds), and the wrapping private key (PKCS#8 DER)."""
+
+    key_id: str
+    algorithm: str
+    wrapping_spec: str
+    valid_to: float
+    private_der: bytes
+
+    def header(self) -> bytes:
+        """The clear, authenticated part of the token."""
+        return _canonical([self.key_id, self.algorithm, self.wrapping_spec, self.valid_to])
 
 
 def _canonical(value: object) -> bytes:
@@ -61,12 +98,14 @@ class MasterKey:
         key: the 32-byte master key (``master.key`` or ``ENCLAVE_KMS_MASTER_KEY``).
     """
 
-    __slots__ = ("_audit", "_legacy", "_records", "_wrap")
+    __slots__ = ("_audit", "_grant_tokens", "_import_tokens", "_legacy", "_records", "_wrap")
 
     def __init__(self, key: bytes) -> None:
         self._wrap = _wrap.Aead(_wrap.derive_subkey(key, LABEL_WRAP))
         self._records = _wrap.Mac(_wrap.derive_subkey(key, LABEL_RECORD_MAC))
         self._audit = _wrap.Mac(_wrap.derive_subkey(key, LABEL_AUDIT_MAC))
+        self._grant_tokens = _wrap.Mac(_wrap.derive_subkey(key, LABEL_GRANT_TOKEN))
+        self._import_tokens = _wrap.Aead(_wrap.derive_subkey(key, LABEL_IMPORT_TOKEN))
         # Schema 1 used the master key itself as the wrapping key; kept to migrate forward.
         self._legacy = _wrap.Aead(key)
 
@@ -124,6 +163,60 @@ class MasterKey:
     def alias_ok(self, name: str, key_id: str, created: float, updated: float, tag: bytes) -> bool:
         """True if ``tag`` authenticates this alias row (constant time)."""
         return self._records.verify(_canonical(["alias", name, key_id, created, updated]), tag)
+
+    def grant_tag(self, grant_id: str, key_id: str, record: str) -> bytes:
+        """The tag of one grant row."""
+        return self._records.tag(_canonical(["grant", grant_id, key_id, record]))
+
+    def grant_ok(self, grant_id: str, key_id: str, record: str, tag: bytes) -> bool:
+        """True if ``tag`` authenticates this grant row (constant time)."""
+        return self._records.verify(_canonical(["grant", grant_id, key_id, record]), tag)
+
+    # ------------------------------------------------------------ tokens handed out
+
+    def grant_token(self, grant_id: str) -> str:
+        """A fresh token for grant ``grant_id`` (64 hex digits): unique per call, unforgeable."""
+        raw = bytes([_GRANT_TOKEN_VERSION]) + bytes.fromhex(grant_id)
+        raw += _wrap.random_bytes(_GRANT_NONCE_BYTES)
+        return base64.urlsafe_b64encode(raw + self._grant_tokens.tag(raw)).decode().rstrip("=")
+
+    def grant_of_token(self, token: str) -> str | None:
+        """The grant id a token of :meth:`grant_token` names, or None if it is not one."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        if len(raw) != _GRANT_TOKEN_BYTES or raw[0] != _GRANT_TOKEN_VERSION:
+            return None
+        body, tag = raw[: -_wrap.Mac.TAG_BYTES], raw[-_wrap.Mac.TAG_BYTES :]
+        if not self._grant_tokens.verify(body, tag):
+            return None
+        return body[1 : 1 + _GRANT_ID_BYTES].hex()
+
+    def seal_import_token(self, token: ImportToken) -> bytes:
+        """The ImportToken blob: version, clear header, the wrapping key sealed under it."""
+        header = token.header()
+        sealed = self._import_tokens.seal(token.private_der, _IMPORT_AAD + header)
+        return bytes([_IMPORT_TOKEN_VERSION]) + struct.pack(">H", len(header)) + header + sealed
+
+    def open_import_token(self, blob: bytes) -> ImportToken:
+        """Inverse of :meth:`seal_import_token`.
+
+        Raises:
+            CiphertextFormatError: not a token of this daemon (malformed or not authentic).
+        """
+        if len(blob) < 3 or blob[0] != _IMPORT_TOKEN_VERSION:
+            raise CiphertextFormatError("not an import token")
+        (n,) = struct.unpack_from(">H", blob, 1)
+        if n > _MAX_IMPORT_HEADER or len(blob) < 3 + n:
+            raise CiphertextFormatError("not an import token")
+        header = blob[3 : 3 + n]
+        private_der = self._import_tokens.open(blob[3 + n :], _IMPORT_AAD + header)
+        try:
+            key_id, algorithm, spec, valid_to = json.loads(header)
+        except (ValueError, TypeError):  # authentic, so only a bug of ours gets here
+            raise CiphertextFormatError("not an import token") from None
+        return ImportToken(str(key_id), str(algorithm), str(spec), float(valid_to), private_der)
 
     # ------------------------------------------------------------ audit chain
 

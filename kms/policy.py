@@ -30,6 +30,7 @@ from typing import Any
 from .errors import PolicyError
 
 __all__ = [
+    "MAX_POLICY_CHARS",
     "MAX_POLICY_BYTES",
     "RequestContext",
     "Decision",
@@ -39,8 +40,11 @@ __all__ = [
     "enclave_key_policy",
 ]
 
-#: AWS's key policy size limit (32 KiB).
-MAX_POLICY_BYTES = 32768
+#: The longest key policy, in characters, botocore's model allows (PolicyType max 131072).
+MAX_POLICY_CHARS = 131072
+#: Kept for callers of the previous name: the limit is now counted in characters, as the model
+#: counts it (every policy character is at most U+00FF, so at most two UTF-8 bytes).
+MAX_POLICY_BYTES = MAX_POLICY_CHARS
 _VERSIONS = frozenset({"2012-10-17", "2008-10-17"})
 _STATEMENT_KEYS = frozenset(
     {
@@ -111,10 +115,15 @@ class RequestContext:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome: ``allowed`` and, for the operator, which statement decided and why."""
+    """The outcome: ``allowed`` and, for the operator, which statement decided and why.
+
+    ``explicit`` marks a Deny statement's decision: grants cannot override it (an implicit,
+    default deny they can).
+    """
 
     allowed: bool
     reason: str
+    explicit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,8 +293,8 @@ class KeyPolicy:
         """Parse and validate policy JSON. Raises :class:`PolicyError` on anything unsupported."""
         if not isinstance(text, str):
             raise PolicyError("policy must be a string")
-        if len(text.encode("utf-8")) > MAX_POLICY_BYTES:
-            raise PolicyError(f"policy is larger than {MAX_POLICY_BYTES} bytes")
+        if len(text) > MAX_POLICY_CHARS:
+            raise PolicyError(f"policy is longer than {MAX_POLICY_CHARS} characters")
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -350,7 +359,7 @@ class KeyPolicy:
                     )
                 continue
             if st.effect == "Deny":
-                return Decision(False, f"explicit deny in statement {st.sid!r}")
+                return Decision(False, f"explicit deny in statement {st.sid!r}", explicit=True)
             allow_sid = allow_sid or st.sid
         if allow_sid is not None:
             return Decision(True, f"allowed by statement {allow_sid!r}")

@@ -11,7 +11,10 @@ unnoticed.
 
 Schema versions (``PRAGMA user_version``) only go forward: 1 → 2 adds the ``mac`` columns and
 marks the store ``legacy_rows`` until :meth:`Storage.finish_migration` has rewritten every row
-(the service rewraps and tags them); a newer schema than this code knows is refused.
+(the service rewraps and tags them); 2 → 3 adds the ``grants`` table (tagged rows like the
+others; key specs, tags, imported-material state and key material ids live in the key's
+authenticated metadata record, so they needed no column). A newer schema than this code knows
+is refused.
 
 Where the next backends fit: a PostgreSQL store implements this same protocol (each method one
 serializable transaction, retried on serialization failures); the daemon's in-memory copy then
@@ -33,7 +36,15 @@ from typing import Protocol
 
 from transport.errors import ConfigurationError
 
-__all__ = ["KeyRow", "VersionRow", "AliasRow", "Snapshot", "Storage", "SqliteStorage"]
+__all__ = [
+    "KeyRow",
+    "VersionRow",
+    "AliasRow",
+    "GrantRow",
+    "Snapshot",
+    "Storage",
+    "SqliteStorage",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +79,23 @@ class AliasRow:
 
 
 @dataclass(frozen=True, slots=True)
+class GrantRow:
+    """A grant on a key: its JSON record (see kms.service.grants) and tag."""
+
+    grant_id: str
+    key_id: str
+    record: str
+    mac: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything stored, as loaded at start-up."""
 
     keys: Sequence[KeyRow]
     versions: Sequence[VersionRow]
     aliases: Sequence[AliasRow]
+    grants: Sequence[GrantRow] = ()
 
 
 class Storage(Protocol):
@@ -103,8 +125,20 @@ class Storage(Protocol):
         """Add a material version and the key's new metadata (one transaction)."""
         ...
 
+    def delete_version(self, key: KeyRow, key_id: str, version: int) -> None:
+        """Delete one material version and store the key's new metadata (one transaction)."""
+        ...
+
     def delete_key(self, key_id: str) -> None:
-        """Delete a key, its versions and its aliases."""
+        """Delete a key, its versions, its aliases and its grants."""
+        ...
+
+    def put_grant(self, grant: GrantRow) -> None:
+        """Insert a grant."""
+        ...
+
+    def delete_grant(self, grant_id: str) -> None:
+        """Delete a grant (retired or revoked)."""
         ...
 
     def put_alias(self, alias: AliasRow) -> None:
@@ -147,6 +181,21 @@ CREATE TABLE IF NOT EXISTS aliases (
     updated REAL NOT NULL,
     mac BLOB NOT NULL DEFAULT x''
 );
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    record TEXT NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+#: Schema 2 → 3: grants (CreateGrant); everything else new lives in the tagged key records.
+_MIGRATE_2_TO_3 = """
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY,
+    key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+    record TEXT NOT NULL,
+    mac BLOB NOT NULL
+);
 """
 #: Schema 1 → 2: rows gain their tags (filled in by the service, see finish_migration).
 _MIGRATE_1_TO_2 = """
@@ -155,7 +204,7 @@ ALTER TABLE aliases ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
 INSERT OR REPLACE INTO meta VALUES ('legacy_rows', x'31');
 """
 #: Schema version stored in PRAGMA user_version; bump with a migration.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SqliteStorage:
@@ -185,8 +234,10 @@ class SqliteStorage:
             with self._tx():
                 if version == 0:
                     self._script(_SCHEMA)
-                elif version == 1:
+                if version == 1:
                     self._script(_MIGRATE_1_TO_2)
+                if version in (1, 2):
+                    self._script(_MIGRATE_2_TO_3)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -216,7 +267,11 @@ class SqliteStorage:
             AliasRow(r[0], r[1], float(r[2]), float(r[3]), bytes(r[4]))
             for r in self._db.execute("SELECT name, key_id, created, updated, mac FROM aliases")
         ]
-        return Snapshot(keys, versions, aliases)
+        grants = [
+            GrantRow(r[0], r[1], r[2], bytes(r[3]))
+            for r in self._db.execute("SELECT grant_id, key_id, record, mac FROM grants")
+        ]
+        return Snapshot(keys, versions, aliases, grants)
 
     def get_meta(self, name: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
@@ -255,9 +310,27 @@ class SqliteStorage:
             self._insert_version(version)
             self._update_key(key)
 
+    def delete_version(self, key: KeyRow, key_id: str, version: int) -> None:
+        with self._tx():
+            self._db.execute(
+                "DELETE FROM key_versions WHERE key_id=? AND version=?", (key_id, version)
+            )
+            self._update_key(key)
+
     def delete_key(self, key_id: str) -> None:
         with self._tx():
             self._db.execute("DELETE FROM keys WHERE key_id=?", (key_id,))
+
+    def put_grant(self, grant: GrantRow) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO grants VALUES (?, ?, ?, ?)",
+                (grant.grant_id, grant.key_id, grant.record, grant.mac),
+            )
+
+    def delete_grant(self, grant_id: str) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM grants WHERE grant_id=?", (grant_id,))
 
     def _put_alias(self, alias: AliasRow) -> None:
         self._db.execute(

@@ -27,24 +27,37 @@ verification with a cached chain costs ~0.7 ms, less than moving it to a thread 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
 import structlog
 import trio
 
-from .. import _wrap, ciphertext
+from .. import _asym, _wrap, ciphertext
 from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import MasterKey
-from ..policy import KeyPolicy, RequestContext, account_of, default_key_policy
-from ..storage import AliasRow, KeyRow, Snapshot, Storage, VersionRow
-from . import authorization, crypto, lifecycle, management
+from ..keyspecs import HMAC_MAX_BYTES, MAC_ALGORITHMS, spec_info
+from ..policy import Decision, KeyPolicy, RequestContext, account_of, default_key_policy
+from ..storage import AliasRow, GrantRow, KeyRow, Snapshot, Storage, VersionRow
+from . import (
+    asymmetric,
+    authorization,
+    byok,
+    crypto,
+    grants,
+    lifecycle,
+    management,
+    metadata,
+    unsupported,
+)
 from ._model import (
     DAY_S,
     DEFAULT_ROTATION_DAYS,
     Answer,
     Caller,
+    Grant,
     Key,
     Outcome,
     Params,
@@ -64,8 +77,32 @@ _T = TypeVar("_T")
 #: Every operation the service serves, by wire name: the declared table (no getattr dispatch).
 OPERATIONS: dict[str, Operation] = {
     op.name: op
-    for family in (lifecycle, authorization, management, crypto)
+    for family in (
+        lifecycle,
+        authorization,
+        management,
+        crypto,
+        asymmetric,
+        grants,
+        metadata,
+        byok,
+        unsupported,
+    )
     for op in family.OPERATIONS
+}
+
+#: A key or alias ARN of this KMS's form (partition, region, account, resource).
+_KMS_ARN_RE = re.compile(r"arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(?:key|alias)/\S+")
+#: Request members that become policy condition keys (kms:<Member>) when present.
+_PARAM_CONDITIONS = {
+    "EncryptionAlgorithm": "kms:encryptionalgorithm",
+    "SigningAlgorithm": "kms:signingalgorithm",
+    "MessageType": "kms:messagetype",
+    "MacAlgorithm": "kms:macalgorithm",
+    "KeyAgreementAlgorithm": "kms:keyagreementalgorithm",
+    "WrappingAlgorithm": "kms:wrappingalgorithm",
+    "WrappingKeySpec": "kms:wrappingkeyspec",
+    "ExpirationModel": "kms:expirationmodel",
 }
 
 
@@ -192,24 +229,101 @@ class KmsService:
             try:
                 meta = json.loads(row.meta)
                 policy = KeyPolicy.parse(row.policy)
-            except (ValueError, KmsApiError) as exc:  # authentic but unreadable: a bug, not data
+                spec_info(str(meta["KeySpec"]))
+            except (ValueError, KeyError, KmsApiError) as exc:  # authentic but unreadable: a bug
                 self._quarantine(row.key_id, f"key record does not parse: {exc}")
                 continue
             self._keys[row.key_id] = Key(row.key_id, self._arn(row.key_id), meta, policy)
+        # (key id, version) → (KeyMaterialId, creation time), for schema-2 records only.
+        legacy: dict[tuple[str, int], tuple[str, float]] = {}
         for v in snap.versions:
             key = self._keys.get(v.key_id)
             if key is None:
                 continue
             try:
-                key.versions[v.version] = _wrap.Aead(m.unwrap(v.key_id, v.version, v.wrapped))
-            except CiphertextFormatError:
+                material = m.unwrap(v.key_id, v.version, v.wrapped)
+                self.attach_material(key, v.version, material)
+            except (CiphertextFormatError, _asym.KeyMaterialError) as exc:
                 del self._keys[v.key_id]
-                self._quarantine(v.key_id, f"material version {v.version} fails authentication")
+                self._quarantine(v.key_id, f"material version {v.version} is refused: {exc}")
+                continue
+            if "Materials" not in key.meta:
+                legacy[(v.key_id, v.version)] = (_asym.material_id(v.key_id, material), v.created)
+        for key in self._keys.values():
+            if "Materials" not in key.meta:  # a schema-2 record: describe its materials now
+                key.meta = dict(key.meta, Materials=self._describe_legacy(key, legacy))
         for a in snap.aliases:
             if not m.alias_ok(a.name, a.key_id, a.created, a.updated, a.mac):
                 self._quarantine(a.name, "alias row fails its tag")
                 continue
             self.aliases[a.name] = a
+        for g in snap.grants:
+            key = self._keys.get(g.key_id)
+            if key is None:
+                continue
+            if not m.grant_ok(g.grant_id, g.key_id, g.record, g.mac):
+                # A forged or edited grant must grant nothing; the key itself stays usable.
+                log.error(
+                    "kms_state_tampered",
+                    name=f"grant {g.grant_id}",
+                    reason="grant row fails its tag",
+                    action="grant ignored",
+                )
+                continue
+            try:
+                key.add_grant(Grant.from_record(g.grant_id, g.key_id, g.record))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("kms_grant_unreadable", grant_id=g.grant_id, reason=str(exc))
+
+    @staticmethod
+    def _describe_legacy(
+        key: Key, legacy: Mapping[tuple[str, int], tuple[str, float]]
+    ) -> dict[str, Any]:
+        """Material descriptions of a key stored before they existed (symmetric AWS_KMS keys,
+        every version present). They are written with the key's next change. Rotation dates are
+        the versions' creation times; whether a rotation was automatic or on demand was not
+        recorded, so RotationType stays absent."""
+        out: dict[str, Any] = {}
+        current = key.current_version
+        for version in sorted(key.versions):
+            material_id, created = legacy[(key.key_id, version)]
+            entry: dict[str, Any] = {
+                "Id": material_id,
+                "State": "CURRENT" if version == current else "NON_CURRENT",
+            }
+            if version > 1:
+                entry["RotationDate"] = created
+            out[str(version)] = entry
+        return out
+
+    def attach_material(self, key: Key, version: int, material: bytes) -> None:
+        """Make ``material`` usable as ``key``'s version ``version`` (by its spec).
+
+        Raises:
+            KeyMaterialError: the material does not fit the key's spec.
+        """
+        spec = key.spec
+        if spec.kind == "symmetric":
+            if len(material) != _wrap.AES_KEY_BYTES:
+                raise _asym.KeyMaterialError("symmetric key material must be 256 bits")
+            key.versions[version] = _wrap.Aead(material)
+        elif spec.kind == "hmac":
+            if not spec.size <= len(material) <= HMAC_MAX_BYTES[spec.name]:
+                raise _asym.KeyMaterialError(
+                    f"{spec.name} key material must be {spec.size} to "
+                    f"{HMAC_MAX_BYTES[spec.name]} bytes"
+                )
+            key.hmac = _asym.HmacKey(MAC_ALGORITHMS[spec.name], material)
+        else:
+            key.asymmetric = _asym.AsymmetricKey.load(spec, material)
+
+    def detach_material(self, key: Key, version: int) -> None:
+        """Forget material ``version`` (imported material deleted or expired)."""
+        key.versions.pop(version, None)
+        if key.spec.kind == "hmac":
+            key.hmac = None
+        elif key.spec.asymmetric:
+            key.asymmetric = None
 
     def _quarantine(self, name: str, reason: str) -> None:
         self.quarantined[name] = reason
@@ -226,6 +340,7 @@ class KmsService:
                 meta["RotationEnabled"] = True
                 meta["NextRotationDate"] = now + DEFAULT_ROTATION_DAYS * DAY_S
             meta["CurrentVersion"] = len(s.material)
+            meta["Materials"] = lifecycle.describe_materials(s.key_id, s.material, now)
             key = Key(s.key_id, self._arn(s.key_id), meta, policy)
             rows = [
                 VersionRow(s.key_id, i, self.master.wrap(s.key_id, i, material), now)
@@ -322,6 +437,8 @@ class KmsService:
         """A key by id, key ARN, alias name or alias ARN (NotFoundException otherwise)."""
         name = key_id
         if key_id.startswith("arn:"):
+            if not _KMS_ARN_RE.fullmatch(key_id):
+                raise KmsApiError("InvalidArnException", f"{key_id[:300]} is not a valid ARN.")
             prefix = f"arn:aws:kms:{self.region}:{self.account_id}:"
             if not key_id.startswith(prefix):
                 raise self._not_found(key_id)
@@ -370,19 +487,38 @@ class KmsService:
         *,
         context: Mapping[str, str] | None = None,
         recipient: RecipientInfo | None = None,
+        params: Params | None = None,
+        extra: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         """Allow ``caller`` to perform ``kms:<action>`` on ``key`` or raise AccessDenied.
 
-        The one authorization point of every operation (grants, when they come, join here).
+        The one authorization point of every operation. As AWS evaluates: an explicit Deny in
+        the key policy refuses; otherwise an Allow of the policy, or a grant on the key for the
+        caller (with the action among its operations and its encryption-context constraint
+        met), allows; otherwise the implicit deny refuses.
         """
         outcome.key_arn = key.arn
+        cond = self.conditions(caller, context, recipient)
+        cond.update(key.key_conditions)
+        if params:
+            for member in params:  # a request has a few members: cheaper than the table
+                name = _PARAM_CONDITIONS.get(member)
+                if name is not None:
+                    cond[name] = (str(params[member]),)
+        if extra:
+            cond.update(extra)
         ctx = RequestContext(
             principal_arn=caller.principal_arn,
             action=f"kms:{action}",
             resource=key.arn,
-            conditions=self.conditions(caller, context, recipient),
+            conditions=cond,
         )
         decision = key.policy.evaluate(ctx)
+        if not decision.allowed and not decision.explicit and key.grants:
+            grant = self.grant_allowing(key, caller, action, context)
+            if grant is not None:
+                decision = Decision(True, f"allowed by grant {grant.grant_id}")
+                outcome.grant_id = grant.grant_id
         outcome.decision = "allow" if decision.allowed else "deny"
         outcome.reason = decision.reason
         if not decision.allowed:
@@ -391,6 +527,39 @@ class KmsService:
                 f"User: {caller.principal_arn} is not authorized to perform: kms:{action} on "
                 f"resource: {key.arn}",
             )
+
+    @staticmethod
+    def grant_allowing(
+        key: Key, caller: Caller, action: str, context: Mapping[str, str] | None
+    ) -> Grant | None:
+        """A grant of ``key`` that lets ``caller`` perform ``action`` in this request, if any.
+
+        A grant names its grantee by ARN or by account (which, with no IAM emulated, stands for
+        every principal of that account, as key policies treat account principals). Encryption
+        context constraints apply to operations that take an encryption context (``context``
+        is not None); for the others a constrained grant may only list DescribeKey, RetireGrant
+        and CreateGrant, where AWS does not apply them.
+        """
+        principal = caller.principal_arn
+        account = account_of(principal)
+        candidates = list(key.grants_by_grantee.get(principal, ()))
+        if account is not None:
+            candidates += key.grants_by_grantee.get(f"arn:aws:iam::{account}:root", ())
+            candidates += key.grants_by_grantee.get(account, ())
+        for grant in candidates:
+            if action in grant.operations and grants.constraints_hold(grant, context):
+                return grant
+        return None
+
+    def check_grant_tokens(self, tokens: Sequence[str]) -> None:
+        """Every grant token must be one this KMS issued (InvalidGrantTokenException).
+
+        Grants take effect at once here (there is no eventual consistency to bridge), so a
+        valid token adds nothing to authorization; an invalid one fails the request, as in AWS.
+        """
+        for token in tokens:
+            if self.master.grant_of_token(token) is None:
+                raise KmsApiError("InvalidGrantTokenException", "The grant token is not valid.")
 
     @staticmethod
     def conditions(
@@ -501,6 +670,28 @@ class KmsService:
             raise KmsApiError("InvalidCiphertextException", "") from None
 
     @staticmethod
+    def open_asymmetric(key: Key, algorithm: str, blob: bytes, outcome: Outcome) -> bytes:
+        """Decrypt an RSAES-OAEP ciphertext with an authorized RSA ENCRYPT_DECRYPT key.
+
+        Raises:
+            KmsApiError: InvalidKeyUsageException (the algorithm is not one of the key's),
+                InvalidCiphertextException (it does not decrypt: opaque).
+        """
+        asym = key.asymmetric
+        if key.usage != "ENCRYPT_DECRYPT" or algorithm not in key.spec.encryption:
+            raise KmsApiError(
+                "InvalidKeyUsageException",
+                f"The encryption algorithm {algorithm} is not compatible with {key.arn}.",
+            )
+        if asym is None:  # imported material absent: the state check refused already
+            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending import.")
+        try:
+            return asym.decrypt(algorithm, blob)
+        except CiphertextFormatError:
+            outcome.decision, outcome.reason = "error", "RSA ciphertext does not decrypt"
+            raise KmsApiError("InvalidCiphertextException", "") from None
+
+    @staticmethod
     def seal(key: Key, plaintext: bytes, context: Mapping[str, str] | None) -> bytes:
         """A CiphertextBlob under ``key``'s current version."""
         version = key.current_version
@@ -511,18 +702,24 @@ class KmsService:
     def _recompute_deadline(self) -> None:
         deadline = float("inf")
         for key in self._keys.values():
-            if key.meta.get("DeletionDate") is not None:
-                deadline = min(deadline, float(key.meta["DeletionDate"]))
-            if key.meta.get("RotationEnabled") and key.state == "Enabled":
-                deadline = min(deadline, float(key.meta.get("NextRotationDate", deadline)))
+            meta = key.meta
+            if meta.get("DeletionDate") is not None:
+                deadline = min(deadline, float(meta["DeletionDate"]))
+            if meta.get("RotationEnabled") and key.state == "Enabled":
+                deadline = min(deadline, float(meta.get("NextRotationDate", deadline)))
+            if meta["Origin"] == "EXTERNAL":
+                for entry in meta.get("Materials", {}).values():
+                    if entry.get("ValidTo") is not None and entry.get("ImportState") == "IMPORTED":
+                        deadline = min(deadline, float(entry["ValidTo"]))
         self._next_deadline = deadline
 
     def recompute_deadline(self) -> None:
-        """Re-derive when the next deletion or rotation is due."""
+        """Re-derive when the next deletion, rotation or material expiry is due."""
         self._recompute_deadline()
 
     async def _maintenance(self) -> None:
-        """Delete keys whose deletion date passed; rotate keys whose rotation is due."""
+        """Delete keys whose deletion date passed; rotate keys whose rotation is due; delete
+        imported material whose ValidTo passed (the key becomes PendingImport, as in AWS)."""
         now = self.clock()
         async with self.write_lock:
             for key in list(self._keys.values()):
@@ -530,18 +727,29 @@ class KmsService:
                 if deletion is not None and now >= float(deletion):
                     await self.write(partial(self._storage.delete_key, key.key_id))
                     self.forget(key.key_id)
-                elif (
+                    continue
+                if (
                     key.meta.get("RotationEnabled")
                     and key.state == "Enabled"
                     and now >= float(key.meta.get("NextRotationDate", now + 1))
                 ):
                     await self.rotate(key, on_demand=False)
+                if key.origin == "EXTERNAL":
+                    for version, entry in key.materials().items():
+                        valid_to = entry.get("ValidTo")
+                        if (
+                            valid_to is not None
+                            and entry.get("ImportState") == "IMPORTED"
+                            and now >= float(valid_to)
+                        ):
+                            await byok.delete_material(self, key, int(version), reason="expired")
             self._recompute_deadline()
 
     async def rotate(self, key: Key, *, on_demand: bool) -> None:
         """Add a fresh material version and make it current (caller holds the write lock)."""
         now = self.clock()
-        version = max(key.versions) + 1
+        materials = key.materials()
+        version = max([int(v) for v in materials] + list(key.versions)) + 1
         material = _wrap.random_bytes(_wrap.AES_KEY_BYTES)
         meta = dict(key.meta)
         meta["CurrentVersion"] = version
@@ -550,12 +758,45 @@ class KmsService:
             meta["OnDemandRotations"] = int(meta.get("OnDemandRotations", 0)) + 1
         if meta.get("RotationEnabled"):
             meta["NextRotationDate"] = now + float(meta["RotationPeriodInDays"]) * DAY_S
+        for entry in materials.values():
+            if entry.get("State") == "CURRENT":
+                entry["State"] = "NON_CURRENT"
+        materials[str(version)] = {
+            "Id": _asym.material_id(key.key_id, material),
+            "State": "CURRENT",
+            "RotationDate": now,
+            "RotationType": "ON_DEMAND" if on_demand else "AUTOMATIC",
+        }
+        meta["Materials"] = materials
         new = Key(key.key_id, key.arn, meta, key.policy)
         row = VersionRow(key.key_id, version, self.master.wrap(key.key_id, version, material), now)
         key_row = self.key_row(new)
         await self.write(lambda: self._storage.add_version(key_row, row))
         key.versions[version] = _wrap.Aead(material)
         key.meta = meta
+
+    # ---------------------------------------------------------------- grants
+
+    async def put_grant(self, key: Key, grant: Grant) -> None:
+        """Store a new grant, then make it effective (at once: no eventual consistency)."""
+        record = grant.record()
+        row = GrantRow(
+            grant.grant_id,
+            key.key_id,
+            record,
+            self.master.grant_tag(grant.grant_id, key.key_id, record),
+        )
+        await self.write(lambda: self._storage.put_grant(row))
+        key.add_grant(grant)
+
+    async def delete_grant(self, key: Key, grant_id: str) -> None:
+        """Delete a grant (retired or revoked); it stops working before this returns."""
+        await self.write(lambda: self._storage.delete_grant(grant_id))
+        key.drop_grant(grant_id)
+
+    def all_keys(self) -> list[Key]:
+        """Every usable key in memory (ListRetirableGrants walks their grants)."""
+        return list(self._keys.values())
 
     # ---------------------------------------------------------------- dispatch
 

@@ -23,11 +23,14 @@ else, as AWS validates first) and the ``run`` step that does the operation's own
 Key-less operations (CreateKey, ListKeys, GenerateRandom) declare no key step and are recorded
 as allowed "not key-scoped (no IAM emulated)".
 
-Where later features fit: grants are one more source consulted in the authorize step
-(:meth:`KmsService.authorize`), so every operation gets them at once; asymmetric and HMAC keys
-add operations (Sign, Verify, GenerateMac...) that declare ``require=USABLE`` steps and a
-``KeyUsage`` check; imported material and custom key stores change where a key's material
-lives (``Key.versions``), not this pipeline.
+Grants are one more source consulted in the authorize step (:meth:`KmsService.authorize`),
+so every operation gets them at once; grant tokens are checked first (step 1b), and an invalid
+one fails the request whatever the policy says. Asymmetric and HMAC operations declare the
+``KeyUsage`` their key must have (``usage``, checked after the state). A CIPHERTEXT step is
+located by its ``KeyId`` instead of the blob's header when the ciphertext is an asymmetric one
+(an RSAES algorithm is named) or when a dry run says ``IGNORE_CIPHERTEXT`` (nothing is opened).
+Imported material and custom key stores change where a key's material lives, not this
+pipeline.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import cms
 from ..errors import KmsApiError
+from ..keyspecs import SYMMETRIC
 from ._model import Answer, Caller, Key, Outcome, Params, RecipientInfo
 
 if TYPE_CHECKING:
@@ -78,6 +82,8 @@ class Require(Enum):
     USABLE = "usable"
     NOT_PENDING_DELETION = "not_pending_deletion"
     PENDING_DELETION = "pending_deletion"
+    #: Enabled or Disabled (EnableKey, DisableKey: not pending deletion nor pending import).
+    NOT_PENDING = "not_pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,10 @@ class KeyStep:
         require: the state the key must be in.
         optional: an absent ``param`` means no key (and no authorization) for this step.
         key_id_param: for CIPHERTEXT steps, the member that may name the expected key.
+        algorithm_param: for CIPHERTEXT steps, the member naming the encryption algorithm (an
+            asymmetric one locates the key by ``key_id_param``).
+        usage: the KeyUsage the key must have (InvalidKeyUsageException otherwise).
+        symmetric: the key must be a symmetric encryption key (GenerateDataKey*).
     """
 
     param: str = "KeyId"
@@ -101,6 +111,9 @@ class KeyStep:
     require: Require = Require.ANY
     optional: bool = False
     key_id_param: str | None = None
+    algorithm_param: str | None = None
+    usage: str | None = None
+    symmetric: bool = False
 
 
 @dataclass(slots=True)
@@ -112,6 +125,7 @@ class Request:
             step whose parameter was absent).
         plaintext: for a CIPHERTEXT step, the opened blob.
         recipient: the verified Recipient, if the request carried one.
+        version: for a CIPHERTEXT step, the key material version that opened it (symmetric).
     """
 
     params: Params
@@ -120,6 +134,7 @@ class Request:
     keys: list[Key | None] = field(default_factory=list)
     plaintext: bytes | None = None
     recipient: RecipientInfo | None = None
+    version: int | None = None
 
     def key(self, index: int = 0) -> Key:
         """The key of step ``index`` (it must have been located)."""
@@ -153,6 +168,8 @@ class Operation:
         recipient: accepts ``Recipient`` (attested release).
         dry_run: honours ``DryRun``.
         writes: changes state (runs under the service's write lock).
+        conditions: request-specific policy condition keys (e.g. CreateGrant's
+            ``kms:GrantOperations``), added to the authorization context.
     """
 
     name: str
@@ -162,6 +179,7 @@ class Operation:
     recipient: bool = False
     dry_run: bool = False
     writes: bool = False
+    conditions: Callable[[Params], dict[str, tuple[str, ...]]] | None = None
 
 
 def _b64(data: bytes) -> str:
@@ -173,6 +191,9 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     params = request.params
     if op.check is not None:
         op.check(params)
+    tokens = params.get("GrantTokens")
+    if tokens:
+        svc.check_grant_tokens(tokens)
     if op.recipient and params.get("Recipient") is not None:
         request.recipient = svc.verify_recipient(params["Recipient"], request, op.name)
     if op.writes:
@@ -182,8 +203,9 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     else:
         _locate_and_authorize(svc, op, request)
         result = await op.run(svc, request)
-    if request.keys.count(None) == len(request.keys):  # no key located: not key-scoped
-        out = request.outcome
+    out = request.outcome
+    # No key located and the run decided nothing itself (RetireGrant does): not key-scoped.
+    if out.decision == "error" and request.keys.count(None) == len(request.keys):
         out.decision, out.reason = "allow", f"{op.name} is not key-scoped (no IAM emulated)"
     if isinstance(result, Release):
         answer = result.answer
@@ -196,26 +218,49 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     return result
 
 
+def _dry_run(op: Operation, params: Params) -> bool:
+    return op.dry_run and bool(params.get("DryRun"))
+
+
 def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> None:
     """Steps 3 and 4 (synchronous: every key step works on the in-memory key set)."""
     params = request.params
+    extra = op.conditions(params) if op.conditions is not None else None
+    dry_run = _dry_run(op, params)
     for step in op.keys:
         if step.optional and step.param not in params:
             request.keys.append(None)
             continue
         context: dict[str, Any] | None = params.get(step.context) if step.context else None
         locate = step.locate
+        header = None
+        asymmetric = None
         if locate is Locate.KEY_ID or locate is Locate.KEY_ID_NO_ALIAS:  # the common case first
             key = svc.resolve(params[step.param], allow_alias=locate is Locate.KEY_ID)
-            header = None
         elif locate is Locate.CIPHERTEXT:
-            key, header = svc.locate_ciphertext(
-                params[step.param],
-                params.get(step.key_id_param) if step.key_id_param else None,
-                request.outcome,
+            key_id = params.get(step.key_id_param) if step.key_id_param else None
+            algorithm = (
+                params.get(step.algorithm_param, SYMMETRIC) if step.algorithm_param else (SYMMETRIC)
             )
+            ignore = dry_run and "IGNORE_CIPHERTEXT" in params.get("DryRunModifiers", ())
+            if not ignore and step.param not in params:
+                raise KmsApiError(
+                    "ValidationException",
+                    f"1 validation error detected: Value null at '{step.param[0].lower()}"
+                    f"{step.param[1:]}' failed to satisfy constraint: Member must not be null",
+                )
+            if algorithm != SYMMETRIC or ignore:
+                if key_id is None:
+                    why = "an asymmetric ciphertext" if not ignore else "IGNORE_CIPHERTEXT"
+                    raise KmsApiError(
+                        "ValidationException", f"{step.key_id_param} is required for {why}."
+                    )
+                key = svc.resolve(key_id)
+                asymmetric = None if ignore else algorithm
+            else:
+                key, header = svc.locate_ciphertext(params[step.param], key_id, request.outcome)
         else:
-            key, header = svc.alias_target(params[step.param]), None
+            key = svc.alias_target(params[step.param])
         svc.authorize(
             request.outcome,
             request.caller,
@@ -223,13 +268,28 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
             key,
             context=(context or {}) if step.context else None,
             recipient=request.recipient,
+            params=params,
+            extra=extra,
         )
         if step.require is not Require.ANY:
             _require(key, step.require)
+        usage = step.usage
+        if (usage is not None and key.meta["KeyUsage"] != usage) or step.symmetric:
+            _usage(key, step, step.action or op.name)
         if header is not None:
             request.plaintext = svc.open_ciphertext(key, header, context, request.outcome)
+            request.version = header.key_version
+        elif asymmetric is not None:
+            if context:
+                raise KmsApiError(
+                    "ValidationException",
+                    "EncryptionContext is not supported with asymmetric KMS keys.",
+                )
+            request.plaintext = svc.open_asymmetric(
+                key, asymmetric, params[step.param], request.outcome
+            )
         request.keys.append(key)
-    if op.dry_run and params.get("DryRun"):
+    if dry_run:
         raise KmsApiError(
             "DryRunOperationException",
             "The request would have succeeded, but the DryRun option is set.",
@@ -237,14 +297,34 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
 
 
 def _require(key: Key, require: Require) -> None:
+    """AWS's key-state table for the states this KMS has."""
     state = key.state
-    if require is Require.USABLE:
-        if state == "PendingDeletion":
-            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
-        if state == "Disabled":
-            raise KmsApiError("DisabledException", f"{key.arn} is disabled.")
-    elif require is Require.NOT_PENDING_DELETION:
-        if state == "PendingDeletion":
-            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
-    elif require is Require.PENDING_DELETION and state != "PendingDeletion":
-        raise KmsApiError("KMSInvalidStateException", f"{key.arn} is not pending deletion.")
+    if state == "Enabled" or require is Require.ANY:
+        if require is Require.PENDING_DELETION and state != "PendingDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is not pending deletion.")
+        return
+    if require is Require.PENDING_DELETION:
+        if state != "PendingDeletion":
+            raise KmsApiError("KMSInvalidStateException", f"{key.arn} is not pending deletion.")
+        return
+    if state == "PendingDeletion":
+        raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending deletion.")
+    if state == "PendingImport" and require is not Require.NOT_PENDING_DELETION:
+        raise KmsApiError("KMSInvalidStateException", f"{key.arn} is pending import.")
+    if state == "Disabled" and require is Require.USABLE:
+        raise KmsApiError("DisabledException", f"{key.arn} is disabled.")
+
+
+def _usage(key: Key, step: KeyStep, action: str) -> None:
+    """The key's usage (and spec) must fit the operation."""
+    if step.symmetric and key.meta["KeySpec"] != SYMMETRIC:
+        raise KmsApiError(
+            "InvalidKeyUsageException",
+            f"{key.arn} key spec is {key.meta['KeySpec']}, which is not valid for {action}: "
+            "it needs a symmetric encryption KMS key.",
+        )
+    if step.usage is not None and key.usage != step.usage:
+        raise KmsApiError(
+            "InvalidKeyUsageException",
+            f"{key.arn} key usage is {key.usage} which is not valid for {action}.",
+        )

@@ -9,22 +9,24 @@ the scaffold's; each operation below only produces its bytes.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import trio
 
-from .. import _wrap
+from .. import _asym, _wrap
 from ..errors import KmsApiError
-from ._model import Answer, Params
+from ..keyspecs import SYMMETRIC, rsa_max_plaintext
+from ._model import Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Release, Request, Require
 
 if TYPE_CHECKING:
     from ._core import KmsService
 
-__all__ = ["OPERATIONS"]
+__all__ = ["OPERATIONS", "encrypt_with"]
 
 _DATA_KEY_BYTES = {"AES_256": 32, "AES_128": 16}
-_SYMMETRIC = "SYMMETRIC_DEFAULT"
+_SYMMETRIC = SYMMETRIC
 
 
 def _b64(data: bytes) -> str:
@@ -32,10 +34,11 @@ def _b64(data: bytes) -> str:
 
 
 def _check_algorithm(alg: str | None) -> None:
-    if alg not in (None, _SYMMETRIC):
+    # SM2PKE needs an SM2 key, which this KMS cannot create: no key of ours takes it.
+    if alg == "SM2PKE":
         raise KmsApiError(
             "InvalidKeyUsageException",
-            f"The encryption algorithm {alg} is not compatible with the type of key.",
+            "The encryption algorithm SM2PKE is not compatible with the type of key.",
         )
 
 
@@ -46,6 +49,96 @@ def _check_encrypt(p: Params) -> None:
 def _check_reencrypt(p: Params) -> None:
     _check_algorithm(p.get("SourceEncryptionAlgorithm"))
     _check_algorithm(p.get("DestinationEncryptionAlgorithm"))
+
+
+def encrypt_with(
+    svc: KmsService,
+    key: Key,
+    algorithm: str | None,
+    plaintext: bytes,
+    context: Mapping[str, str] | None,
+) -> tuple[bytes, str]:
+    """Encrypt under ``key`` (its usage checked): a symmetric blob, or RSAES-OAEP.
+
+    Returns:
+        (ciphertext, the EncryptionAlgorithm used).
+    """
+    alg = algorithm or _SYMMETRIC
+    if alg not in key.spec.encryption:
+        raise KmsApiError(
+            "InvalidKeyUsageException",
+            f"The encryption algorithm {alg} is not compatible with {key.arn}.",
+        )
+    if alg == _SYMMETRIC:
+        return svc.seal(key, plaintext, context), alg
+    if context:
+        raise KmsApiError(
+            "ValidationException", "EncryptionContext is not supported with asymmetric KMS keys."
+        )
+    limit = rsa_max_plaintext(key.spec.size, alg)
+    if len(plaintext) > limit:
+        raise KmsApiError(
+            "ValidationException",
+            f"Plaintext is too long for {key.meta['KeySpec']} with {alg}: at most {limit} bytes.",
+        )
+    asym = key.asymmetric
+    assert asym is not None, "an Enabled asymmetric key has its material"
+    return asym.encrypt(alg, plaintext), alg
+
+
+async def _encrypt(svc: KmsService, r: Request) -> Answer:
+    key = r.key()
+    blob, alg = encrypt_with(
+        svc,
+        key,
+        r.params.get("EncryptionAlgorithm"),
+        r.params["Plaintext"],
+        r.params.get("EncryptionContext"),
+    )
+    return {"CiphertextBlob": _b64(blob), "KeyId": key.arn, "EncryptionAlgorithm": alg}
+
+
+def _material(answer: Answer, name: str, key: Key, version: int | None) -> Answer:
+    """Add ``name`` = the KeyMaterialId of ``version`` (symmetric keys only, as AWS)."""
+    if version is not None and key.spec.kind == "symmetric":
+        material_id = key.material_id(version)
+        if material_id is not None:
+            answer[name] = material_id
+    return answer
+
+
+async def _decrypt(svc: KmsService, r: Request) -> Release:
+    assert r.plaintext is not None
+    key = r.key()
+    alg = r.params.get("EncryptionAlgorithm", _SYMMETRIC)
+    answer: Answer = {"KeyId": key.arn, "EncryptionAlgorithm": alg}
+    if r.recipient is None:  # AWS omits KeyMaterialId from a Recipient answer
+        _material(answer, "KeyMaterialId", key, r.version)
+    return Release(r.plaintext, answer)
+
+
+async def _reencrypt(svc: KmsService, r: Request) -> Answer:
+    assert r.plaintext is not None
+    src, dst = r.key(0), r.key(1)
+    p = r.params
+    blob, alg = encrypt_with(
+        svc,
+        dst,
+        p.get("DestinationEncryptionAlgorithm"),
+        r.plaintext,
+        p.get("DestinationEncryptionContext"),
+    )
+    answer: Answer = {
+        "CiphertextBlob": _b64(blob),
+        "SourceKeyId": src.arn,
+        "KeyId": dst.arn,
+        "SourceEncryptionAlgorithm": p.get("SourceEncryptionAlgorithm", _SYMMETRIC),
+        "DestinationEncryptionAlgorithm": alg,
+    }
+    _material(answer, "SourceKeyMaterialId", src, r.version)
+    if alg == _SYMMETRIC:
+        _material(answer, "DestinationKeyMaterialId", dst, dst.current_version)
+    return answer
 
 
 def _data_key_size(p: Params) -> int:
@@ -62,8 +155,11 @@ def _check_data_key(p: Params) -> None:
 
 def _check_key_pair(p: Params) -> None:
     spec = p["KeyPairSpec"]
-    if spec not in _wrap.KEY_PAIR_SPECS:
-        raise KmsApiError("UnsupportedOperationException", f"KeyPairSpec {spec} is not supported.")
+    if spec not in _asym.DATA_KEY_PAIR_SPECS:
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            f"GenerateDataKeyPair: KeyPairSpec {spec} is not supported by this KMS.",
+        )
 
 
 def _check_random(p: Params) -> None:
@@ -73,49 +169,27 @@ def _check_random(p: Params) -> None:
         raise KmsApiError("ValidationException", "NumberOfBytes is required.")
 
 
-async def _encrypt(svc: KmsService, r: Request) -> Answer:
-    key = r.key()
-    blob = svc.seal(key, r.params["Plaintext"], r.params.get("EncryptionContext"))
-    return {"CiphertextBlob": _b64(blob), "KeyId": key.arn, "EncryptionAlgorithm": _SYMMETRIC}
-
-
-async def _decrypt(svc: KmsService, r: Request) -> Release:
-    assert r.plaintext is not None
-    return Release(r.plaintext, {"KeyId": r.key().arn, "EncryptionAlgorithm": _SYMMETRIC})
-
-
-async def _reencrypt(svc: KmsService, r: Request) -> Answer:
-    assert r.plaintext is not None
-    src, dst = r.key(0), r.key(1)
-    blob = svc.seal(dst, r.plaintext, r.params.get("DestinationEncryptionContext"))
-    return {
-        "CiphertextBlob": _b64(blob),
-        "SourceKeyId": src.arn,
-        "KeyId": dst.arn,
-        "SourceEncryptionAlgorithm": _SYMMETRIC,
-        "DestinationEncryptionAlgorithm": _SYMMETRIC,
-    }
-
-
 async def _generate_data_key(svc: KmsService, r: Request) -> Release:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
     blob = svc.seal(key, data_key, r.params.get("EncryptionContext"))
-    return Release(data_key, {"CiphertextBlob": _b64(blob), "KeyId": key.arn})
+    answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
+    return Release(data_key, _material(answer, "KeyMaterialId", key, key.current_version))
 
 
 async def _generate_data_key_without_plaintext(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
     blob = svc.seal(key, data_key, r.params.get("EncryptionContext"))
-    return {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
+    answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
+    return _material(answer, "KeyMaterialId", key, key.current_version)
 
 
 async def _key_pair(svc: KmsService, r: Request) -> tuple[bytes, Answer]:
     key, spec = r.key(), r.params["KeyPairSpec"]
     # RSA-3072/4096 generation takes up to a second: keep it off the event loop.
-    private_der, public_der = await trio.to_thread.run_sync(_wrap.generate_key_pair, spec)
-    return private_der, {
+    private_der, public_der = await trio.to_thread.run_sync(_asym.generate_data_key_pair, spec)
+    answer = {
         "PrivateKeyCiphertextBlob": _b64(
             svc.seal(key, private_der, r.params.get("EncryptionContext"))
         ),
@@ -123,6 +197,7 @@ async def _key_pair(svc: KmsService, r: Request) -> tuple[bytes, Answer]:
         "KeyId": key.arn,
         "KeyPairSpec": spec,
     }
+    return private_der, _material(answer, "KeyMaterialId", key, key.current_version)
 
 
 async def _generate_data_key_pair(svc: KmsService, r: Request) -> Release:
@@ -138,11 +213,29 @@ async def _generate_random(svc: KmsService, r: Request) -> Release:
     return Release(_wrap.random_bytes(int(r.params["NumberOfBytes"])), {})
 
 
-#: The key of a data operation: by id or alias, with the request's encryption context.
-_DATA_KEY = (KeyStep(locate=Locate.KEY_ID, context="EncryptionContext", require=Require.USABLE),)
+_ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
+#: The key of Encrypt: by id or alias, with the request's encryption context.
+_ENCRYPT_KEY = (
+    KeyStep(
+        locate=Locate.KEY_ID,
+        context="EncryptionContext",
+        require=Require.USABLE,
+        usage=_ENCRYPT_DECRYPT,
+    ),
+)
+#: The key of a data key operation: a symmetric encryption key.
+_DATA_KEY = (
+    KeyStep(
+        locate=Locate.KEY_ID,
+        context="EncryptionContext",
+        require=Require.USABLE,
+        usage=_ENCRYPT_DECRYPT,
+        symmetric=True,
+    ),
+)
 
 OPERATIONS = (
-    Operation("Encrypt", _encrypt, keys=_DATA_KEY, check=_check_encrypt, dry_run=True),
+    Operation("Encrypt", _encrypt, keys=_ENCRYPT_KEY, check=_check_encrypt, dry_run=True),
     Operation(
         "Decrypt",
         _decrypt,
@@ -151,8 +244,10 @@ OPERATIONS = (
                 param="CiphertextBlob",
                 locate=Locate.CIPHERTEXT,
                 key_id_param="KeyId",
+                algorithm_param="EncryptionAlgorithm",
                 context="EncryptionContext",
                 require=Require.USABLE,
+                usage=_ENCRYPT_DECRYPT,
             ),
         ),
         check=_check_encrypt,
@@ -167,9 +262,11 @@ OPERATIONS = (
                 param="CiphertextBlob",
                 locate=Locate.CIPHERTEXT,
                 key_id_param="SourceKeyId",
+                algorithm_param="SourceEncryptionAlgorithm",
                 action="ReEncryptFrom",
                 context="SourceEncryptionContext",
                 require=Require.USABLE,
+                usage=_ENCRYPT_DECRYPT,
             ),
             KeyStep(
                 param="DestinationKeyId",
@@ -177,6 +274,7 @@ OPERATIONS = (
                 action="ReEncryptTo",
                 context="DestinationEncryptionContext",
                 require=Require.USABLE,
+                usage=_ENCRYPT_DECRYPT,
             ),
         ),
         check=_check_reencrypt,

@@ -4,10 +4,14 @@ CancelKeyDeletion. Each operation is its declaration plus only the work that is 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import _wrap
+import trio
+
+from .. import _asym, _wrap
 from ..errors import KmsApiError
+from ..keyspecs import CMK_SPECS, SPECS, SYMMETRIC
 from ..policy import default_key_policy
 from ..storage import VersionRow
 from ._model import (
@@ -24,30 +28,74 @@ from .authorization import lockout_check, parse_policy
 if TYPE_CHECKING:
     from ._core import KmsService
 
-__all__ = ["OPERATIONS", "new_meta", "metadata"]
+__all__ = [
+    "OPERATIONS",
+    "new_meta",
+    "metadata",
+    "describe_materials",
+    "import_state",
+    "MAX_TAGS",
+    "check_tags",
+]
+
+#: AWS allows at most 50 tags per KMS key.
+MAX_TAGS = 50
 
 
-def new_meta(now: float, description: str) -> dict[str, Any]:
-    """The metadata record of a fresh symmetric key."""
+def new_meta(
+    now: float,
+    description: str,
+    *,
+    spec: str = SYMMETRIC,
+    usage: str = "ENCRYPT_DECRYPT",
+    origin: str = "AWS_KMS",
+) -> dict[str, Any]:
+    """The metadata record of a fresh key (symmetric AWS_KMS unless told otherwise)."""
+    pending = origin == "EXTERNAL"
     return {
         "CreationDate": now,
         "Description": description,
-        "Enabled": True,
-        "KeyState": "Enabled",
-        "KeyUsage": "ENCRYPT_DECRYPT",
-        "KeySpec": "SYMMETRIC_DEFAULT",
-        "Origin": "AWS_KMS",
+        "Enabled": not pending,
+        "KeyState": "PendingImport" if pending else "Enabled",
+        "KeyUsage": usage,
+        "KeySpec": spec,
+        "Origin": origin,
         "CurrentVersion": 1,
         "RotationEnabled": False,
         "RotationPeriodInDays": DEFAULT_ROTATION_DAYS,
         "OnDemandRotations": 0,
         "Tags": [],
+        "Materials": {},
     }
+
+
+def describe_materials(key_id: str, materials: Sequence[bytes], now: float) -> dict[str, Any]:
+    """The material descriptions of versions 1..n generated here (the last one current)."""
+    out: dict[str, Any] = {}
+    for version, material in enumerate(materials, start=1):
+        entry: dict[str, Any] = {
+            "Id": _asym.material_id(key_id, material),
+            "State": "CURRENT" if version == len(materials) else "NON_CURRENT",
+        }
+        if version > 1:
+            entry["RotationDate"] = now
+        out[str(version)] = entry
+    return out
+
+
+def import_state(meta: dict[str, Any]) -> str:
+    """The KeyState an EXTERNAL key's materials give it (PendingDeletion aside): PendingImport
+    while any material it uses is not imported, else Enabled/Disabled by its Enabled flag."""
+    used = [e for e in meta.get("Materials", {}).values() if e.get("State") != "PENDING_ROTATION"]
+    if not used or any(e.get("ImportState") != "IMPORTED" for e in used):
+        return "PendingImport"
+    return "Enabled" if meta["Enabled"] else "Disabled"
 
 
 def metadata(svc: KmsService, key: Key) -> Answer:
     """AWS's KeyMetadata of ``key``."""
     m = key.meta
+    spec = key.spec
     out: Answer = {
         "AWSAccountId": svc.account_id,
         "KeyId": key.key_id,
@@ -59,60 +107,123 @@ def metadata(svc: KmsService, key: Key) -> Answer:
         "KeyState": m["KeyState"],
         "Origin": m["Origin"],
         "KeyManager": "CUSTOMER",
-        "CustomerMasterKeySpec": m["KeySpec"],
         "KeySpec": m["KeySpec"],
-        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        **spec.algorithms(m["KeyUsage"]),
         "MultiRegion": False,
     }
+    if m["KeySpec"] in CMK_SPECS:  # the deprecated field's enum stopped growing
+        out["CustomerMasterKeySpec"] = m["KeySpec"]
     if m.get("DeletionDate") is not None:
         out["DeletionDate"] = m["DeletionDate"]
         out["PendingDeletionWindowInDays"] = m["PendingWindowInDays"]
+    current = m.get("Materials", {}).get(str(m["CurrentVersion"]))
+    if spec.kind == "symmetric" and current is not None:
+        out["CurrentKeyMaterialId"] = current["Id"]
+    if m["Origin"] == "EXTERNAL" and current is not None and current.get("ExpirationModel"):
+        out["ExpirationModel"] = current["ExpirationModel"]
+        if current.get("ValidTo") is not None:
+            out["ValidTo"] = current["ValidTo"]
     return out
 
 
-def _check_create(p: Params) -> None:
-    spec = p.get("KeySpec", p.get("CustomerMasterKeySpec", "SYMMETRIC_DEFAULT"))
+def check_tags(tags: Sequence[dict[str, str]]) -> None:
+    """Tag keys AWS refuses (TagException): the reserved ``aws:`` prefix, duplicates."""
+    seen: set[str] = set()
+    for tag in tags:
+        name = tag["TagKey"]
+        if name.lower().startswith("aws:"):
+            raise KmsApiError("TagException", "Tag keys beginning with aws: are reserved.")
+        if name in seen:
+            raise KmsApiError("TagException", f"Duplicate tag key {name}.")
+        seen.add(name)
+    if len(tags) > MAX_TAGS:
+        raise KmsApiError("LimitExceededException", f"A KMS key can have at most {MAX_TAGS} tags.")
+
+
+def _create_spec(p: Params) -> tuple[str, str]:
+    """The (KeySpec, KeyUsage) a CreateKey request asks for, as AWS validates them."""
+    spec = str(p.get("KeySpec", p.get("CustomerMasterKeySpec", SYMMETRIC)))
     if (
         "KeySpec" in p
         and "CustomerMasterKeySpec" in p
         and p["KeySpec"] != p["CustomerMasterKeySpec"]
     ):
         raise KmsApiError("ValidationException", "KeySpec and CustomerMasterKeySpec differ.")
-    usage = p.get("KeyUsage", "ENCRYPT_DECRYPT")
-    if spec == "SYMMETRIC_DEFAULT" and usage != "ENCRYPT_DECRYPT":
+    info = SPECS[spec]
+    usage = p.get("KeyUsage")
+    if usage is None:
+        if len(info.usages) > 1 and info.kind != "symmetric":
+            raise KmsApiError(
+                "ValidationException",
+                f"KeyUsage is required for KeySpec {spec}: one of {', '.join(info.usages)}.",
+            )
+        usage = info.usages[0]
+    usage = str(usage)
+    if usage not in info.usages:
         raise KmsApiError(
-            "ValidationException",
-            f"KeyUsage {usage} is not compatible with KeySpec SYMMETRIC_DEFAULT.",
+            "ValidationException", f"KeyUsage {usage} is not compatible with KeySpec {spec}."
         )
-    if spec != "SYMMETRIC_DEFAULT":
+    return spec, usage
+
+
+def _check_create(p: Params) -> None:
+    spec, _ = _create_spec(p)
+    if not SPECS[spec].supported:
         raise KmsApiError(
             "UnsupportedOperationException",
-            f"KeySpec {spec} is not supported by this KMS (symmetric keys only).",
+            f"CreateKey: KeySpec {spec} is not supported by this KMS.",
         )
-    if p.get("Origin", "AWS_KMS") != "AWS_KMS" or "CustomKeyStoreId" in p or "XksKeyId" in p:
+    origin = p.get("Origin", "AWS_KMS")
+    if origin in ("AWS_CLOUDHSM", "EXTERNAL_KEY_STORE") or "CustomKeyStoreId" in p:
         raise KmsApiError(
-            "UnsupportedOperationException", "Only Origin AWS_KMS keys are supported."
+            "UnsupportedOperationException",
+            f"CreateKey: Origin {origin} (custom key stores) is not supported by this KMS.",
+        )
+    if "XksKeyId" in p:
+        raise KmsApiError(
+            "ValidationException", "XksKeyId is valid only with Origin EXTERNAL_KEY_STORE."
         )
     if p.get("MultiRegion"):
-        raise KmsApiError("UnsupportedOperationException", "Multi-Region keys are not supported.")
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            "CreateKey: multi-Region keys are not supported by this KMS.",
+        )
+    check_tags(p.get("Tags", []))
 
 
 async def _create_key(svc: KmsService, r: Request) -> Answer:
     p = r.params
+    spec_name, usage = _create_spec(p)
+    spec = SPECS[spec_name]
+    origin = p.get("Origin", "AWS_KMS")
     key_id = str(uuid.uuid4())
     arn = svc.arn(key_id)
     policy = parse_policy(p.get("Policy") or default_key_policy(svc.account_id))
     lockout_check(svc, policy, r.caller, arn, bool(p.get("BypassPolicyLockoutSafetyCheck")))
     r.outcome.key_arn = arn
+    material: bytes | None = None
+    if origin == "AWS_KMS":
+        if spec.kind == "symmetric":
+            material = _wrap.random_bytes(_wrap.AES_KEY_BYTES)
+        elif spec.kind == "hmac":
+            material = _asym.generate_hmac_key(spec)
+        else:  # RSA-4096 generation takes up to a second: keep it off the event loop.
+            material = await trio.to_thread.run_sync(_asym.generate_private_key, spec)
     now = svc.clock()
-    meta = new_meta(now, p.get("Description", ""))
+    meta = new_meta(now, p.get("Description", ""), spec=spec_name, usage=usage, origin=origin)
     meta["Tags"] = p.get("Tags", [])
+    if material is not None:
+        meta["Materials"] = describe_materials(key_id, [material], now)
     key = Key(key_id, arn, meta, policy)
-    material = _wrap.random_bytes(_wrap.AES_KEY_BYTES)
-    version = VersionRow(key_id, 1, svc.master.wrap(key_id, 1, material), now)
+    versions = (
+        [VersionRow(key_id, 1, svc.master.wrap(key_id, 1, material), now)]
+        if material is not None
+        else []
+    )
     row = svc.key_row(key)
-    await svc.write(lambda: svc.storage.create_key(row, [version]))
-    key.versions[1] = _wrap.Aead(material)
+    await svc.write(lambda: svc.storage.create_key(row, versions))
+    if material is not None:
+        svc.attach_material(key, 1, material)
     svc.add_key(key)
     return {"KeyMetadata": metadata(svc, key)}
 
@@ -124,7 +235,9 @@ async def _describe_key(svc: KmsService, r: Request) -> Answer:
 async def _list_keys(svc: KmsService, r: Request) -> Answer:
     from .management import page
 
-    items, more = page(svc.keys_sorted(), r.params, 1000)
+    owners = r.params.get("ResourceOwners", ["SELF"])
+    keys = svc.keys_sorted() if "SELF" in owners else []  # no keys are shared through RAM here
+    items, more = page(keys, r.params, 1000)
     return {"Keys": [{"KeyId": k, "KeyArn": arn} for k, arn in items], **more}
 
 
@@ -162,11 +275,14 @@ async def _cancel_deletion(svc: KmsService, r: Request) -> Answer:
     meta = dict(key.meta, KeyState="Disabled", Enabled=False)
     meta.pop("DeletionDate", None)
     meta.pop("PendingWindowInDays", None)
+    if key.origin == "EXTERNAL":  # back to PendingImport if its material is gone meanwhile
+        meta["KeyState"] = import_state(meta)
     await svc.save(key, meta)
     return {"KeyId": key.arn}
 
 
-_NOT_PENDING = (KeyStep(require=Require.NOT_PENDING_DELETION),)
+_NOT_PENDING = (KeyStep(require=Require.NOT_PENDING),)
+_NOT_PENDING_DELETION = (KeyStep(require=Require.NOT_PENDING_DELETION),)
 
 OPERATIONS = (
     Operation("CreateKey", _create_key, check=_check_create, writes=True),
@@ -174,7 +290,7 @@ OPERATIONS = (
     Operation("ListKeys", _list_keys),
     Operation("EnableKey", _set_enabled(True), keys=_NOT_PENDING, writes=True),
     Operation("DisableKey", _set_enabled(False), keys=_NOT_PENDING, writes=True),
-    Operation("ScheduleKeyDeletion", _schedule_deletion, keys=_NOT_PENDING, writes=True),
+    Operation("ScheduleKeyDeletion", _schedule_deletion, keys=_NOT_PENDING_DELETION, writes=True),
     Operation(
         "CancelKeyDeletion",
         _cancel_deletion,

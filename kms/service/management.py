@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import KmsApiError
-from ._model import DAY_S, DEFAULT_ROTATION_DAYS, MAX_ON_DEMAND_ROTATIONS, Answer, Params
+from ._model import DAY_S, DEFAULT_ROTATION_DAYS, MAX_ON_DEMAND_ROTATIONS, Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Request, Require
 
 if TYPE_CHECKING:
@@ -33,12 +33,30 @@ def page(items: list[_T], p: Mapping[str, Any], default_limit: int) -> tuple[lis
 
 
 def _check_alias_name(p: Params) -> None:
+    """AWS's alias rules: the ``alias/`` prefix, and ``alias/aws/`` reserved for AWS managed
+    keys (NotAuthorizedException, the type AWS answers for CreateAlias, UpdateAlias and
+    DeleteAlias on a reserved name)."""
     name = p["AliasName"]
     if not name.startswith("alias/") or len(name) <= len("alias/"):
         raise KmsApiError("ValidationException", 'Alias must start with the prefix "alias/".')
     if name.startswith("alias/aws/"):
         raise KmsApiError(
             "NotAuthorizedException", "Aliases beginning with alias/aws/ are reserved."
+        )
+
+
+def _check_rotatable(key: Key, operation: str, *, automatic: bool) -> None:
+    """Rotation is for symmetric encryption keys; automatic rotation for AWS_KMS material."""
+    if key.spec.kind != "symmetric":
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            f"{operation}: {key.arn} is a {key.meta['KeySpec']} key; only symmetric encryption "
+            "keys rotate.",
+        )
+    if automatic and key.origin != "AWS_KMS":
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            f"{operation}: {key.arn} origin is {key.origin} which is not valid for this operation.",
         )
 
 
@@ -94,6 +112,7 @@ async def _list_aliases(svc: KmsService, r: Request) -> Answer:
 
 async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
     key = r.key()
+    _check_rotatable(key, "EnableKeyRotation", automatic=True)
     period = int(
         r.params.get(
             "RotationPeriodInDays", key.meta.get("RotationPeriodInDays", DEFAULT_ROTATION_DAYS)
@@ -111,6 +130,7 @@ async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
 
 async def _disable_rotation(svc: KmsService, r: Request) -> Answer:
     key = r.key()
+    _check_rotatable(key, "DisableKeyRotation", automatic=True)
     meta = dict(key.meta, RotationEnabled=False)
     meta.pop("NextRotationDate", None)
     await svc.save(key, meta)
@@ -119,6 +139,7 @@ async def _disable_rotation(svc: KmsService, r: Request) -> Answer:
 
 async def _rotation_status(svc: KmsService, r: Request) -> Answer:
     key = r.key()
+    _check_rotatable(key, "GetKeyRotationStatus", automatic=False)
     m = key.meta
     ans: Answer = {"KeyRotationEnabled": bool(m.get("RotationEnabled")), "KeyId": key.arn}
     if m.get("RotationEnabled"):
@@ -129,12 +150,18 @@ async def _rotation_status(svc: KmsService, r: Request) -> Answer:
 
 async def _rotate_on_demand(svc: KmsService, r: Request) -> Answer:
     key = r.key()
+    _check_rotatable(key, "RotateKeyOnDemand", automatic=False)
     if int(key.meta.get("OnDemandRotations", 0)) >= MAX_ON_DEMAND_ROTATIONS:
         raise KmsApiError(
             "LimitExceededException",
             f"{key.arn} has reached the limit of {MAX_ON_DEMAND_ROTATIONS} on-demand rotations.",
         )
-    await svc.rotate(key, on_demand=True)
+    if key.origin == "EXTERNAL":
+        from .byok import rotate_to_pending
+
+        await rotate_to_pending(svc, key)
+    else:
+        await svc.rotate(key, on_demand=True)
     svc.recompute_deadline()
     return {"KeyId": key.arn}
 
@@ -162,6 +189,7 @@ OPERATIONS = (
         "DeleteAlias",
         _delete_alias,
         keys=(KeyStep(param="AliasName", locate=Locate.ALIAS_TARGET),),
+        check=_check_alias_name,
         writes=True,
     ),
     Operation("ListAliases", _list_aliases, keys=(KeyStep(optional=True),)),

@@ -176,3 +176,84 @@ def root_pem_file(ca: LocalCA, directory: Path) -> Path:
     path = directory / "root.pem"
     path.write_bytes(ca.root_pem)
     return path
+
+
+# --- the AWS CLI, in this process -------------------------------------------------------------
+
+_CLI_LOCK = threading.Lock()
+
+
+class _ThisThreadOnly:
+    """A stand-in for sys.stdout/stderr: this thread's writes go to ``buffer``, other threads'
+    (the in-process daemon's log lines) to the original stream."""
+
+    def __init__(self, original: Any, buffer: Any) -> None:
+        self._original, self._buffer = original, buffer
+        self._owner = threading.current_thread()
+
+    def _target(self) -> Any:
+        return self._buffer if threading.current_thread() is self._owner else self._original
+
+    def write(self, text: str) -> int:
+        return int(self._target().write(text))
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target(), name)
+
+
+def aws_cli(endpoint: str, cred: CredentialEntry, *args: str) -> tuple[int, Any, str]:
+    """Run ``aws --endpoint-url <endpoint> kms <args>`` with the AWS CLI's own driver, in this
+    process (the CLI's argument parsing, shape conversion and output, without an interpreter
+    start per call). Returns (exit code, parsed JSON output or None, stderr)."""
+    import io
+    import json
+    import os
+    import sys
+
+    from awscli.clidriver import create_clidriver
+
+    env = {
+        "AWS_ACCESS_KEY_ID": cred.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": cred.secret_access_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    with _CLI_LOCK:  # the CLI reads os.environ: one call at a time
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        out, err = io.StringIO(), io.StringIO()
+        stdout, stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _ThisThreadOnly(stdout, out), _ThisThreadOnly(stderr, err)
+        try:
+            code = create_clidriver().main(
+                ["--endpoint-url", endpoint, "--output", "json", "kms", *args]
+            )
+        finally:
+            sys.stdout, sys.stderr = stdout, stderr
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    text = out.getvalue().strip()
+    return code, json.loads(text) if text else None, err.getvalue()
+
+
+def openssl(*args: str, data: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """Run the system ``openssl`` (skips the calling test when it is not installed)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("openssl")
+    if exe is None:
+        pytest.skip("openssl is not installed")
+    proc = subprocess.run([exe, *args], input=data, capture_output=True, timeout=60, check=False)
+    return proc.returncode, proc.stdout, proc.stderr

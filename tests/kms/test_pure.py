@@ -247,7 +247,7 @@ def test_explicit_deny_wins_and_reason() -> None:
                     "Effect": "Allow",
                     "Principal": "*",
                     "Action": "kms:*",
-                    "Sid": "x" * 40000,
+                    "Sid": "x" * 131072,  # the document passes 131,072 characters
                 }
             }
         ),

@@ -454,10 +454,13 @@ async def test_schema_1_state_directory_migrates_forward(tmp_path: Path) -> None
             out = await admin.call("Decrypt", {"CiphertextBlob": blob})
             assert out["Plaintext"] == "aGk="
             assert out["KeyId"].endswith(key_id)
+            # Materials stored before KeyMaterialIds existed get theirs (schema 3).
+            described = await admin.call("DescribeKey", {"KeyId": key_id})
+            assert described["KeyMetadata"]["CurrentKeyMaterialId"] == out["KeyMaterialId"]
     finally:
         app.close()
     db = sqlite3.connect(state / "kms.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    assert db.execute("PRAGMA user_version").fetchone() == (3,)
     assert db.execute("SELECT count(*) FROM meta WHERE name='legacy_rows'").fetchone() == (0,)
     db.close()
     assert material not in (state / "kms.sqlite3").read_bytes()

@@ -1,0 +1,364 @@
+"""Recipes for asymmetric, HMAC and key-import crypto (the second and last kms/ module, after
+:mod:`kms._wrap`, that imports ``cryptography.hazmat``).
+
+* :class:`AsymmetricKey` - one RSA / EC / Ed25519 KMS key: Sign and Verify (RAW and DIGEST
+  messages, as AWS defines them), RSAES-OAEP with SHA-1 or SHA-256 (MGF1 with the same hash,
+  no label), ECDH (the raw shared secret AWS's DeriveSharedSecret returns) and its DER
+  SubjectPublicKeyInfo.
+* :class:`HmacKey` - one HMAC KMS key (HMAC-SHA-224/256/384/512), constant-time verification.
+* :func:`generate_data_key_pair` - GenerateDataKeyPair's PKCS#8 / SPKI pair.
+* BYOK: :func:`generate_wrapping_key` and :func:`unwrap_import` - the RSA wrapping key of
+  GetParametersForImport and the two wrapping algorithms (RSAES-OAEP, and RSA-OAEP of an
+  ephemeral AES-256 key followed by AES Key Wrap with Padding, RFC 5649).
+* :func:`material_id` - the KeyMaterialId of a material: an HMAC-SHA256 keyed by the material
+  over the key id, so it identifies the material for that key and reveals nothing about it.
+
+Signatures are what AWS returns: ECDSA as DER (ANSI X9.62), RSA-PSS with a salt as long as the
+digest, Ed25519 as its 64 bytes (RFC 8032).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hmac as _hmac
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
+
+from . import _wrap
+from .errors import CiphertextFormatError, KeyMaterialError
+from .keyspecs import DIGEST_BYTES, HASH_OF, SpecInfo
+
+__all__ = [
+    "AsymmetricKey",
+    "HmacKey",
+    "KeyMaterialError",
+    "generate_private_key",
+    "generate_hmac_key",
+    "generate_data_key_pair",
+    "DATA_KEY_PAIR_SPECS",
+    "generate_wrapping_key",
+    "wrapping_public_key",
+    "unwrap_import",
+    "material_id",
+    "MATERIAL_ID_LABEL",
+]
+
+#: RSA public exponent of every key this KMS generates (F4, as AWS).
+_RSA_E = 65537
+#: The info of :func:`material_id` (changing it changes every KeyMaterialId).
+MATERIAL_ID_LABEL = b"enclave-kms/key-material-id/v1\x00"
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "SHA1": hashes.SHA1,
+    "SHA224": hashes.SHA224,
+    "SHA256": hashes.SHA256,
+    "SHA384": hashes.SHA384,
+    "SHA512": hashes.SHA512,
+}
+_CURVES: dict[str, type[ec.EllipticCurve]] = {
+    "secp256r1": ec.SECP256R1,
+    "secp384r1": ec.SECP384R1,
+    "secp521r1": ec.SECP521R1,
+    "secp256k1": ec.SECP256K1,
+}
+#: Data key pair specs this KMS generates → (kind, RSA bits or curve name).
+DATA_KEY_PAIR_SPECS: dict[str, tuple[str, int | str]] = {
+    "RSA_2048": ("rsa", 2048),
+    "RSA_3072": ("rsa", 3072),
+    "RSA_4096": ("rsa", 4096),
+    "ECC_NIST_P256": ("ec", "secp256r1"),
+    "ECC_NIST_P384": ("ec", "secp384r1"),
+    "ECC_NIST_P521": ("ec", "secp521r1"),
+    "ECC_SECG_P256K1": ("ec", "secp256k1"),
+    "ECC_NIST_EDWARDS25519": ("ed25519", 0),
+}
+
+_Private = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def _hash(name: str) -> hashes.HashAlgorithm:
+    return _HASHES[name]()
+
+
+def _oaep(algorithm: str) -> asym_padding.OAEP:
+    h = _hash("SHA1" if algorithm == "RSAES_OAEP_SHA_1" else "SHA256")
+    return asym_padding.OAEP(mgf=asym_padding.MGF1(algorithm=h), algorithm=h, label=None)
+
+
+def _private_der(key: _Private) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _spki(key: _Private) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def generate_private_key(spec: SpecInfo) -> bytes:
+    """A fresh private key of ``spec`` as unencrypted PKCS#8 DER.
+
+    RSA-4096 takes up to ~1 s here: call it from a worker thread.
+    """
+    key: _Private
+    if spec.kind == "rsa":
+        key = rsa.generate_private_key(public_exponent=_RSA_E, key_size=spec.size)
+    elif spec.kind == "ec":
+        key = ec.generate_private_key(_CURVES[spec.curve]())
+    elif spec.kind == "ed25519":
+        key = ed25519.Ed25519PrivateKey.generate()
+    else:
+        raise KeyMaterialError(f"{spec.name} is not an asymmetric key spec")
+    return _private_der(key)
+
+
+def generate_hmac_key(spec: SpecInfo) -> bytes:
+    """Fresh HMAC key material: as many random bytes as the spec's digest (AWS)."""
+    return _wrap.random_bytes(spec.size)
+
+
+def generate_data_key_pair(spec: str) -> tuple[bytes, bytes]:
+    """A data key pair: ``(PKCS#8 DER private key, DER SubjectPublicKeyInfo)``.
+
+    RSA-4096 takes up to ~1 s (perf-baseline §2.1): call it from a worker thread.
+    """
+    kind, param = DATA_KEY_PAIR_SPECS[spec]
+    key: _Private
+    if kind == "rsa":
+        assert isinstance(param, int)
+        key = rsa.generate_private_key(public_exponent=_RSA_E, key_size=param)
+    elif kind == "ec":
+        key = ec.generate_private_key(_CURVES[str(param)]())
+    else:
+        key = ed25519.Ed25519PrivateKey.generate()
+    return _private_der(key), _spki(key)
+
+
+@dataclass(frozen=True, slots=True)
+class AsymmetricKey:
+    """One asymmetric KMS key's private half, checked against its spec at load.
+
+    Build with :meth:`load`. Every method takes AWS algorithm names; callers check that the
+    algorithm belongs to the key's spec and usage first (:mod:`kms.keyspecs`).
+    """
+
+    spec: SpecInfo
+    _key: _Private
+
+    @classmethod
+    def load(cls, spec: SpecInfo, der: bytes) -> AsymmetricKey:
+        """Load PKCS#8 DER material for ``spec`` (generated here or imported).
+
+        Raises:
+            KeyMaterialError: not PKCS#8 DER, or a key of another type, size or curve.
+        """
+        try:
+            key = serialization.load_der_private_key(der, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise KeyMaterialError("the key material is not an unencrypted PKCS#8 key") from None
+        if spec.kind == "rsa":
+            ok = isinstance(key, rsa.RSAPrivateKey) and key.key_size == spec.size
+        elif spec.kind == "ec":
+            ok = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == spec.curve
+        else:
+            ok = spec.kind == "ed25519" and isinstance(key, ed25519.Ed25519PrivateKey)
+        if not ok:
+            raise KeyMaterialError(f"the key material is not a {spec.name} private key")
+        assert isinstance(
+            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+        )
+        return cls(spec, key)
+
+    def public_der(self) -> bytes:
+        """The DER SubjectPublicKeyInfo (GetPublicKey)."""
+        return _spki(self._key)
+
+    # -- signing
+
+    def _hash_input(
+        self, algorithm: str, message: bytes, digest: bool
+    ) -> tuple[hashes.HashAlgorithm | Prehashed, bytes]:
+        name = HASH_OF[algorithm]
+        if digest:
+            if len(message) != DIGEST_BYTES[name]:
+                raise ValueError(
+                    f"a DIGEST message for {algorithm} must be {DIGEST_BYTES[name]} bytes"
+                )
+            return Prehashed(_hash(name)), message
+        return _hash(name), message
+
+    def sign(self, algorithm: str, message: bytes, *, digest: bool) -> bytes:
+        """Sign ``message`` (or, with ``digest``, the given digest) with ``algorithm``.
+
+        Raises:
+            ValueError: a DIGEST message of the wrong length, or DIGEST with Ed25519.
+        """
+        key = self._key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            if digest:
+                raise ValueError("ED25519_SHA_512 signs RAW messages only")
+            return key.sign(message)
+        algo, data = self._hash_input(algorithm, message, digest)
+        if isinstance(key, rsa.RSAPrivateKey):
+            return key.sign(data, self._rsa_padding(algorithm), algo)
+        return key.sign(data, ec.ECDSA(algo))
+
+    def verify(self, algorithm: str, message: bytes, signature: bytes, *, digest: bool) -> bool:
+        """True if ``signature`` is valid for ``message`` (raises ValueError as :meth:`sign`)."""
+        public = self._key.public_key()
+        try:
+            if isinstance(public, ed25519.Ed25519PublicKey):
+                if digest:
+                    raise ValueError("ED25519_SHA_512 verifies RAW messages only")
+                public.verify(signature, message)
+                return True
+            algo, data = self._hash_input(algorithm, message, digest)
+            if isinstance(public, rsa.RSAPublicKey):
+                public.verify(signature, data, self._rsa_padding(algorithm), algo)
+            else:
+                assert isinstance(public, ec.EllipticCurvePublicKey)
+                public.verify(signature, data, ec.ECDSA(algo))
+        except InvalidSignature:
+            return False
+        return True
+
+    @staticmethod
+    def _rsa_padding(algorithm: str) -> asym_padding.AsymmetricPadding:
+        if algorithm.startswith("RSASSA_PSS_"):
+            h = _hash(HASH_OF[algorithm])
+            # AWS: MGF1 with the message hash, salt length = digest length.
+            return asym_padding.PSS(mgf=asym_padding.MGF1(h), salt_length=h.digest_size)
+        return asym_padding.PKCS1v15()
+
+    # -- RSA encryption
+
+    def _rsa(self) -> rsa.RSAPrivateKey:
+        if not isinstance(self._key, rsa.RSAPrivateKey):
+            raise ValueError("not an RSA key")
+        return self._key
+
+    def encrypt(self, algorithm: str, plaintext: bytes) -> bytes:
+        """RSAES-OAEP (``RSAES_OAEP_SHA_1`` or ``RSAES_OAEP_SHA_256``) to the public half."""
+        return self._rsa().public_key().encrypt(plaintext, _oaep(algorithm))
+
+    def decrypt(self, algorithm: str, ciphertext: bytes) -> bytes:
+        """Inverse of :meth:`encrypt`; opaque :class:`CiphertextFormatError` on any failure."""
+        try:
+            return self._rsa().decrypt(ciphertext, _oaep(algorithm))
+        except ValueError:
+            raise CiphertextFormatError("RSA decryption failed") from None
+
+    # -- key agreement
+
+    def derive_shared_secret(self, peer_spki: bytes) -> bytes:
+        """ECDH with the peer's DER SPKI public key: the raw shared secret (x coordinate).
+
+        Raises:
+            ValueError: not DER SPKI, not an EC key, or not on this key's curve.
+        """
+        key = self._key
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError("not an elliptic-curve key")
+        try:
+            peer = serialization.load_der_public_key(peer_spki)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError("the public key is not a DER-encoded SubjectPublicKeyInfo") from None
+        if not isinstance(peer, ec.EllipticCurvePublicKey) or peer.curve.name != key.curve.name:
+            raise ValueError(f"the public key is not on the key's curve ({key.curve.name})")
+        return key.exchange(ec.ECDH(), peer)
+
+
+class HmacKey:
+    """One HMAC KMS key: ``mac`` and a constant-time ``verify``."""
+
+    __slots__ = ("_key", "algorithm")
+
+    def __init__(self, algorithm: str, key: bytes) -> None:
+        self.algorithm = algorithm
+        self._key = key
+
+    def mac(self, message: bytes) -> bytes:
+        """The HMAC of ``message`` under the key's algorithm."""
+        h = _hmac.HMAC(self._key, _hash(HASH_OF[self.algorithm]))
+        h.update(message)
+        return h.finalize()
+
+    def verify(self, message: bytes, tag: bytes) -> bool:
+        """True if ``tag`` is the HMAC of ``message`` (compared in constant time)."""
+        h = _hmac.HMAC(self._key, _hash(HASH_OF[self.algorithm]))
+        h.update(message)
+        try:
+            h.verify(tag)
+        except InvalidSignature:
+            return False
+        return True
+
+
+# -- BYOK ---------------------------------------------------------------------------------------
+
+
+def generate_wrapping_key(bits: int) -> bytes:
+    """A fresh RSA wrapping key pair for GetParametersForImport (PKCS#8 DER; use a thread)."""
+    return _private_der(rsa.generate_private_key(public_exponent=_RSA_E, key_size=bits))
+
+
+def wrapping_public_key(private_der: bytes) -> bytes:
+    """The DER SPKI of a wrapping key (the PublicKey GetParametersForImport returns)."""
+    key = serialization.load_der_private_key(private_der, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return _spki(key)
+
+
+#: Wrapping algorithms → the OAEP hash they use.
+_WRAPPING = {
+    "RSAES_OAEP_SHA_1": "RSAES_OAEP_SHA_1",
+    "RSAES_OAEP_SHA_256": "RSAES_OAEP_SHA_256",
+    "RSA_AES_KEY_WRAP_SHA_1": "RSAES_OAEP_SHA_1",
+    "RSA_AES_KEY_WRAP_SHA_256": "RSAES_OAEP_SHA_256",
+}
+
+
+def unwrap_import(private_der: bytes, algorithm: str, encrypted: bytes) -> bytes:
+    """Recover imported key material wrapped under a wrapping key.
+
+    ``RSAES_OAEP_*``: the material itself is RSA-OAEP encrypted. ``RSA_AES_KEY_WRAP_*``: the
+    first ``k`` bytes (the modulus length) are an RSA-OAEP encrypted AES-256 key, the rest the
+    material under AES Key Wrap with Padding (RFC 5649) with that key, as AWS and OpenSSL's
+    ``id-aes256-wrap-pad`` produce it.
+
+    Raises:
+        CiphertextFormatError: the blob does not decrypt (opaque: wrong key, tampered, wrong
+            algorithm all look the same).
+    """
+    key = serialization.load_der_private_key(private_der, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    oaep = _oaep(_WRAPPING[algorithm])
+    try:
+        if algorithm.startswith("RSAES_OAEP_"):
+            return key.decrypt(encrypted, oaep)
+        k = key.key_size // 8
+        if len(encrypted) <= k:
+            raise ValueError("no wrapped material after the RSA block")
+        aes_key = key.decrypt(encrypted[:k], oaep)
+        if len(aes_key) != _wrap.AES_KEY_BYTES:
+            raise ValueError("the ephemeral key is not AES-256")
+        return aes_key_unwrap_with_padding(aes_key, encrypted[k:])
+    except (ValueError, InvalidUnwrap):
+        raise CiphertextFormatError("the key material does not unwrap") from None
+
+
+def material_id(key_id: str, material: bytes) -> str:
+    """The KeyMaterialId of ``material`` in key ``key_id`` (64 lower-case hex digits).
+
+    Deterministic, so a re-import of the same material is recognised (AWS: "based on the KMS key
+    ID and the imported key material"); keyed by the material, so it discloses nothing of it.
+    """
+    h = _hmac.HMAC(material, hashes.SHA256())
+    h.update(MATERIAL_ID_LABEL + key_id.encode())
+    return h.finalize().hex()
