@@ -218,7 +218,7 @@ class KmsApp:
         }
         if outcome.recipient is not None:
             record["recipient"] = outcome.recipient
-        self.audit.append(record)
+        await self.audit.commit(record)
         log_fields = {k: v for k, v in record.items() if k not in ("time",)}
         log_fields["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
         if outcome.decision == "deny":
