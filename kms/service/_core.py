@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -97,7 +98,10 @@ class KmsService:
         self.quarantined: dict[str, str] = {}
         #: True if this start migrated a schema-1 store (its audit log is then schema 1 too).
         self.migrated = False
-        self.write_lock = trio.Lock()
+        #: Serialises read-modify-write sequences. Worker processes sharing one store replace
+        #: it by a cross-process section that also keeps the key set current
+        #: (:class:`kms.coherence.WriteSection`).
+        self.write_lock: AbstractAsyncContextManager[None] = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._next_deadline = float("inf")
 
@@ -210,6 +214,30 @@ class KmsService:
                 self._quarantine(a.name, "alias row fails its tag")
                 continue
             self.aliases[a.name] = a
+
+    def reload(self, snap: Snapshot) -> None:
+        """Make the in-memory key set ``snap``: another process changed the store.
+
+        A key whose record and material versions are unchanged keeps its parsed policy and its
+        AEADs; only new or changed keys are checked, parsed and unwrapped again.
+        """
+        old = self._keys
+        stored: dict[str, set[int]] = {}
+        for v in snap.versions:
+            stored.setdefault(v.key_id, set()).add(v.version)
+        unchanged = {
+            row.key_id: old[row.key_id]
+            for row in snap.keys
+            if row.key_id in old
+            and stored.get(row.key_id, set()) == old[row.key_id].versions.keys()
+            and self.key_row(old[row.key_id]).mac == row.mac
+        }
+        changed = [row for row in snap.keys if row.key_id not in unchanged]
+        versions = [v for v in snap.versions if v.key_id not in unchanged]
+        self._keys, self.aliases, self.quarantined = {}, {}, {}
+        self._load(Snapshot(changed, versions, snap.aliases))
+        self._keys.update(unchanged)
+        self._recompute_deadline()
 
     def _quarantine(self, name: str, reason: str) -> None:
         self.quarantined[name] = reason
