@@ -28,6 +28,9 @@ process of the same daemon appended), the chain state (``seq``, ``prev``) is tak
 file's last line, whose MAC is checked first: nothing is ever chained onto a line that is not
 ours. So worker processes share ONE valid chain without routing appends through one process
 (each append costs two ``flock`` calls and an ``fstat``, ~3 us; reading a foreign tail ~15 us).
+A line without its newline at the end of the file can only be a writer's that died mid-line
+(never acknowledged): the next writer, or the next start, cuts it off and records it, base64,
+in an ``AuditTornLine`` record of the chain, so nothing is dropped unseen.
 
 Durability. A line is written with one ``write`` (a crashed process loses nothing it
 acknowledged). With ``fsync=True`` (the daemon's default), :meth:`AuditLog.commit` also waits
@@ -38,6 +41,7 @@ and the reply to each is still sent only after its own line is durable.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
@@ -48,6 +52,8 @@ from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import structlog
 
 from .errors import AuditChainError
 from .group_commit import GroupCommit
@@ -62,6 +68,8 @@ __all__ = [
     "verify_legacy_audit_log",
     "is_legacy_audit_log",
 ]
+
+log = structlog.get_logger()
 
 #: ``prev`` of the first line.
 GENESIS = GENESIS_MAC
@@ -181,9 +189,12 @@ class AuditLog:
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             with self._locked():
-                self._end = os.fstat(self._fd).st_size
-                if self._end:
+                size, torn = _cut_torn_line(self._fd, os.fstat(self._fd).st_size)
+                self._end = size
+                if size:
                     self._seq, self._prev = _verify_tail(path, master)
+                if torn is not None:
+                    self._link_and_write(_torn_record(torn), size)
         except BaseException:
             os.close(self._fd)
             raise
@@ -209,27 +220,38 @@ class AuditLog:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def _write(self, record: Mapping[str, Any]) -> str:
-        body = {k: v for k, v in record.items() if k not in ("seq", "prev", "mac", "hash")}
         with self._locked():
             size = os.fstat(self._fd).st_size
             if size != self._end:  # another writer appended since our last line
-                self._seq, self._prev = _last_line(self._fd, size, self._master)
-            body["seq"] = self._seq + 1
-            body["prev"] = self._prev
-            mac = self._master.audit_mac(self._prev, _canonical(body))
-            body["mac"] = mac
-            line = _canonical(body) + b"\n"
-            try:
-                written = os.write(self._fd, line)
-            except OSError:
-                _truncate_to(self._fd, size)  # nothing of a failed line may stay
-                raise
-            if written != len(line):  # disk full mid-line: take the partial line back
-                _truncate_to(self._fd, size)
-                raise OSError(errno.ENOSPC, f"short write to the audit log {self.path}")
-            self._end = size + written
+                size, torn = _cut_torn_line(self._fd, size)
+                self._seq, self._prev = (
+                    _last_line(self._fd, size, self._master) if size else (0, GENESIS)
+                )
+                if torn is not None:
+                    size = self._link_and_write(_torn_record(torn), size)
+            self._link_and_write(record, size)
+        return self._prev
+
+    def _link_and_write(self, record: Mapping[str, Any], size: int) -> int:
+        """Under the lock, the file being ``size`` bytes ending with our chain state: chain
+        ``record`` and write it. Returns the new size."""
+        body = {k: v for k, v in record.items() if k not in ("seq", "prev", "mac", "hash")}
+        body["seq"] = self._seq + 1
+        body["prev"] = self._prev
+        mac = self._master.audit_mac(self._prev, _canonical(body))
+        body["mac"] = mac
+        line = _canonical(body) + b"\n"
+        try:
+            written = os.write(self._fd, line)
+        except OSError:
+            _truncate_to(self._fd, size)  # nothing of a failed line may stay
+            raise
+        if written != len(line):  # disk full mid-line: take the partial line back
+            _truncate_to(self._fd, size)
+            raise OSError(errno.ENOSPC, f"short write to the audit log {self.path}")
+        self._end = size + written
         self._prev, self._seq = mac, self._seq + 1
-        return mac
+        return self._end
 
     def append(self, record: Mapping[str, Any]) -> str:
         """Append one record (its values must be JSON-serialisable), synchronously durable
@@ -268,6 +290,41 @@ def _truncate_to(fd: int, size: int) -> None:
 _TAIL_READ = 4096
 
 
+def _cut_torn_line(fd: int, size: int) -> tuple[int, bytes | None]:
+    """Under the lock: if the file does not end with a newline, a writer died mid-line (a
+    SIGKILL between two pages of its ``write``, a crash): that line was never acknowledged.
+    Cut it off and return it, to be recorded in the chain (:func:`_torn_record`) rather than
+    lost. Returns (new size, the torn bytes or None)."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size, None
+    start = max(0, size - MAX_LINE_BYTES)
+    data = os.pread(fd, size - start, start)
+    cut = data.rfind(b"\n")
+    if cut < 0 and start > 0:
+        raise AuditChainError(-1, "the last line is too long")
+    keep = start + cut + 1
+    os.ftruncate(fd, keep)
+    torn = data[cut + 1 :]
+    log.error(
+        "kms_audit_torn_line_removed",
+        bytes=len(torn),
+        sha256=hashlib.sha256(torn).hexdigest(),
+        meaning="a writer died in the middle of a line (never acknowledged); the line is kept "
+        "in the chain's next record (AuditTornLine)",
+    )
+    return keep, torn
+
+
+def _torn_record(torn: bytes) -> dict[str, Any]:
+    return {
+        "operation": "AuditTornLine",
+        "decision": "error",
+        "reason": "an incomplete last line (a writer died mid-line) was cut off and is kept here",
+        "torn_bytes": len(torn),
+        "torn_b64": base64.b64encode(torn).decode("ascii"),
+    }
+
+
 def _last_line(fd: int, size: int, master: MasterKey) -> tuple[int, str]:
     """(seq, mac) of the file's last line, whose MAC is checked (not its link: the line before
     it was checked by whoever appended after it, or at the last start)."""
@@ -282,8 +339,6 @@ def _last_line(fd: int, size: int, master: MasterKey) -> tuple[int, str]:
             raise AuditChainError(-1, "the last line is too long")
         window *= 4
     raw = data[cut + 1 :]
-    if not raw.endswith(b"\n"):
-        raise AuditChainError(-1, "incomplete last line (written outside the append protocol)")
     try:
         rec = json.loads(raw)
     except ValueError:

@@ -19,11 +19,16 @@ from collections.abc import Callable
 
 import trio
 
+from .errors import KmsError
+
 __all__ = ["GroupCommit", "SyncFailed"]
 
 
-class SyncFailed(OSError):
-    """An earlier sync failed: nothing written since can be acknowledged as durable."""
+class SyncFailed(KmsError, OSError):
+    """An earlier sync failed: nothing written since can be acknowledged as durable.
+
+    Also an :class:`OSError` (like the failed sync itself), so callers handle both alike.
+    """
 
 
 class GroupCommit:

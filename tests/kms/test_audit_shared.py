@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import errno
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -42,10 +44,9 @@ def test_writer_processes_build_one_valid_chain(tmp_path: Path) -> None:
     key = os.urandom(32)
     path = tmp_path / "audit.jsonl"
     AuditLog(path, MasterKey(key)).close()
+    b64 = base64.b64encode(key).decode()
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path), base64.b64encode(key).decode(), "300", str(w)]
-        )
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(path), b64, "300", str(w)])
         for w in range(4)
     ]
     deadline = time.monotonic() + 60
@@ -59,7 +60,7 @@ def test_writer_processes_build_one_valid_chain(tmp_path: Path) -> None:
     writers = [line.split('"writer":"')[1][0] for line in lines]
     assert len(set(writers)) == 4
     # They did interleave (otherwise this test proves nothing about the tail hand-over).
-    assert sum(a != b for a, b in zip(writers, writers[1:], strict=False)) > 4
+    assert sum(a != b for a, b in itertools.pairwise(writers)) > 4
 
 
 def test_a_failed_write_leaves_no_partial_line(
@@ -90,14 +91,32 @@ def test_a_foreign_tail_that_does_not_verify_is_not_extended(tmp_path: Path) -> 
     log = AuditLog(path, master)
     log.append({"operation": "Encrypt"})
     with path.open("ab") as f:
-        f.write(b'{"seq": 2, "prev": "00", "mac": "00"}')  # no newline, not ours
-    with pytest.raises(AuditChainError, match="incomplete last line"):
-        log.append({"operation": "Decrypt"})
-    with path.open("ab") as f:
-        f.write(b"\n")
+        f.write(b'{"seq": 2, "prev": "00", "mac": "00"}\n')  # complete, but not ours
     with pytest.raises(AuditChainError, match="mac does not match"):
         log.append({"operation": "Decrypt"})
     log.close()
+
+
+@pytest.mark.parametrize("at_open", [False, True])
+def test_a_line_torn_by_a_dying_writer_is_cut_off_and_kept_in_the_chain(
+    tmp_path: Path, at_open: bool
+) -> None:
+    master = MasterKey(os.urandom(32))
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, master)
+    log.append({"operation": "Encrypt"})
+    torn = b'{"decision":"allow","operation":"GenerateDa'
+    with path.open("ab") as f:
+        f.write(torn)  # what a SIGKILL between two pages of a write leaves
+    if at_open:
+        log.close()
+        log = AuditLog(path, master)
+    log.append({"operation": "Decrypt"})
+    log.close()
+    assert verify_audit_log(path, master) == 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["operation"] for r in lines] == ["Encrypt", "AuditTornLine", "Decrypt"]
+    assert base64.b64decode(lines[1]["torn_b64"]) == torn
 
 
 async def test_commit_returns_only_after_its_sync() -> None:
