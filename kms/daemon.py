@@ -33,7 +33,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 
 import h11
@@ -42,7 +42,7 @@ import trio
 
 from transport.errors import ConfigurationError, EnclaveError
 
-from .app import HttpReply, KmsApp, build_app
+from .app import HttpReply, KmsApp, build_app, log_audit_end, prepare_state
 from .config import KmsConfig
 from .service import RecipientVerifier
 
@@ -413,6 +413,8 @@ async def serve_kms(
     clock: Callable[[], float] = time.time,
     recipient_verifier: RecipientVerifier | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    listeners: Sequence[trio.SocketListener] | None = None,
+    build: Callable[[], KmsApp] | None = None,
 ) -> None:
     """Run the KMS daemon until cancelled or until ``shutdown`` is set (then drain gracefully).
 
@@ -423,16 +425,23 @@ async def serve_kms(
         clock: wall clock for SigV4 freshness, key dates and audit times (tests).
         recipient_verifier: overrides the verifier built from ``config.trust_roots``.
         task_status: receives the actual ``(host, port)`` once listening.
+        listeners: already-bound listeners (a worker process serves its parent's socket);
+            default: bind ``config.host``/``config.port``.
+        build: makes the app (a worker's :func:`kms.app.build_worker_app`); default
+            :func:`kms.app.build_app` (this process owns the state directory).
 
     Raises:
         ConfigurationError: no credentials, bad master key, unreadable roots or seed.
         OSError: the address cannot be bound.
     """
-    app = await trio.to_thread.run_sync(
-        partial(build_app, config, env=env, clock=clock, recipient_verifier=recipient_verifier)
-    )
+    if build is None:
+        build = partial(
+            build_app, config, env=env, clock=clock, recipient_verifier=recipient_verifier
+        )
+    app = await trio.to_thread.run_sync(build)
     try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         sockname = listeners[0].socket.getsockname()
         host, port = str(sockname[0]), int(sockname[1])
         log.info(
@@ -442,7 +451,7 @@ async def serve_kms(
             state_dir=str(config.resolved_state_dir),
             recipient=app.recipient_enabled,
         )
-        if not app.recipient_enabled:
+        if not app.recipient_enabled and app.lock is not None:  # once per daemon
             log.warning("kms_recipient_disabled", reason="no trust_roots configured")
         state = _Shutdown()
         admission = _Admission(MAX_CONNECTIONS, config.max_connections_per_source)
@@ -504,9 +513,15 @@ async def serve_kms(
 
 def run_daemon(config: KmsConfig) -> int:
     """Blocking entry: serve until SIGTERM/SIGINT, printing the address on stderr when ready.
+    With ``config.resolved_workers`` > 1 the requests are served by worker processes
+    (:mod:`kms.workers`); with 1, by this process.
 
     Returns the exit status (0 after a graceful shutdown).
     """
+
+    def announce(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"kms listening on http://{shown}:{port}", file=sys.stderr, flush=True)
 
     async def main() -> None:
         shutdown = trio.Event()
@@ -519,14 +534,23 @@ def run_daemon(config: KmsConfig) -> int:
                         return
 
                 nursery.start_soon(watch)
-                host, port = await nursery.start(partial(serve_kms, config, shutdown=shutdown))
-                shown = f"[{host}]" if ":" in host else host
-                print(f"kms listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+                announce(*await nursery.start(partial(serve_kms, config, shutdown=shutdown)))
                 await shutdown.wait()
                 # serve_kms drains and returns; the watcher has returned already.
 
     try:
-        trio.run(main)
+        workers = config.resolved_workers
+        if workers == 1:
+            trio.run(main)
+        else:
+            from .workers import run_workers
+
+            lock = prepare_state(config)
+            try:
+                trio.run(partial(run_workers, config, workers, on_ready=announce))
+            finally:
+                log_audit_end(config)
+                lock.release()
     except BaseExceptionGroup as group:
         # Start-up failures (config, roots, address in use) surface inside nursery groups:
         # report the single underlying error plainly.

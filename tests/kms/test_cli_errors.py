@@ -69,6 +69,11 @@ def _assert_one_error_line(out: subprocess.CompletedProcess[str], *needles: str)
         (["kms", "serve", "--trust-root", "/nonexistent/root.pem"], ["/nonexistent/root.pem"]),
         (["kms", "audit", "verify", "/nonexistent/audit.jsonl"], ["/nonexistent/audit.jsonl"]),
         (["kms", "audit"], ["AUDIT_COMMAND"]),
+        (["kms", "serve", "--workers", "0"], ["--workers", "1..64", "got 0"]),
+        (["kms", "serve", "--workers", "65"], ["--workers", "got 65"]),
+        (["kms", "serve", "--workers", "two"], ["--workers", "'two'"]),
+        (["kms", "serve", "--workers", "-1"], ["--workers"]),
+        (["kms", "serve", "--workers"], ["--workers", "expected one argument"]),
         (["kms", "enclave-policy", "--enclave", ENCLAVE, "--pcr", f"0={PCR}"], ["--admin"]),
         (
             ["kms", "enclave-policy", "--admin", OWNER, "--enclave", ENCLAVE, "--pcr", "0=zz"],

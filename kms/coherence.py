@@ -1,0 +1,192 @@
+"""Several processes, one key store: who may write now, and whether this process's copy of the
+key set is stale.
+
+The service keeps the key set in memory and writes every change through the store before it
+acknowledges it (:mod:`kms.service`). With worker processes each has its own copy, so two
+things must hold across processes:
+
+* a change committed by one worker is seen by the next request any worker serves (a key created
+  through one is usable through another at once);
+* a read-modify-write (PutKeyPolicy on the current policy, a rotation's next version number,
+  an alias move) never interleaves with another worker's: writes stay serialisable.
+
+:class:`WriteSection` is the service's write lock (``KmsService.write_lock``) made
+cross-process: entering it takes the process's own trio lock, then the store's cross-process
+writer lock, then reloads the key set if another process committed since this one last looked;
+leaving it publishes this process's change (bumps the generation) and releases both. Requests
+that only read call :meth:`WriteSection.refresh` first: one shared-memory read when nothing
+changed, a reload (under the writer lock, so the snapshot is consistent) when something did.
+
+:class:`SharedGeneration` is the local implementation of the cross-process part (the workers of
+one daemon on one machine, over SQLite): an exclusive ``flock`` on ``<state>/kms.shared`` and an
+8-byte change counter in that file, mapped shared (reading it costs ~0.2 us). A store shared by
+several machines (PostgreSQL) implements the same :class:`StoreCoherence` protocol with the
+database's own means (an advisory lock or serializable transactions, and a generation row or
+LISTEN/NOTIFY); the service and the daemon do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+import trio
+
+if TYPE_CHECKING:
+    from .service import KmsService
+
+__all__ = ["SHARED_FILE", "StoreCoherence", "SharedGeneration", "WriteSection"]
+
+log = structlog.get_logger()
+
+SHARED_FILE = "kms.shared"
+_COUNTER = struct.Struct("<Q")
+#: The mapping's size: one page (the counter uses its first 8 bytes).
+_MAP_BYTES = mmap.PAGESIZE
+
+
+class StoreCoherence(Protocol):
+    """The cross-process part of a write section (see the module docstring)."""
+
+    def generation(self) -> int:
+        """The store's change counter as last published (cheap: called per request)."""
+        ...
+
+    async def acquire(self) -> None:
+        """Take the writer lock (waits for another process's write to finish)."""
+        ...
+
+    def publish(self) -> int:
+        """Under the writer lock: count one more change; returns the new generation."""
+        ...
+
+    def release(self) -> None:
+        """Release the writer lock."""
+        ...
+
+
+class SharedGeneration:
+    """:class:`StoreCoherence` for the processes of one machine (``flock`` + shared counter).
+
+    Each process opens its own instance (its own open file description: ``flock`` excludes
+    between descriptions, so one per process is what makes the lock mutual).
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        path = state_dir / SHARED_FILE
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            with self.locked():
+                if os.fstat(self._fd).st_size < _MAP_BYTES:
+                    os.ftruncate(self._fd, _MAP_BYTES)  # zero-filled: generation 0
+            self._map = mmap.mmap(self._fd, _MAP_BYTES, mmap.MAP_SHARED)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def generation(self) -> int:
+        return int(_COUNTER.unpack_from(self._map, 0)[0])
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """The writer lock, blocking (start-up, tests)."""
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    async def acquire(self) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the usual case: free
+        except BlockingIOError:
+            # Another process is committing (an fsync: milliseconds): wait in a thread.
+            await trio.to_thread.run_sync(fcntl.flock, self._fd, fcntl.LOCK_EX)
+
+    def publish(self) -> int:
+        new = self.generation() + 1
+        _COUNTER.pack_into(self._map, 0, new)
+        return new
+
+    def release(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Unmap and close (idempotent)."""
+        if self._fd >= 0:
+            self._map.close()
+            os.close(self._fd)
+            self._fd = -1
+
+
+class WriteSection:
+    """``KmsService.write_lock`` across processes (see the module docstring).
+
+    Args:
+        service: the service whose key set this keeps current.
+        shared: the cross-process lock and generation.
+        seen: the generation the service's key set was loaded at (read under the writer lock).
+    """
+
+    def __init__(self, service: KmsService, shared: StoreCoherence, seen: int) -> None:
+        self._service = service
+        self._shared = shared
+        self._seen = seen
+        self._lock = trio.Lock()
+        #: Reloads done because another process changed the store (tests, operators).
+        self.reloads = 0
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        try:
+            await self._shared.acquire()
+            try:
+                await self._catch_up()
+            except BaseException:
+                self._shared.release()
+                raise
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            # Published whether or not the section wrote: a spurious reload elsewhere is
+            # cheap, a missed one would serve a stale key set.
+            self._seen = self._shared.publish()
+        finally:
+            self._shared.release()
+            self._lock.release()
+
+    def stale(self) -> bool:
+        """Another process has published a change this process has not loaded."""
+        return self._shared.generation() != self._seen
+
+    async def refresh(self) -> None:
+        """Bring the key set up to date if another process changed the store."""
+        if not self.stale():
+            return
+        async with self._lock:
+            await self._shared.acquire()
+            try:
+                await self._catch_up()
+            finally:
+                self._shared.release()
+
+    async def _catch_up(self) -> None:
+        """Under both locks: reload if the generation moved."""
+        current = self._shared.generation()
+        if current == self._seen:
+            return
+        service = self._service
+        snapshot = await service.write(service.storage.load)
+        service.reload(snapshot)
+        self._seen = current
+        self.reloads += 1
