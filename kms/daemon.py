@@ -538,8 +538,8 @@ def run_daemon(config: KmsConfig) -> int:
                 await shutdown.wait()
                 # serve_kms drains and returns; the watcher has returned already.
 
+    workers = config.resolved_workers
     try:
-        workers = config.resolved_workers
         if workers == 1:
             trio.run(main)
         else:
@@ -557,7 +557,7 @@ def run_daemon(config: KmsConfig) -> int:
         leaves = list(_leaves(group))
         if len(leaves) == 1 and isinstance(leaves[0], EnclaveError):
             raise leaves[0] from None
-        if len(leaves) == 1 and isinstance(leaves[0], OSError):
+        if len(leaves) == 1 and isinstance(leaves[0], OSError) and workers == 1:
             raise ConfigurationError(
                 f"cannot listen on {config.host}:{config.port}: {leaves[0].strerror}"
             ) from None

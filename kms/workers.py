@@ -36,6 +36,7 @@ Theory of operation (the parent, :func:`run_workers`):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -116,8 +117,11 @@ def _spawn(setup: WorkerSetup) -> subprocess.Popen[bytes]:
     data = pickle.dumps(setup)
     stdin = popen.stdin
     assert stdin is not None
-    stdin.write(_LENGTH.pack(len(data)) + data)  # fits the pipe buffer: never blocks
-    stdin.flush()
+    try:
+        stdin.write(_LENGTH.pack(len(data)) + data)  # fits the pipe buffer: never blocks
+        stdin.flush()
+    except BrokenPipeError:
+        pass  # it died at once (killed): its start is seen to fail like any other
     return popen
 
 
@@ -179,7 +183,8 @@ class _Supervisor:
         self.running.pop(worker.index, None)
         control = self._controls.pop(worker.index, None)
         if control is not None:
-            control.close()
+            with contextlib.suppress(OSError):
+                control.close()
         if self.stopping and not self.running:
             self.all_gone.set()
 
