@@ -101,12 +101,17 @@ async def _serve(setup: WorkerSetup) -> None:
 
 
 def main() -> int:
-    setup = _read_setup()
+    try:
+        setup = _read_setup()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group, workers included
+        return 130
     _die_with_parent(setup.parent_pid)
     configure_logging()
     structlog.contextvars.bind_contextvars(worker=setup.index)
     try:
         trio.run(_serve, setup)
+    except KeyboardInterrupt:  # before the signal receiver was installed: the parent stops us
+        return 130
     except EnclaveError as exc:
         print(f"error: KMS worker {setup.index}: {exc}", file=sys.stderr)
         return 1
