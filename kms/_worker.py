@@ -89,7 +89,9 @@ async def _serve(setup: WorkerSetup) -> None:
                     config,
                     shutdown=shutdown,
                     listeners=listeners,
-                    build=partial(build_worker_app, config),
+                    build=partial(
+                        build_worker_app, config, index=setup.index, workers=setup.workers
+                    ),
                     task_status=task_status,
                 )
                 nursery.cancel_scope.cancel()  # drained: stop the watchers

@@ -29,7 +29,7 @@ from transport.errors import ConfigurationError
 from . import _wrap
 from .api import parse_request
 from .audit import AuditLog, is_legacy_audit_log, verify_legacy_audit_log
-from .coherence import SharedGeneration, WriteSection
+from .coherence import ConnectionShare, SharedGeneration, WriteSection
 from .config import MASTER_KEY_ENV, CredentialEntry, KmsConfig
 from .errors import AuditChainError, KmsApiError
 from .integrity import MasterKey
@@ -159,6 +159,8 @@ class KmsApp:
     #: Worker processes: the cross-process write section keeping the key set current.
     coherence: WriteSection | None = None
     shared: SharedGeneration | None = None
+    #: Worker processes: spreads connections over the siblings (see kms.coherence).
+    connection_share: ConnectionShare | None = None
     _closed: bool = field(default=False, repr=False)
 
     def lookup(self, access_key_id: str) -> SecretEntry | None:
@@ -375,11 +377,15 @@ def build_worker_app(
     *,
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
+    index: int = 0,
+    workers: int = 1,
 ) -> KmsApp:
     """The app of one worker process (its parent ran :func:`prepare_state` and holds the
     lock). The worker shares the store and the audit chain with its siblings: the key set is
     loaded under the cross-process writer lock and kept current by a
-    :class:`~kms.coherence.WriteSection`; audit lines go through the shared append.
+    :class:`~kms.coherence.WriteSection`; audit lines go through the shared append; worker
+    ``index`` of ``workers`` takes its share of the connections
+    (:class:`~kms.coherence.ConnectionShare`).
 
     Raises:
         ConfigurationError: the master key or the roots are unreadable, the store does not
@@ -424,6 +430,7 @@ def build_worker_app(
         recipient_enabled=recipient_verifier is not None,
         coherence=section,
         shared=shared,
+        connection_share=ConnectionShare(shared, index, workers) if workers > 1 else None,
     )
 
 

@@ -32,7 +32,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -42,14 +42,16 @@ import trio
 if TYPE_CHECKING:
     from .service import KmsService
 
-__all__ = ["SHARED_FILE", "StoreCoherence", "SharedGeneration", "WriteSection"]
+__all__ = ["SHARED_FILE", "StoreCoherence", "SharedGeneration", "WriteSection", "ConnectionShare"]
 
 log = structlog.get_logger()
 
 SHARED_FILE = "kms.shared"
 _COUNTER = struct.Struct("<Q")
-#: The mapping's size: one page (the counter uses its first 8 bytes).
+#: The mapping's size: one page (the counter uses its first 8 bytes, then one 8-byte slot per
+#: worker for its connection count: 64 workers fit).
 _MAP_BYTES = mmap.PAGESIZE
+_LOAD_BASE = 8
 
 
 class StoreCoherence(Protocol):
@@ -117,6 +119,14 @@ class SharedGeneration:
 
     def release(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def set_load(self, index: int, connections: int) -> None:
+        """Publish worker ``index``'s connection count (its own slot: no lock needed)."""
+        _COUNTER.pack_into(self._map, _LOAD_BASE + 8 * index, connections)
+
+    def load(self, index: int) -> int:
+        """Worker ``index``'s last published connection count."""
+        return int(_COUNTER.unpack_from(self._map, _LOAD_BASE + 8 * index)[0])
 
     def close(self) -> None:
         """Unmap and close (idempotent)."""
@@ -190,3 +200,44 @@ class WriteSection:
         service.reload(snapshot)
         self._seen = current
         self.reloads += 1
+
+
+class ConnectionShare:
+    """Spreads kept-alive connections over the workers sharing one listening socket.
+
+    Every worker waiting in ``accept`` is woken by a new connection and the first one to run
+    takes it, so a burst of connections (clients starting together) tends to land on one
+    worker, and kept-alive connections stay where they landed: measured 7 of 8 or 8 of 8 on
+    one of two workers. Each worker therefore publishes its connection count, and one that
+    holds more than the least loaded sibling does not accept (:meth:`wait_turn`), leaving the
+    next connection to that sibling, until the sibling has caught up or :data:`MAX_DEFER_S`
+    has passed: a dead or stuck sibling delays new connections by at most that much.
+    """
+
+    #: How often a deferring worker looks at its siblings' counts again.
+    POLL_S = 0.001
+    #: The longest a deferring worker waits before accepting anyway (a sibling that has not
+    #: accepted within this is dead, being replaced, or stuck).
+    MAX_DEFER_S = 0.05
+
+    def __init__(self, shared: SharedGeneration, index: int, workers: int) -> None:
+        self._shared = shared
+        self._index = index
+        self._others = [i for i in range(workers) if i != index]
+        shared.set_load(index, 0)
+
+    def update(self, connections: int) -> None:
+        """This worker now holds ``connections``."""
+        self._shared.set_load(self._index, connections)
+
+    def over_share(self, connections: int) -> bool:
+        """True if a sibling holds fewer connections than this worker's ``connections``."""
+        return any(self._shared.load(i) < connections for i in self._others)
+
+    async def wait_turn(self, connections: Callable[[], int]) -> None:
+        """Before accepting: wait while this worker is over its share (at most
+        :data:`MAX_DEFER_S`). ``connections`` reads this worker's current count."""
+        deadline = trio.current_time() + self.MAX_DEFER_S
+        # Polled: the counts change in other processes' memory, there is no event to wait on.
+        while self.over_share(connections()) and trio.current_time() < deadline:  # noqa: ASYNC110
+            await trio.sleep(self.POLL_S)

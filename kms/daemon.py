@@ -43,6 +43,7 @@ import trio
 from transport.errors import ConfigurationError, EnclaveError
 
 from .app import HttpReply, KmsApp, build_app, log_audit_end, prepare_state
+from .coherence import ConnectionShare
 from .config import KmsConfig
 from .service import RecipientVerifier
 
@@ -96,9 +97,12 @@ class _Admission:
     Every structure is an insertion-ordered dict, so admitting and evicting are O(1).
     """
 
-    def __init__(self, max_total: int, max_per_source: int) -> None:
+    def __init__(
+        self, max_total: int, max_per_source: int, share: ConnectionShare | None = None
+    ) -> None:
         self.max_total = max_total
         self.max_per_source = max_per_source
+        self.share = share
         self._total = 0
         self._per_source: dict[str, int] = {}
         self._unproven: dict[_Connection, None] = {}  # oldest first
@@ -122,11 +126,18 @@ class _Admission:
                 return self._refuse(src)
             self._evict(next(iter(self._unproven)))
         self._total += 1
+        if self.share is not None:
+            self.share.update(self._total)
         self._per_source[src] = self._per_source.get(src, 0) + 1
         self._admitted.add(conn)
         self._unproven[conn] = None
         self._unproven_by_source.setdefault(src, {})[conn] = None
         return True
+
+    @property
+    def total(self) -> int:
+        """Connections admitted now."""
+        return self._total
 
     def busy(self, conn: _Connection) -> None:
         """``conn`` delivered a complete request: no longer evictable."""
@@ -144,6 +155,8 @@ class _Admission:
         self._admitted.discard(conn)
         self.busy(conn)
         self._total -= 1
+        if self.share is not None:
+            self.share.update(self._total)
         left = self._per_source[conn.source] - 1
         if left:
             self._per_source[conn.source] = left
@@ -454,7 +467,9 @@ async def serve_kms(
         if not app.recipient_enabled and app.lock is not None:  # once per daemon
             log.warning("kms_recipient_disabled", reason="no trust_roots configured")
         state = _Shutdown()
-        admission = _Admission(MAX_CONNECTIONS, config.max_connections_per_source)
+        admission = _Admission(
+            MAX_CONNECTIONS, config.max_connections_per_source, app.connection_share
+        )
 
         async def serve_connection(conn: _Connection) -> None:
             await conn.serve()
@@ -462,9 +477,13 @@ async def serve_kms(
         async with trio.open_nursery() as outer:
             async with trio.open_nursery() as handlers:
 
+                share = app.connection_share
+
                 async def accept(listener: trio.SocketListener) -> None:
                     async with listener:
                         while True:
+                            if share is not None:  # a less loaded sibling takes the next one
+                                await share.wait_turn(lambda: admission.total)
                             try:
                                 stream = await listener.accept()
                             except OSError as exc:

@@ -87,6 +87,7 @@ class WorkerSetup:
 
     config: KmsConfig
     index: int
+    workers: int
     parent_pid: int
     listen_fds: tuple[int, ...]
 
@@ -143,7 +144,9 @@ class _Supervisor:
         self._controls: dict[int, IO[bytes]] = {}
 
     def _start(self, index: int) -> _Running:
-        popen = _spawn(WorkerSetup(self.config, index, os.getpid(), self.listen_fds))
+        popen = _spawn(
+            WorkerSetup(self.config, index, self.count, os.getpid(), self.listen_fds)
+        )
         assert popen.stdin is not None
         self._controls[index] = popen.stdin  # kept open: its EOF tells the worker we are gone
         worker = _Running(index, popen)

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from kms.app import KmsApp, build_worker_app, prepare_state
-from kms.coherence import SharedGeneration
+from kms.coherence import ConnectionShare, SharedGeneration
 from kms.config import KmsConfig
 from kms.sigv4 import sign_headers
 
@@ -114,3 +114,19 @@ def test_the_generation_is_shared_between_descriptors(tmp_path: Path) -> None:
     finally:
         one.close()
         two.close()
+
+
+def test_a_worker_over_its_share_defers_to_the_least_loaded_sibling(tmp_path: Path) -> None:
+    shared = [SharedGeneration(tmp_path) for _ in range(3)]
+    try:
+        shares = [ConnectionShare(s, i, 3) for i, s in enumerate(shared)]
+        shares[0].update(2)
+        shares[1].update(1)
+        shares[2].update(2)
+        assert shares[0].over_share(2)  # worker 1 holds fewer
+        assert not shares[1].over_share(1)
+        shares[1].update(2)
+        assert not any(share.over_share(2) for share in shares)  # even: nobody waits
+    finally:
+        for s in shared:
+            s.close()

@@ -293,6 +293,19 @@ def test_concurrent_rotations_through_two_workers_are_serialised(tmp_path: Path)
         b.close()
 
 
+def test_kept_alive_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
+    """Eight clients connecting together: each worker gets its share, not 7 or 8 of them."""
+    with daemon(tmp_path) as d:
+        conns = [Conn(d) for _ in range(8)]
+        for conn in conns:
+            conn.ok("ListKeys", {})
+        per_worker: dict[int, int] = {}
+        for conn in conns:
+            per_worker[conn.worker()] = per_worker.get(conn.worker(), 0) + 1
+            conn.close()
+        assert sorted(per_worker.values()) in ([4, 4], [3, 5])
+
+
 # ------------------------------------------------------------------ failures
 
 
