@@ -100,6 +100,10 @@ async def _serve(setup: WorkerSetup) -> None:
             nursery.start_soon(on_parent_gone)
             await nursery.start(serve)
             os.write(1, b"ready\n")
+            # The parent stops reading: nothing may write into that pipe any more.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.close(devnull)
 
 
 def main() -> int:
