@@ -345,7 +345,8 @@ def prepare_state(
     """Everything a daemon with worker processes does once, in the parent, before the workers
     start: take the state directory's lock, create or check the master key, open (migrate,
     seed) the store, check the audit chain's tail (or move a broken one aside when told), load
-    the trust roots. Returns the lock, which the parent holds for the daemon's life.
+    the trust roots, create the workers' shared file (:mod:`kms.coherence`). Returns the lock,
+    which the parent holds for the daemon's life.
 
     Raises:
         ConfigurationError: as :func:`build_app`.
@@ -354,6 +355,11 @@ def prepare_state(
     lock, app.lock = app.lock, None
     app.close()
     assert lock is not None
+    try:
+        SharedGeneration(config.resolved_state_dir).close()  # the workers' file opens
+    except BaseException:
+        lock.release()
+        raise
     return lock
 
 

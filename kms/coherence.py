@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 import trio
 
+from transport.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from .service import KmsService
 
@@ -79,11 +81,17 @@ class SharedGeneration:
 
     Each process opens its own instance (its own open file description: ``flock`` excludes
     between descriptions, so one per process is what makes the lock mutual).
+
+    Raises:
+        ConfigurationError: the file cannot be opened.
     """
 
     def __init__(self, state_dir: Path) -> None:
         path = state_dir / SHARED_FILE
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot open {path}: {exc.strerror}") from None
         try:
             with self.locked():
                 if os.fstat(self._fd).st_size < _MAP_BYTES:

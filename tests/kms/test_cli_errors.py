@@ -257,3 +257,14 @@ def test_builder_refuses_an_admin_that_matches_the_enclave(
             build()
     else:
         build()
+
+
+def test_workers_shared_file_unusable_is_one_error_line(tmp_path: Path) -> None:
+    """The parent opens the workers' shared file before any worker starts: a state directory
+    where it cannot be opened fails as one line, not as a worker's traceback."""
+    state = tmp_path / "kms"
+    (state / "kms.shared").mkdir(parents=True)
+    state.chmod(0o700)
+    argv = ["kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
+    out = _enclave([*argv, "--workers", "2"], _env(tmp_path))
+    _assert_one_error_line(out, "kms.shared")
