@@ -293,6 +293,23 @@ def test_concurrent_rotations_through_two_workers_are_serialised(tmp_path: Path)
         b.close()
 
 
+def test_the_parent_holds_the_state_lock_and_a_second_daemon_is_refused(tmp_path: Path) -> None:
+    with daemon(tmp_path) as d:
+        assert (d.state / "kms.lock").read_text().strip() == str(d.proc.pid)
+        second = subprocess.run(
+            [sys.executable, "-m", "kms", "--listen", "127.0.0.1:0", "--state-dir", str(d.state)],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 1
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1
+        assert f"pid {d.proc.pid}" in errors[0]
+        Conn(d).ok("ListKeys", {})  # the first daemon is untouched
+
+
 def test_kept_alive_connections_are_spread_over_the_workers(tmp_path: Path) -> None:
     """Eight clients connecting together: each worker gets its share, not 7 or 8 of them."""
     with daemon(tmp_path) as d:
