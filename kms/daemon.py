@@ -22,8 +22,12 @@ Limits against slow and oversized clients (slowloris):
 
 Graceful shutdown (hypercorn): when ``shutdown`` is set, listeners close, idle connections are
 closed at once, requests in flight finish (answered with ``Connection: close``) within
-``graceful_timeout_s``; then :func:`serve_kms` returns. Every audit line is written before the
-reply is sent, so nothing is half-written.
+``graceful_timeout_s``; then :func:`serve_kms` returns. Every audit line is written (and, with
+``audit_fsync``, on disk) before the reply is sent, so nothing is half-written.
+
+With worker processes (:mod:`kms.workers`) each worker runs :func:`serve_kms` on its parent's
+listening socket, and :class:`kms.coherence.ConnectionShare` spreads the connections; the
+parent handles signals and tells the workers to drain.
 """
 
 from __future__ import annotations
