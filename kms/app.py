@@ -29,7 +29,8 @@ from transport.errors import ConfigurationError
 from . import _wrap
 from .api import parse_request
 from .audit import AuditLog, is_legacy_audit_log, verify_legacy_audit_log
-from .config import MASTER_KEY_ENV, KmsConfig
+from .coherence import ConnectionShare, SharedGeneration, WriteSection
+from .config import MASTER_KEY_ENV, CredentialEntry, KmsConfig
 from .errors import AuditChainError, KmsApiError
 from .integrity import MasterKey
 from .service import Caller, KmsService, Outcome, RecipientVerifier, SeedKey
@@ -41,6 +42,9 @@ __all__ = [
     "KmsApp",
     "HttpReply",
     "build_app",
+    "build_worker_app",
+    "log_audit_end",
+    "prepare_state",
     "load_master_key",
     "read_master_key",
     "open_audit_log",
@@ -149,7 +153,14 @@ class KmsApp:
     secrets: dict[str, SecretEntry]
     clock: Callable[[], float] = time.time
     recipient_enabled: bool = False
+    #: The state directory's lock, when this process owns it (a single-process daemon; not a
+    #: worker, whose parent holds it).
     lock: StateLock | None = None
+    #: Worker processes: the cross-process write section keeping the key set current.
+    coherence: WriteSection | None = None
+    shared: SharedGeneration | None = None
+    #: Worker processes: spreads connections over the siblings (see kms.coherence).
+    connection_share: ConnectionShare | None = None
     _closed: bool = field(default=False, repr=False)
 
     def lookup(self, access_key_id: str) -> SecretEntry | None:
@@ -190,6 +201,8 @@ class KmsApp:
             principal = verified.principal_arn
             authenticated = True
             op, params = parse_request(target_hdr, body)
+            if self.coherence is not None:
+                await self.coherence.refresh()  # another worker changed the store
             answer = await self.service.handle(
                 op, params, Caller(principal, verified.access_key_id), outcome
             )
@@ -218,7 +231,7 @@ class KmsApp:
         }
         if outcome.recipient is not None:
             record["recipient"] = outcome.recipient
-        self.audit.append(record)
+        await self.audit.commit(record)
         log_fields = {k: v for k, v in record.items() if k not in ("time",)}
         log_fields["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
         if outcome.decision == "deny":
@@ -237,12 +250,18 @@ class KmsApp:
         )
 
     def close(self) -> None:
-        """Close the audit log (logging its final MAC) and the store; release the state lock."""
+        """Close the audit log (logging its final MAC when this process owns the state
+        directory) and the store; release the state lock."""
         if not self._closed:
             self._closed = True
-            log.info("kms_audit_closed", last_hash=self.audit.last_hash, lines=self.audit.lines)
+            if self.lock is not None:
+                log.info(
+                    "kms_audit_closed", last_hash=self.audit.last_hash, lines=self.audit.lines
+                )
             self.audit.close()
             self.service.close()
+            if self.shared is not None:
+                self.shared.close()
             if self.lock is not None:
                 self.lock.release()
 
@@ -275,15 +294,8 @@ def build_app(
     try:
         tighten_files(state_dir, (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", AUDIT_FILE))
         master = MasterKey(load_master_key(state_dir, env))
-        if recipient_verifier is None and config.trust_roots:
-            from attest.roots import load_roots
-
-            from .recipient import AttestRecipientVerifier
-
-            roots = load_roots(list(config.trust_roots), state_dir=None)
-            recipient_verifier = AttestRecipientVerifier(
-                roots, max_document_age_s=config.max_document_age_s
-            )
+        if recipient_verifier is None:
+            recipient_verifier = _recipient_verifier(config)
         if seed is None:
             from .seed import load_seed
 
@@ -313,19 +325,137 @@ def build_app(
     except BaseException:
         lock.release()
         raise
-    secrets = {
-        c.access_key_id: SecretEntry(c.secret_access_key, c.principal_arn, c.session_token)
-        for c in creds
-    }
     return KmsApp(
         config=config,
         service=service,
         audit=audit,
-        secrets=secrets,
+        secrets=_secrets(creds),
         clock=clock,
         recipient_enabled=recipient_verifier is not None,
         lock=lock,
     )
+
+
+def prepare_state(
+    config: KmsConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> StateLock:
+    """Everything a daemon with worker processes does once, in the parent, before the workers
+    start: take the state directory's lock, create or check the master key, open (migrate,
+    seed) the store, check the audit chain's tail (or move a broken one aside when told), load
+    the trust roots, create the workers' shared file (:mod:`kms.coherence`). Returns the lock,
+    which the parent holds for the daemon's life.
+
+    Raises:
+        ConfigurationError: as :func:`build_app`.
+    """
+    app = build_app(config, env=env, clock=clock)
+    lock, app.lock = app.lock, None
+    app.close()
+    assert lock is not None
+    try:
+        SharedGeneration(config.resolved_state_dir).close()  # the workers' file opens
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def log_audit_end(config: KmsConfig, env: Mapping[str, str] | None = None) -> None:
+    """Log the audit chain's last MAC and line count (``kms_audit_closed``): what a daemon
+    with worker processes records when its last worker has stopped. Never raises: the daemon
+    is stopping, and a chain that no longer verifies is logged as such."""
+    env = os.environ if env is None else env
+    state_dir = config.resolved_state_dir
+    try:
+        audit = AuditLog(state_dir / AUDIT_FILE, MasterKey(read_master_key(state_dir, env)))
+    except (ConfigurationError, AuditChainError, OSError) as exc:
+        log.error("kms_audit_end_unreadable", reason=str(exc))
+        return
+    log.info("kms_audit_closed", last_hash=audit.last_hash, lines=audit.lines)
+    audit.close()
+
+
+def build_worker_app(
+    config: KmsConfig,
+    *,
+    env: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
+    index: int = 0,
+    workers: int = 1,
+) -> KmsApp:
+    """The app of one worker process (its parent ran :func:`prepare_state` and holds the
+    lock). The worker shares the store and the audit chain with its siblings: the key set is
+    loaded under the cross-process writer lock and kept current by a
+    :class:`~kms.coherence.WriteSection`; audit lines go through the shared append; worker
+    ``index`` of ``workers`` takes its share of the connections
+    (:class:`~kms.coherence.ConnectionShare`).
+
+    Raises:
+        ConfigurationError: the master key or the roots are unreadable, the store does not
+            open (the parent checked them: only a change behind its back gets here).
+    """
+    env = os.environ if env is None else env
+    creds = config.resolve_credentials(env)
+    state_dir = config.resolved_state_dir
+    master = MasterKey(read_master_key(state_dir, env))
+    recipient_verifier = _recipient_verifier(config)
+    shared = SharedGeneration(state_dir)
+    try:
+        storage = SqliteStorage(state_dir / DB_FILE)
+        try:
+            with shared.locked():  # a consistent snapshot while siblings may be writing
+                seen = shared.generation()
+                service = KmsService.open(
+                    storage,
+                    master,
+                    region=config.region,
+                    account_id=config.account_id,
+                    recipient_verifier=recipient_verifier,
+                    clock=clock,
+                )
+            if service.migrated:  # the parent migrates before any worker starts
+                raise ConfigurationError("the key store needed a migration in a worker")
+            audit = AuditLog(state_dir / AUDIT_FILE, master, fsync=config.audit_fsync)
+        except BaseException:
+            storage.close()
+            raise
+    except BaseException:
+        shared.close()
+        raise
+    section = WriteSection(service, shared, seen)
+    service.write_lock = section
+    return KmsApp(
+        config=config,
+        service=service,
+        audit=audit,
+        secrets=_secrets(creds),
+        clock=clock,
+        recipient_enabled=recipient_verifier is not None,
+        coherence=section,
+        shared=shared,
+        connection_share=ConnectionShare(shared, index, workers) if workers > 1 else None,
+    )
+
+
+def _recipient_verifier(config: KmsConfig) -> RecipientVerifier | None:
+    if not config.trust_roots:
+        return None
+    from attest.roots import load_roots
+
+    from .recipient import AttestRecipientVerifier
+
+    roots = load_roots(list(config.trust_roots), state_dir=None)
+    return AttestRecipientVerifier(roots, max_document_age_s=config.max_document_age_s)
+
+
+def _secrets(creds: Sequence[CredentialEntry]) -> dict[str, SecretEntry]:
+    return {
+        c.access_key_id: SecretEntry(c.secret_access_key, c.principal_arn, c.session_token)
+        for c in creds
+    }
 
 
 def _aside(path: Path, tag: str, clock: Callable[[], float]) -> Path:

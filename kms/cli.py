@@ -1,8 +1,8 @@
 """Command-line pieces shared by ``python -m kms`` and ``enclave kms ...``.
 
 ``serve``: ``[--listen HOST:PORT] [--state-dir DIR] [--config FILE] [--seed FILE]
-[--trust-root SPEC ...] [--start-despite-broken-audit-chain]``; flags override the config file
-only when given (B9).
+[--trust-root SPEC ...] [--workers N] [--start-despite-broken-audit-chain]``; flags override the
+config file only when given (B9).
 ``audit verify [FILE] [--state-dir DIR]``: check the MAC chain with the master key (from
 ``ENCLAVE_KMS_MASTER_KEY`` or the state directory's ``master.key``), name the first broken line.
 """
@@ -21,7 +21,7 @@ from transport.hostport import parse_host_port
 from transport.logs import configure_logging
 
 from .audit import is_legacy_audit_log, verify_audit_log, verify_legacy_audit_log
-from .config import DEFAULT_HOST, DEFAULT_PORT, MASTER_KEY_ENV, KmsConfig
+from .config import DEFAULT_HOST, DEFAULT_PORT, MASTER_KEY_ENV, MAX_WORKERS, KmsConfig
 from .errors import AuditChainError
 
 __all__ = [
@@ -81,12 +81,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         help='attestation trust root for Recipient: "aws", "local" or a PEM path (repeatable)',
     )
     p.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help=f"worker processes sharing the socket and the store, 1..{MAX_WORKERS} (default: "
+        "one per CPU; 1 serves in the daemon's own process)",
+    )
+    p.add_argument(
         "--start-despite-broken-audit-chain",
         action="store_true",
         help="start even if the audit log's chain is broken (edited, or written by two "
         "daemons): the broken log is moved aside untouched and a new chain starts whose first "
         "line records the break. Without it the daemon refuses to start on a broken chain",
     )
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of processes: {text!r}") from None
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_WORKERS}, got {n}")
+    return n
 
 
 def add_audit_verify_arguments(p: argparse.ArgumentParser) -> None:
@@ -121,6 +138,8 @@ def config_from_args(args: argparse.Namespace) -> KmsConfig:
         changes["trust_roots"] = tuple(
             r if r in ("aws", "local") else str(Path(r).resolve()) for r in args.trust_root
         )
+    if getattr(args, "workers", None) is not None:
+        changes["workers"] = args.workers
     if getattr(args, "start_despite_broken_audit_chain", False):
         changes["start_despite_broken_audit_chain"] = True
     return config.with_overrides(**changes) if changes else config
@@ -157,6 +176,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigurationError(f"cannot read the audit log {path}: no such file")
     try:
+        if not _looks_like_audit_log(path):
+            raise ConfigurationError(
+                f"{path} is not an audit log: its first line is not a chain record"
+            )
         if is_legacy_audit_log(path):
             count, _ = verify_legacy_audit_log(path)
             print(json.dumps({"ok": True, "lines": count, "keyed": False}))
@@ -171,6 +194,21 @@ def run_audit_verify(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
     print(json.dumps({"ok": True, "lines": count, "keyed": True}))
     return 0
+
+
+def _looks_like_audit_log(path: Path) -> bool:
+    """Empty, or a first line that is a JSON object with a sequence number (bounded read)."""
+    from .audit import MAX_LINE_BYTES
+
+    with path.open("rb") as f:
+        first = f.readline(MAX_LINE_BYTES)
+    if not first:
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "seq" in record
 
 
 def serve_main(argv: list[str] | None = None) -> int:

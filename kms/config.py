@@ -42,6 +42,7 @@ __all__ = [
     "ACCESS_KEY_ENV",
     "SECRET_KEY_ENV",
     "MASTER_KEY_ENV",
+    "MAX_WORKERS",
     "CredentialEntry",
     "KmsConfig",
 ]
@@ -73,6 +74,9 @@ DEFAULT_REQUEST_TIMEOUT_S = 10.0
 #: Connections one peer address may hold. A slot held by an unproven connection is given to a
 #: newcomer when the cap is reached, so the cap bounds a flood without locking callers out.
 DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 128
+#: Worker processes at most. Each holds a copy of the key set and a store connection, and the
+#: work per request is CPU-bound: more processes than cores only adds switching.
+MAX_WORKERS = 64
 
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
@@ -114,8 +118,11 @@ class KmsConfig:
         request_timeout_s: time for a whole request from its first byte (and for a fresh
             connection's first request from accept).
         max_connections_per_source: connections one peer address may hold at once.
-        audit_fsync: fsync the audit log after every line (default: flush to the OS only, which
-            survives a process crash but not a power cut).
+        audit_fsync: an audit line is on disk (``fdatasync``) before the request's reply is
+            sent; concurrent requests share syncs (group commit). False: written to the OS only,
+            which survives a crash of the process but not of the machine.
+        workers: worker processes sharing the listening socket and the store; None = one per
+            CPU. 1 serves in the daemon's own process.
         clock_skew_s: accepted X-Amz-Date skew (AWS: 5 minutes).
         start_despite_broken_audit_chain: start even if the audit chain's tail does not verify
             (the broken log is moved aside untouched, a new chain records the break). A
@@ -136,9 +143,10 @@ class KmsConfig:
     keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     max_connections_per_source: int = DEFAULT_MAX_CONNECTIONS_PER_SOURCE
-    audit_fsync: bool = False
+    audit_fsync: bool = True
     clock_skew_s: float = 300.0
     start_despite_broken_audit_chain: bool = False
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if not _ACCOUNT_RE.match(self.account_id):
@@ -160,11 +168,21 @@ class KmsConfig:
             raise ConfigurationError("max_connections_per_source must be within 1..65536")
         if not 4096 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ConfigurationError("max_body_bytes must be within 4 KiB..16 MiB")
+        if self.workers is not None and not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigurationError(f"workers must be within 1..{MAX_WORKERS}, got {self.workers}")
         seen: set[str] = set()
         for c in self.credentials:
             if c.access_key_id in seen:
                 raise ConfigurationError(f"duplicate access_key_id {c.access_key_id!r}")
             seen.add(c.access_key_id)
+
+    @property
+    def resolved_workers(self) -> int:
+        """Worker processes actually run: ``workers``, else one per CPU this process may use
+        (capped at :data:`MAX_WORKERS`)."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
     @property
     def resolved_state_dir(self) -> Path:
@@ -233,6 +251,7 @@ class KmsConfig:
             "max_connections_per_source",
             "audit_fsync",
             "clock_skew_s",
+            "workers",
         }
         unknown = set(m) - allowed
         if unknown:
@@ -256,7 +275,7 @@ class KmsConfig:
                 if not isinstance(m[name], typ):
                     raise ConfigurationError(f"{name} must be a string")
                 kw[name] = m[name]
-        for name in ("port", "max_body_bytes", "max_connections_per_source"):
+        for name in ("port", "max_body_bytes", "max_connections_per_source", "workers"):
             if name in m:
                 if not isinstance(m[name], int) or isinstance(m[name], bool):
                     raise ConfigurationError(f"{name} must be an integer")

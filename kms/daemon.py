@@ -22,8 +22,12 @@ Limits against slow and oversized clients (slowloris):
 
 Graceful shutdown (hypercorn): when ``shutdown`` is set, listeners close, idle connections are
 closed at once, requests in flight finish (answered with ``Connection: close``) within
-``graceful_timeout_s``; then :func:`serve_kms` returns. Every audit line is written before the
-reply is sent, so nothing is half-written.
+``graceful_timeout_s``; then :func:`serve_kms` returns. Every audit line is written (and, with
+``audit_fsync``, on disk) before the reply is sent, so nothing is half-written.
+
+With worker processes (:mod:`kms.workers`) each worker runs :func:`serve_kms` on its parent's
+listening socket, and :class:`kms.coherence.ConnectionShare` spreads the connections; the
+parent handles signals and tells the workers to drain.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 
 import h11
@@ -42,7 +46,8 @@ import trio
 
 from transport.errors import ConfigurationError, EnclaveError
 
-from .app import HttpReply, KmsApp, build_app
+from .app import HttpReply, KmsApp, build_app, log_audit_end, prepare_state
+from .coherence import ConnectionShare
 from .config import KmsConfig
 from .service import RecipientVerifier
 
@@ -96,9 +101,12 @@ class _Admission:
     Every structure is an insertion-ordered dict, so admitting and evicting are O(1).
     """
 
-    def __init__(self, max_total: int, max_per_source: int) -> None:
+    def __init__(
+        self, max_total: int, max_per_source: int, share: ConnectionShare | None = None
+    ) -> None:
         self.max_total = max_total
         self.max_per_source = max_per_source
+        self.share = share
         self._total = 0
         self._per_source: dict[str, int] = {}
         self._unproven: dict[_Connection, None] = {}  # oldest first
@@ -122,11 +130,18 @@ class _Admission:
                 return self._refuse(src)
             self._evict(next(iter(self._unproven)))
         self._total += 1
+        if self.share is not None:
+            self.share.update(self._total)
         self._per_source[src] = self._per_source.get(src, 0) + 1
         self._admitted.add(conn)
         self._unproven[conn] = None
         self._unproven_by_source.setdefault(src, {})[conn] = None
         return True
+
+    @property
+    def total(self) -> int:
+        """Connections admitted now."""
+        return self._total
 
     def busy(self, conn: _Connection) -> None:
         """``conn`` delivered a complete request: no longer evictable."""
@@ -144,6 +159,8 @@ class _Admission:
         self._admitted.discard(conn)
         self.busy(conn)
         self._total -= 1
+        if self.share is not None:
+            self.share.update(self._total)
         left = self._per_source[conn.source] - 1
         if left:
             self._per_source[conn.source] = left
@@ -413,6 +430,8 @@ async def serve_kms(
     clock: Callable[[], float] = time.time,
     recipient_verifier: RecipientVerifier | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    listeners: Sequence[trio.SocketListener] | None = None,
+    build: Callable[[], KmsApp] | None = None,
 ) -> None:
     """Run the KMS daemon until cancelled or until ``shutdown`` is set (then drain gracefully).
 
@@ -423,16 +442,23 @@ async def serve_kms(
         clock: wall clock for SigV4 freshness, key dates and audit times (tests).
         recipient_verifier: overrides the verifier built from ``config.trust_roots``.
         task_status: receives the actual ``(host, port)`` once listening.
+        listeners: already-bound listeners (a worker process serves its parent's socket);
+            default: bind ``config.host``/``config.port``.
+        build: makes the app (a worker's :func:`kms.app.build_worker_app`); default
+            :func:`kms.app.build_app` (this process owns the state directory).
 
     Raises:
         ConfigurationError: no credentials, bad master key, unreadable roots or seed.
         OSError: the address cannot be bound.
     """
-    app = await trio.to_thread.run_sync(
-        partial(build_app, config, env=env, clock=clock, recipient_verifier=recipient_verifier)
-    )
+    if build is None:
+        build = partial(
+            build_app, config, env=env, clock=clock, recipient_verifier=recipient_verifier
+        )
+    app = await trio.to_thread.run_sync(build)
     try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        if listeners is None:
+            listeners = await trio.open_tcp_listeners(config.port, host=config.host)
         sockname = listeners[0].socket.getsockname()
         host, port = str(sockname[0]), int(sockname[1])
         log.info(
@@ -442,10 +468,12 @@ async def serve_kms(
             state_dir=str(config.resolved_state_dir),
             recipient=app.recipient_enabled,
         )
-        if not app.recipient_enabled:
+        if not app.recipient_enabled and app.lock is not None:  # once per daemon
             log.warning("kms_recipient_disabled", reason="no trust_roots configured")
         state = _Shutdown()
-        admission = _Admission(MAX_CONNECTIONS, config.max_connections_per_source)
+        admission = _Admission(
+            MAX_CONNECTIONS, config.max_connections_per_source, app.connection_share
+        )
 
         async def serve_connection(conn: _Connection) -> None:
             await conn.serve()
@@ -453,9 +481,13 @@ async def serve_kms(
         async with trio.open_nursery() as outer:
             async with trio.open_nursery() as handlers:
 
+                share = app.connection_share
+
                 async def accept(listener: trio.SocketListener) -> None:
                     async with listener:
                         while True:
+                            if share is not None:  # a less loaded sibling takes the next one
+                                await share.wait_turn(lambda: admission.total)
                             try:
                                 stream = await listener.accept()
                             except OSError as exc:
@@ -504,9 +536,15 @@ async def serve_kms(
 
 def run_daemon(config: KmsConfig) -> int:
     """Blocking entry: serve until SIGTERM/SIGINT, printing the address on stderr when ready.
+    With ``config.resolved_workers`` > 1 the requests are served by worker processes
+    (:mod:`kms.workers`); with 1, by this process.
 
     Returns the exit status (0 after a graceful shutdown).
     """
+
+    def announce(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"kms listening on http://{shown}:{port}", file=sys.stderr, flush=True)
 
     async def main() -> None:
         shutdown = trio.Event()
@@ -519,21 +557,30 @@ def run_daemon(config: KmsConfig) -> int:
                         return
 
                 nursery.start_soon(watch)
-                host, port = await nursery.start(partial(serve_kms, config, shutdown=shutdown))
-                shown = f"[{host}]" if ":" in host else host
-                print(f"kms listening on http://{shown}:{port}", file=sys.stderr, flush=True)
+                announce(*await nursery.start(partial(serve_kms, config, shutdown=shutdown)))
                 await shutdown.wait()
                 # serve_kms drains and returns; the watcher has returned already.
 
+    workers = config.resolved_workers
     try:
-        trio.run(main)
+        if workers == 1:
+            trio.run(main)
+        else:
+            from .workers import run_workers
+
+            lock = prepare_state(config)
+            try:
+                trio.run(partial(run_workers, config, workers, on_ready=announce))
+            finally:
+                log_audit_end(config)
+                lock.release()
     except BaseExceptionGroup as group:
         # Start-up failures (config, roots, address in use) surface inside nursery groups:
         # report the single underlying error plainly.
         leaves = list(_leaves(group))
         if len(leaves) == 1 and isinstance(leaves[0], EnclaveError):
             raise leaves[0] from None
-        if len(leaves) == 1 and isinstance(leaves[0], OSError):
+        if len(leaves) == 1 and isinstance(leaves[0], OSError) and workers == 1:
             raise ConfigurationError(
                 f"cannot listen on {config.host}:{config.port}: {leaves[0].strerror}"
             ) from None

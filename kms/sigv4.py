@@ -112,7 +112,7 @@ _cached_signing_key = functools.lru_cache(maxsize=256)(signing_key)
 
 def _canonical_uri(path: str) -> str:
     # Non-S3 services normalise the path and URI-encode it (botocore: quote(path, safe="/~")).
-    if not path:
+    if not path or path == "/":  # every KMS request
         return "/"
     return quote(unquote(path), safe="/~")
 
@@ -136,7 +136,10 @@ def _canonical_headers(
     """Return the canonical header block for ``signed`` and the list of signed names missing."""
     values: dict[str, list[str]] = {}
     for name, value in headers:
-        values.setdefault(name.lower(), []).append(_SPACES.sub(" ", value.strip()))
+        value = value.strip()
+        if "  " in value:  # the regex only when there is a run to collapse
+            value = _SPACES.sub(" ", value)
+        values.setdefault(name.lower(), []).append(value)
     missing = [h for h in signed if h not in values]
     block = "".join(f"{h}:{','.join(values.get(h, []))}\n" for h in signed)
     return block, missing
@@ -258,7 +261,18 @@ def verify_request(
     Raises:
         SigV4Failure: with AWS's ``__type`` for the case.
     """
-    auth_values = [v for k, v in headers if k.lower() == "authorization"]
+    # One pass over the headers: every lookup below reads these lists.
+    found: dict[str, list[str]] = {
+        "authorization": [],
+        "x-amz-date": [],
+        "x-amz-security-token": [],
+        "x-amz-content-sha256": [],
+    }
+    for k, v in headers:
+        wanted = found.get(k.lower())
+        if wanted is not None:
+            wanted.append(v)
+    auth_values = found["authorization"]
     if not auth_values:
         raise SigV4Failure(
             "MissingAuthenticationTokenException",
@@ -288,7 +302,7 @@ def verify_request(
             "SignedHeaders must be sorted, lower-case and unique.",
             "bad signed headers list",
         )
-    amz_dates = [v for k, v in headers if k.lower() == "x-amz-date"]
+    amz_dates = found["x-amz-date"]
     if "host" not in signed:
         raise SigV4Failure(
             "InvalidSignatureException",
@@ -332,7 +346,7 @@ def verify_request(
             "The security token included in the request is invalid.",
             "unknown access key id",
         )
-    tokens = [v for k, v in headers if k.lower() == "x-amz-security-token"]
+    tokens = found["x-amz-security-token"]
     if (entry.session_token is not None or tokens) and (
         entry.session_token is None
         or len(tokens) != 1
@@ -378,7 +392,7 @@ def verify_request(
         )
     path, _, query = target.partition("?")
     body_hash = _sha256_hex(body)
-    claimed = [v for k, v in headers if k.lower() == "x-amz-content-sha256"]
+    claimed = found["x-amz-content-sha256"]
     if claimed and not hmac.compare_digest(claimed[0].strip().encode(), body_hash.encode()):
         raise SigV4Failure(
             "InvalidSignatureException",

@@ -89,7 +89,7 @@ def redact_secrets(_logger: WrappedLogger, _name: str, event_dict: EventDict) ->
 class _CurrentStderr:
     """A file-like object that writes to whatever ``sys.stderr`` is *now*.
 
-    structlog's PrintLogger keeps the file it was given. Binding ``sys.stderr`` itself at
+    structlog's WriteLogger keeps the file it was given. Binding ``sys.stderr`` itself at
     configure time breaks when the stream is later swapped (pytest's capsys closes its capture
     file after each test), so the default stream resolves ``sys.stderr`` on every write.
     """
@@ -157,7 +157,9 @@ def configure_logging(
     structlog.configure(
         processors=_processors(json),
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=out),  # type: ignore[arg-type]
+        # WriteLogger writes "line\n" in ONE write (PrintLogger's print() makes two, and with
+        # PYTHONUNBUFFERED each is a syscall: lines of processes sharing stderr interleaved).
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # type: ignore[arg-type]
         cache_logger_on_first_use=cache,
     )
 

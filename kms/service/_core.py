@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -134,7 +135,10 @@ class KmsService:
         self.quarantined: dict[str, str] = {}
         #: True if this start migrated a schema-1 store (its audit log is then schema 1 too).
         self.migrated = False
-        self.write_lock = trio.Lock()
+        #: Serialises read-modify-write sequences. Worker processes sharing one store replace
+        #: it by a cross-process section that also keeps the key set current
+        #: (:class:`kms.coherence.WriteSection`).
+        self.write_lock: AbstractAsyncContextManager[None] = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._next_deadline = float("inf")
 
@@ -324,6 +328,37 @@ class KmsService:
             key.hmac = None
         elif key.spec.asymmetric:
             key.asymmetric = None
+
+    def reload(self, snap: Snapshot) -> None:
+        """Make the in-memory key set ``snap``: another process changed the store.
+
+        A key whose record, material versions and grants are unchanged keeps its parsed policy
+        and its AEADs; only new or changed keys are checked, parsed and unwrapped again (with
+        their grants, which live in their own table: a grant created through another worker
+        takes effect here at once).
+        """
+        old = self._keys
+        stored: dict[str, set[int]] = {}
+        for v in snap.versions:
+            stored.setdefault(v.key_id, set()).add(v.version)
+        granted: dict[str, set[str]] = {}
+        for g in snap.grants:
+            granted.setdefault(g.key_id, set()).add(g.grant_id)
+        unchanged = {
+            row.key_id: old[row.key_id]
+            for row in snap.keys
+            if row.key_id in old
+            and stored.get(row.key_id, set()) == old[row.key_id].versions.keys()
+            and granted.get(row.key_id, set()) == old[row.key_id].grants.keys()
+            and self.key_row(old[row.key_id]).mac == row.mac
+        }
+        changed = [row for row in snap.keys if row.key_id not in unchanged]
+        versions = [v for v in snap.versions if v.key_id not in unchanged]
+        grants = [g for g in snap.grants if g.key_id not in unchanged]
+        self._keys, self.aliases, self.quarantined = {}, {}, {}
+        self._load(Snapshot(changed, versions, snap.aliases, grants))
+        self._keys.update(unchanged)
+        self._recompute_deadline()
 
     def _quarantine(self, name: str, reason: str) -> None:
         self.quarantined[name] = reason

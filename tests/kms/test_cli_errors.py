@@ -69,6 +69,11 @@ def _assert_one_error_line(out: subprocess.CompletedProcess[str], *needles: str)
         (["kms", "serve", "--trust-root", "/nonexistent/root.pem"], ["/nonexistent/root.pem"]),
         (["kms", "audit", "verify", "/nonexistent/audit.jsonl"], ["/nonexistent/audit.jsonl"]),
         (["kms", "audit"], ["AUDIT_COMMAND"]),
+        (["kms", "serve", "--workers", "0"], ["--workers", "1..64", "got 0"]),
+        (["kms", "serve", "--workers", "65"], ["--workers", "got 65"]),
+        (["kms", "serve", "--workers", "two"], ["--workers", "'two'"]),
+        (["kms", "serve", "--workers", "-1"], ["--workers"]),
+        (["kms", "serve", "--workers"], ["--workers", "expected one argument"]),
         (["kms", "enclave-policy", "--enclave", ENCLAVE, "--pcr", f"0={PCR}"], ["--admin"]),
         (
             ["kms", "enclave-policy", "--admin", OWNER, "--enclave", ENCLAVE, "--pcr", "0=zz"],
@@ -252,3 +257,14 @@ def test_builder_refuses_an_admin_that_matches_the_enclave(
             build()
     else:
         build()
+
+
+def test_workers_shared_file_unusable_is_one_error_line(tmp_path: Path) -> None:
+    """The parent opens the workers' shared file before any worker starts: a state directory
+    where it cannot be opened fails as one line, not as a worker's traceback."""
+    state = tmp_path / "kms"
+    (state / "kms.shared").mkdir(parents=True)
+    state.chmod(0o700)
+    argv = ["kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", str(state)]
+    out = _enclave([*argv, "--workers", "2"], _env(tmp_path))
+    _assert_one_error_line(out, "kms.shared")

@@ -311,16 +311,35 @@ def test_broken_audit_tail_refuses_start_unless_told(tmp_path: Path) -> None:
     build_app(_config(state), env={}).close()  # the new chain is sound: starts normally
 
 
-def test_two_writers_break_the_tail_and_the_next_start_says_so(tmp_path: Path) -> None:
-    """What two daemons on one directory did (interleaved lines): now refused at start."""
+def test_two_writers_share_one_chain(tmp_path: Path) -> None:
+    """Worker processes of one daemon append through their own AuditLog: one valid chain."""
     master = MasterKey(os.urandom(32))
     path = tmp_path / "audit.jsonl"
     a = AuditLog(path, master)
     b = AuditLog(path, master)  # both resumed from the same tail
-    a.append({"operation": "Encrypt"})
-    b.append({"operation": "Decrypt"})
+    for i in range(3):
+        a.append({"operation": "Encrypt", "i": i})
+        b.append({"operation": "Decrypt", "i": i})
     a.close()
     b.close()
+    assert verify_audit_log(path, master) == 6
+    AuditLog(path, master).close()
+
+
+def test_a_line_appended_outside_the_protocol_breaks_the_tail(tmp_path: Path) -> None:
+    """What two daemons of an older version did (each chaining onto its own idea of the tail):
+    refused at start, and never extended by a writer either."""
+    master = MasterKey(os.urandom(32))
+    path = tmp_path / "audit.jsonl"
+    a = AuditLog(path, master)
+    a.append({"operation": "Encrypt"})
+    line = json.loads(path.read_text())
+    line["operation"] = "Decrypt"  # same seq and prev, a forged mac
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+    with pytest.raises(AuditChainError):
+        a.append({"operation": "Encrypt"})
+    a.close()
     with pytest.raises(AuditChainError):
         AuditLog(path, master)
 
