@@ -1,0 +1,330 @@
+"""``enclave bench fleet``: many clients, replicas, failover, mutual attestation.
+
+One inference stack (``runtime.stack``: KMS, model store, the bundled digits model sealed under
+a key only the server image may use) with three replicas of the server image; ingresses in this
+process (no per-source cap: every bench client is 127.0.0.1); clients in this process, each its
+own attested connection, calling ``infer`` (batch 1) in a loop:
+
+* ``r{1,2}_c{1,8,64}_per_s``, ``..._p50_ms``, ``..._p99_ms``: throughput (calls/s, all clients)
+  and latency at 1, 8 and 64 concurrent clients, through an ingress to 1 and to 2 replicas
+  (least connections). On this 2-core machine the replicas, the ingress and the clients share
+  two CPUs: a second replica adds little past one busy core (see the README for the curve with
+  more cores);
+* ``conn_rss_kib``: the server enclave's resident memory per open connection, at 64 clients
+  (VmRSS of the enclave's process with 64 connections open and each used once, minus idle,
+  over 64);
+* ``failover_failed_calls`` (budget 0): with 3 replicas behind one ingress and 8 clients in
+  steady load, one replica is terminated (``Runtime.terminate``, the operator's action; the
+  enclave goes away under its open connections); unary calls that still failed after the
+  client's one retry; ``failover_retried_calls``: calls that did fail over;
+  ``failover_gap_ms``: p99 latency of the calls that completed in the window after the
+  termination (60 s; 10 s with ``--quick``), against ``failover_base_p99_ms`` before it, and
+  ``failover_max_ms``, the slowest call of that window (a retried call: its fresh handshake);
+* ``mutual_handshake_ms`` / ``one_sided_handshake_ms``: p50 of a complete ``enclave-channel/1``
+  handshake over a Unix socket pair in this process, mutual vs one-sided, with Nitro-format
+  documents from two in-process NSMs (``attest.nsm.InProcessNsm``) and the real verifier on
+  each side that checks one; ``mutual_handshake_ratio`` is their ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import trio
+
+if TYPE_CHECKING:
+    from runtime.stack import InferenceStack
+    from transport.vsock import VsockAddr
+
+__all__ = ["run", "measure", "FAILOVER_FAILED_CALLS_BUDGET", "CONCURRENCY"]
+
+#: Unary calls that may fail after their retry when a replica is terminated.
+FAILOVER_FAILED_CALLS_BUDGET: Final = 0
+#: Concurrent clients of the load points.
+CONCURRENCY: Final = (1, 8, 64)
+#: Clients in steady load during the failover.
+FAILOVER_CLIENTS: Final = 8
+#: Replicas behind the failover's ingress.
+FAILOVER_REPLICAS: Final = 3
+#: Handshakes per kind for the handshake figures.
+_HANDSHAKES_QUICK, _HANDSHAKES_FULL = 40, 300
+
+
+@dataclass
+class _Load:
+    """What a load run collected."""
+
+    latencies: list[tuple[float, float]] = field(default_factory=list)  # (end time, seconds)
+    failed: int = 0
+    retried: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+async def _client_loop(
+    endpoint: str,
+    verifier: Any,
+    x: Any,
+    index: int,
+    stop: trio.Event,
+    load: _Load,
+    ready: trio.Semaphore | None = None,
+) -> None:
+    from models.client import open_inference_client
+    from models.digits import INPUT_NAME, MODEL_NAME
+
+    row = {INPUT_NAME: x[index % len(x) : index % len(x) + 1]}
+    async with open_inference_client(endpoint, verifier=verifier) as client:
+        await client.infer(MODEL_NAME, row)  # connected and warm
+        if ready is not None:
+            ready.release()
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                await client.infer(MODEL_NAME, row)
+            except Exception as exc:  # counted: the figure is how many fail
+                load.failed += 1
+                if len(load.errors) < 5:
+                    load.errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            t1 = time.perf_counter()
+            load.latencies.append((t1, t1 - t0))
+        load.retried += client.failovers
+
+
+async def _measure_point(
+    endpoint: str, verifier: Any, x: Any, clients: int, seconds: float
+) -> dict[str, float]:
+    load = _Load()
+    stop = trio.Event()
+    ready = trio.Semaphore(0)
+    async with trio.open_nursery() as nursery:
+        for i in range(clients):
+            nursery.start_soon(_client_loop, endpoint, verifier, x, i, stop, load, ready)
+        for _ in range(clients):  # every client connected (attested) and warm
+            await ready.acquire()
+        load.latencies.clear()
+        t0 = time.perf_counter()
+        await trio.sleep(seconds)
+        stop.set()
+    elapsed = time.perf_counter() - t0
+    samples = np.asarray([lat for end, lat in load.latencies if end <= t0 + elapsed])
+    if load.failed:
+        raise RuntimeError(f"{load.failed} calls failed under load: {load.errors}")
+    return {
+        "per_s": len(samples) / elapsed,
+        "p50_ms": float(np.percentile(samples, 50)) * 1e3,
+        "p99_ms": float(np.percentile(samples, 99)) * 1e3,
+    }
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def _connection_memory(endpoint: str, verifier: Any, x: Any, pid: int) -> float:
+    """Resident KiB of the server per open connection at 64 clients (each used once)."""
+    from models.client import open_inference_client
+    from models.digits import INPUT_NAME, MODEL_NAME
+
+    await trio.sleep(0.5)  # the earlier load's connections are closed on the server too
+    idle = _rss_kib(pid)
+    opened = trio.Semaphore(0)
+    done = trio.Event()
+
+    async def hold(i: int) -> None:
+        async with open_inference_client(endpoint, verifier=verifier) as client:
+            await client.infer(MODEL_NAME, {INPUT_NAME: x[i : i + 1]})
+            opened.release()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(64):
+            nursery.start_soon(hold, i)
+        for _ in range(64):
+            await opened.acquire()
+        await trio.sleep(0.2)
+        busy = _rss_kib(pid)
+        done.set()
+    return (busy - idle) / 64
+
+
+async def _failover(
+    served: InferenceStack, endpoint: str, verifier: Any, x: Any, window_s: float
+) -> dict[str, float | int]:
+    load = _Load()
+    stop = trio.Event()
+    ready = trio.Semaphore(0)
+    victim = served.servers[0]
+    async with trio.open_nursery() as nursery:
+        for i in range(FAILOVER_CLIENTS):
+            nursery.start_soon(_client_loop, endpoint, verifier, x, i, stop, load, ready)
+        for _ in range(FAILOVER_CLIENTS):
+            await ready.acquire()
+        await trio.sleep(min(2.0, window_s / 5))  # steady load before
+        before = [lat for _, lat in load.latencies]
+        terminated_at = time.perf_counter()
+        await served.stack.runtime.terminate(victim.enclave_id)
+        await trio.sleep(window_s - (time.perf_counter() - terminated_at))
+        stop.set()
+    after = [lat for end, lat in load.latencies if end >= terminated_at]
+    return {
+        "failover_failed_calls": load.failed,
+        "failover_failed_calls_budget": FAILOVER_FAILED_CALLS_BUDGET,
+        "failover_retried_calls": load.retried,
+        "failover_gap_ms": float(np.percentile(after, 99)) * 1e3,
+        "failover_max_ms": float(np.max(after)) * 1e3,
+        "failover_base_p99_ms": float(np.percentile(before, 99)) * 1e3,
+        "failover_window_s": window_s,
+        "failover_calls_after": len(after),
+    }
+
+
+async def _handshakes(n: int) -> dict[str, float]:
+    """p50 of a one-sided and of a mutual handshake (module docstring)."""
+    from attest.ca import LocalCA
+    from attest.channel import channel_verifier, nsm_attester
+    from attest.nsm.local import InProcessNsm
+    from attest.policy import MeasurementSet, Policy
+    from attest.verify import Verifier
+    from transport.channel import accept_channel, connect_channel
+    from transport.peers import PEER_SUITES
+
+    with tempfile.TemporaryDirectory(prefix="er-bench-ca-") as tmp:
+        ca = LocalCA.load_or_create(Path(tmp) / "ca")
+    image = {i: bytes([i + 1]) * 48 for i in (0, 1, 2)}
+    server_nsm = InProcessNsm.create(
+        ca, pcrs=image, module_id="i-0123456789abcdef0-enc0000000000000001"
+    )
+    client_nsm = InProcessNsm.create(
+        ca, pcrs=image, module_id="i-0123456789abcdef0-enc0000000000000002"
+    )
+    policy = Policy([MeasurementSet({0: image[0]})], max_age_s=300)
+    verifier = Verifier([ca.root_certificate])  # one per side would cache the same chain
+
+    async def once(mutual: bool) -> float:
+        a, b = socket.socketpair()
+        ca_stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+        sb_stream = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+
+            async def server() -> None:
+                channel = await accept_channel(
+                    sb_stream,
+                    attester=nsm_attester(server_nsm),
+                    peer_verifier=channel_verifier(verifier, policy) if mutual else None,
+                    suites=PEER_SUITES,
+                )
+                await channel.aclose()
+
+            nursery.start_soon(server)
+            channel = await connect_channel(
+                ca_stream,
+                verifier=channel_verifier(verifier, policy),
+                attester=nsm_attester(client_nsm) if mutual else None,
+                suites=PEER_SUITES,
+            )
+            elapsed = time.perf_counter() - t0
+            await channel.aclose()
+        return elapsed
+
+    for _ in range(10):  # warm-up: chain cache, imports
+        await once(False)
+        await once(True)
+    one_sided, mutual = [], []
+    for _ in range(n):  # interleaved, so load from elsewhere hits both alike
+        one_sided.append(await once(False))
+        mutual.append(await once(True))
+    p50_one, p50_mutual = float(np.median(one_sided)), float(np.median(mutual))
+    return {
+        "one_sided_handshake_ms": p50_one * 1e3,
+        "mutual_handshake_ms": p50_mutual * 1e3,
+        "mutual_handshake_ratio": p50_mutual / p50_one,
+    }
+
+
+async def _ingress(nursery: trio.Nursery, targets: Sequence[VsockAddr] | Any) -> str:
+    from transport.ingress import serve_ingress
+
+    port: int = await nursery.start(
+        lambda task_status: serve_ingress(
+            "127.0.0.1", 0, targets, max_per_source=None, task_status=task_status
+        )
+    )
+    return f"127.0.0.1:{port}"
+
+
+async def measure(
+    *,
+    seconds: float,
+    window_s: float,
+    concurrency: Sequence[int] = CONCURRENCY,
+    handshakes: int = _HANDSHAKES_FULL,
+) -> dict[str, float | int | str | None]:
+    """Every figure of the module docstring: ``seconds`` per load point, a failover window of
+    ``window_s``, ``handshakes`` of each kind (``run`` picks them; tests use small ones)."""
+    from models.digits import load_test_split
+    from runtime.stack import open_inference_stack
+    from runtime.targets import RuntimeTargets
+    from transport.ingress import TargetPool
+    from transport.vsock import VsockAddr
+
+    x, _ = load_test_split()
+    figures: dict[str, float | int | str | None] = {"host_cpus": len(os.sched_getaffinity(0))}
+    tmp = Path(tempfile.mkdtemp(prefix="er-bench-fleet-"))
+    try:
+        async with (
+            open_inference_stack(tmp / "s", replicas=FAILOVER_REPLICAS) as served,
+            trio.open_nursery() as nursery,
+        ):
+            verifier = served.verifier()
+            a, b = (VsockAddr(s.cid, 5005) for s in served.servers[:2])
+            one = await _ingress(nursery, a)
+            two = await _ingress(nursery, TargetPool([a, b]))
+            for replicas, endpoint in ((1, one), (2, two)):
+                for clients in concurrency:
+                    point = await _measure_point(endpoint, verifier, x, clients, seconds)
+                    for key, value in point.items():
+                        figures[f"r{replicas}_c{clients}_{key}"] = value
+            pid = served.servers[0].info.app_pid
+            figures["conn_rss_kib"] = (
+                None if pid is None else await _connection_memory(one, verifier, x, pid)
+            )
+            group = served.server.info.enclave_name
+            source = RuntimeTargets(served.stack.runtime.state, name=group, port=5005)
+            pool = TargetPool(await source.healthy(), source=source)
+            endpoint = await _ingress(nursery, pool)
+            figures.update(await _failover(served, endpoint, verifier, x, window_s))
+            nursery.cancel_scope.cancel()
+        figures.update(await _handshakes(handshakes))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return figures
+
+
+def run(*, quick: bool) -> dict[str, float | int | str | None]:
+    """Run the suite (see the module docstring); returns the flat figures."""
+    from transport.logs import configure_logging
+
+    if "ENCLAVE_LOG_LEVEL" not in os.environ:
+        configure_logging("error")  # service logs (a terminated replica's clients) would drown it
+    return trio.run(
+        lambda: measure(
+            seconds=1.0 if quick else 5.0,
+            window_s=10.0 if quick else 60.0,
+            handshakes=_HANDSHAKES_QUICK if quick else _HANDSHAKES_FULL,
+        )
+    )
