@@ -9,7 +9,9 @@ own attested connection, calling ``infer`` (batch 1) in a loop:
   and latency at 1, 8 and 64 concurrent clients, through an ingress to 1 and to 2 replicas
   (least connections). On this 2-core machine the replicas, the ingress and the clients share
   two CPUs: a second replica adds little past one busy core (see the README for the curve with
-  more cores);
+  more cores); ``r1_c{n}_server_cpu_us`` / ``r1_c{n}_host_cpu_us``: CPU time per call of the
+  server enclave's process and of this process (clients and ingress), which says where the
+  time goes and what more cores would buy;
 * ``conn_rss_kib``: the server enclave's resident memory per open connection, at 64 clients
   (VmRSS of the enclave's process with 64 connections open and each used once, minus idle,
   over 64);
@@ -100,8 +102,15 @@ async def _client_loop(
         load.retried += client.failovers
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _measure_point(
-    endpoint: str, verifier: Any, x: Any, clients: int, seconds: float
+    endpoint: str, verifier: Any, x: Any, clients: int, seconds: float, server_pid: int | None
 ) -> dict[str, float]:
     load = _Load()
     stop = trio.Event()
@@ -113,17 +122,25 @@ async def _measure_point(
             await ready.acquire()
         load.latencies.clear()
         t0 = time.perf_counter()
+        host0 = time.process_time()
+        server0 = _cpu_s(server_pid) if server_pid is not None else 0.0
         await trio.sleep(seconds)
         stop.set()
+        host_cpu = time.process_time() - host0
+        server_cpu = _cpu_s(server_pid) - server0 if server_pid is not None else 0.0
     elapsed = time.perf_counter() - t0
     samples = np.asarray([lat for end, lat in load.latencies if end <= t0 + elapsed])
     if load.failed:
         raise RuntimeError(f"{load.failed} calls failed under load: {load.errors}")
-    return {
+    figures = {
         "per_s": len(samples) / elapsed,
         "p50_ms": float(np.percentile(samples, 50)) * 1e3,
         "p99_ms": float(np.percentile(samples, 99)) * 1e3,
     }
+    if server_pid is not None and len(samples):
+        figures["server_cpu_us"] = server_cpu / len(samples) * 1e6
+        figures["host_cpu_us"] = host_cpu / len(samples) * 1e6
+    return figures
 
 
 def _rss_kib(pid: int) -> int:
@@ -294,12 +311,14 @@ async def measure(
             a, b = (VsockAddr(s.cid, 5005) for s in served.servers[:2])
             one = await _ingress(nursery, a)
             two = await _ingress(nursery, TargetPool([a, b]))
+            pid = served.servers[0].info.app_pid
             for replicas, endpoint in ((1, one), (2, two)):
                 for clients in concurrency:
-                    point = await _measure_point(endpoint, verifier, x, clients, seconds)
+                    point = await _measure_point(
+                        endpoint, verifier, x, clients, seconds, pid if replicas == 1 else None
+                    )
                     for key, value in point.items():
                         figures[f"r{replicas}_c{clients}_{key}"] = value
-            pid = served.servers[0].info.app_pid
             figures["conn_rss_kib"] = (
                 None if pid is None else await _connection_memory(one, verifier, x, pid)
             )
