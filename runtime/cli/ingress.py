@@ -35,12 +35,20 @@ from transport.ingress import (
     TargetPool,
     serve_ingress,
 )
+from transport.paths import ensure_private_dir
 from transport.vsock import VsockAddr, is_enclave_cid
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
-__all__ = ["register", "run", "run_until_signal", "one_line_errors", "parse_count"]
+__all__ = [
+    "register",
+    "run",
+    "run_until_signal",
+    "one_line_errors",
+    "parse_count",
+    "usable_fabric_dir",
+]
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -53,6 +61,17 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     setattr(parser, "error", error)  # noqa: B010 (an instance override of argparse's method)
     return parser
+
+
+def usable_fabric_dir(path: Path) -> Path:
+    """``--fabric-dir``: created private if missing; a ConfigurationError naming it if it
+    cannot be used (so a bad one is one error line at start, not a failure per connection)."""
+    try:
+        return ensure_private_dir(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--fabric-dir {path}: not a usable directory ({exc.strerror or exc})"
+        ) from None
 
 
 def parse_count(value: str, flag: str) -> int:
@@ -167,8 +186,8 @@ def run(args: argparse.Namespace) -> int:
     host, port = parse_host_port(
         args.listen, default_host=DEFAULT_LISTEN_HOST, allow_port_zero=True, what="--listen"
     )
-    if args.fabric_dir is not None and not args.fabric_dir.is_dir():
-        raise ConfigurationError(f"--fabric-dir {args.fabric_dir}: not a usable directory")
+    if args.fabric_dir is not None:
+        usable_fabric_dir(args.fabric_dir)
     target = _targets(args)
     max_connections = parse_count(args.max_connections, "--max-connections")
     max_per_source = parse_count(args.max_per_source, "--max-per-source")

@@ -20,7 +20,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from runtime.cli.ingress import one_line_errors, parse_count, run_until_signal
+from runtime.cli.ingress import (
+    one_line_errors,
+    parse_count,
+    run_until_signal,
+    usable_fabric_dir,
+)
 from transport.errors import ConfigurationError
 from transport.peers import (
     DEFAULT_MAX_CONNECTIONS,
@@ -100,8 +105,8 @@ def run(args: argparse.Namespace) -> int:
     port = _port(args.port)
     max_connections = parse_count(args.max_connections, "--max-connections")
     max_per_source = parse_count(args.max_per_source, "--max-per-source")
-    if args.fabric_dir is not None and not args.fabric_dir.is_dir():
-        raise ConfigurationError(f"--fabric-dir {args.fabric_dir}: not a usable directory")
+    if args.fabric_dir is not None:
+        usable_fabric_dir(args.fabric_dir)
     state = open_state_dir()
 
     async def main() -> None:
