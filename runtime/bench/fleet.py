@@ -25,18 +25,29 @@ own attested connection, calling ``infer`` (batch 1) in a loop:
 * ``mutual_handshake_ms`` / ``one_sided_handshake_ms``: p50 of a complete ``enclave-channel/1``
   handshake over a Unix socket pair in this process, mutual vs one-sided, with Nitro-format
   documents from two in-process NSMs (``attest.nsm.InProcessNsm``) and the real verifier on
-  each side that checks one; ``mutual_handshake_ratio`` is their ratio.
+  each side that checks one; ``mutual_handshake_ratio`` is their ratio;
+* ``relay_plain_gbps`` / ``relay_channel_gbps``: bulk transfer from one emulated enclave to
+  another through the parent's relay (``transport.peers``: two processes, each on its own
+  broker like a real enclave, the relay in this process), plaintext (``open_relayed_stream``)
+  and over the mutually attested channel (``open_peer_channel``), and
+  ``relay_exchange_ratio`` = channel time / plaintext time for the same bytes: the cost of
+  protecting an exchange between enclaves (issue 16's budget for gradients: <= 1.3).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,7 +58,7 @@ if TYPE_CHECKING:
     from runtime.stack import InferenceStack
     from transport.vsock import VsockAddr
 
-__all__ = ["run", "measure", "FAILOVER_FAILED_CALLS_BUDGET", "CONCURRENCY"]
+__all__ = ["run", "measure", "measure_relay", "FAILOVER_FAILED_CALLS_BUDGET", "CONCURRENCY"]
 
 #: Unary calls that may fail after their retry when a replica is terminated.
 FAILOVER_FAILED_CALLS_BUDGET: Final = 0
@@ -334,16 +345,218 @@ async def measure(
     return figures
 
 
+#: The emulated enclaves of the relay figures, and their ports (plain, channel).
+_SENDER_CID, _RECEIVER_CID = 31, 32
+_PLAIN_PORT, _CHANNEL_PORT = 6000, 6001
+_RELAY_PORT = 7200
+#: Bytes per transfer and transfers per kind (quick / full).
+_RELAY_BYTES_QUICK, _RELAY_BYTES_FULL = 32 << 20, 256 << 20
+_RELAY_REPS_QUICK, _RELAY_REPS_FULL = 3, 5
+#: The sender's writes (bytes): 1 MiB, as a bulk exchange would write.
+_WRITE = 1 << 20
+
+
+async def measure_relay(quick: bool) -> dict[str, float]:
+    """The relay figures (module docstring): two child processes as enclaves."""
+    from attest.ca import LocalCA
+    from transport.peers import EnclaveEntry, RelayPolicy, StaticDirectory, serve_peer_relay
+    from transport.vsock import (
+        FabricPolicy,
+        enclave_fabric_env,
+        fabric_socketpair,
+        serve_enclave_fabric,
+    )
+
+    size = _RELAY_BYTES_QUICK if quick else _RELAY_BYTES_FULL
+    reps = _RELAY_REPS_QUICK if quick else _RELAY_REPS_FULL
+    with tempfile.TemporaryDirectory(prefix="er-bench-relay-") as tmp_name:
+        tmp = Path(tmp_name)
+        fabric_dir = tmp / "vsock"
+        fabric_dir.mkdir(mode=0o700)
+        LocalCA.load_or_create(tmp / "ca")  # both "enclaves" sign under it
+        policy = RelayPolicy(
+            [f"sender={_RECEIVER_CID}:{_PLAIN_PORT}", f"sender={_RECEIVER_CID}:{_CHANNEL_PORT}"]
+        )
+        directory = StaticDirectory(
+            [EnclaveEntry(_SENDER_CID, "sender"), EnclaveEntry(_RECEIVER_CID, "receiver")]
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_peer_relay, policy, directory, port=_RELAY_PORT, fabric_dir=fabric_dir
+                )
+            )
+            procs = []
+            for cid, role in ((_RECEIVER_CID, "receive"), (_SENDER_CID, "send")):
+                broker_end, enclave_end = fabric_socketpair()
+                await nursery.start(
+                    partial(
+                        serve_enclave_fabric,
+                        broker_end,
+                        policy=FabricPolicy(cid=cid, parent_ports=frozenset({_RELAY_PORT})),
+                        fabric_dir=fabric_dir,
+                    )
+                )
+                env = {**os.environ, **enclave_fabric_env(enclave_end, cid)}
+                argv = [
+                    *(sys.executable, "-m", "runtime.bench.fleet", "--relay-peer", role),
+                    *("--ca", str(tmp / "ca"), "--size", str(size), "--reps", str(reps)),
+                ]
+                proc = await trio.lowlevel.open_process(
+                    argv, env=env, pass_fds=(enclave_end.fileno(),), stdout=subprocess.PIPE
+                )
+                enclave_end.close()
+                procs.append(proc)
+                if role == "receive":  # listening before the sender starts
+                    assert proc.stdout is not None
+                    seen = b""
+                    with trio.fail_after(60):
+                        while b"ready\n" not in seen:
+                            chunk = await proc.stdout.receive_some(4096)
+                            if not chunk:
+                                raise RuntimeError("the relay benchmark's receiver ended")
+                            seen += chunk
+            receiver, sender = procs
+            assert sender.stdout is not None
+            output = b""
+            with trio.fail_after(600):
+                while chunk := await sender.stdout.receive_some(65536):
+                    output += chunk
+                await sender.wait()
+                receiver.kill()
+                await receiver.wait()
+            nursery.cancel_scope.cancel()
+    if sender.returncode != 0:
+        raise RuntimeError(f"the relay benchmark's sender failed ({sender.returncode})")
+    times: dict[str, list[float]] = json.loads(output)
+    plain, channel = min(times["plain"]), min(times["channel"])
+    return {
+        "relay_plain_gbps": size / plain / 1e9,
+        "relay_channel_gbps": size / channel / 1e9,
+        "relay_exchange_ratio": channel / plain,
+        "relay_bytes": float(size),
+    }
+
+
+async def _relay_peer(role: str, ca_dir: Path, size: int, reps: int) -> None:
+    """One emulated enclave of :func:`measure_relay` (runs in a child process)."""
+    from attest.ca import LocalCA
+    from attest.channel import channel_verifier, nsm_attester
+    from attest.nsm.local import InProcessNsm
+    from attest.policy import MeasurementSet, Policy
+    from attest.verify import Verifier
+    from transport.channel import SecureChannel
+    from transport.peers import open_peer_channel, open_relayed_stream, serve_peer_channels
+    from transport.vsock import open_vsock_listener
+
+    ca = LocalCA.load_or_create(ca_dir)
+    image = {i: bytes([0x40 + i]) * 48 for i in (0, 1, 2)}
+    nsm = InProcessNsm.create(
+        ca, pcrs=image, module_id=f"i-0123456789abcdef0-enc00000000000000{len(role):02d}"
+    )
+    attester = nsm_attester(nsm)
+    verifier = channel_verifier(
+        Verifier([ca.root_certificate]), Policy([MeasurementSet({0: image[0]})])
+    )
+
+    async def drain(stream: trio.abc.Stream) -> None:
+        """Read into one buffer (no allocation per read, either way) and acknowledge every
+        ``size`` bytes."""
+        buf = bytearray(_WRITE)
+        view = memoryview(buf)
+        got = 0
+        while True:
+            if isinstance(stream, SecureChannel):
+                n = await stream.receive_into(buf)
+            else:
+                assert isinstance(stream, trio.SocketStream)
+                n = await stream.socket.recv_into(view)
+            if not n:
+                break
+            got += n
+            if got >= size:
+                await stream.send_all(b"k")  # the whole transfer arrived
+                got -= size
+
+    if role == "receive":
+
+        async def plain(stream: trio.abc.Stream) -> None:
+            async with stream:
+                await drain(stream)
+
+        async with trio.open_nursery() as nursery:
+            listener = await open_vsock_listener(_PLAIN_PORT)
+            nursery.start_soon(trio.serve_listeners, plain, [listener])
+            await nursery.start(
+                partial(
+                    serve_peer_channels,
+                    _CHANNEL_PORT,
+                    drain,
+                    attester=attester,
+                    peer_verifier=verifier,
+                )
+            )
+            print("ready", flush=True)
+        return
+    payload = memoryview(bytes(_WRITE))
+    times: dict[str, list[float]] = {"plain": [], "channel": []}
+
+    async def transfer(stream: trio.abc.Stream) -> float:
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < size:
+            await stream.send_all(payload[: min(_WRITE, size - sent)])
+            sent += min(_WRITE, size - sent)
+        if await stream.receive_some(1) != b"k":
+            raise RuntimeError("no acknowledgement")
+        return time.perf_counter() - t0
+
+    for _ in range(reps + 1):  # the first round warms up and is not counted
+        stream, _cid = await open_relayed_stream(_RECEIVER_CID, _PLAIN_PORT, relay_port=_RELAY_PORT)
+        async with stream:
+            times["plain"].append(await transfer(stream))
+        channel = await open_peer_channel(
+            _RECEIVER_CID,
+            _CHANNEL_PORT,
+            verifier=verifier,
+            attester=attester,
+            relay_port=_RELAY_PORT,
+        )
+        async with channel:
+            times["channel"].append(await transfer(channel))
+    print(json.dumps({k: v[1:] for k, v in times.items()}), flush=True)
+
+
+def _relay_peer_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench.fleet", allow_abbrev=False)
+    parser.add_argument("--relay-peer", choices=("send", "receive"), required=True)
+    parser.add_argument("--ca", type=Path, required=True)
+    parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--reps", type=int, required=True)
+    args = parser.parse_args(argv)
+    from transport.logs import configure_logging
+
+    configure_logging("error")
+    trio.run(_relay_peer, args.relay_peer, args.ca, args.size, args.reps)
+    return 0
+
+
 def run(*, quick: bool) -> dict[str, float | int | str | None]:
     """Run the suite (see the module docstring); returns the flat figures."""
     from transport.logs import configure_logging
 
     if "ENCLAVE_LOG_LEVEL" not in os.environ:
         configure_logging("error")  # service logs (a terminated replica's clients) would drown it
-    return trio.run(
+    figures = trio.run(
         lambda: measure(
             seconds=1.0 if quick else 5.0,
             window_s=10.0 if quick else 60.0,
             handshakes=_HANDSHAKES_QUICK if quick else _HANDSHAKES_FULL,
         )
     )
+    figures.update(trio.run(measure_relay, quick))
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(_relay_peer_main())

@@ -29,3 +29,15 @@ async def test_a_short_fleet_run_measures_every_figure() -> None:
     assert figures["mutual_handshake_ratio"] == pytest.approx(
         figures["mutual_handshake_ms"] / figures["one_sided_handshake_ms"]  # type: ignore[operator]
     )
+
+
+async def test_the_relay_figures() -> None:
+    """Plaintext and the mutually attested channel between two emulated enclaves (child
+    processes on their own brokers) through the parent's relay."""
+    with trio.fail_after(240):
+        figures = await fleet.measure_relay(True)
+    assert figures["relay_plain_gbps"] > 0
+    assert figures["relay_channel_gbps"] > 0
+    assert figures["relay_exchange_ratio"] == pytest.approx(
+        figures["relay_plain_gbps"] / figures["relay_channel_gbps"]
+    )

@@ -19,6 +19,7 @@ from transport.peers._enclave import DEFAULT_MAX_HANDSHAKES as DEFAULT_MAX_HANDS
 from transport.peers._enclave import PEER_SUITES as PEER_SUITES
 from transport.peers._enclave import PeerHandler as PeerHandler
 from transport.peers._enclave import open_peer_channel as open_peer_channel
+from transport.peers._enclave import open_relayed_stream as open_relayed_stream
 from transport.peers._enclave import serve_peer_channels as serve_peer_channels
 from transport.peers._errors import PeerAccessDenied as PeerAccessDenied
 from transport.peers._errors import PeerNotFound as PeerNotFound
@@ -50,6 +51,7 @@ from transport.peers._wire import encode_reply as encode_reply
 __all__ = [
     # enclave side
     "open_peer_channel",
+    "open_relayed_stream",
     "serve_peer_channels",
     "PeerHandler",
     "PEER_SUITES",

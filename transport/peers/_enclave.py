@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_MAX_HANDSHAKES",
     "PeerHandler",
     "open_peer_channel",
+    "open_relayed_stream",
     "serve_peer_channels",
 ]
 
@@ -125,6 +126,45 @@ async def open_peer_channel(
         PeerTimeout: the relay or the handshake did not answer in time.
         ConfigurationError: a bad target or port.
     """
+    stream, cid = await open_relayed_stream(
+        target,
+        port,
+        any_replica=any_replica,
+        relay_port=relay_port,
+        connect_timeout_s=connect_timeout_s,
+        connect=connect,
+    )
+    try:
+        channel = await connect_channel(
+            stream,
+            verifier=verifier,
+            attester=attester,
+            suites=suites,
+            handshake_timeout=handshake_timeout_s,
+        )
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    log.info("peer_channel_open", target=target, port=port, peer_cid=cid)
+    return channel
+
+
+async def open_relayed_stream(
+    target: int | str,
+    port: int,
+    *,
+    any_replica: bool = False,
+    relay_port: int = DEFAULT_RELAY_PORT,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    connect: Callable[[VsockAddr], Awaitable[trio.abc.Stream]] = open_vsock_stream,
+) -> tuple[trio.abc.Stream, int]:
+    """The relay's part of :func:`open_peer_channel` alone: a byte stream to the peer's port
+    through the parent's relay, and the peer's CID, **without** the attested channel.
+
+    Only for what must not be protected, such as a benchmark's plaintext baseline through the
+    same relay; anything else opens a channel over it (``open_peer_channel`` does). Arguments
+    and refusals as for :func:`open_peer_channel`.
+    """
     if isinstance(target, int):
         request = RelayRequest(TargetKind.CID, target, port)
     else:
@@ -142,18 +182,10 @@ async def open_peer_channel(
         ) from None
     try:
         cid = await _ask_relay(stream, request, connect_timeout_s)
-        channel = await connect_channel(
-            stream,
-            verifier=verifier,
-            attester=attester,
-            suites=suites,
-            handshake_timeout=handshake_timeout_s,
-        )
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    log.info("peer_channel_open", request=request.describe(), peer_cid=cid)
-    return channel
+    return stream, cid
 
 
 async def _ask_relay(stream: trio.abc.Stream, request: RelayRequest, timeout_s: float) -> int:
