@@ -547,7 +547,9 @@ async def open_inference_client(
     from transport.rpc import open_rpc_client
 
     if failover and not isinstance(target, trio.abc.Stream):
-        async with _Connections(target, verifier, suites, connect_timeout_s) as connections:
+        async with _failover_connections(
+            target, verifier, suites, connect_timeout_s
+        ) as connections:
             rpc, attested = await connections.attach(channel)
             yield InferenceClient(
                 rpc, attested, timeout_s=timeout_s, reconnect=connections.reconnect
@@ -577,42 +579,46 @@ async def _open_channel(
     raise InferenceTimeoutError(f"no attested channel to the enclave within {timeout_s:g} s")
 
 
+@asynccontextmanager
+async def _failover_connections(
+    target: str | VsockAddr,
+    verifier: DocumentVerifier,
+    suites: Sequence[Suite] | None,
+    connect_timeout_s: float,
+) -> AsyncIterator[_Connections]:
+    """A :class:`_Connections` whose nursery lives as long as the ``async with`` block."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield _Connections(nursery, target, verifier, suites, connect_timeout_s)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:  # a lone error (the block's own, say) as itself
+        if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+            lone = eg.exceptions[0]
+            raise lone from lone.__cause__
+        raise
+
+
 class _Connections:
-    """The connections of one failover client, each held open by a task of a nursery this
-    object owns (an RPC client must be closed by the task that opened it)."""
+    """The connections of one failover client, each held open by a task of ``nursery`` (an
+    RPC client must be closed by the task that opened it)."""
 
     def __init__(
         self,
+        nursery: trio.Nursery,
         target: str | VsockAddr,
         verifier: DocumentVerifier,
         suites: Sequence[Suite] | None,
         connect_timeout_s: float,
     ) -> None:
+        self._nursery = nursery
         self.target = target
         self.verifier = verifier
         self.suites = suites
         self.connect_timeout_s = connect_timeout_s
-        self._nursery: trio.Nursery | None = None
         self._current: trio.CancelScope | None = None
-
-    async def __aenter__(self) -> _Connections:
-        self._nursery_cm = trio.open_nursery()
-        self._nursery = await self._nursery_cm.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: Any) -> bool | None:
-        assert self._nursery is not None
-        self._nursery.cancel_scope.cancel()
-        try:
-            return await self._nursery_cm.__aexit__(*exc)
-        except BaseExceptionGroup as eg:  # re-raise a lone error as itself
-            if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
-                raise eg.exceptions[0] from None
-            raise
 
     async def attach(self, channel: SecureChannel) -> tuple[RpcClient, _Attested]:
         """Hold ``channel`` (and an RPC client on it) open; closes the previous one."""
-        assert self._nursery is not None
         rpc, scope = await self._nursery.start(_hold_connection, channel)
         if self._current is not None:
             self._current.cancel()

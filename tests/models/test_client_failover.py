@@ -216,3 +216,16 @@ async def test_no_failover_for_an_open_stream_target_or_when_disabled() -> None:
                 assert client.failovers == 0
             nursery.cancel_scope.cancel()
     assert fleet.connections == ["a"]
+
+
+async def test_an_error_in_the_block_comes_out_as_itself() -> None:
+    fleet = Fleet(current=Replica("a", IMAGE))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            endpoint = await _start(nursery, fleet)
+            cause = ValueError("why")
+            with pytest.raises(LookupError) as info:
+                async with open_inference_client(endpoint, verifier=_verifier(fleet)):
+                    raise LookupError("mine") from cause
+            assert info.value.__cause__ is cause
+            nursery.cancel_scope.cancel()

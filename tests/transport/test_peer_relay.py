@@ -347,3 +347,48 @@ async def test_a_peer_that_fails_the_callers_policy_is_refused(fabric_dir: Path)
                     relay_port=RELAY_PORT,
                 )
             assert f.served == []  # the callee never served it
+
+
+async def test_a_peer_server_bounds_its_open_channels() -> None:
+    """Over ``max_channels`` a caller waits in the backlog (nothing read, nothing attested)
+    until a channel closes."""
+    from transport.channel import connect_channel
+
+    authority = TestAuthority()
+    release = trio.Event()
+
+    async def handle(channel: SecureChannel) -> None:
+        await channel.send_all(b"hi")
+        await release.wait()
+
+    async def call() -> SecureChannel:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        channel = await connect_channel(
+            stream, verifier=authority.verifier(), attester=authority.attester()
+        )
+        assert await channel.receive_some() == b"hi"
+        return channel
+
+    with trio.fail_after(TIMEOUT_S):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    serve_peer_channels,
+                    listeners[0],
+                    handle,
+                    attester=authority.attester(),
+                    peer_verifier=authority.verifier(),
+                    max_channels=1,
+                )
+            )
+            first = await call()
+            with trio.move_on_after(0.5) as waited:
+                await call()
+            assert waited.cancelled_caught  # the second caller waits
+            release.set()
+            await first.aclose()
+            second = await call()  # and is served once the first channel closed
+            await second.aclose()
+            nursery.cancel_scope.cancel()

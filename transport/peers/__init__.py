@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from transport._exports import fixup_module_metadata
 from transport.peers._enclave import CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
+from transport.peers._enclave import DEFAULT_MAX_CHANNELS as DEFAULT_MAX_CHANNELS
 from transport.peers._enclave import DEFAULT_MAX_HANDSHAKES as DEFAULT_MAX_HANDSHAKES
 from transport.peers._enclave import PEER_SUITES as PEER_SUITES
 from transport.peers._enclave import PeerHandler as PeerHandler
@@ -57,6 +58,7 @@ __all__ = [
     "PEER_SUITES",
     "CONNECT_TIMEOUT_S",
     "DEFAULT_MAX_HANDSHAKES",
+    "DEFAULT_MAX_CHANNELS",
     # parent side
     "serve_peer_relay",
     "EnclaveDirectory",

@@ -62,6 +62,7 @@ __all__ = [
     "PEER_SUITES",
     "CONNECT_TIMEOUT_S",
     "DEFAULT_MAX_HANDSHAKES",
+    "DEFAULT_MAX_CHANNELS",
     "PeerHandler",
     "open_peer_channel",
     "open_relayed_stream",
@@ -77,6 +78,9 @@ CONNECT_TIMEOUT_S: Final = 10.0
 #: Handshakes a peer server runs at once: each costs a key pair, an NSM document and a
 #: verification (~ms here, 0.1-0.3 s on Nitro); more callers wait in the accept backlog.
 DEFAULT_MAX_HANDSHAKES: Final = 16
+#: Channels a peer server holds open at once (a ring of training workers needs two per worker;
+#: a model enclave one per calling replica); more callers wait in the accept backlog.
+DEFAULT_MAX_CHANNELS: Final = 256
 
 PeerHandler = Callable[[SecureChannel], Awaitable[None]]
 """Serves one verified peer: ``channel.peer`` is the caller's verified attestation."""
@@ -224,6 +228,7 @@ async def serve_peer_channels(
     peer_verifier: DocumentVerifier,
     suites: Sequence[Suite] = PEER_SUITES,
     max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
@@ -242,24 +247,33 @@ async def serve_peer_channels(
         peer_verifier: which callers are accepted.
         suites: suites accepted, preferred first.
         max_handshakes: handshakes at once (callers beyond wait in the accept backlog).
+        max_channels: connections held at once, handshaking or open (the same).
         handshake_timeout_s: bound on each handshake.
         task_status: ``started(port)`` once listening.
 
     Never returns; cancel it to stop (open channels are closed).
 
     Raises:
-        ConfigurationError: ``max_handshakes`` < 1.
+        ConfigurationError: ``max_handshakes`` or ``max_channels`` < 1.
         VsockError: the port cannot be listened on.
     """
-    if max_handshakes < 1:
-        raise ConfigurationError("max_handshakes must be at least 1")
+    if max_handshakes < 1 or max_channels < 1:
+        raise ConfigurationError("max_handshakes and max_channels must be at least 1")
     listener = await open_vsock_listener(port) if isinstance(port, int) else port
     where = port if isinstance(port, int) else repr(port)
+    # Both are taken before accept(): callers over either bound wait in the backlog, unread.
     handshakes = trio.Semaphore(max_handshakes)
+    channels = trio.Semaphore(max_channels)
 
     async def serve_one(stream: trio.abc.Stream) -> None:
         try:
-            async with handshakes:
+            await _serve_one(stream)
+        finally:
+            channels.release()
+
+    async def _serve_one(stream: trio.abc.Stream) -> None:
+        try:
+            try:
                 channel = await accept_channel(
                     stream,
                     attester=attester,
@@ -267,6 +281,8 @@ async def serve_peer_channels(
                     suites=suites,
                     handshake_timeout=handshake_timeout_s,
                 )
+            finally:
+                handshakes.release()
         except (TransportError, trio.BrokenResourceError) as exc:
             # Logged by the channel with its reason (refused caller, timeout, hang-up).
             log.info("peer_channel_refused", port=where, error=type(exc).__name__)
@@ -288,5 +304,12 @@ async def serve_peer_channels(
         log.info("peer_channels_listening", port=where)
         task_status.started(port if isinstance(port, int) else 0)
         while True:
-            stream = await listener.accept()
+            await channels.acquire()
+            await handshakes.acquire()
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                handshakes.release()
+                channels.release()
+                raise
             nursery.start_soon(serve_one, stream)
