@@ -3,11 +3,18 @@ sees it (``runtime.targets``), and the relay service's start (``Runtime.start_re
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import trio
 
 from runtime.api import Runtime
-from runtime.errors import InvalidArgumentError
+from runtime.errors import InvalidArgumentError, NitroCliError
+from runtime.host import LINGER_ENV
 from runtime.relay import StateDirectory
 from runtime.replicas import group_members
 from runtime.targets import RuntimeTargets
@@ -53,3 +60,36 @@ async def test_replica_counts_and_relay_rules_are_checked(enclave_runtime: Runti
     assert info.value.code == "E03"
     with pytest.raises(ConfigurationError, match="FROM=TO:PORT"):
         await enclave_runtime.start_relay(["front"])
+
+
+async def test_when_one_replica_cannot_start_none_is_left(
+    enclave_state_dir: Path, enclave_runtime: Runtime, enclave_app: object
+) -> None:
+    (enclave_state_dir / "allocator.yaml").write_text("memory_mib: 1024\nmax_enclaves: 1\n")
+    eif = enclave_app(SLEEPER)  # type: ignore[operator]
+    with trio.fail_after(OP_TIMEOUT_S):
+        with pytest.raises(NitroCliError) as info:
+            await enclave_runtime.run_replicas(eif, 2, memory_mib=256)
+        assert info.value.code == "E27"  # the pool holds one enclave
+        assert enclave_runtime.describe() == []
+
+
+def test_run_enclave_replicas_cli_leaves_nothing_when_one_fails(
+    enclave_state_dir: Path, enclave_app: object
+) -> None:
+    (enclave_state_dir / "allocator.yaml").write_text("memory_mib: 1024\nmax_enclaves: 1\n")
+    eif = enclave_app(SLEEPER)  # type: ignore[operator]
+    env = {**os.environ, LINGER_ENV: "1"}
+    run = [sys.executable, "-m", "runtime.cli"]
+    proc = subprocess.run(
+        [*run, "run-enclave", "--eif-path", str(eif), "--cpu-count", "1", "--memory", "256",
+         "--replicas", "2"],
+        env=env, capture_output=True, text=True, timeout=OP_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "[ E27 ]" in proc.stderr
+    assert "Terminated the 1 replica(s) already started." in proc.stderr
+    described = subprocess.run(
+        [*run, "describe-enclaves"], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(described.stdout) == []
