@@ -627,11 +627,26 @@ class _Connections:
 
     async def reconnect(self, pinned: PeerAttestation) -> tuple[RpcClient, _Attested]:
         """A fresh connection whose enclave passes the verifier and shows ``pinned``'s PCR0
-        and PCR16 (raises what ``open_inference_client`` raises otherwise)."""
-        channel = await _open_channel(
-            self.target, _pinned(self.verifier, pinned), self.suites, self.connect_timeout_s
-        )
-        return await self.attach(channel)
+        and PCR16 (raises what ``open_inference_client`` raises otherwise).
+
+        An attempt that reached no enclave (``PeerUnreachable``: nothing was sent, nothing
+        attested; e.g. an ingress that still routed to the replica that just died) is tried
+        again, with a short backoff, within ``connect_timeout_s``.
+        """
+        verifier = _pinned(self.verifier, pinned)
+        deadline = trio.current_time() + self.connect_timeout_s
+        delay = _RECONNECT_FIRST_DELAY_S
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                channel = await _open_channel(self.target, verifier, self.suites, max(left, 0.0))
+            except PeerUnreachable:
+                if trio.current_time() + delay >= deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT_MAX_DELAY_S)
+                continue
+            return await self.attach(channel)
 
 
 async def _hold_connection(
@@ -646,6 +661,12 @@ async def _hold_connection(
             task_status.started((rpc, scope))
             await trio.sleep_forever()
 
+
+#: Backoff between failover connection attempts that reached no enclave (seconds): an
+#: ingress learns a replica died within its health interval (0.5 s) or at once on a refused
+#: connect, so a few short retries find a live one.
+_RECONNECT_FIRST_DELAY_S: Final = 0.02
+_RECONNECT_MAX_DELAY_S: Final = 0.5
 
 #: PCRs a failover's fresh attestation must repeat: the image and the models it serves.
 _PINNED_PCRS: Final = (0, 16)

@@ -44,8 +44,15 @@ class Fleet:
     authority: TestAuthority = field(default_factory=TestAuthority)
     current: Replica | None = None
     connections: list[str] = field(default_factory=list)
+    #: connections to close without a byte first (a relay whose replica just died)
+    voids: int = 0
 
     async def serve(self, stream: trio.SocketStream) -> None:
+        if self.voids:
+            self.voids -= 1
+            self.connections.append("void")
+            await stream.aclose()
+            return
         replica = self.current
         assert replica is not None
         self.connections.append(replica.name)
@@ -229,3 +236,21 @@ async def test_an_error_in_the_block_comes_out_as_itself() -> None:
                     raise LookupError("mine") from cause
             assert info.value.__cause__ is cause
             nursery.cancel_scope.cancel()
+
+
+async def test_a_failover_that_first_reaches_nothing_tries_again() -> None:
+    """Right after a replica died, an ingress may still route a connection to it, which then
+    closes without a byte: nothing was sent, nothing attested, so the failover connects again
+    (within its connect timeout) instead of failing the call."""
+    fleet = Fleet(current=Replica("a", IMAGE, die_after=1))
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            endpoint = await _start(nursery, fleet)
+            async with open_inference_client(endpoint, verifier=_verifier(fleet)) as client:
+                assert await _infer(client) == "a"
+                fleet.current = Replica("b", IMAGE)
+                fleet.voids = 2
+                assert await _infer(client) == "b"
+                assert client.failovers == 1
+            nursery.cancel_scope.cancel()
+    assert fleet.connections == ["a", "void", "void", "b"]
