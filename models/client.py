@@ -25,13 +25,26 @@ that goes away later raises a ``TransportError``. No call waits forever: each is
 ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`) and ends in
 :class:`~models.errors.InferenceTimeoutError`. No result is returned unless it arrived intact
 over the verified channel.
+
+Failover (clients that connect by address: ``HOST:PORT`` or a ``VsockAddr``). When the
+connection breaks under a call (the replica died, a relay dropped it), an **idempotent** call is
+retried once on a fresh connection, with a fresh attested handshake that must satisfy the same
+verifier *and* show the same PCR0 and PCR16 as the enclave first verified: behind an ingress
+the retry lands on another replica of the same image serving the same models, never on an
+enclave that fails the policy. Idempotent: ``infer`` (a pure function of its inputs, no server
+state) and ``list_models`` (read only). A stream is not retried (its inputs were partly
+consumed): it raises :class:`StreamInterrupted`, whose ``acknowledged`` says how many inputs
+were answered, so the caller can resume with the rest; the next call reconnects. A call that
+fails again after its retry raises that error.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -41,11 +54,12 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import numpy.typing as npt
+import structlog
 import trio
 
 from models.errors import (
@@ -56,7 +70,12 @@ from models.errors import (
     error_from_code,
 )
 from models.tensors import Array, TensorSpec, decode_tensors, encode_tensors
-from transport.errors import LocalProtocolError, PeerUnreachable, VsockConnectionRefused
+from transport.errors import (
+    LocalProtocolError,
+    PeerUnreachable,
+    TransportError,
+    VsockConnectionRefused,
+)
 from transport.hostport import format_host_port, parse_host_port
 from transport.rpc import RpcError
 
@@ -80,7 +99,11 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "Inputs",
+    "StreamInterrupted",
+    "Reconnect",
 ]
+
+log = structlog.get_logger()
 
 _T = TypeVar("_T")
 
@@ -140,6 +163,29 @@ def _map_error(exc: RpcError) -> ModelError:
     return error_from_code(exc.code, exc.message)
 
 
+class StreamInterrupted(InferenceError):
+    """The connection broke during a stream; streams are not retried.
+
+    Attributes:
+        acknowledged: inputs whose outputs were received (and yielded), in order: resume with
+            ``inputs[acknowledged:]``. The next call on the client reconnects.
+    """
+
+    def __init__(self, message: str, *, acknowledged: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+
+
+#: Errors out of an RPC call that may mean the connection broke (then ``rpc.closed`` says so).
+_CONNECTION_ERRORS: Final = (TransportError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Reconnect(Protocol):
+    """Opens a fresh attested connection whose enclave shows ``pinned``'s PCR0 and PCR16."""
+
+    async def __call__(self, pinned: PeerAttestation) -> tuple[RpcClient, _Attested]: ...
+
+
 class _Attested(Protocol):
     """What the client needs of its channel: the verified peer."""
 
@@ -172,12 +218,17 @@ class InferenceClient:
         channel: _Attested | None,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        reconnect: Reconnect | None = None,
     ) -> None:
         if not 0 < timeout_s <= 24 * 3600:
             raise ValueError(f"timeout_s must be in (0, 86400] seconds, got {timeout_s!r}")
         self._rpc = rpc
         self._channel = channel
         self.timeout_s = timeout_s
+        self._reconnect = reconnect
+        self._failover_lock = trio.Lock()
+        #: connections replaced after a break (failovers that succeeded)
+        self.failovers = 0
 
     @property
     def attestation(self) -> PeerAttestation:
@@ -187,14 +238,59 @@ class InferenceClient:
             raise RuntimeError("this client has no attested channel")
         return peer
 
-    async def _call(self, method: str, request: object, timeout_s: float | None) -> Any:
+    async def _call(
+        self,
+        method: str,
+        request: object,
+        timeout_s: float | None,
+        *,
+        idempotent: bool = False,
+    ) -> Any:
+        """One unary call under the client's deadline. ``idempotent``: if the connection
+        breaks under it, retry once on a fresh, re-attested connection (module docstring)."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit):
+            rpc = self._rpc
             try:
+                return await rpc.call(method, request)
+            except RpcError as exc:
+                raise _map_error(exc) from None
+            except _CONNECTION_ERRORS as exc:
+                if not (idempotent and rpc.closed and self._reconnect is not None):
+                    raise
+                await self._fail_over(rpc, exc)
+            try:  # once, on the fresh connection
                 return await self._rpc.call(method, request)
             except RpcError as exc:
                 raise _map_error(exc) from None
         raise _timeout(method, limit)
+
+    async def _fail_over(self, broken: RpcClient, cause: BaseException) -> None:
+        """Replace the broken connection (once, however many calls saw it break)."""
+        assert self._reconnect is not None
+        async with self._failover_lock:
+            if self._rpc is not broken:
+                return  # another call already reconnected
+            pinned = self.attestation
+            log.warning(
+                "inference_connection_lost",
+                module_id=pinned.module_id,
+                error=f"{type(cause).__name__}: {cause}",
+            )
+            self._rpc, self._channel = await self._reconnect(pinned)
+            self.failovers += 1
+            log.info(
+                "inference_failover",
+                from_module_id=pinned.module_id,
+                to_module_id=self.attestation.module_id,
+            )
+
+    async def _live_rpc(self) -> RpcClient:
+        """The connection to use for a new stream: a fresh one if the last one broke."""
+        rpc = self._rpc
+        if rpc.closed and self._reconnect is not None:
+            await self._fail_over(rpc, TransportError("the previous connection broke"))
+        return self._rpc
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The server's catalog (available and unavailable models).
@@ -202,7 +298,7 @@ class InferenceClient:
         Raises:
             InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
         """
-        answer = await self._call("catalog", {}, timeout_s)
+        answer = await self._call("catalog", {}, timeout_s, idempotent=True)
         models = answer.get("models") if isinstance(answer, Mapping) else None
         if not isinstance(models, list):
             raise InferenceError("malformed catalog")
@@ -220,7 +316,7 @@ class InferenceClient:
         """
         request = {"model": model, "inputs": encode_tensors(inputs)}
         try:
-            answer = await self._call("infer", request, timeout_s)
+            answer = await self._call("infer", request, timeout_s, idempotent=True)
         except LocalProtocolError as exc:  # refused before sending (message size cap)
             raise InvalidInputError(
                 f"request too large for one message ({exc}); exceeds the limit, "
@@ -250,6 +346,8 @@ class InferenceClient:
         Raises:
             InferenceTimeoutError: the server took more than ``timeout_s`` (default: the
                 client's) to answer the next input or to accept more.
+            StreamInterrupted: the connection broke; ``acknowledged`` inputs were answered
+                (streams are not retried; the next call reconnects).
         """
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not 1 <= in_flight <= 16:
@@ -257,7 +355,34 @@ class InferenceClient:
         source: Iterator[Inputs] | AsyncIterator[Inputs] = (
             aiter(inputs) if isinstance(inputs, AsyncIterable) else iter(inputs)
         )
-        async with self._rpc.open_stream("stream", {"model": model}) as st:
+        rpc = await self._live_rpc()
+        acknowledged = 0
+        try:
+            async with aclosing(
+                self._stream_on(rpc, model, source, in_flight, coalesce_bytes, limit)
+            ) as outputs_of:
+                async for outputs in outputs_of:
+                    acknowledged += 1
+                    yield outputs
+        except _CONNECTION_ERRORS as exc:
+            if not rpc.closed:
+                raise
+            raise StreamInterrupted(
+                f"the connection broke during the stream after {acknowledged} answered "
+                f"input(s) ({type(exc).__name__}: {exc}); resume with the remaining inputs",
+                acknowledged=acknowledged,
+            ) from exc
+
+    async def _stream_on(
+        self,
+        rpc: RpcClient,
+        model: str,
+        source: Iterator[Inputs] | AsyncIterator[Inputs],
+        in_flight: int,
+        coalesce_bytes: int,
+        limit: float,
+    ) -> AsyncGenerator[dict[str, Array], None]:
+        async with rpc.open_stream("stream", {"model": model}) as st:
             pending: deque[int] = deque()  # per outstanding message: 0 single, else batch size
             exhausted = False
             try:
@@ -394,6 +519,7 @@ async def open_inference_client(
     suites: Sequence[Suite] | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    failover: bool = True,
 ) -> AsyncIterator[InferenceClient]:
     """Connect (TCP ``"HOST:PORT"`` to the ingress, a ``VsockAddr``, or an open stream),
     verify the enclave's attestation with ``verifier`` and yield an :class:`InferenceClient`.
@@ -405,6 +531,9 @@ async def open_inference_client(
         suites: channel suites to offer (default: hybrid ML-KEM-768+X25519, then X25519).
         connect_timeout_s: bound on connecting plus the attested handshake.
         timeout_s: the client's default bound on each call (:attr:`InferenceClient.timeout_s`).
+        failover: retry an idempotent call once on a fresh, re-attested connection to
+            ``target`` when its connection breaks (module docstring); not for a ``target``
+            that is an open stream.
 
     Raises:
         AddressError: ``target`` is not a valid ``HOST:PORT``.
@@ -417,6 +546,15 @@ async def open_inference_client(
     channel = await _open_channel(target, verifier, suites, connect_timeout_s)
     from transport.rpc import open_rpc_client
 
+    if failover and not isinstance(target, trio.abc.Stream):
+        async with _failover_connections(
+            target, verifier, suites, connect_timeout_s
+        ) as connections:
+            rpc, attested = await connections.attach(channel)
+            yield InferenceClient(
+                rpc, attested, timeout_s=timeout_s, reconnect=connections.reconnect
+            )
+        return
     async with channel, open_rpc_client(channel) as rpc:
         yield InferenceClient(rpc, channel, timeout_s=timeout_s)
 
@@ -439,6 +577,119 @@ async def _open_channel(
                 await stream.aclose()
             raise
     raise InferenceTimeoutError(f"no attested channel to the enclave within {timeout_s:g} s")
+
+
+@asynccontextmanager
+async def _failover_connections(
+    target: str | VsockAddr,
+    verifier: DocumentVerifier,
+    suites: Sequence[Suite] | None,
+    connect_timeout_s: float,
+) -> AsyncIterator[_Connections]:
+    """A :class:`_Connections` whose nursery lives as long as the ``async with`` block."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield _Connections(nursery, target, verifier, suites, connect_timeout_s)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:  # a lone error (the block's own, say) as itself
+        if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+            lone = eg.exceptions[0]
+            raise lone from lone.__cause__
+        raise
+
+
+class _Connections:
+    """The connections of one failover client, each held open by a task of ``nursery`` (an
+    RPC client must be closed by the task that opened it)."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        target: str | VsockAddr,
+        verifier: DocumentVerifier,
+        suites: Sequence[Suite] | None,
+        connect_timeout_s: float,
+    ) -> None:
+        self._nursery = nursery
+        self.target = target
+        self.verifier = verifier
+        self.suites = suites
+        self.connect_timeout_s = connect_timeout_s
+        self._current: trio.CancelScope | None = None
+
+    async def attach(self, channel: SecureChannel) -> tuple[RpcClient, _Attested]:
+        """Hold ``channel`` (and an RPC client on it) open; closes the previous one."""
+        rpc, scope = await self._nursery.start(_hold_connection, channel)
+        if self._current is not None:
+            self._current.cancel()
+        self._current = scope
+        return rpc, channel
+
+    async def reconnect(self, pinned: PeerAttestation) -> tuple[RpcClient, _Attested]:
+        """A fresh connection whose enclave passes the verifier and shows ``pinned``'s PCR0
+        and PCR16 (raises what ``open_inference_client`` raises otherwise).
+
+        An attempt that reached no enclave (``PeerUnreachable``: nothing was sent, nothing
+        attested; e.g. an ingress that still routed to the replica that just died) is tried
+        again, with a short backoff, within ``connect_timeout_s``.
+        """
+        verifier = _pinned(self.verifier, pinned)
+        deadline = trio.current_time() + self.connect_timeout_s
+        delay = _RECONNECT_FIRST_DELAY_S
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                channel = await _open_channel(self.target, verifier, self.suites, max(left, 0.0))
+            except PeerUnreachable:
+                if trio.current_time() + delay >= deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT_MAX_DELAY_S)
+                continue
+            return await self.attach(channel)
+
+
+async def _hold_connection(
+    channel: SecureChannel,
+    *,
+    task_status: trio.TaskStatus[tuple[RpcClient, trio.CancelScope]],
+) -> None:
+    from transport.rpc import open_rpc_client
+
+    with trio.CancelScope() as scope:
+        async with channel, open_rpc_client(channel) as rpc:
+            task_status.started((rpc, scope))
+            await trio.sleep_forever()
+
+
+#: Backoff between failover connection attempts that reached no enclave (seconds): an
+#: ingress learns a replica died within its health interval (0.5 s) or at once on a refused
+#: connect, so a few short retries find a live one.
+_RECONNECT_FIRST_DELAY_S: Final = 0.02
+_RECONNECT_MAX_DELAY_S: Final = 0.5
+
+#: PCRs a failover's fresh attestation must repeat: the image and the models it serves.
+_PINNED_PCRS: Final = (0, 16)
+
+
+class _NotTheSameEnclave(Exception):
+    """A failover's enclave passed the policy but shows another PCR0 or PCR16."""
+
+
+def _pinned(verifier: DocumentVerifier, pinned: PeerAttestation) -> DocumentVerifier:
+    """``verifier``, plus: PCR0 and PCR16 equal to ``pinned``'s (both absent also counts)."""
+
+    def verify(document: bytes, *, nonce: bytes) -> PeerAttestation:
+        peer = verifier(document, nonce=nonce)
+        for index in _PINNED_PCRS:
+            want, got = pinned.pcrs.get(index), peer.pcrs.get(index)
+            if (want is None) != (got is None) or (
+                want is not None and got is not None and not hmac.compare_digest(want, got)
+            ):
+                raise _NotTheSameEnclave(f"PCR{index} differs from the enclave first verified")
+        return peer
+
+    return verify
 
 
 def make_verifier(roots: Sequence[x509.Certificate], policy: Policy) -> DocumentVerifier:

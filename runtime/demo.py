@@ -17,6 +17,10 @@
 10. everything stopped and removed (``--keep`` leaves the stack up, prints one ready-to-run
     ``enclave infer`` line per served model, and stops at Ctrl-C or SIGTERM).
 
+With ``--replicas N`` step 7 starts N replicas of the image (group ``server``: each its own CID
+and module id, the same PCR0/1/2 and, once they loaded the model, PCR16) and step 8's ingress
+spreads connections over them by least connections; the ``enclave infer`` lines are the same.
+
 The building blocks live in :mod:`runtime.stack`; this module adds the steps' narration.
 
 Processes and signals: :func:`main` does not run the stack itself. It creates the state
@@ -69,6 +73,8 @@ from runtime.stack import (
     open_stack,
     read_audit,
     seal_bundled_model,
+    size_pool_for,
+    start_replicas,
     start_server,
 )
 from runtime.stack import SERVER_APP_DIR as SERVER_APP_DIR
@@ -270,11 +276,13 @@ def _keep_instructions(
 
 
 async def run_demo(
-    state_dir: Path, *, keep: bool = False, out: Console | None = None
+    state_dir: Path, *, keep: bool = False, out: Console | None = None, replicas: int = 1
 ) -> DemoResults:
     """Run every step (see the module docstring) in ``state_dir``; returns the figures.
 
-    With ``keep`` the stack stays up after the steps until this is cancelled.
+    With ``keep`` the stack stays up after the steps until this is cancelled. With
+    ``replicas`` > 1 the server runs as that many replicas of the one image behind one
+    ingress (least connections, health from the runtime; clients fail over).
 
     Raises:
         DemoFailure: a step's outcome was wrong (the message says which).
@@ -285,6 +293,7 @@ async def run_demo(
     out = out or Console()
     sealed_path = state_dir / "models" / "digits.sealed"
     out.step(f"state directory {state_dir}")
+    size_pool_for(state_dir, replicas + 1)  # + the debug enclave of step 9
     async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
         out.ok(f"local attestation root CA: {stack.ca_root_pem}")
         out.ok(f"KMS daemon (SQLite, audit log) at {stack.kms_endpoint}")
@@ -326,9 +335,24 @@ async def run_demo(
         if missing:
             out.info(f"sandbox layers missing on this host: {', '.join(missing)}")
 
-        ingress_port = await stack.start_ingress(server.cid)
-        endpoint = f"127.0.0.1:{ingress_port}"
-        out.step(f"client -> ingress {endpoint} -> vsock ({server.cid}, {SERVER_PORT})")
+        if replicas > 1:
+            out.step(f"running {replicas - 1} more replica(s) of the same image")
+            more = await start_replicas(stack, eif_path, replicas - 1)
+            for replica in [server, *more]:
+                out.info(
+                    f"replica {replica.info.enclave_name}: enclave {replica.enclave_id} "
+                    f"CID {replica.cid}"
+                )
+            ingress_port = await stack.start_group_ingress(server.info.enclave_name)
+            endpoint = f"127.0.0.1:{ingress_port}"
+            out.step(
+                f"client -> ingress {endpoint} -> the least busy of {replicas} replicas "
+                f"(group {server.info.enclave_name!r}, vsock port {SERVER_PORT})"
+            )
+        else:
+            ingress_port = await stack.start_ingress(server.cid)
+            endpoint = f"127.0.0.1:{ingress_port}"
+            out.step(f"client -> ingress {endpoint} -> vsock ({server.cid}, {SERVER_PORT})")
         from models.client import make_verifier, policy_for
         from models.digits import load_test_split
 
@@ -437,6 +461,7 @@ def run_in_process(
     out: Console | None = None,
     debug: bool = False,
     on_ready: Callable[[], None] | None = None,
+    replicas: int = 1,
 ) -> int:
     """Run the demo in this process until it ends or SIGINT/SIGTERM arrives; return the exit
     status: 0, 1 when a step failed, 128 + the signal's number when a signal stopped it.
@@ -474,7 +499,7 @@ def run_in_process(
                 if received:  # arrived before the receiver was open
                     work.cancel()
                 with work:
-                    results = await run_demo(state_dir, keep=keep, out=out)
+                    results = await run_demo(state_dir, keep=keep, out=out, replicas=replicas)
                 nursery.cancel_scope.cancel()
         return None if received else results
 
@@ -512,8 +537,9 @@ def _remove_tree(path: Path) -> None:
         print(f"error: could not remove the demo's state directory {path}", file=sys.stderr)
 
 
-def main(*, keep: bool, debug: bool = False) -> int:
-    """``enclave demo [--keep]``; returns the exit status (non-zero if any step fails).
+def main(*, keep: bool, debug: bool = False, replicas: int = 1) -> int:
+    """``enclave demo [--keep] [--replicas N]``; returns the exit status (non-zero if any
+    step fails).
 
     The demo runs in a child process of its own process group (see the module docstring); this
     process forwards SIGINT and SIGTERM to it once it is ready to handle them, waits, and
@@ -539,6 +565,8 @@ def main(*, keep: bool, debug: bool = False) -> int:
             argv.append("--keep")
         if debug:
             argv.append("--debug")
+        if replicas != 1:
+            argv += ["--replicas", str(replicas)]
         proc = subprocess.Popen(argv, pass_fds=(ready_w,), process_group=0)
         os.close(ready_w)
         ready = os.read(ready_r, 1)  # b"" if the child ended before it was ready
@@ -573,6 +601,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
@@ -592,7 +621,12 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         if os.getppid() != parent:  # the parent died before the death signal was armed
             return 1
         return run_in_process(
-            args.state_dir, keep=args.keep, out=Console(), debug=args.debug, on_ready=ready
+            args.state_dir,
+            keep=args.keep,
+            out=Console(),
+            debug=args.debug,
+            on_ready=ready,
+            replicas=args.replicas,
         )
     finally:
         _remove_tree(args.state_dir)

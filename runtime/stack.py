@@ -14,8 +14,10 @@ same stack from these pieces, so a change to how the stack starts is made once::
     seal_bundled_model(stack, key, out)   the bundled digits model sealed under it (owner)
     start_server(stack, eif)          run the image; return once it reported its models
     stack.start_ingress(cid)          host TCP 127.0.0.1:<free port> -> vsock (cid, 5005)
+    start_replicas(stack, eif, n)     n server enclaves of one image (the group "server")
+    stack.start_group_ingress(name)   host TCP -> the least busy healthy replica of the group
     open_inference_stack(state_dir)   all of the above: a sealed model served from a real
-        -> InferenceStack             enclave, reachable through an ingress
+        -> InferenceStack             enclave (or ``replicas`` of them), through an ingress
 
 Every service, enclave and ingress started here belongs to the ``async with`` block that opened
 the stack: leaving it (normally, by an error or by cancellation) stops them all.
@@ -61,6 +63,8 @@ __all__ = [
     "ServerHandle",
     "EnclaveWatch",
     "start_server",
+    "start_replicas",
+    "size_pool_for",
     "InferenceStack",
     "open_inference_stack",
     "describe_exit",
@@ -171,6 +175,18 @@ class Stack:
         tcp_port: int = await self._nursery.start(
             serve_ingress, "127.0.0.1", 0, VsockAddr(cid, port)
         )
+        return tcp_port
+
+    async def start_group_ingress(self, name: str, port: int = SERVER_PORT) -> int:
+        """Forward ``127.0.0.1:<free port>`` to the replicas of group ``name`` (least
+        connections; replicas that end are removed and new ones added, from the runtime's
+        records: ``runtime.targets``); returns the TCP port."""
+        from runtime.targets import RuntimeTargets
+        from transport.ingress import TargetPool, serve_ingress
+
+        source = RuntimeTargets(self.runtime.state, name=name, port=port)
+        pool = TargetPool(await source.healthy(), source=source)
+        tcp_port: int = await self._nursery.start(serve_ingress, "127.0.0.1", 0, pool)
         return tcp_port
 
 
@@ -521,6 +537,49 @@ async def start_server(
     return handle
 
 
+async def start_replicas(
+    stack: Stack, eif: Path, count: int, *, timeout_s: float = READY_TIMEOUT_S
+) -> list[ServerHandle]:
+    """Run ``count`` replicas of the server image, one after the other (each reports to the
+    model store in turn); they form the group named after the EIF (``server``, ``server_1``...).
+
+    Raises:
+        ServerStartError: a replica did not serve its model (the others keep running; they
+            belong to the stack).
+    """
+    servers = []
+    for _ in range(count):
+        server = await start_server(stack, eif, timeout_s=timeout_s)
+        if not server.report.ok:
+            raise ServerStartError(
+                f"replica {server.info.enclave_name} could not load its model: "
+                f"{server.report.raw}; {await describe_exit(server)}"
+            )
+        servers.append(server)
+    return servers
+
+
+def size_pool_for(state_dir: Path, enclaves: int) -> None:
+    """Let ``state_dir``'s runtime run ``enclaves`` one-CPU enclaves at once on this host.
+
+    The default pool is the host's CPUs and at most 4 enclaves (Nitro's limit); a stack with
+    more replicas than CPUs writes an ``allocator.yaml`` with one (virtual) CPU id per enclave:
+    ids beyond the host's make the CPU affinity layer ``missing`` (it is reported, the enclaves
+    share the real CPUs). Nothing is written when the default pool suffices.
+    """
+    from runtime.state import DEFAULT_POOL_MIB, MAX_ENCLAVES
+
+    cpus = len(os.sched_getaffinity(0))
+    if enclaves <= min(cpus, MAX_ENCLAVES):
+        return
+    pool = f"0-{max(cpus, enclaves) - 1}"
+    memory = max(DEFAULT_POOL_MIB, enclaves * ENCLAVE_MEMORY_MIB)
+    (Path(state_dir) / "allocator.yaml").write_text(
+        f'---\nmemory_mib: {memory}\ncpu_pool: "{pool}"\n'
+        f"max_enclaves: {max(MAX_ENCLAVES, enclaves)}\n"
+    )
+
+
 def format_exit_reason(reason: ExitReason | None) -> str:
     """``kind=exited, code=3`` (or ``still running``)."""
     if reason is None:
@@ -580,6 +639,8 @@ class InferenceStack:
     endpoint: str
     #: The served model's name.
     model: str = "digits"
+    #: Every replica (``server`` is the first); the ingress spreads connections over them.
+    servers: tuple[ServerHandle, ...] = ()
 
     def verifier(
         self,
@@ -605,10 +666,20 @@ class InferenceStack:
 
 @asynccontextmanager
 async def open_inference_stack(
-    state_dir: Path, *, timeout_s: float = STACK_START_TIMEOUT_S
+    state_dir: Path,
+    *,
+    timeout_s: float = STACK_START_TIMEOUT_S,
+    replicas: int = 1,
+    spare_enclaves: int = 0,
 ) -> AsyncIterator[InferenceStack]:
     """Open a stack in ``state_dir`` serving the bundled digits model: build the server image,
-    create its model key, seal the model, start the enclave, open an ingress to it.
+    create its model key, seal the model, start the enclave (or ``replicas`` of it, the group
+    ``server`` behind a least-connections ingress), open an ingress to it.
+
+    Args:
+        replicas: server enclaves of the one image.
+        spare_enclaves: room for this many more one-CPU enclaves (the pool is sized for
+            ``replicas + spare_enclaves``, see :func:`size_pool_for`).
 
     Raises:
         ServerStartError: the server did not serve the model (its report says why).
@@ -616,20 +687,23 @@ async def open_inference_stack(
     """
     state_dir = Path(state_dir)
     sealed_path = state_dir / "models" / "digits.sealed"
+    if replicas < 1:
+        raise ValueError("replicas must be at least 1")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    size_pool_for(state_dir, replicas + spare_enclaves)
     async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
-        with trio.fail_after(timeout_s):
+        with trio.fail_after(timeout_s * replicas):
             eif = state_dir / "server.eif"
             image = await trio.to_thread.run_sync(build_server_image, eif)
             pcr0 = image.pcrs[0].hex()
             key = await create_model_key(stack, pcr0)
             sealed = await seal_bundled_model(stack, key, sealed_path)
-            server = await start_server(stack, eif)
-            if not server.report.ok:
-                raise ServerStartError(
-                    f"the server could not load its model: {server.report.raw}; "
-                    f"{await describe_exit(server)}"
-                )
-            port = await stack.start_ingress(server.cid)
+            servers = await start_replicas(stack, eif, replicas)
+            server = servers[0]
+            if replicas == 1:
+                port = await stack.start_ingress(server.cid)
+            else:
+                port = await stack.start_group_ingress(server.info.enclave_name)
         yield InferenceStack(
             stack=stack,
             server=server,
@@ -638,4 +712,5 @@ async def open_inference_stack(
             digest=sealed.header.model_sha384.hex(),
             key_arn=key,
             endpoint=f"127.0.0.1:{port}",
+            servers=tuple(servers),
         )
