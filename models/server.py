@@ -170,7 +170,7 @@ async def _load_one(
     del data
     try:
         session = await trio.to_thread.run_sync(
-            partial(create_session, plaintext, intra_op_threads=mc.engine.intra_op_threads)
+            partial(create_session, bytes(plaintext), intra_op_threads=mc.engine.intra_op_threads)
         )
     except ModelLoadError as exc:
         raise StartupError(f"model {mc.name!r} is not a loadable ONNX model") from exc
