@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import struct
 
@@ -268,7 +269,7 @@ def unseal_in_pieces(blob: bytes, key: bytes, cuts: list[int]) -> tuple[SealedHe
     """Feed ``blob`` split at ``cuts`` (sorted offsets), as a network peer would deliver it."""
     u = sealed.Unsealer()
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(blob)), len(blob)]
-    pieces = [blob[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    pieces = [blob[a:b] for a, b in itertools.pairwise(bounds)]
     rest = None
     while rest is None:
         if not pieces:
@@ -292,7 +293,8 @@ def test_unsealer_any_chunking_gives_the_same_plaintext(size: int, cuts: list[in
     plain = hashlib.sha384(str(size).encode()).digest() * (size // 48 + 1)
     plain = plain[:size]
     header, out = unseal_in_pieces(seal(plain, key), key, cuts)
-    assert out == plain and header.total_size == size
+    assert out == plain
+    assert header.total_size == size
     assert isinstance(out, bytearray)
 
 
@@ -342,7 +344,8 @@ def test_unsealer_checks_order_of_calls_and_the_prefix(key: bytes, plain: bytes)
     assert u.feed_header(blob[:5]) is None
     assert u.feed_header(blob[5:20]) is None
     rest = u.feed_header(blob[20:])
-    assert rest is not None and u.header is not None
+    assert rest is not None
+    assert u.header is not None
     u.start(key)
     with pytest.raises(SealedFormatError):
         u.start(key)
