@@ -1,6 +1,7 @@
 """Sealing and unsealing models with KMS data keys (the I/O around :mod:`models.sealed`).
 
-* :func:`seal_model_file` (model owner, host side): check the ONNX file loads, hash it, ask KMS
+* :func:`seal_model_file` (model owner, host side): check the ONNX file (or the text model
+  bundle: graph + tokenizer + config, sealed and digested as one unit) loads, hash it, ask KMS
   ``GenerateDataKey`` for a 256-bit data key under ``key_id`` with an encryption context naming
   the model, seal in bounded memory to a temporary file and rename it into place. The plaintext
   data key lives only in this process's memory for the duration of the call.
@@ -31,6 +32,11 @@ __all__ = [
     "seal_model_file",
     "unseal_model",
     "check_onnx_loadable",
+    "check_bundle_loadable",
+    "check_model_loadable",
+    "is_bundle",
+    "CONTENT_CONTEXT_KEY",
+    "TEXT_BUNDLE",
     "DataKeyDecrypter",
     "KmsCaller",
 ]
@@ -38,6 +44,11 @@ __all__ = [
 #: Encryption-context key naming the model: KMS binds the data key to it, so a sealed file of one
 #: model cannot be passed off as another under the same key.
 MODEL_CONTEXT_KEY: Final = "enclave-runtime:model"
+#: Encryption-context key saying what a sealed file holds when it is not a plain ONNX graph
+#: (``enclave model inspect`` shows it without any key; KMS binds the data key to it too).
+CONTENT_CONTEXT_KEY: Final = "enclave-runtime:content"
+#: Its value for a text model bundle (graph + tokenizer + config, ``models.text.bundle``).
+TEXT_BUNDLE: Final = "text-bundle"
 #: Models up to this size are checked from memory (``InferenceSession(bytes)``, exactly what the
 #: server does); larger ones from their path so the check does not double their footprint.
 _CHECK_IN_MEMORY_MAX: Final = 512 << 20
@@ -67,6 +78,36 @@ class SealResult:
 
     path: Path
     header: sealed.SealedHeader
+
+
+def is_bundle(path: Path) -> bool:
+    """Whether ``path`` holds a text model bundle (by its prefix, ``models.text.bundle``)."""
+    from models.text.bundle import PREFIX
+
+    with Path(path).open("rb") as f:
+        return f.read(len(PREFIX)) == PREFIX
+
+
+def check_bundle_loadable(path: Path) -> None:
+    """Raise unless ``path`` is a valid text bundle whose tokenizer and graph load and whose
+    graph has the text-embedding signature (``models.text.embedder.Embedder``).
+
+    Raises:
+        BundleFormatError: malformed bundle.
+        ModelLoadError: the graph does not load or is not a text-embedding graph.
+    """
+    from models.text.bundle import read_bundle
+    from models.text.embedder import Embedder
+
+    Embedder(read_bundle(path), threads=1)
+
+
+def check_model_loadable(path: Path) -> None:
+    """:func:`check_bundle_loadable` for a bundle, :func:`check_onnx_loadable` otherwise."""
+    if is_bundle(path):
+        check_bundle_loadable(path)
+    else:
+        check_onnx_loadable(path)
 
 
 def check_onnx_loadable(path: Path) -> None:
@@ -128,14 +169,15 @@ async def seal_model_file(
     """
     model_path = Path(model_path)
     model_name = name or model_path.stem
-    await trio.to_thread.run_sync(check_onnx_loadable, model_path)
+    await trio.to_thread.run_sync(check_model_loadable, model_path)
+    content = {CONTENT_CONTEXT_KEY: TEXT_BUNDLE} if is_bundle(model_path) else {}
 
     def _hash() -> tuple[bytes, int]:
         with model_path.open("rb") as f:
             return sealed.sha384_file(f)
 
     digest, size = await trio.to_thread.run_sync(_hash)
-    context = {MODEL_CONTEXT_KEY: model_name, **dict(encryption_context or {})}
+    context = {MODEL_CONTEXT_KEY: model_name, **content, **dict(encryption_context or {})}
     answer = await kms.call(
         "GenerateDataKey", {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context}
     )

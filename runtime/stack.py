@@ -12,10 +12,12 @@ same stack from these pieces, so a change to how the stack starts is made once::
     create_model_key(stack, pcr0)     a KMS key only an enclave running that image may Decrypt
                                       with (the policy comes from :func:`key_policy_for_image`)
     seal_bundled_model(stack, key, out)   the bundled digits model sealed under it (owner)
+    seal_text_model(stack, key, out)  the MiniLM bundle (graph + tokenizer + config) sealed
     start_server(stack, eif)          run the image; return once it reported its models
     stack.start_ingress(cid)          host TCP 127.0.0.1:<free port> -> vsock (cid, 5005)
     open_inference_stack(state_dir)   all of the above: a sealed model served from a real
-        -> InferenceStack             enclave, reachable through an ingress
+        -> InferenceStack             enclave, reachable through an ingress (``text=True``:
+                                      ``models/text_app``, serving digits and MiniLM)
 
 Every service, enclave and ingress started here belongs to the ``async with`` block that opened
 the stack: leaving it (normally, by an error or by cancellation) stops them all.
@@ -56,6 +58,7 @@ __all__ = [
     "key_policy_for_image",
     "create_model_key",
     "seal_bundled_model",
+    "seal_text_model",
     "ModelStatus",
     "ServerReport",
     "ServerHandle",
@@ -68,6 +71,8 @@ __all__ = [
     "console_tail",
     "read_audit",
     "SERVER_APP_DIR",
+    "TEXT_APP_DIR",
+    "TEXT_MODEL",
     "SERVER_CMD",
     "KMS_PROXY_PORT",
     "STORE_PORT",
@@ -82,6 +87,10 @@ __all__ = [
 
 #: The inference server's enclave app directory, shipped inside the ``models`` package.
 SERVER_APP_DIR: Final = Path(__file__).resolve().parents[1] / "models" / "server_app"
+#: The same server configured for the digits model and the MiniLM text model.
+TEXT_APP_DIR: Final = SERVER_APP_DIR.parent / "text_app"
+#: The text model's name in ``text_app/server.toml`` (and in the store and its sealed header).
+TEXT_MODEL: Final = "minilm"
 #: The image's command (python runs in-process under the enclave init).
 SERVER_CMD: Final = ("python", "-m", "models", "--config", "server.toml")
 #: Ports on the parent (CID 3) the server image dials, as its ``server.toml`` names them.
@@ -380,6 +389,22 @@ async def seal_bundled_model(
         return await seal_model_file(MODEL_PATH, out, kms=kms, key_id=key_id, name=name)
 
 
+async def seal_text_model(
+    stack: Stack, key_id: str, out: Path, *, name: str = TEXT_MODEL, bundle: Path | None = None
+) -> SealResult:
+    """Seal a text model bundle (default: all-MiniLM-L6-v2, built once into the model cache by
+    ``models.text.minilm``) under ``key_id`` with the owner's credentials: graph, tokenizer and
+    config as one sealed, digested unit."""
+    from models.sealing import seal_model_file
+
+    if bundle is None:
+        from models.text.minilm import ensure_minilm_bundle
+
+        bundle = await trio.to_thread.run_sync(ensure_minilm_bundle)
+    async with stack.owner_kms() as kms:
+        return await seal_model_file(bundle, out, kms=kms, key_id=key_id, name=name)
+
+
 # --- the server enclave -----------------------------------------------------------------------
 
 
@@ -580,6 +605,11 @@ class InferenceStack:
     endpoint: str
     #: The served model's name.
     model: str = "digits"
+    #: SHA-384s (hex) of every served model, in the server's configuration order (PCR16 is
+    #: their extend chain); empty: ``digest`` alone.
+    model_digests: tuple[str, ...] = ()
+    #: The text model's name when the stack serves one (``text=True``).
+    text_model: str | None = None
 
     def verifier(
         self,
@@ -593,9 +623,10 @@ class InferenceStack:
         model's PCR16 unless overridden (pass other values to check that they are refused)."""
         from models.client import make_verifier, policy_for
 
+        served = list(self.model_digests) or [self.digest]
         policy = policy_for(
             pcr0=self.pcr0 if pcr0 is None else pcr0,
-            model_digests=[self.digest] if model_digests is None else model_digests,
+            model_digests=served if model_digests is None else model_digests,
             allow_debug=allow_debug,
             max_age_s=max_age_s,
         )
@@ -605,28 +636,45 @@ class InferenceStack:
 
 @asynccontextmanager
 async def open_inference_stack(
-    state_dir: Path, *, timeout_s: float = STACK_START_TIMEOUT_S
+    state_dir: Path,
+    *,
+    timeout_s: float = STACK_START_TIMEOUT_S,
+    text: bool = False,
+    memory_mib: int = ENCLAVE_MEMORY_MIB,
 ) -> AsyncIterator[InferenceStack]:
     """Open a stack in ``state_dir`` serving the bundled digits model: build the server image,
     create its model key, seal the model, start the enclave, open an ingress to it.
 
+    Args:
+        text: serve the MiniLM text model too (``models/text_app``: both models sealed under
+            the one key, PCR16 binding both).
+        memory_mib: the enclave's memory.
+
     Raises:
-        ServerStartError: the server did not serve the model (its report says why).
+        ServerStartError: the server did not serve its models (its report says why).
         trio.TooSlowError: the set-up took longer than ``timeout_s``.
     """
     state_dir = Path(state_dir)
     sealed_path = state_dir / "models" / "digits.sealed"
-    async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
+    text_path = state_dir / "models" / f"{TEXT_MODEL}.sealed"
+    models = {"digits": sealed_path, **({TEXT_MODEL: text_path} if text else {})}
+    async with open_stack(state_dir, models=models) as stack:
         with trio.fail_after(timeout_s):
             eif = state_dir / "server.eif"
-            image = await trio.to_thread.run_sync(build_server_image, eif)
+            app_dir = TEXT_APP_DIR if text else SERVER_APP_DIR
+            image = await trio.to_thread.run_sync(lambda: build_server_image(eif, app_dir=app_dir))
             pcr0 = image.pcrs[0].hex()
             key = await create_model_key(stack, pcr0)
             sealed = await seal_bundled_model(stack, key, sealed_path)
-            server = await start_server(stack, eif)
+            digests = [sealed.header.model_sha384.hex()]
+            if text:
+                digests.append(
+                    (await seal_text_model(stack, key, text_path)).header.model_sha384.hex()
+                )
+            server = await start_server(stack, eif, memory_mib=memory_mib)
             if not server.report.ok:
                 raise ServerStartError(
-                    f"the server could not load its model: {server.report.raw}; "
+                    f"the server could not load its models: {server.report.raw}; "
                     f"{await describe_exit(server)}"
                 )
             port = await stack.start_ingress(server.cid)
@@ -635,7 +683,9 @@ async def open_inference_stack(
             server=server,
             eif=eif,
             pcr0=pcr0,
-            digest=sealed.header.model_sha384.hex(),
+            digest=digests[0],
             key_arn=key,
             endpoint=f"127.0.0.1:{port}",
+            model_digests=tuple(digests),
+            text_model=TEXT_MODEL if text else None,
         )
