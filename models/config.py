@@ -47,6 +47,8 @@ tells them apart by the unsealed bytes. A text model takes these keys too (defau
     max_round_texts = 256         # texts batched together across concurrent requests
     max_queue_texts = 4096        # texts waiting before requests are refused
     batching = true               # batch concurrent requests together
+    execution = "auto"            # short rounds in the event loop, long ones in a thread
+    inline_max_s = 0.05           # "auto": the longest round run in the event loop
 
 Keys of the other kind are refused once the model is unsealed (a text key on an ONNX graph
 makes that model unavailable, with the reason).
@@ -100,7 +102,9 @@ _TEXT_ONLY_KEYS: Final = frozenset(
     }
 )
 #: Keys both kinds take (the rest of the engine keys are for tensor models only).
-_SHARED_KEYS: Final = frozenset({"timeout_s", "intra_op_threads", "batching"})
+_SHARED_KEYS: Final = frozenset(
+    {"timeout_s", "intra_op_threads", "batching", "execution", "inline_max_s"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +129,14 @@ class TextOptions:
             engine = TextEngineConfig(
                 **{
                     k: m[k]
-                    for k in ("timeout_s", "max_round_texts", "max_queue_texts", "batching")
+                    for k in (
+                        "timeout_s",
+                        "max_round_texts",
+                        "max_queue_texts",
+                        "batching",
+                        "execution",
+                        "inline_max_s",
+                    )
                     if k in m
                 }
             )

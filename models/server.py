@@ -254,9 +254,11 @@ def _load_text(mc: ModelConfig, plaintext: bytearray) -> TextEngine:
         max_batch_texts=options.max_batch_texts,
         max_batch_tokens=options.max_batch_tokens,
     )
-    # The first run allocates onnxruntime's arena: do it now, not in a client's request.
-    embedder.embed(["warm up"])
-    return TextEngine(mc.name, embedder, config=options.engine)
+    engine = TextEngine(mc.name, embedder, config=options.engine)
+    # The first run sizes onnxruntime's arena: now, not in a client's request; the second
+    # measures what a token costs (where rounds run, models.text.engine).
+    engine.warm_up()
+    return engine
 
 
 def _load_tensor(mc: ModelConfig, plaintext: bytearray) -> ModelEngine:

@@ -553,14 +553,25 @@ class InferenceService:
             # taken before the run, waiting like any input would.
             await lease.acquire(_answer_bytes(engine, texts))
             await self._acquire_run_slot()
+            t0 = time.perf_counter()
             try:
                 result = await engine.embed(texts)
             finally:
                 self._limiter.release()
             del texts
+            t1 = time.perf_counter()
             await self._send(stream, encode_answer(result), end=True)
         finally:
             lease.release()
+        # Canonical per-request line, at debug level (free when filtered out).
+        log.debug(
+            "embed_completed",
+            model=engine.name,
+            texts=len(result),
+            embed_us=round((t1 - t0) * 1e6, 1),
+            round_us=round(engine.last_round_s * 1e6, 1),
+            send_us=round((time.perf_counter() - t1) * 1e6, 1),
+        )
 
     async def _embed_stream(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
         engine = self._text_engine(stream.metadata.get("model"))

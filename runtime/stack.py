@@ -503,11 +503,13 @@ async def start_server(
     debug: bool = False,
     memory_mib: int = ENCLAVE_MEMORY_MIB,
     timeout_s: float = READY_TIMEOUT_S,
+    cpu_ids: Sequence[int] | None = None,
 ) -> ServerHandle:
     """Run the server image and wait for its start-up report (served models or failure).
 
     A report of unavailable models is returned, not raised: the caller decides whether that is
-    the expected outcome (a debug enclave must be refused its key).
+    the expected outcome (a debug enclave must be refused its key). The enclave gets one CPU
+    of the runtime's pool, or exactly ``cpu_ids``.
 
     Raises:
         runtime.errors.NitroCliError: the runtime refused or failed to start the image.
@@ -517,7 +519,8 @@ async def start_server(
     index = len(stack.store.ready_reports)
     info = await stack.runtime.run_enclave(
         eif,
-        cpu_count=1,
+        cpu_count=None if cpu_ids else 1,
+        cpu_ids=cpu_ids or None,
         memory_mib=memory_mib,
         debug=debug,
         parent_ports=frozenset({KMS_PROXY_PORT, STORE_PORT}),

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -50,6 +50,7 @@ from models.errors import (
     ModelUnavailableError,
     OverloadedError,
 )
+from models.text.batching import Batch
 from models.text.embeddings import Embeddings
 from models.text.errors import TextInputError
 from models.text.limits import check_texts
@@ -77,6 +78,19 @@ DEFAULT_MAX_QUEUE_TEXTS: Final = 4096
 #: Texts one round takes (whole requests; at least one request). 256 is one full request, so a
 #: large request is never split, and a round of short texts stays well under a second.
 DEFAULT_MAX_ROUND_TEXTS: Final = 256
+#: Rounds expected to take up to this long run inline (in the event loop's thread). Handing a
+#: round to a worker thread and back costs two context switches (0.2-0.4 ms on an idle machine,
+#: several ms when other processes compete for the CPU): 1-2 % of a 128-token MiniLM run, the
+#: whole margin of the 1.05 latency budget. Inline, the loop does no I/O for the round's length;
+#: 50 ms bounds that pause (a 128-token text takes ~23 ms on one CPU), and a deadline passing
+#: during an inline round is late by that much at most. Longer rounds go to the thread, where
+#: a deadline stops onnxruntime mid-run.
+DEFAULT_INLINE_MAX_S: Final = 0.05
+#: Texts whose UTF-8 size together stays under this are tokenized in the event loop to decide
+#: where the round runs (~0.1 ms for a 128-token text); larger rounds go to the thread whole.
+_INLINE_PLAN_BYTES: Final = 16 << 10
+#: Weight of a new observation in the per-token cost average.
+_EWMA_ALPHA: Final = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +102,11 @@ class TextEngineConfig:
     max_round_texts: int = DEFAULT_MAX_ROUND_TEXTS
     #: Join concurrent requests into shared rounds (False: one request per round).
     batching: bool = True
+    #: "auto": a round expected to take at most ``inline_max_s`` runs in the event loop's own
+    #: thread (no hand-off to a worker and back), longer ones in a worker thread; or always
+    #: "inline" / "thread".
+    execution: str = "auto"
+    inline_max_s: float = DEFAULT_INLINE_MAX_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not 0 < self.timeout_s <= 3600:
@@ -98,6 +117,10 @@ class TextEngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if type(self.batching) is not bool:
             raise ValueError("batching must be true or false")
+        if self.execution not in ("auto", "inline", "thread"):
+            raise ValueError("execution must be auto, inline or thread")
+        if not isinstance(self.inline_max_s, int | float) or not 0 <= self.inline_max_s <= 1:
+            raise ValueError(f"inline_max_s must be in [0, 1] seconds, got {self.inline_max_s!r}")
 
 
 @dataclass(slots=True)
@@ -118,6 +141,8 @@ class TextEngineStats:
     skipped_runs: int = 0
     terminated_runs: int = 0
     errors: int = 0
+    #: Rounds run in the event loop's thread (the others ran in a worker thread).
+    inline_rounds: int = 0
 
 
 @dataclass(eq=False, slots=True)
@@ -162,6 +187,10 @@ class TextEngine:
         #: The batch in onnxruntime now: its requests and its RunOptions (worker-published).
         self._current: tuple[Sequence[TextRequest], Any] | None = None
         self._stats = TextEngineStats()
+        #: Duration of the latest round (s), for per-request diagnostics.
+        self.last_round_s = 0.0
+        #: Measured cost of one padded token (s): an average over the runs (see warm_up).
+        self.token_cost_s = 0.0
 
     # -- description -------------------------------------------------------------------------
 
@@ -186,6 +215,17 @@ class TextEngine:
                 "max_total_bytes": limits.max_total_bytes,
             },
         }
+
+    def warm_up(self, tokens: int = 64) -> float:
+        """Run one text of ``tokens`` tokens (twice: the first run sizes onnxruntime's arena)
+        to measure the cost of a padded token, which decides where rounds run; returns it.
+        Blocking: call it before serving (the server does, in a worker thread)."""
+        text = " ".join(["word"] * max(1, tokens - 2))
+        self.embedder.embed([text])
+        t0 = time.perf_counter()
+        self.embedder.embed([text])
+        self.token_cost_s = (time.perf_counter() - t0) / tokens
+        return self.token_cost_s
 
     def statistics(self) -> TextEngineStats:
         """A copy of the counters."""
@@ -291,7 +331,15 @@ class TextEngine:
                     await self._wake.wait()
                 batch = self._take_round()
                 try:
-                    await trio.to_thread.run_sync(self._run_round, batch, abandon_on_cancel=True)
+                    prepared = self._prepare_inline(batch)
+                    if prepared is not None and prepared.inline:
+                        self._stats.inline_rounds += 1
+                        self._execute(prepared, now=trio.current_time)
+                        await trio.lowlevel.cancel_shielded_checkpoint()  # let the answers go
+                    else:
+                        await trio.to_thread.run_sync(
+                            self._run_round, prepared or batch, abandon_on_cancel=True
+                        )
                 except trio.Cancelled:
                     for req in batch:
                         if not req.done.is_set():
@@ -340,15 +388,29 @@ class TextEngine:
         except trio.RunFinishedError:  # the service is gone; nobody waits any more
             pass
 
-    def _run_round(self, requests: list[TextRequest]) -> None:
-        import onnxruntime as ort  # imported with the embedder already; kept off this import
+    def _prepare_inline(self, requests: list[TextRequest]) -> _Round | None:
+        """The round tokenized and planned in the loop when it is small (``inline`` says
+        whether to run it there too: see ``execution``); None to hand it to the worker thread
+        whole."""
+        mode = self.config.execution
+        if mode == "thread":
+            return None
+        if mode == "auto":
+            size = sum(len(t) for r in requests for t in r.texts)  # characters: >= tokens
+            if self.token_cost_s <= 0 or size > _INLINE_PLAN_BYTES:
+                return None
+        prepared = self._prepare(requests)
+        if mode == "auto":
+            padded = sum(len(b.indices) * b.length for b in prepared.plan)
+            prepared.inline = padded * self.token_cost_s <= self.config.inline_max_s
+        return prepared
 
-        t0 = time.perf_counter()
+    def _prepare(self, requests: list[TextRequest]) -> _Round:
+        """Tokenize each request (its own errors answered at once) and plan the batches."""
         embedder = self.embedder
-        sequences: list[npt.NDArray[np.int64]] = []
-        owners: list[tuple[TextRequest, int]] = []
+        prepared = _Round()
         for req in requests:
-            if req.abandoned:
+            if req.abandoned or req.error is not None or req.vectors is not None:
                 continue
             try:
                 tokenized = embedder.tokenizer.encode(req.texts)
@@ -360,18 +422,43 @@ class TextEngine:
             req.vectors = np.empty((len(req), embedder.config.embedding_dim), dtype=np.float32)
             req.remaining = len(req)
             for index, tok in enumerate(tokenized):
-                sequences.append(tok.ids)
-                owners.append((req, index))
+                prepared.sequences.append(tok.ids)
+                prepared.owners.append((req, index))
+        prepared.plan = embedder.plan([len(seq) for seq in prepared.sequences])
+        return prepared
+
+    def _run_round(self, requests: list[TextRequest] | _Round) -> None:
+        """Worker thread: prepare the round if needed, then run it."""
+        prepared = requests if isinstance(requests, _Round) else self._prepare(requests)
+        self._execute(prepared, now=None)
+
+    def _execute(self, prepared: _Round, *, now: Callable[[], float] | None) -> None:
+        """Run the planned batches, skipping or stopping those nobody waits for any more.
+
+        ``now`` is given inline (the loop cannot mark requests abandoned while this runs, so
+        deadlines are checked here, between batches); in the worker thread the waiters mark
+        them (see _abandon)."""
+        import onnxruntime as ort  # imported with the embedder already; kept off this import
+
+        t0 = time.perf_counter()
+        embedder = self.embedder
         stats = self._stats
-        for batch in embedder.plan([len(s) for s in sequences]):
+        sequences, owners = prepared.sequences, prepared.owners
+        for batch in prepared.plan:
             members = [owners[i] for i in batch.indices]
             reqs = list({id(r): r for r, _ in members}.values())
+            if now is not None:
+                late = now()
+                for r in reqs:
+                    if not r.abandoned and r.deadline <= late:
+                        r.abandoned = True  # its waiter raises the timeout when it wakes
             options = ort.RunOptions()
             self._current = (reqs, options)  # published before the check: see _abandon
             if all(r.abandoned or r.error is not None for r in reqs):
                 self._current = None
                 stats.skipped_runs += 1
                 continue
+            t1 = time.perf_counter()
             try:
                 vectors = embedder.run_batch(sequences, batch, options)
             except InferenceError as exc:
@@ -387,6 +474,7 @@ class TextEngine:
                         self._finish(r)
                 continue
             self._current = None
+            self._observe(time.perf_counter() - t1, len(batch.indices) * batch.length)
             stats.runs += 1
             stats.padded_tokens += len(batch.indices) * batch.length
             stats.largest_run = max(stats.largest_run, len(batch.indices))
@@ -398,10 +486,26 @@ class TextEngine:
                 req.remaining -= 1
                 if req.remaining == 0:
                     self._finish(req)
-        log.debug(
-            "text_round",
-            model=self.name,
-            requests=len(requests),
-            texts=len(sequences),
-            ms=round((time.perf_counter() - t0) * 1e3, 2),
-        )
+        self.last_round_s = time.perf_counter() - t0
+
+    def _observe(self, elapsed: float, padded_tokens: int) -> None:
+        """Track the cost of a padded token (bounded against outliers, as in ModelEngine)."""
+        if padded_tokens <= 0:
+            return
+        cost = elapsed / padded_tokens
+        if self.token_cost_s <= 0:
+            self.token_cost_s = cost
+            return
+        cost = min(max(cost, self.token_cost_s / 4), self.token_cost_s * 8)
+        self.token_cost_s = (1 - _EWMA_ALPHA) * self.token_cost_s + _EWMA_ALPHA * cost
+
+
+@dataclass(slots=True)
+class _Round:
+    """A round tokenized and planned: every text's ids, its owner, and the batches."""
+
+    sequences: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    owners: list[tuple[TextRequest, int]] = field(default_factory=list)
+    plan: list[Batch] = field(default_factory=list)
+    #: False: prepared in the loop but expected to run too long there (the worker runs it).
+    inline: bool = True

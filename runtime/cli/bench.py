@@ -30,6 +30,7 @@ SUITES: dict[str, str] = {
     "kms": "runtime.bench.kms",
     "runtime": "runtime.bench.start",
     "inference": "runtime.bench.inference",
+    "minilm": "runtime.bench.minilm",
 }
 
 BenchResult = dict[str, float | int | str | None]

@@ -322,3 +322,42 @@ def test_wire_answers_are_checked() -> None:
         encode_texts(["ok", "\ud800"])
     with pytest.raises(TextInputError, match="not one string"):
         encode_texts("one string")  # type: ignore[arg-type]
+
+
+async def test_short_rounds_run_inline_and_long_ones_in_the_worker_thread() -> None:
+    """execution = "auto": once a token's cost is measured, a round expected to fit in
+    inline_max_s runs in the event loop (no hand-off to a thread and back), a longer one in
+    the worker thread; the answers are the same either way."""
+    embedder = minilm_embedder()
+    service = InferenceService(_models(embedder, inline_max_s=0.05))
+    engine = service.models["minilm"].engine
+    assert isinstance(engine, TextEngine)
+    assert engine.warm_up() > 0
+    with trio.fail_after(60):
+        async with serving(service), connected(service) as client:
+            before = engine.statistics()
+            short = await client.embed("minilm", TEXTS[:1])
+            after_short = engine.statistics()
+            long = await client.embed("minilm", [LONG] * 8)  # 8 x 256 tokens: far over 50 ms
+            after_long = engine.statistics()
+    assert after_short.inline_rounds == before.inline_rounds + 1
+    assert after_long.inline_rounds == after_short.inline_rounds  # the thread ran it
+    np.testing.assert_allclose(short.vectors, embedder.embed(TEXTS[:1]).vectors, atol=1e-5)
+    np.testing.assert_allclose(long.vectors, embedder.embed([LONG] * 8).vectors, atol=1e-5)
+
+
+async def test_inline_rounds_skip_the_batches_of_requests_past_their_deadline() -> None:
+    """Inline, nothing can mark a request abandoned while the round runs: the round checks
+    the deadlines itself between batches."""
+    embedder = Embedder(minilm_bundle(), threads=1, max_batch_texts=1)
+    service = InferenceService(_models(embedder, timeout_s=0.2, execution="inline"))
+    engine = service.models["minilm"].engine
+    assert isinstance(engine, TextEngine)
+    with trio.fail_after(60):
+        async with serving(service), connected(service) as client:
+            with pytest.raises(InferenceTimeoutError):
+                await client.embed("minilm", [LONG + f" {i}" for i in range(40)])
+            assert len(await client.embed("minilm", ["quick"])) == 1
+    stats = engine.statistics()
+    assert stats.skipped_runs >= 1
+    assert stats.runs < 40
