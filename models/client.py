@@ -15,6 +15,8 @@ ciphertext.
         outputs = await client.infer("digits", {"pixels": x[:1]})
         async for out in client.stream("digits", ({"pixels": x[i:i+32]} for i in ...)):
             ...
+        result = await client.embed("minilm", ["a clinical note", "a contract"])
+        result.vectors  # float32 [2, 384]; result.truncated: (False, False)
 
 Errors: a server-side refusal raises the matching :mod:`models.errors` class (unknown model:
 ``ModelNotFoundError``, bad input: ``InvalidInputError``, the server's buffers full:
@@ -70,6 +72,9 @@ from models.errors import (
     error_from_code,
 )
 from models.tensors import Array, TensorSpec, decode_tensors, encode_tensors
+from models.text.embeddings import Embeddings
+from models.text.errors import RequestTooLargeError
+from models.text.wire import EMBED, EMBED_STREAM, decode_answer, embed_request, encode_texts
 from transport.errors import (
     LocalProtocolError,
     PeerUnreachable,
@@ -101,6 +106,7 @@ __all__ = [
     "Inputs",
     "StreamInterrupted",
     "Reconnect",
+    "Embeddings",
 ]
 
 log = structlog.get_logger()
@@ -141,12 +147,17 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     batchable: bool = False
     reason: str | None = None
+    #: "tensor" (infer/stream) or "text-embedding" (embed/embed_stream); "" when unavailable.
+    kind: str = ""
+    #: For a text model: its token cap, embedding width, pooling and request limits.
+    text: Mapping[str, Any] | None = None
 
     @classmethod
     def from_wire(cls, obj: object) -> ModelInfo:
         """Parse one catalog entry of the server's answer."""
         if not isinstance(obj, Mapping):
             raise InferenceError("malformed catalog entry")
+        text = obj.get("text")
         return cls(
             name=str(obj.get("name")),
             available=bool(obj.get("available")),
@@ -156,7 +167,14 @@ class ModelInfo:
             outputs=tuple(TensorSpec.from_wire(s) for s in obj.get("outputs") or ()),
             batchable=bool(obj.get("batchable")),
             reason=obj.get("reason"),
+            kind=str(obj.get("kind") or ""),
+            text=dict(text) if isinstance(text, Mapping) else None,
         )
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the model takes texts (:meth:`InferenceClient.embed`)."""
+        return self.kind == "text-embedding"
 
 
 def _map_error(exc: RpcError) -> ModelError:
@@ -409,6 +427,95 @@ class InferenceClient:
                         raise InferenceError("malformed batch answer from the server")
                     for outputs in batch:
                         yield _outputs({"outputs": outputs})
+                try:
+                    extra = await _bounded(st.receive(), "end of stream", limit)
+                except trio.EndOfChannel:
+                    return
+                raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
+            except RpcError as exc:
+                raise _map_error(exc) from None
+
+    # -- text models (texts in, embeddings out) -------------------------------------------
+
+    async def embed(
+        self, model: str, texts: Sequence[str | bytes], *, timeout_s: float | None = None
+    ) -> Embeddings:
+        """Embed ``texts`` with a text model: float32 [len(texts), dim] rows, in order, and
+        per text whether it was truncated at the model's token cap.
+
+        Texts are sent as UTF-8 (``bytes`` are sent as they are: the server checks them).
+
+        Raises:
+            TextInputError: a limit is broken (its subclass says which: too many texts, one too
+                large, invalid UTF-8, an empty text...), here or on the server.
+            ModelNotFoundError / ModelUnavailableError / OverloadedError: refused.
+            InvalidInputError: the model is not a text model.
+            InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
+        """
+        request = embed_request(model, texts)
+        count = len(request["texts"])
+        try:
+            answer = await self._call(EMBED, request, timeout_s)
+        except LocalProtocolError as exc:  # refused before sending (message size cap)
+            raise RequestTooLargeError(
+                f"the texts are too large for one message ({exc}); send fewer per request"
+            ) from None
+        return decode_answer(answer, texts=count)
+
+    async def embed_stream(
+        self,
+        model: str,
+        batches: Iterable[Sequence[str | bytes]] | AsyncIterable[Sequence[str | bytes]],
+        *,
+        in_flight: int = STREAM_IN_FLIGHT,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Embeddings]:
+        """Stream batches of texts through a text model; yields one :class:`Embeddings` per
+        batch, in order. Up to ``in_flight`` batches are outstanding (the server batches the
+        texts of those waiting by length, in one round). Leaving the loop early cancels the
+        stream on the server.
+
+        Raises:
+            the errors of :meth:`embed`; a batch that breaks a limit ends the stream after the
+            batches before it were answered.
+        """
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if not 1 <= in_flight <= 16:
+            raise ValueError("in_flight must be between 1 and 16 (the RPC window)")
+        source: Iterator[Sequence[str | bytes]] | AsyncIterator[Sequence[str | bytes]] = (
+            aiter(batches) if isinstance(batches, AsyncIterable) else iter(batches)
+        )
+        async with self._rpc.open_stream(EMBED_STREAM, {"model": model}) as st:
+            pending: deque[int] = deque()  # texts per outstanding message
+            exhausted = False
+            try:
+                while True:
+                    while not exhausted and len(pending) < in_flight:
+                        try:
+                            batch = (
+                                await anext(source)
+                                if isinstance(source, AsyncIterator)
+                                else next(source)
+                            )
+                        except (StopIteration, StopAsyncIteration):
+                            exhausted = True
+                            await st.send_end()
+                            break
+                        message = {"texts": encode_texts(batch)}
+                        try:
+                            await _bounded(st.send(message), "stream input", limit)
+                        except LocalProtocolError as exc:
+                            raise RequestTooLargeError(
+                                f"a batch is too large for one message ({exc})"
+                            ) from None
+                        pending.append(len(message["texts"]))
+                    if not pending:
+                        break
+                    try:
+                        answer = await _bounded(st.receive(), "stream output", limit)
+                    except trio.EndOfChannel:
+                        raise InferenceError("server ended the stream early") from None
+                    yield decode_answer(answer, texts=pending.popleft())
                 try:
                     extra = await _bounded(st.receive(), "end of stream", limit)
                 except trio.EndOfChannel:
@@ -833,5 +940,20 @@ class BlockingInferenceClient:
 
         async def collect(client: InferenceClient) -> list[dict[str, Array]]:
             return [out async for out in client.stream(model, items)]
+
+        return self._run(collect)
+
+    def embed(self, model: str, texts: Sequence[str | bytes]) -> Embeddings:
+        """Embed texts with a text model (see :meth:`InferenceClient.embed`)."""
+        return self._run(lambda client: client.embed(model, texts))
+
+    def embed_stream(
+        self, model: str, batches: Iterable[Sequence[str | bytes]]
+    ) -> list[Embeddings]:
+        """Stream all ``batches`` of texts; returns one :class:`Embeddings` per batch, in order."""
+        items = list(batches)
+
+        async def collect(client: InferenceClient) -> list[Embeddings]:
+            return [out async for out in client.embed_stream(model, items)]
 
         return self._run(collect)

@@ -3,17 +3,21 @@
 1. a temporary state directory; its local CA (the attestation root, like AWS's Nitro root);
 2. the KMS daemon (SQLite) with two principals: the *model owner* and the *instance*;
 3. the host services: vsock-proxy (3, 8000) -> KMS, the model store (3, 7000), later the ingress;
-4. the server image (``models/server_app`` built with ``build_eif``): PCR0/1/2;
+4. the server image (``models/text_app`` built with ``build_eif``: the server configured for
+   the digits model and MiniLM): PCR0/1/2;
 5. a KMS key whose policy lets the owner create data keys and lets the instance ``Decrypt`` only
    with a Recipient attestation whose ``ImageSha384`` is that image's PCR0;
-6. the bundled digits model sealed under that key (owner credentials);
-7. the enclave (not debug): it unseals the model with attested key release, extends PCR16 with
-   the model digest and serves on vsock port 5005;
-8. the client through the ingress: verifies the attestation (local root, PCR0, PCR16 = this
-   model) before sending anything, streams the whole test split, prints accuracy, latency,
+6. the bundled digits model and the MiniLM bundle (graph + tokenizer + config, one unit) sealed
+   under that key (owner credentials);
+7. the enclave (not debug): it unseals both with attested key release, extends PCR16 with their
+   digests and serves on vsock port 5005;
+8. the client through the ingress: verifies the attestation (local root, PCR0, PCR16 = these
+   models) before sending anything, streams the whole test split, prints accuracy, latency,
    throughput and the verified measurements;
-9. the same image in debug mode: PCR0 reads as zeros, KMS refuses the key (reason from the
-   audit log), the server reports the model unavailable;
+8b. the second act (:mod:`runtime.demo_text`): twenty confidential documents embedded inside the
+   enclave, queries matched to them, the latency against in-process onnxruntime;
+9. the same image in debug mode: PCR0 reads as zeros, KMS refuses the keys (reason from the
+   audit log), the server reports the models unavailable;
 10. everything stopped and removed (``--keep`` leaves the stack up, prints one ready-to-run
     ``enclave infer`` line per served model, and stops at Ctrl-C or SIGTERM).
 
@@ -58,11 +62,15 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from runtime.demo_text import text_act
+
 # Re-exported for code written against ``runtime.demo`` before the building blocks moved.
 from runtime.stack import (
     KMS_PROXY_PORT,
     SERVER_PORT,
     STORE_PORT,
+    TEXT_APP_DIR,
+    TEXT_MODEL,
     ServerHandle,
     StackError,
     build_server_image,
@@ -73,6 +81,7 @@ from runtime.stack import (
     open_stack,
     read_audit,
     seal_bundled_model,
+    seal_text_model,
     size_pool_for,
     start_replicas,
     start_server,
@@ -180,6 +189,14 @@ class DemoResults(DemoFigures):
     pcr16: str
     #: Why the KMS refused the debug enclave (from the audit log).
     debug_denial: str
+    #: SHA-384s (hex) of the served models in the server's order (PCR16 extends them all):
+    #: digits, then MiniLM.
+    model_digests: tuple[str, ...] = ()
+    #: The second act: per query (query, best document, cosine), and one query's p50 through
+    #: the enclave and in-process (ms).
+    text_matches: tuple[tuple[str, int, float], ...] = ()
+    text_enclave_ms: float = 0.0
+    text_inproc_ms: float = 0.0
 
 
 # --- the steps --------------------------------------------------------------------------------
@@ -233,6 +250,10 @@ def _enclave_command() -> list[str]:
     return [sys.executable, "-m", "runtime.cli"]
 
 
+#: The ``--keep`` example for a text model: one text on the command line.
+KEEP_TEXT: Final = "Which patient gets chest pain going up the stairs?"
+
+
 def _example_input(model: ModelInfo, x: Array) -> dict[str, Array]:
     """An input for ``model``: rows of the digits test split for the bundled model, zeros of
     the declared shape (dynamic dimensions as 1) for any other."""
@@ -264,12 +285,15 @@ def _keep_instructions(
     for model in catalog:
         if not model.available:
             continue
-        input_file = state_dir / "inputs" / f"{model.name}.npz"
-        input_file.parent.mkdir(exist_ok=True)
-        np.savez(input_file, **_example_input(model, x))  # type: ignore[arg-type]
         argv = [*enclave, "infer", "--endpoint", endpoint, "--root", str(stack.ca_root_pem),
-                "--policy", str(policy_file), "--model", model.name,
-                "--input", str(input_file)]  # fmt: skip
+                "--policy", str(policy_file), "--model", model.name]  # fmt: skip
+        if model.is_text:
+            argv += ["--text", KEEP_TEXT]
+        else:
+            input_file = state_dir / "inputs" / f"{model.name}.npz"
+            input_file.parent.mkdir(exist_ok=True)
+            np.savez(input_file, **_example_input(model, x))  # type: ignore[arg-type]
+            argv += ["--input", str(input_file)]
         out.info(shlex.join(argv))
     out.info(f"{shlex.join([*enclave, 'describe-enclaves'])}   # enclave {server.enclave_id}")
     out.info(f"KMS at {stack.kms_endpoint}; audit log {stack.kms_state_dir}/audit.jsonl")
@@ -289,19 +313,24 @@ async def run_demo(
         runtime.stack.StackError, transport.errors.EnclaveError: a service failed.
     """
     from models.client import open_inference_client
+    from models.text.minilm import ensure_minilm_bundle
 
     out = out or Console()
     sealed_path = state_dir / "models" / "digits.sealed"
+    text_path = state_dir / "models" / f"{TEXT_MODEL}.sealed"
     out.step(f"state directory {state_dir}")
     size_pool_for(state_dir, replicas + 1)  # + the debug enclave of step 9
-    async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
+    models = {"digits": sealed_path, TEXT_MODEL: text_path}
+    async with open_stack(state_dir, models=models) as stack:
         out.ok(f"local attestation root CA: {stack.ca_root_pem}")
         out.ok(f"KMS daemon (SQLite, audit log) at {stack.kms_endpoint}")
         out.ok(f"vsock-proxy (3, {KMS_PROXY_PORT}) -> KMS; model store on (3, {STORE_PORT})")
 
-        out.step("building the inference server image (models/server_app)")
+        out.step("building the inference server image (models/text_app: digits + MiniLM)")
         eif_path = state_dir / "server.eif"
-        image = await trio.to_thread.run_sync(build_server_image, eif_path)
+        image = await trio.to_thread.run_sync(
+            lambda: build_server_image(eif_path, app_dir=TEXT_APP_DIR)
+        )
         pcr0 = image.pcrs[0].hex()
         out.ok(f"{eif_path.name}: {image.size} bytes")
         for i in (0, 1, 2):
@@ -319,6 +348,14 @@ async def run_demo(
             f"{sealed_path.name}: {sealed_path.stat().st_size} bytes, "
             f"{sealed.header.chunk_count} chunk(s), model SHA-384 {digest[:32]}..."
         )
+        out.step("sealing the MiniLM bundle: graph + tokenizer.json + config as one unit")
+        text_sealed = await seal_text_model(stack, key_arn, text_path)
+        text_digest = text_sealed.header.model_sha384.hex()
+        out.ok(
+            f"{text_path.name}: {text_path.stat().st_size:,} bytes, "
+            f"{text_sealed.header.chunk_count} chunks, bundle SHA-384 {text_digest[:32]}..."
+        )
+        digests = (digest, text_digest)
 
         out.step("running the server enclave (not debug): attested key release, unseal")
         t0 = time.monotonic()
@@ -327,8 +364,8 @@ async def run_demo(
             detail = await describe_exit(server)
             raise DemoFailure(f"the server could not load its model: {server.report.raw}; {detail}")
         out.ok(
-            f"enclave {server.enclave_id} CID {server.cid}: model 'digits' unsealed inside, "
-            f"PCR16 extended, listening on vsock {SERVER_PORT} "
+            f"enclave {server.enclave_id} CID {server.cid}: model 'digits' unsealed, model "
+            f"'{TEXT_MODEL}' unsealed inside, PCR16 extended, listening on vsock {SERVER_PORT} "
             f"(start {time.monotonic() - t0:.1f} s)"
         )
         missing = server.info.isolation.missing
@@ -356,7 +393,7 @@ async def run_demo(
         from models.client import make_verifier, policy_for
         from models.digits import load_test_split
 
-        verifier = make_verifier(stack.roots(), policy_for(pcr0=pcr0, model_digests=[digest]))
+        verifier = make_verifier(stack.roots(), policy_for(pcr0=pcr0, model_digests=list(digests)))
         x, y = load_test_split()
         async with open_inference_client(endpoint, verifier=verifier) as client:
             peer = client.attestation
@@ -364,13 +401,10 @@ async def run_demo(
             out.info(f"module_id  {peer.module_id}")
             out.info(f"root       {stack.ca_root_pem} (local CA, chain + ES384 signature)")
             out.info(f"PCR0       {peer.pcrs[0].hex()}  (= the image built above)")
-            out.info(f"PCR16      {peer.pcrs[16].hex()}  (= extend(0, model SHA-384))")
+            out.info(f"PCR16      {peer.pcrs[16].hex()}  (= extend(extend(0, digits), MiniLM))")
             out.info(f"channel    {getattr(client._channel, 'suite', '?')}")
             catalog = await client.list_models()
-            out.info("catalog    " + ", ".join(
-                f"{m.name} ({'available' if m.available else 'unavailable'}, "
-                f"{m.inputs[0].dtype if m.inputs else '?'} "
-                f"{list(m.inputs[0].shape) if m.inputs else []})" for m in catalog))  # fmt: skip
+            out.info("catalog    " + ", ".join(_describe(m) for m in catalog))
             out.step(f"streaming the test split ({len(y)} samples) through the enclave")
             figures = await _measure(client, x, y)
         module_id, pcr16 = str(peer.module_id), peer.pcrs[16].hex()
@@ -384,6 +418,14 @@ async def run_demo(
             f"{THROUGHPUT_PASSES}x as {THROUGHPUT_CHUNK}-row inputs; one cold pass took "
             f"{figures.stream_s * 1e3:.1f} ms)"
         )
+        async with open_inference_client(endpoint, verifier=verifier) as client:
+            text = await text_act(
+                client,
+                out,
+                model=TEXT_MODEL,
+                bundle=await trio.to_thread.run_sync(ensure_minilm_bundle),
+                enclave_cpus=server.info.cpu_ids,
+            )
 
         denial = await _debug_enclave_refused(stack, eif_path, out)
 
@@ -400,17 +442,35 @@ async def run_demo(
         module_id=module_id,
         pcr16=pcr16,
         debug_denial=denial,
+        model_digests=digests,
+        text_matches=text.matches,
+        text_enclave_ms=text.enclave_p50_ms,
+        text_inproc_ms=text.inproc_p50_ms,
     )
+
+
+def _describe(model: ModelInfo) -> str:
+    """``digits (available, float32 [None, 64])``, ``minilm (available, text -> float32 ...)``."""
+    state = "available" if model.available else "unavailable"
+    if model.is_text and model.outputs:
+        out = model.outputs[0]
+        return f"{model.name} ({state}, text -> {out.dtype} {list(out.shape)})"
+    if model.inputs:
+        return f"{model.name} ({state}, {model.inputs[0].dtype} {list(model.inputs[0].shape)})"
+    return f"{model.name} ({state})"
 
 
 async def _debug_enclave_refused(stack: Stack, eif_path: Path, out: Console) -> str:
     """Step 9: the same image in debug mode must be refused the model key; returns why."""
-    out.step("same image in DEBUG mode: PCR0 reads as zeros, KMS must refuse the key")
+    out.step("same image in DEBUG mode: PCR0 reads as zeros, KMS must refuse the keys")
     audit_before = len(read_audit(stack.kms_state_dir))
     debug_server = await start_server(stack, eif_path, debug=True)
     model = debug_server.report.model("digits")
     if model is None or model.available:
         raise DemoFailure("the debug enclave was given the model key!")
+    text_model = debug_server.report.model(TEXT_MODEL)
+    if text_model is None or text_model.available:
+        raise DemoFailure("the debug enclave was given the MiniLM key!")
     denials = [
         line
         for line in read_audit(stack.kms_state_dir)[audit_before:]
@@ -525,7 +585,8 @@ def run_in_process(
         return _SIGNAL_EXIT_BASE + received[0]
     out.step(
         f"done: accuracy {results.accuracy:.2%}, p50 {results.p50_ms:.2f} ms, "
-        f"{results.throughput:,.0f} samples/s; nothing left running"
+        f"{results.throughput:,.0f} samples/s; MiniLM query p50 {results.text_enclave_ms:.1f} ms "
+        f"(in-process {results.text_inproc_ms:.1f} ms); nothing left running"
     )
     return 0
 

@@ -31,6 +31,7 @@ SUITES: dict[str, str] = {
     "runtime": "runtime.bench.start",
     "inference": "runtime.bench.inference",
     "fleet": "runtime.bench.fleet",
+    "minilm": "runtime.bench.minilm",
 }
 
 BenchResult = dict[str, float | int | str | None]
