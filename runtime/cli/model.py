@@ -204,6 +204,7 @@ def run_store(args: argparse.Namespace) -> int:
         path = Path(file)
         if not path.is_file():
             raise ConfigurationError(f"no such sealed model: {path}")
+        _check_sealed(path)
         models[name] = path.resolve()
     creds = credentials_from_env()
     region = (
@@ -226,6 +227,21 @@ def run_store(args: argparse.Namespace) -> int:
                   flush=True)  # fmt: skip
 
     return run_until_signal(serve)
+
+
+def _check_sealed(path: Path) -> None:
+    """Refuse, before serving, a file that is not a sealed model (its header is read and
+    checked; the enclave would otherwise find out only when it fetches the file)."""
+    from models.errors import SealedFormatError
+    from models.sealed import read_header
+
+    try:
+        with path.open("rb") as f:
+            read_header(f)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except SealedFormatError as exc:
+        raise ConfigurationError(f"{path} is not a sealed model: {exc}") from exc
 
 
 def _refused(exc: BaseException) -> bool:

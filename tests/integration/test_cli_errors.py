@@ -177,7 +177,7 @@ CASES = [
          ("model", "store", "--model", "digits={tmp}/none.sealed"), ("{tmp}/none.sealed",),
          env=_CREDS),
     Case("model-store-not-sealed", ("model", "store", "--model", "digits={junk}"), ("{junk}",),
-         env=_CREDS, owner="models", timeout_s=HANG_TIMEOUT_S),
+         env=_CREDS, timeout_s=HANG_TIMEOUT_S),
     Case("infer-nothing-listening",
          ("infer", "--endpoint", "127.0.0.1:{dead}", "--root", "local", "--policy", "{policy}",
           "--model", "digits", "--input", "{npz}"), ("127.0.0.1:{dead}",)),
