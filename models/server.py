@@ -49,6 +49,7 @@ from attest.errors import AttestError
 from attest.pcrs import pcr_extend
 from kms.errors import KmsError
 from models._malloc import trim, tune_malloc
+from models._slots import ConnectionSlots, Slot
 from models._startup import (
     CONNECTION_ERRORS,
     StartupError,
@@ -73,6 +74,7 @@ from transport.rpc import RpcError
 if TYPE_CHECKING:
     from attest.nsm.client import NsmClient
     from transport.channel import Attester, Suite
+    from transport.rpc import RpcServerConnection
 
 __all__ = [
     "MODEL_PCR",
@@ -351,10 +353,17 @@ async def serve_connection(
     suites: Sequence[Suite],
     handshake_timeout_s: float = 10.0,
     max_streams: int = 64,
+    slot: Slot | None = None,
 ) -> None:
-    """One client connection: attested handshake, then RPC until the client leaves."""
+    """One client connection: attested handshake, then RPC until the client leaves.
+
+    ``slot`` (from :class:`models._slots.ConnectionSlots`) is told when the handshake is done,
+    so that an idle connection can give its place to a newcomer.
+    """
     from transport.channel import accept_channel
     from transport.rpc import serve_rpc
+
+    started = _SlotServing(slot)
 
     async with stream:
         with trio.move_on_after(handshake_timeout_s) as scope:
@@ -369,7 +378,12 @@ async def serve_connection(
         try:
             async with channel:
                 try:
-                    await serve_rpc(channel, service.connection_handler(), max_streams=max_streams)
+                    await serve_rpc(
+                        channel,
+                        service.connection_handler(),
+                        max_streams=max_streams,
+                        task_status=started,
+                    )
                 except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
                     # A tampered record, a truncation or a vanished client: this connection
                     # ends, the server keeps serving the others.
@@ -394,13 +408,20 @@ async def serve_inference(
     from transport.vsock import open_vsock_listener
 
     suites = [Suite[name] for name in config.suites]
-    limiter = trio.CapacityLimiter(config.max_connections)
+    # Not a CapacityLimiter: a full server would park newcomers behind connections that do
+    # nothing (issue 10); the slots evict the idlest or refuse at once (see models._slots).
+    slots = ConnectionSlots(config.max_connections, clock=trio.current_time)
     if listener is None:
         listener = await open_vsock_listener(config.listen_port)
 
     async def handler(stream: trio.SocketStream) -> None:
-        async with limiter:
-            try:
+        slot = slots.admit()
+        if slot is None:
+            await stream.aclose()  # every connection is busy: refused, not parked
+            return
+        try:
+            with trio.CancelScope() as scope:
+                slot.scope = scope
                 await serve_connection(
                     stream,
                     service,
@@ -408,14 +429,36 @@ async def serve_inference(
                     suites=suites,
                     handshake_timeout_s=config.handshake_timeout_s,
                     max_streams=config.max_streams_per_connection,
+                    slot=slot,
                 )
-            except Exception as exc:  # a bug on one connection must not stop the server
-                log.error("connection_failed", error_type=type(exc).__name__, exc_info=exc)
+        except Exception as exc:  # a bug on one connection must not stop the server
+            log.error("connection_failed", error_type=type(exc).__name__, exc_info=exc)
+        finally:
+            slots.release(slot)
+            if slot.evicted:
+                await trio.aclose_forcefully(stream)
 
-    async with listener:
+    async def observe_slots() -> None:
+        while True:
+            await trio.sleep(slots.observe_interval_s)
+            slots.observe()
+
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(observe_slots)
         log.info("inference_server_listening", port=config.listen_port)
         task_status.started()
         await trio.serve_listeners(handler, [listener])
+
+
+class _SlotServing:
+    """The ``task_status`` given to ``serve_rpc``: hands its connection to the slot."""
+
+    def __init__(self, slot: Slot | None) -> None:
+        self._slot = slot
+
+    def started(self, value: RpcServerConnection | None = None) -> None:
+        if self._slot is not None and value is not None:
+            self._slot.serving(value, trio.current_time())
 
 
 class _Reporter:
