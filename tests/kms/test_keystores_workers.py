@@ -1,0 +1,97 @@
+"""External key stores across worker processes (two worker apps over one store, each with its
+own descriptors, as in test_coherence): a store created and connected through one worker is
+usable through the other at once, and a disconnection through one refuses the other's very next
+request and closes its connections to the proxy."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from kms.app import build_worker_app, prepare_state
+from kms.config import KmsConfig
+
+from .test_coherence import ENV, call
+from .xks_helpers import CRED, IO_TIMEOUT_S, URI_PATH, key_file, running_proxy, write_config
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def apps(tmp_path: Path) -> Any:
+    config = KmsConfig(state_dir=tmp_path / "kms", audit_fsync=False)
+    lock = prepare_state(config, env=ENV)
+    a = build_worker_app(config, env=ENV)
+    b = build_worker_app(config, env=ENV)
+    yield a, b
+    a.close()
+    b.close()
+    lock.release()
+
+
+async def _refused(app: Any, operation: str, payload: dict[str, Any]) -> str:
+    with pytest.raises(AssertionError) as e:
+        await call(app, operation, payload)
+    answer = e.value.args[0]
+    assert isinstance(answer, dict)
+    return str(answer["__type"])
+
+
+async def test_store_changes_reach_the_other_worker(apps: Any, tmp_path: Path) -> None:
+    a, b = apps
+    key_file(tmp_path, "k.bin")
+    config = write_config(
+        tmp_path / "proxy.toml", [{"id": "k", "backing": {"type": "file", "path": "k.bin"}}]
+    )
+    with trio.fail_after(IO_TIMEOUT_S):
+        async with running_proxy(config) as proxy:
+            store = (
+                await call(
+                    a,
+                    "CreateCustomKeyStore",
+                    {
+                        "CustomKeyStoreName": "shared",
+                        "CustomKeyStoreType": "EXTERNAL_KEY_STORE",
+                        "XksProxyConnectivity": "PUBLIC_ENDPOINT",
+                        "XksProxyUriEndpoint": proxy.endpoint,
+                        "XksProxyUriPath": URI_PATH,
+                        "XksProxyAuthenticationCredential": {
+                            "AccessKeyId": CRED.access_key_id,
+                            "RawSecretAccessKey": CRED.secret_access_key,
+                        },
+                    },
+                )
+            )["CustomKeyStoreId"]
+            await call(a, "ConnectCustomKeyStore", {"CustomKeyStoreId": store})
+            key = (
+                await call(
+                    a,
+                    "CreateKey",
+                    {"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store, "XksKeyId": "k"},
+                )
+            )["KeyMetadata"]["KeyId"]
+            plaintext = base64.b64encode(b"through b").decode()
+            blob = (await call(b, "Encrypt", {"KeyId": key, "Plaintext": plaintext}))[
+                "CiphertextBlob"
+            ]
+            assert len(b.service.proxies) == 1  # b keeps connections to the proxy
+            assert (await call(a, "Decrypt", {"CiphertextBlob": blob}))["Plaintext"] == plaintext
+
+            await call(a, "DisconnectCustomKeyStore", {"CustomKeyStoreId": store})
+            assert await _refused(b, "Decrypt", {"CiphertextBlob": blob}) == (
+                "KMSInvalidStateException"
+            )
+            assert len(b.service.proxies) == 0  # and b let go of them
+            listed = (await call(b, "DescribeCustomKeyStores", {}))["CustomKeyStores"]
+            assert [s["ConnectionState"] for s in listed] == ["DISCONNECTED"]
+
+            await call(b, "ConnectCustomKeyStore", {"CustomKeyStoreId": store})
+            assert (await call(a, "Decrypt", {"CiphertextBlob": blob}))["Plaintext"] == plaintext
+            # The secret never leaves either worker.
+            for app in (a, b):
+                described = await call(app, "DescribeCustomKeyStores", {})
+                assert CRED.secret_access_key not in str(described)
