@@ -8,9 +8,12 @@ proxy is gone."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -538,3 +541,79 @@ def test_secret_at_rest_restart_and_tamper(bed: Bed, tmp_path: Path) -> None:
         with pytest.raises(ClientError) as e:
             kms.decrypt(CiphertextBlob=blob)
         assert _code(e) == "KMSInvalidStateException"
+
+
+class _Relay:
+    """A TCP relay in front of the proxy that can stall: bytes then go nowhere, so the proxy
+    never answers (a slow proxy, as KMS sees one)."""
+
+    def __init__(self, port: int) -> None:
+        self._target = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.stalled = threading.Event()
+        self._sockets: list[socket.socket] = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target, timeout=30)
+            except OSError:
+                return
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.stalled.is_set():
+                    dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def test_a_slow_proxy(bed: Bed) -> None:
+    """The proxy stops answering: a cryptographic operation answers KMSInvalidStateException
+    (AWS's socket-timeout message) once the call's bound has passed; a connection attempt
+    leaves the store FAILED with XKS_PROXY_TIMED_OUT. Answering again: usable again."""
+    port = int(bed.proxy.endpoint.rsplit(":", 1)[1])
+    relay = _Relay(port)
+    try:
+        store_id = bed.new_store("slow", XksProxyUriEndpoint=f"http://127.0.0.1:{relay.port}")
+        bed.kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+        key_id = bed.kms.create_key(
+            Origin="EXTERNAL_KEY_STORE", CustomKeyStoreId=store_id, XksKeyId="model-key"
+        )["KeyMetadata"]["KeyId"]
+        blob = bed.kms.encrypt(KeyId=key_id, Plaintext=b"x")["CiphertextBlob"]
+        relay.stalled.set()
+        with pytest.raises(ClientError) as e:
+            bed.kms.decrypt(CiphertextBlob=blob)
+        assert _code(e) == "KMSInvalidStateException"
+        assert "did not respond in time" in e.value.response["Error"]["Message"]
+        bed.kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+        bed.kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+        entry = bed.describe(store_id)
+        assert (entry["ConnectionState"], entry["ConnectionErrorCode"]) == (
+            "FAILED",
+            "XKS_PROXY_TIMED_OUT",
+        )
+        relay.stalled.clear()
+        bed.kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+        bed.kms.connect_custom_key_store(CustomKeyStoreId=store_id)
+        assert bed.kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"x"
+        bed.kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
+    finally:
+        relay.close()
