@@ -12,25 +12,10 @@ from typing import Any
 import pytest
 import trio
 
-from kms.app import build_worker_app, prepare_state
-from kms.config import KmsConfig
-
-from .test_coherence import ENV, call
+from .test_coherence import call
 from .xks_helpers import CRED, IO_TIMEOUT_S, URI_PATH, key_file, running_proxy, write_config
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def apps(tmp_path: Path) -> Any:
-    config = KmsConfig(state_dir=tmp_path / "kms", audit_fsync=False)
-    lock = prepare_state(config, env=ENV)
-    a = build_worker_app(config, env=ENV)
-    b = build_worker_app(config, env=ENV)
-    yield a, b
-    a.close()
-    b.close()
-    lock.release()
 
 
 async def _refused(app: Any, operation: str, payload: dict[str, Any]) -> str:
