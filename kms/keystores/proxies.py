@@ -69,10 +69,12 @@ class ProxyClients:
         kept = self._clients.get(store.store_id)
         if kept is not None and kept[0] == store.revision:
             return kept[1]
-        if kept is not None:
-            await kept[1].aclose()
+        # Replace before awaiting the old one's close: a concurrent call then finds the new
+        # client instead of making (and leaking) one of its own.
         client = self.make(store, secret)
         self._clients[store.store_id] = (store.revision, client)
+        if kept is not None:
+            await kept[1].aclose()
         return client
 
     async def prune(self, stores: Mapping[str, KeyStore]) -> None:
