@@ -1,7 +1,8 @@
 """External key stores across worker processes (two worker apps over one store, each with its
 own descriptors, as in test_coherence): a store created and connected through one worker is
 usable through the other at once, and a disconnection through one refuses the other's very next
-request and closes its connections to the proxy."""
+request and closes its connections to the proxy. And an owner's HTTPS proxy, trusted through
+``SSL_CERT_FILE``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ import pytest
 import trio
 
 from .test_coherence import call
-from .xks_helpers import CRED, IO_TIMEOUT_S, URI_PATH, key_file, running_proxy, write_config
+from .xks_helpers import (
+    CRED,
+    IO_TIMEOUT_S,
+    URI_PATH,
+    TestPki,
+    key_file,
+    running_proxy,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -80,3 +89,60 @@ async def test_store_changes_reach_the_other_worker(apps: Any, tmp_path: Path) -
             for app in (a, b):
                 described = await call(app, "DescribeCustomKeyStores", {})
                 assert CRED.secret_access_key not in str(described)
+
+
+async def test_an_https_proxy_trusted_through_ssl_cert_file(
+    apps: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An owner's HTTPS proxy with a private CA: the KMS verifies it against the system's trust
+    store, which ``SSL_CERT_FILE`` replaces (README); an unknown CA fails the connection with
+    XKS_PROXY_INVALID_TLS_CONFIGURATION."""
+    a, _ = apps
+    pki = TestPki(tmp_path, "Owner CA")
+    server = pki.issue("server", "localhost", server=True)
+    key_file(tmp_path, "k.bin")
+    config = write_config(
+        tmp_path / "proxy.toml",
+        [{"id": "k", "backing": {"type": "file", "path": "k.bin"}}],
+        tls={"certificate": server.cert, "private_key": server.key},
+    )
+    request = {
+        "CustomKeyStoreName": "tls",
+        "CustomKeyStoreType": "EXTERNAL_KEY_STORE",
+        "XksProxyConnectivity": "PUBLIC_ENDPOINT",
+        "XksProxyUriPath": URI_PATH,
+        "XksProxyAuthenticationCredential": {
+            "AccessKeyId": CRED.access_key_id,
+            "RawSecretAccessKey": CRED.secret_access_key,
+        },
+    }
+    with trio.fail_after(IO_TIMEOUT_S):
+        async with running_proxy(config) as proxy:
+            endpoint = f"https://localhost:{proxy.port}"
+            request["XksProxyUriEndpoint"] = endpoint
+            # Not trusted: the system store does not know the owner's CA.
+            assert await _refused(a, "CreateCustomKeyStore", request) == (
+                "XksProxyUriUnreachableException"
+            )
+            monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca_path))
+            store = (await call(a, "CreateCustomKeyStore", request))["CustomKeyStoreId"]
+            await call(a, "ConnectCustomKeyStore", {"CustomKeyStoreId": store})
+            key = (
+                await call(
+                    a,
+                    "CreateKey",
+                    {"Origin": "EXTERNAL_KEY_STORE", "CustomKeyStoreId": store, "XksKeyId": "k"},
+                )
+            )["KeyMetadata"]["KeyId"]
+            blob = (await call(a, "Encrypt", {"KeyId": key, "Plaintext": "aGk="}))[
+                "CiphertextBlob"
+            ]
+            assert (await call(a, "Decrypt", {"CiphertextBlob": blob}))["Plaintext"] == "aGk="
+            await call(a, "DisconnectCustomKeyStore", {"CustomKeyStoreId": store})
+            monkeypatch.delenv("SSL_CERT_FILE")
+            await call(a, "ConnectCustomKeyStore", {"CustomKeyStoreId": store})
+            listed = (await call(a, "DescribeCustomKeyStores", {}))["CustomKeyStores"]
+            assert (listed[0]["ConnectionState"], listed[0]["ConnectionErrorCode"]) == (
+                "FAILED",
+                "XKS_PROXY_INVALID_TLS_CONFIGURATION",
+            )
