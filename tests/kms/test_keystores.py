@@ -20,18 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from attest.ca import LocalCA
 from kms.app import DB_FILE
 from kms.ciphertext import encode_context
+from kms.client import AttestedKmsClient, Credentials, KmsClient
 from kms.config import KmsConfig
+from kms.errors import KmsApiError
 from kms.keystores import blob as xks_blob
 from kms.xks.codec import gcm_aad
 
 from .conftest import boto_client
-from .helpers import ADMIN, ALL_CREDS, DaemonThread, aws_cli, root_pem_file
+from .helpers import (
+    ADMIN,
+    ALL_CREDS,
+    ENCLAVE,
+    DaemonThread,
+    FakeEnclave,
+    aws_cli,
+    enclave_policy,
+    root_pem_file,
+)
 from .xks_helpers import CRED, CRED2, URI_PATH, ProxyProcess, key_file, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -42,16 +54,20 @@ _KEYS = [
     {"id": "encrypt-only", "operations": "encrypt", "backing": {"type": "file", "path": "e.bin"}},
     {"id": "off-key", "enabled": False, "backing": {"type": "file", "path": "off.bin"}},
     {"id": "toggled", "backing": {"type": "file", "path": "toggled.bin"}},
+    {"id": "release-key", "backing": {"type": "file", "path": "release.bin"}},
 ]
 
 
 class Bed:
     """A daemon, a proxy process, and what the tests need of both."""
 
-    def __init__(self, daemon: DaemonThread, proxy: ProxyProcess, base: Path) -> None:
+    def __init__(
+        self, daemon: DaemonThread, proxy: ProxyProcess, base: Path, ca: LocalCA | None = None
+    ) -> None:
         self.daemon = daemon
         self.proxy = proxy
         self.base = base
+        self.ca = ca
         self.kms = boto_client(daemon.endpoint, ADMIN)
 
     @property
@@ -101,7 +117,7 @@ class Bed:
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     base = tmp_path_factory.mktemp("hyok")
-    for name in ("model.bin", "e.bin", "off.bin", "toggled.bin"):
+    for name in ("model.bin", "e.bin", "off.bin", "toggled.bin", "release.bin"):
         key_file(base, name)
     config = write_config(base / "proxy.toml", _KEYS, credentials=(CRED, CRED2))
     ca = LocalCA.load_or_create(base / "ca")
@@ -116,7 +132,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     proxy = ProxyProcess(config)
     try:
         with DaemonThread(kms_config) as daemon:
-            yield Bed(daemon, proxy, base)
+            yield Bed(daemon, proxy, base, ca)
     finally:
         proxy.kill()
 
@@ -623,3 +639,51 @@ def test_a_slow_proxy(bed: Bed) -> None:
         bed.kms.disconnect_custom_key_store(CustomKeyStoreId=store_id)
     finally:
         relay.close()
+
+
+async def test_attested_release_of_a_data_key(bed: Bed, store: str) -> None:
+    """GenerateDataKey with a Recipient on a key in an external key store: the attested
+    enclave gets the data key (through the proxy), and the blob it keeps opens to it."""
+    assert bed.ca is not None
+    key_id = bed.kms.create_key(
+        Origin="EXTERNAL_KEY_STORE",
+        CustomKeyStoreId=store,
+        XksKeyId="release-key",
+        Policy=json.dumps(enclave_policy()),
+    )["KeyMetadata"]["KeyId"]
+    client = AttestedKmsClient(
+        KmsClient(
+            endpoint=bed.daemon.endpoint,
+            credentials=Credentials(ENCLAVE.access_key_id, ENCLAVE.secret_access_key),
+        ),
+        FakeEnclave.create(bed.ca),
+    )
+    client.prepare()
+    with trio.fail_after(30):
+        try:
+            plaintext, blob = await client.generate_data_key(
+                key_id, encryption_context={"model": "m"}
+            )
+        finally:
+            await client.aclose()
+    assert len(plaintext) == 32
+    assert xks_blob.parse(blob).key_id == key_id
+    opened = await trio.to_thread.run_sync(
+        lambda: bed.kms.decrypt(CiphertextBlob=blob, EncryptionContext={"model": "m"})
+    )
+    assert opened["Plaintext"] == plaintext
+    # Another image is refused before the proxy is asked.
+    other = AttestedKmsClient(
+        KmsClient(
+            endpoint=bed.daemon.endpoint,
+            credentials=Credentials(ENCLAVE.access_key_id, ENCLAVE.secret_access_key),
+        ),
+        FakeEnclave.create(bed.ca, image="other-image"),
+    )
+    other.prepare()
+    try:
+        with trio.fail_after(30), pytest.raises(KmsApiError) as e:
+            await other.generate_data_key(key_id, encryption_context={"model": "m"})
+    finally:
+        await other.aclose()
+    assert e.value.type_name == "AccessDeniedException"
