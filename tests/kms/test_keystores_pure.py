@@ -5,6 +5,8 @@ and the request layer's checks of the proxy credential (the secret never echoed)
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from kms.keystores.record import (
     new_store_id,
     validate_endpoint,
 )
+from kms.storage import SCHEMA_VERSION, KeyStoreRow, SqliteStorage
 from kms.xks.codec import EncryptResult
 
 _KEY = "1234abcd-12ab-34cd-56ef-1234567890ab"
@@ -165,3 +168,29 @@ def test_credential_validation_never_echoes_the_secret() -> None:
         assert e.value.type_name in ("ValidationException", "SerializationException")
         assert secret not in e.value.message
         assert "s" * 43 not in e.value.message
+
+
+def test_storage_keeps_key_stores_and_migrates_schema_3(tmp_path: Path) -> None:
+    path = tmp_path / "kms.sqlite3"
+    store = SqliteStorage(path)
+    row = KeyStoreRow("cks-1", '{"x": 1}', b"wrapped", b"mac")
+    store.put_key_store(row)
+    store.put_key_store(KeyStoreRow("cks-2", "{}", b"w2", b"m2"))
+    store.delete_key_store("cks-2")
+    assert list(store.load().key_stores) == [row]
+    store.close()
+    # A schema-3 database (before custom key stores) gains the table, its rows untouched.
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE custom_key_stores")
+        db.execute("PRAGMA user_version=3")
+    db.close()
+    store = SqliteStorage(path)
+    try:
+        assert list(store.load().key_stores) == []
+        store.put_key_store(row)
+        assert list(store.load().key_stores) == [row]
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    db.close()
