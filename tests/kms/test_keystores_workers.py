@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import trio
 
 from .test_coherence import call
@@ -41,7 +42,7 @@ async def test_store_changes_reach_the_other_worker(apps: Any, tmp_path: Path) -
     config = write_config(
         tmp_path / "proxy.toml", [{"id": "k", "backing": {"type": "file", "path": "k.bin"}}]
     )
-    with trio.fail_after(IO_TIMEOUT_S):
+    with trio.fail_after(IO_TIMEOUT_S), structlog.testing.capture_logs() as logs:
         async with running_proxy(config) as proxy:
             store = (
                 await call(
@@ -85,10 +86,12 @@ async def test_store_changes_reach_the_other_worker(apps: Any, tmp_path: Path) -
 
             await call(b, "ConnectCustomKeyStore", {"CustomKeyStoreId": store})
             assert (await call(a, "Decrypt", {"CiphertextBlob": blob}))["Plaintext"] == plaintext
-            # The secret never leaves either worker.
+            # The secret never leaves either worker: not answered, not logged.
             for app in (a, b):
                 described = await call(app, "DescribeCustomKeyStores", {})
                 assert CRED.secret_access_key not in str(described)
+    assert any(e["event"] == "kms_custom_key_store_created" for e in logs)
+    assert CRED.secret_access_key not in repr(logs)
 
 
 async def test_an_https_proxy_trusted_through_ssl_cert_file(
