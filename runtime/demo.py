@@ -480,7 +480,10 @@ async def _hyok_owner_revokes(
             if not denials:
                 raise DemoFailure("no KMS refusal recorded after the owner revoked its key")
             error, reason = denials[-1].get("error"), denials[-1].get("reason")
-            out.ok(f"next enclave start refused: {error} (start to report {elapsed:.1f} s)")
+            out.ok(
+                f"next start, enclave {refused.enclave_id}, refused: {error} "
+                f"(start to report {elapsed:.1f} s)"
+            )
             out.info(f"AWS's message: {_xks_message(str(reason))}")
             out.info(f"audit log reason: {reason}")
             out.info(f"server reported: {model.reason}")
