@@ -1,13 +1,14 @@
 """The HYOK promise end to end, with real processes: a model is sealed under a KMS key in an
 external key store whose second layer is the owner's key in its own ``enclave kms xks-proxy``
 process; a real attested server enclave (``runtime.stack``) unseals it. When the owner disables
-its key in the proxy, or disconnects the store, the next key release fails at once with AWS's
-error (the restarted enclave's start-up report carries it), and a restarted enclave serves
-again once the owner allows it."""
+its key in the proxy, disconnects the store or stops its proxy, the next key release fails at
+once with AWS's error (the restarted enclave's start-up report carries it), and a restarted
+enclave serves again once the owner allows it."""
 
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,3 +105,12 @@ async def test_hyok_promise_with_a_real_enclave(short_state_dir: Path) -> None:
             _, reason = await _refused(stack, eif)
             assert "KMSInvalidStateException" in reason
             assert not [ln for ln in proxy.lines_since(since) if "xks_request" in ln]
+
+            # (3'', 4'') connected again, then the owner stops its proxy: refused as well.
+            async with stack.owner_kms() as kms:
+                await kms.call("ConnectCustomKeyStore", {"CustomKeyStoreId": store_id})
+            proxy.process.send_signal(signal.SIGTERM)
+            assert await proxy.process.wait() == 0
+            _, reason = await _refused(stack, eif)
+            assert "KMSInvalidStateException" in reason
+            assert _last_release(stack)["reason"] == "external key store proxy Decrypt: UNREACHABLE"
