@@ -481,14 +481,14 @@ async def _hyok_owner_revokes(
                 raise DemoFailure("no KMS refusal recorded after the owner revoked its key")
             error, reason = denials[-1].get("error"), denials[-1].get("reason")
             out.ok(
-                f"next start, enclave {refused.enclave_id}, refused: {error} "
-                f"(start to report {elapsed:.1f} s)"
+                f"next start: the KMS refused enclave {refused.enclave_id} the model key: "
+                f"{error} (start to report {elapsed:.1f} s)"
             )
             out.info(f"AWS's message: {_xks_message(str(reason))}")
             out.info(f"audit log reason: {reason}")
             out.info(f"server reported: {model.reason}")
-            with trio.move_on_after(10):
-                await refused.wait_exited()
+            # A server with other models still serves them: stop it (it may have exited).
+            await stack.runtime.terminate(refused.enclave_id)
         finally:
             stack.store.models["digits"] = first_act
     return f"{error}: {reason}"
