@@ -162,7 +162,7 @@ class FieldSpec:
     """One request member: JSON kind plus constraints."""
 
     #: "str" | "blob" | "int" | "bool" | "map" | "strlist" | "enumlist" | "timestamp" |
-    #: "recipient" | "tags" | "constraints"
+    #: "recipient" | "tags" | "constraints" | "xkscredential"
     kind: str
     required: bool = False
     min: int | None = None
@@ -207,6 +207,26 @@ _DRY_RUN_MODIFIERS = FieldSpec("enumlist", enum=("IGNORE_CIPHERTEXT",))
 _TAGS = FieldSpec("tags")
 _POLICY = _s(1, MAX_POLICY_CHARS, pattern=_POLICY_RE)
 _LIST = {"KeyId": _KEY_ID, "Limit": _LIMIT, "Marker": _MARKER}
+
+_STORE_ID_REQ = _s(1, 64, req=True)
+_STORE_NAME = _s(1, 256)
+_STORE_NAME_REQ = _s(1, 256, req=True)
+#: The members CreateCustomKeyStore and UpdateCustomKeyStore share (the model's). The model's
+#: XksProxyUriEndpoint pattern (``^https://[a-zA-Z0-9.-]+$``) is not applied here: this KMS
+#: also takes a port and plain http:// to loopback (kms.keystores.record.validate_endpoint).
+_STORE_SETTINGS: dict[str, FieldSpec] = {
+    "CloudHsmClusterId": _s(19, 24),
+    "TrustAnchorCertificate": _s(1, 5000),
+    "KeyStorePassword": _s(7, 32),
+    "CustomKeyStoreType": _e(("AWS_CLOUDHSM", "EXTERNAL_KEY_STORE")),
+    "XksProxyUriEndpoint": _s(10, 128),
+    "XksProxyUriPath": _s(10, 128),
+    "XksProxyVpcEndpointServiceName": _s(20, 64),
+    "XksProxyVpcEndpointServiceOwner": _s(12, 12),
+    "XksProxyAuthenticationCredential": FieldSpec("xkscredential"),
+    "XksProxyConnectivity": _e(("PUBLIC_ENDPOINT", "VPC_ENDPOINT_SERVICE")),
+}
+_CREATE_ONLY = ("TrustAnchorCertificate", "CustomKeyStoreType")
 
 #: Operation → member specs, as botocore's KMS model states them (a test compares the two).
 OPERATIONS: dict[str, dict[str, FieldSpec]] = {
@@ -418,18 +438,28 @@ OPERATIONS: dict[str, dict[str, FieldSpec]] = {
         "KeyMaterialId": _MATERIAL_ID,
     },
     "DeleteImportedKeyMaterial": {"KeyId": _KEY_ID, "KeyMaterialId": _MATERIAL_ID},
+    # -- custom key stores (external key stores only: kms.service.keystores)
+    "CreateCustomKeyStore": {"CustomKeyStoreName": _STORE_NAME_REQ, **_STORE_SETTINGS},
+    "ConnectCustomKeyStore": {"CustomKeyStoreId": _STORE_ID_REQ},
+    "DisconnectCustomKeyStore": {"CustomKeyStoreId": _STORE_ID_REQ},
+    "UpdateCustomKeyStore": {
+        "CustomKeyStoreId": _STORE_ID_REQ,
+        "NewCustomKeyStoreName": _STORE_NAME,
+        **{k: v for k, v in _STORE_SETTINGS.items() if k not in _CREATE_ONLY},
+    },
+    "DeleteCustomKeyStore": {"CustomKeyStoreId": _STORE_ID_REQ},
+    "DescribeCustomKeyStores": {
+        "CustomKeyStoreId": _s(1, 64),
+        "CustomKeyStoreName": _STORE_NAME,
+        "Limit": _LIMIT,
+        "Marker": _MARKER,
+    },
 }
 
 #: Operations of the model this KMS does not serve: each answers UnsupportedOperationException
 #: naming itself (the service's table says why). Their members are not validated.
 UNSUPPORTED: frozenset[str] = frozenset(
     {
-        "ConnectCustomKeyStore",
-        "CreateCustomKeyStore",
-        "DeleteCustomKeyStore",
-        "DescribeCustomKeyStores",
-        "DisconnectCustomKeyStore",
-        "UpdateCustomKeyStore",
         "ReplicateKey",
         "UpdatePrimaryRegion",
         "Encapsulate",
@@ -615,6 +645,26 @@ def _tags(name: str, value: Any, spec: FieldSpec) -> list[dict[str, str]]:
     return out
 
 
+#: XksProxyAuthenticationCredential's members (the model's; the spec's credential formats).
+_XKS_ACCESS_KEY_ID = _s(20, 30, req=True, pattern=re.compile(r"^[A-Z2-7]+$"))
+_XKS_SECRET = _s(43, 64, req=True, pattern=re.compile(r"^[a-zA-Z0-9/+=]+$"))
+
+
+def _xks_credential(name: str, value: Any, spec: FieldSpec) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise _serialization(name, "object")
+    out: dict[str, str] = {}
+    for member, member_spec in (
+        ("AccessKeyId", _XKS_ACCESS_KEY_ID),
+        ("RawSecretAccessKey", _XKS_SECRET),
+    ):
+        full = f"{name}.{member}"
+        if value.get(member) is None:
+            raise _validation(full, "Member must not be null")
+        out[member] = _str(full, value[member], member_spec)
+    return out
+
+
 _DECODERS: dict[str, Callable[[str, Any, FieldSpec], Any]] = {
     "str": _str,
     "blob": _blob,
@@ -627,6 +677,7 @@ _DECODERS: dict[str, Callable[[str, Any, FieldSpec], Any]] = {
     "recipient": _recipient,
     "tags": _tags,
     "constraints": _constraints,
+    "xkscredential": _xks_credential,
 }
 
 

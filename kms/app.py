@@ -176,7 +176,7 @@ class KmsApp:
         hdr = {k.lower(): v for k, v in headers}
         target_hdr = hdr.get("x-amz-target")
         operation = (target_hdr or "").removeprefix("TrentService.")[:64] or None
-        outcome = Outcome()
+        outcome = Outcome(request_id=request_id)
         principal: str | None = None
         authenticated = False
         status = 200

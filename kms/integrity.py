@@ -9,6 +9,11 @@ under keys derived from the one master key, which never touches the database or 
 * the audit log: each line's ``mac`` is an HMAC-SHA256 under the **audit** subkey over the
   previous line's ``mac`` and this line's canonical JSON (see :mod:`kms.audit`);
 * each grant row: an HMAC-SHA256 tag under the **record** subkey, like key records;
+* each custom key store row: the secret of its XKS proxy credential is AES-256-GCM under the
+  **wrap** subkey (its own associated-data label and the store id, so it can never be opened
+  as key material or as another store's secret), and the record (name, proxy URI, access key
+  id, connection state) with the wrapped secret carries an HMAC-SHA256 tag under the
+  **record** subkey;
 * what the daemon hands out and takes back later without storing it: grant tokens (an
   HMAC-SHA256 under the **grant-token** subkey over the grant id and a fresh nonce) and import
   tokens (the BYOK wrapping private key, AES-256-GCM under the **import-token** subkey with the
@@ -56,6 +61,9 @@ LABEL_IMPORT_TOKEN = b"enclave-kms/v3/import-token-seal"
 GENESIS_MAC = "0" * 64
 
 _WRAP_AAD = b"enclave-kms/key-material/v1\x00"
+#: A custom key store's proxy secret: a label of its own under the same wrap subkey (the two
+#: associated-data prefixes differ, so one kind of wrapped value can never open as the other).
+_STORE_SECRET_AAD = b"enclave-kms/xks-proxy-credential/v1\x00"
 _MASTER_CHECK_AAD = b"enclave-kms/master-check/v1"
 _MASTER_CHECK = b"enclave-kms master key check"
 _GRANT_TOKEN_VERSION = 1
@@ -171,6 +179,22 @@ class MasterKey:
     def grant_ok(self, grant_id: str, key_id: str, record: str, tag: bytes) -> bool:
         """True if ``tag`` authenticates this grant row (constant time)."""
         return self._records.verify(_canonical(["grant", grant_id, key_id, record]), tag)
+
+    def key_store_tag(self, store_id: str, record: str, secret: bytes) -> bytes:
+        """The tag of one custom key store row (its record and its wrapped secret)."""
+        return self._records.tag(_canonical(["key-store", store_id, record, secret.hex()]))
+
+    def key_store_ok(self, store_id: str, record: str, secret: bytes, tag: bytes) -> bool:
+        """True if ``tag`` authenticates this custom key store row (constant time)."""
+        return self._records.verify(_canonical(["key-store", store_id, record, secret.hex()]), tag)
+
+    def wrap_store_secret(self, store_id: str, secret: bytes) -> bytes:
+        """Encrypt a custom key store's proxy secret for storage, bound to the store id."""
+        return self._wrap.seal(secret, _STORE_SECRET_AAD + store_id.encode())
+
+    def unwrap_store_secret(self, store_id: str, wrapped: bytes) -> bytes:
+        """Inverse of :meth:`wrap_store_secret`; CiphertextFormatError if tampered."""
+        return self._wrap.open(wrapped, _STORE_SECRET_AAD + store_id.encode())
 
     # ------------------------------------------------------------ tokens handed out
 

@@ -13,8 +13,9 @@ Schema versions (``PRAGMA user_version``) only go forward: 1 → 2 adds the ``ma
 marks the store ``legacy_rows`` until :meth:`Storage.finish_migration` has rewritten every row
 (the service rewraps and tags them); 2 → 3 adds the ``grants`` table (tagged rows like the
 others; key specs, tags, imported-material state and key material ids live in the key's
-authenticated metadata record, so they needed no column). A newer schema than this code knows
-is refused.
+authenticated metadata record, so they needed no column); 3 → 4 adds ``custom_key_stores``
+(external key stores: a tagged JSON record and the proxy credential's secret, wrapped like key
+material). A newer schema than this code knows is refused.
 
 Where the next backends fit: a PostgreSQL store implements this same protocol (each method one
 serializable transaction, retried on serialization failures); the daemon's in-memory copy then
@@ -41,6 +42,7 @@ __all__ = [
     "VersionRow",
     "AliasRow",
     "GrantRow",
+    "KeyStoreRow",
     "Snapshot",
     "Storage",
     "SqliteStorage",
@@ -89,6 +91,17 @@ class GrantRow:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyStoreRow:
+    """A custom key store: its JSON record (see kms.keystores), the wrapped secret of its proxy
+    credential, and the tag over both."""
+
+    store_id: str
+    record: str
+    secret: bytes
+    mac: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything stored, as loaded at start-up."""
 
@@ -96,6 +109,7 @@ class Snapshot:
     versions: Sequence[VersionRow]
     aliases: Sequence[AliasRow]
     grants: Sequence[GrantRow] = ()
+    key_stores: Sequence[KeyStoreRow] = ()
 
 
 class Storage(Protocol):
@@ -145,6 +159,14 @@ class Storage(Protocol):
         """Insert or replace an alias."""
         ...
 
+    def put_key_store(self, store: KeyStoreRow) -> None:
+        """Insert or replace a custom key store."""
+        ...
+
+    def delete_key_store(self, store_id: str) -> None:
+        """Delete a custom key store (the service checks that no key names it)."""
+        ...
+
     def delete_alias(self, name: str) -> None:
         """Delete an alias."""
         ...
@@ -187,6 +209,21 @@ CREATE TABLE IF NOT EXISTS grants (
     record TEXT NOT NULL,
     mac BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS custom_key_stores (
+    store_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    secret BLOB NOT NULL,
+    mac BLOB NOT NULL
+);
+"""
+#: Schema 3 → 4: custom key stores (their keys name them in the keys' authenticated records).
+_MIGRATE_3_TO_4 = """
+CREATE TABLE IF NOT EXISTS custom_key_stores (
+    store_id TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    secret BLOB NOT NULL,
+    mac BLOB NOT NULL
+);
 """
 #: Schema 2 → 3: grants (CreateGrant); everything else new lives in the tagged key records.
 _MIGRATE_2_TO_3 = """
@@ -204,7 +241,7 @@ ALTER TABLE aliases ADD COLUMN mac BLOB NOT NULL DEFAULT x'';
 INSERT OR REPLACE INTO meta VALUES ('legacy_rows', x'31');
 """
 #: Schema version stored in PRAGMA user_version; bump with a migration.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class SqliteStorage:
@@ -238,6 +275,8 @@ class SqliteStorage:
                     self._script(_MIGRATE_1_TO_2)
                 if version in (1, 2):
                     self._script(_MIGRATE_2_TO_3)
+                if version in (1, 2, 3):
+                    self._script(_MIGRATE_3_TO_4)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             self._db.close()
@@ -271,7 +310,13 @@ class SqliteStorage:
             GrantRow(r[0], r[1], r[2], bytes(r[3]))
             for r in self._db.execute("SELECT grant_id, key_id, record, mac FROM grants")
         ]
-        return Snapshot(keys, versions, aliases, grants)
+        stores = [
+            KeyStoreRow(r[0], r[1], bytes(r[2]), bytes(r[3]))
+            for r in self._db.execute(
+                "SELECT store_id, record, secret, mac FROM custom_key_stores"
+            )
+        ]
+        return Snapshot(keys, versions, aliases, grants, stores)
 
     def get_meta(self, name: str) -> bytes | None:
         row = self._db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
@@ -345,6 +390,17 @@ class SqliteStorage:
     def delete_alias(self, name: str) -> None:
         with self._tx():
             self._db.execute("DELETE FROM aliases WHERE name=?", (name,))
+
+    def put_key_store(self, store: KeyStoreRow) -> None:
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO custom_key_stores VALUES (?, ?, ?, ?)",
+                (store.store_id, store.record, store.secret, store.mac),
+            )
+
+    def delete_key_store(self, store_id: str) -> None:
+        with self._tx():
+            self._db.execute("DELETE FROM custom_key_stores WHERE store_id=?", (store_id,))
 
     def finish_migration(self, snapshot: Snapshot, master_check: bytes) -> None:
         with self._tx():

@@ -88,6 +88,11 @@ __all__ = [
     "OWNER_ARN",
     "INSTANCE_ARN",
     "MODEL_KEY_ALIAS",
+    "XksProxyProcess",
+    "open_xks_proxy",
+    "create_xks_model_key",
+    "XKS_URI_PATH",
+    "XKS_KEY_ID",
 ]
 
 #: The inference server's enclave app directory, shipped inside the ``models`` package.
@@ -769,3 +774,222 @@ async def open_inference_stack(
             model_digests=tuple(digests),
             text_model=TEXT_MODEL if text else None,
         )
+
+
+# --- hold your own key: the owner's external key store ----------------------------------------
+
+#: The owner's XKS proxy: its URI path, the external key's id, and how long it may take to
+#: start or to reload its configuration.
+XKS_URI_PATH: Final = "/model-owner/kms/xks/v1"
+XKS_KEY_ID: Final = "model-key"
+XKS_PROXY_TIMEOUT_S: Final = 30.0
+#: The proxy's stderr lines kept for :meth:`XksProxyProcess.wait_for` (it logs every request).
+_XKS_LINES_KEPT: Final = 500
+
+
+def _xks_credential() -> tuple[str, str]:
+    """A fresh SigV4 credential in the XKS spec's formats: an access key id of 24 characters of
+    A-Z2-7 (base32 of 15 random bytes), a secret of 44 base64 characters (32 random bytes)."""
+    access_key_id = base64.b32encode(os.urandom(15)).decode()
+    return access_key_id, base64.b64encode(os.urandom(32)).decode()
+
+
+class XksProxyProcess:
+    """The model owner's ``enclave kms xks-proxy``: a real child process serving one external
+    key (a 32-byte key file, mode 0600) over plain HTTP on loopback. Started by
+    :func:`open_xks_proxy`; the owner disables its key with :meth:`set_key_enabled` (rewrite
+    the configuration, SIGHUP, wait until the proxy says it reloaded)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.config_path = directory / "xks-proxy.toml"
+        self.access_key_id, self.secret = _xks_credential()
+        #: ``http://127.0.0.1:<port>``: the XksProxyUriEndpoint (set once the proxy listens).
+        self.endpoint = ""
+        self._process: trio.Process | None = None
+        self._lines: list[str] = []
+        self._count = 0
+        self._new = trio.Event()
+
+    @property
+    def uri_path(self) -> str:
+        return XKS_URI_PATH
+
+    @property
+    def process(self) -> trio.Process:
+        """The child process (set by :func:`open_xks_proxy`)."""
+        assert self._process is not None
+        return self._process
+
+    def write_config(self, *, enabled: bool = True) -> None:
+        """(Re)write the proxy's configuration (mode 0600: it holds the SigV4 secret)."""
+        text = "\n".join(
+            [
+                'listen = "127.0.0.1:0"',
+                f'uri_path = "{XKS_URI_PATH}"',
+                'region = "us-east-1"',
+                "[[credentials]]",
+                f'access_key_id = "{self.access_key_id}"',
+                f'secret_access_key = "{self.secret}"',
+                "[[keys]]",
+                f'id = "{XKS_KEY_ID}"',
+                f"enabled = {'true' if enabled else 'false'}",
+                'backing = { type = "file", path = "model-key.bin" }',
+                "",
+            ]
+        )
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+
+    async def _read_stderr(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        buffer = b""
+        async for chunk in stream:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                self._lines.append(raw.decode(errors="replace"))
+                self._count += 1
+            del self._lines[:-_XKS_LINES_KEPT]
+            self._new.set()
+            self._new = trio.Event()
+        self._new.set()
+
+    def mark(self) -> int:
+        """How many stderr lines the proxy has written so far (for ``since``)."""
+        return self._count
+
+    def lines_since(self, mark: int) -> list[str]:
+        """The stderr lines written after :meth:`mark` returned ``mark`` (those still kept)."""
+        first = self._count - len(self._lines)
+        return self._lines[max(0, mark - first) :]
+
+    async def wait_for(self, text: str, *, since: int = 0) -> str:
+        """The first stderr line after the ``since``-th containing ``text`` (StackError if the
+        proxy ends or stays silent for :data:`XKS_PROXY_TIMEOUT_S`)."""
+        with trio.move_on_after(XKS_PROXY_TIMEOUT_S):
+            while True:
+                first = self._count - len(self._lines)
+                for i, line in enumerate(self._lines):
+                    if first + i >= since and text in line:
+                        return line
+                if self.process.returncode is not None:
+                    break
+                await self._new.wait()
+        raise StackError(
+            f"the XKS proxy did not say {text!r} (exit status {self.process.returncode}); "
+            f"its last lines: {self._lines[-5:]}"
+        )
+
+    async def set_key_enabled(self, enabled: bool) -> None:
+        """The owner enables or disables its key: effective for the next request on return."""
+        import signal
+
+        since = self._count
+        self.write_config(enabled=enabled)
+        self.process.send_signal(signal.SIGHUP)
+        await self.wait_for("xks_reloaded", since=since)
+
+
+@asynccontextmanager
+async def open_xks_proxy(directory: Path) -> AsyncIterator[XksProxyProcess]:
+    """Start the owner's XKS proxy (``enclave kms xks-proxy``) with a fresh key and credential
+    in ``directory``; stop it (SIGTERM, then SIGKILL after a bound) when the block ends."""
+    import signal
+    import subprocess
+    import sys
+
+    from transport.paths import ensure_private_dir
+
+    directory = Path(directory)
+    ensure_private_dir(directory)
+    key = directory / "model-key.bin"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(os.urandom(32))
+    # The proxy's log lines are read here: its console format, whatever the caller's level.
+    env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_LOG_LEVEL"}
+    proxy = XksProxyProcess(directory)
+    proxy.write_config()
+    async with trio.open_nursery() as nursery:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "runtime.cli", "kms", "xks-proxy",
+             "--config", str(proxy.config_path), "--listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        proxy._process = process
+        try:
+            nursery.start_soon(proxy._read_stderr)
+            line = await proxy.wait_for("xks-proxy listening on ")
+            proxy.endpoint = line.split("listening on ", 1)[1].strip().removesuffix(XKS_URI_PATH)
+            yield proxy
+        finally:
+            with trio.CancelScope(shield=True):
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+                    with trio.move_on_after(XKS_PROXY_TIMEOUT_S):
+                        await process.wait()
+                    if process.returncode is None:
+                        process.kill()
+                await process.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def create_xks_model_key(
+    stack: Stack,
+    pcr0_hex: str,
+    proxy: XksProxyProcess,
+    *,
+    store_name: str = "model-owner-xks",
+    alias: str | None = MODEL_KEY_ALIAS,
+) -> tuple[str, str]:
+    """As the owner: create an external key store on ``proxy``, connect it, and create a model
+    key in it (policy: :func:`key_policy_for_image`; its second layer is the owner's key in the
+    proxy). Returns (the key's ARN, the custom key store id).
+
+    Raises:
+        kms.errors.KmsError: the KMS refused.
+        StackError: the store did not connect (its ConnectionErrorCode says why).
+    """
+    async with stack.owner_kms() as kms:
+        created = await kms.call(
+            "CreateCustomKeyStore",
+            {
+                "CustomKeyStoreName": store_name,
+                "CustomKeyStoreType": "EXTERNAL_KEY_STORE",
+                "XksProxyConnectivity": "PUBLIC_ENDPOINT",
+                "XksProxyUriEndpoint": proxy.endpoint,
+                "XksProxyUriPath": proxy.uri_path,
+                "XksProxyAuthenticationCredential": {
+                    "AccessKeyId": proxy.access_key_id,
+                    "RawSecretAccessKey": proxy.secret,
+                },
+            },
+        )
+        store_id = str(created["CustomKeyStoreId"])
+        await kms.call("ConnectCustomKeyStore", {"CustomKeyStoreId": store_id})
+        # AWS connects asynchronously and clients poll; this KMS has connected on return.
+        described = await kms.call("DescribeCustomKeyStores", {"CustomKeyStoreId": store_id})
+        entries = described.get("CustomKeyStores")
+        entry = entries[0] if isinstance(entries, list) and entries else {}
+        if not isinstance(entry, Mapping) or entry.get("ConnectionState") != "CONNECTED":
+            raise StackError(f"the external key store did not connect: {entry!r}")
+        answer = await kms.call(
+            "CreateKey",
+            {
+                "Description": "sealed ONNX models, the owner's key held in its XKS proxy",
+                "Origin": "EXTERNAL_KEY_STORE",
+                "CustomKeyStoreId": store_id,
+                "XksKeyId": XKS_KEY_ID,
+                "Policy": json.dumps(key_policy_for_image(pcr0_hex)),
+            },
+        )
+        metadata = answer["KeyMetadata"]
+        if not isinstance(metadata, Mapping):
+            raise StackError(f"CreateKey answered without KeyMetadata: {answer!r}")
+        arn = str(metadata["Arn"])
+        if alias:
+            await kms.call("CreateAlias", {"AliasName": alias, "TargetKeyId": arn})
+    return arn, store_id

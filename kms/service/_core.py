@@ -22,6 +22,11 @@ at load is **quarantined**: it stays known (ListKeys shows it) but every use ans
 
 Recipient requests are verified by ``attest``'s verifier inline on the event loop: an ES384
 verification with a cached chain costs ~0.7 ms, less than moving it to a thread and back.
+
+External key stores (:mod:`kms.keystores`) live beside the keys: their records in
+:attr:`KmsService.key_stores`, the secrets of their proxy credentials unwrapped in memory only,
+and this process's clients of their proxies in :attr:`KmsService.proxies`. A store row that
+fails its tag is quarantined like a key: its keys cannot be used.
 """
 
 from __future__ import annotations
@@ -40,14 +45,18 @@ from .. import _asym, _wrap, ciphertext
 from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import MasterKey
 from ..keyspecs import HMAC_MAX_BYTES, MAC_ALGORITHMS, spec_info
+from ..keystores import KeyStore, ProxyClients, ProxySettings
+from ..keystores import blob as xks_blob
+from ..keystores.record import EXTERNAL_KEY_STORE_ORIGIN, STORE_ID_PREFIX
 from ..policy import Decision, KeyPolicy, RequestContext, account_of, default_key_policy
-from ..storage import AliasRow, GrantRow, KeyRow, Snapshot, Storage, VersionRow
+from ..storage import AliasRow, GrantRow, KeyRow, KeyStoreRow, Snapshot, Storage, VersionRow
 from . import (
     asymmetric,
     authorization,
     byok,
     crypto,
     grants,
+    keystores,
     lifecycle,
     management,
     metadata,
@@ -87,6 +96,7 @@ OPERATIONS: dict[str, Operation] = {
         grants,
         metadata,
         byok,
+        keystores,
         unsupported,
     )
     for op in family.OPERATIONS
@@ -122,6 +132,7 @@ class KmsService:
         account_id: str,
         recipient_verifier: RecipientVerifier | None,
         clock: Callable[[], float],
+        proxy_settings: ProxySettings | None = None,
     ) -> None:
         self._storage = storage
         self.master = master
@@ -141,6 +152,15 @@ class KmsService:
         self.write_lock: AbstractAsyncContextManager[None] = trio.Lock()
         self._limiter = trio.CapacityLimiter(1)
         self._next_deadline = float("inf")
+        #: External key stores by id, and their proxy secrets (wrapped as stored, and clear).
+        self.key_stores: dict[str, KeyStore] = {}
+        self._store_wrapped: dict[str, bytes] = {}
+        self._store_secrets: dict[str, str] = {}
+        #: This process's clients of the stores' proxies.
+        self.proxies = ProxyClients(region, proxy_settings)
+        #: Bumped whenever the store set is (re)loaded: the proxies are pruned at the next use.
+        self._stores_loaded = 0
+        self._stores_pruned = 0
 
     # ---------------------------------------------------------------- start-up
 
@@ -155,6 +175,7 @@ class KmsService:
         recipient_verifier: RecipientVerifier | None,
         clock: Callable[[], float],
         seed: tuple[SeedKey, ...] = (),
+        proxy_settings: ProxySettings | None = None,
     ) -> KmsService:
         """Load the key set synchronously (start-up, before serving).
 
@@ -176,6 +197,7 @@ class KmsService:
             account_id=account_id,
             recipient_verifier=recipient_verifier,
             clock=clock,
+            proxy_settings=proxy_settings,
         )
         snap = storage.load()
         if legacy:
@@ -278,6 +300,27 @@ class KmsService:
                 key.add_grant(Grant.from_record(g.grant_id, g.key_id, g.record))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("kms_grant_unreadable", grant_id=g.grant_id, reason=str(exc))
+        self._load_key_stores(snap.key_stores)
+
+    def _load_key_stores(self, rows: Sequence[KeyStoreRow]) -> None:
+        """The external key stores; a row failing its tag (or its secret failing to unwrap)
+        is quarantined: the store is unknown to every operation, its keys unusable."""
+        m = self.master
+        self.key_stores, self._store_wrapped, self._store_secrets = {}, {}, {}
+        for row in rows:
+            if not m.key_store_ok(row.store_id, row.record, row.secret, row.mac):
+                self._quarantine(row.store_id, "custom key store row fails its tag")
+                continue
+            try:
+                store = KeyStore.from_record(row.store_id, row.record)
+                secret = m.unwrap_store_secret(row.store_id, row.secret).decode("ascii")
+            except (ValueError, KeyError, TypeError, CiphertextFormatError) as exc:
+                self._quarantine(row.store_id, f"custom key store row is refused: {exc}")
+                continue
+            self.key_stores[row.store_id] = store
+            self._store_wrapped[row.store_id] = row.secret
+            self._store_secrets[row.store_id] = secret
+        self._stores_loaded += 1
 
     @staticmethod
     def _describe_legacy(
@@ -356,7 +399,7 @@ class KmsService:
         versions = [v for v in snap.versions if v.key_id not in unchanged]
         grants = [g for g in snap.grants if g.key_id not in unchanged]
         self._keys, self.aliases, self.quarantined = {}, {}, {}
-        self._load(Snapshot(changed, versions, snap.aliases, grants))
+        self._load(Snapshot(changed, versions, snap.aliases, grants, snap.key_stores))
         self._keys.update(unchanged)
         self._recompute_deadline()
 
@@ -392,8 +435,13 @@ class KmsService:
                 self.aliases[alias] = row
 
     def close(self) -> None:
-        """Close the storage backend."""
+        """Close the storage backend (the proxies' kept connections close with the process or
+        with :meth:`aclose_proxies`)."""
         self._storage.close()
+
+    async def aclose_proxies(self) -> None:
+        """Close this process's connections to XKS proxies."""
+        await self.proxies.aclose()
 
     # ---------------------------------------------------------------- rows and writes
 
@@ -417,6 +465,53 @@ class KmsService:
         """The backend (write through :meth:`write`)."""
         return self._storage
 
+    # ---------------------------------------------------------------- custom key stores
+
+    def store_secret(self, store_id: str) -> str:
+        """The secret of a store's proxy credential (never logged, never answered)."""
+        return self._store_secrets[store_id]
+
+    async def put_store(self, store: KeyStore, secret: str | None = None) -> None:
+        """Persist a store's record (and a new secret, wrapped), then apply it in memory.
+
+        Raises:
+            KeyError: no ``secret`` for a store not stored before.
+        """
+        store_id = store.store_id
+        wrapped = (
+            self.master.wrap_store_secret(store_id, secret.encode("ascii"))
+            if secret is not None
+            else self._store_wrapped[store_id]
+        )
+        record = store.record()
+        row = KeyStoreRow(
+            store_id, record, wrapped, self.master.key_store_tag(store_id, record, wrapped)
+        )
+        await self.write(lambda: self._storage.put_key_store(row))
+        self.key_stores[store_id] = store
+        self._store_wrapped[store_id] = wrapped
+        if secret is not None:
+            self._store_secrets[store_id] = secret
+
+    async def delete_store(self, store_id: str) -> None:
+        """Delete a store's row; forget it and its proxy client."""
+        await self.write(lambda: self._storage.delete_key_store(store_id))
+        self.key_stores.pop(store_id, None)
+        self._store_wrapped.pop(store_id, None)
+        self._store_secrets.pop(store_id, None)
+        await self.proxies.discard(store_id)
+
+    async def prune_proxies(self) -> None:
+        """Drop proxy clients of stores that changed since they were made (cheap when the
+        store set was not reloaded since the last call)."""
+        if self._stores_pruned != self._stores_loaded:
+            self._stores_pruned = self._stores_loaded
+            await self.proxies.prune(self.key_stores)
+
+    def keys_in_store(self, store_id: str) -> list[Key]:
+        """The keys (any state) of a custom key store."""
+        return [k for k in self._keys.values() if k.meta.get("CustomKeyStoreId") == store_id]
+
     async def write(self, fn: Callable[[], _T]) -> _T:
         """Run one storage call in the storage thread (durable when it returns)."""
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
@@ -435,7 +530,10 @@ class KmsService:
 
     def keys_sorted(self) -> list[tuple[str, str]]:
         """(key id, ARN) of every key, quarantined ones included (ListKeys)."""
-        ids = sorted(set(self._keys) | {k for k in self.quarantined if not k.startswith("alias/")})
+        ids = sorted(
+            set(self._keys)
+            | {k for k in self.quarantined if not k.startswith(("alias/", STORE_ID_PREFIX))}
+        )
         return [(k, self._arn(k)) for k in ids]
 
     # ---------------------------------------------------------------- naming
@@ -658,10 +756,18 @@ class KmsService:
 
     def locate_ciphertext(
         self, blob: bytes, key_id: str | None, outcome: Outcome
-    ) -> tuple[Key, ciphertext.BlobHeader]:
-        """The key a CiphertextBlob names (and, if ``key_id`` is given, that it is that key)."""
+    ) -> tuple[Key, ciphertext.BlobHeader | xks_blob.XksBlob]:
+        """The key a CiphertextBlob names (and, if ``key_id`` is given, that it is that key).
+
+        A blob of a key in an external key store (format 2, :mod:`kms.keystores.blob`) is
+        parsed as one; each format opens only under a key of its kind.
+        """
+        header: ciphertext.BlobHeader | xks_blob.XksBlob
         try:
-            header = ciphertext.parse_header(blob)
+            if xks_blob.is_external_blob(blob):
+                header = xks_blob.parse(blob)
+            else:
+                header = ciphertext.parse_header(blob)
         except CiphertextFormatError:
             raise KmsApiError("InvalidCiphertextException", "") from None
         key = self._keys.get(header.key_id)
@@ -682,6 +788,11 @@ class KmsService:
                 "The key ID in the request does not identify a CMK that can perform this "
                 "operation.",
             )
+        external = key.meta["Origin"] == EXTERNAL_KEY_STORE_ORIGIN
+        if external != isinstance(header, xks_blob.XksBlob):
+            outcome.key_arn = key.arn
+            outcome.reason = "ciphertext format does not match its key's origin"
+            raise KmsApiError("InvalidCiphertextException", "")
         return key, header
 
     @staticmethod
@@ -845,6 +956,8 @@ class KmsService:
         """
         if self.clock() >= self._next_deadline:  # checked inline: the hot path has no await
             await self._maintenance()
+        if self._stores_pruned != self._stores_loaded:  # another worker changed the stores
+            await self.prune_proxies()
         op = OPERATIONS.get(operation)
         if op is None:  # kms.api validated the name: a table out of step with it is our bug
             raise KmsApiError("UnknownOperationException", "", status=400)

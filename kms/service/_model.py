@@ -61,6 +61,9 @@ class Outcome:
     recipient: dict[str, str] | None = None
     #: The grant that allowed the request, when a grant (not the key policy) did.
     grant_id: str | None = None
+    #: The request's id (``x-amzn-RequestId``, the audit line's): sent to an XKS proxy as
+    #: ``kmsRequestId`` so the owner can match its log to ours. Made up when absent.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

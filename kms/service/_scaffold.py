@@ -29,8 +29,11 @@ one fails the request whatever the policy says. Asymmetric and HMAC operations d
 ``KeyUsage`` their key must have (``usage``, checked after the state). A CIPHERTEXT step is
 located by its ``KeyId`` instead of the blob's header when the ciphertext is an asymmetric one
 (an RSAES algorithm is named) or when a dry run says ``IGNORE_CIPHERTEXT`` (nothing is opened).
-Imported material and custom key stores change where a key's material lives, not this
-pipeline.
+Imported material changes where a key's material lives, not this pipeline. A key in an
+external key store (:mod:`.external`) adds two things: a USABLE step also requires its store to
+be CONNECTED, and its ciphertext is opened through the store's proxy, asynchronously, after
+every key step has been authorized and a dry run has stopped (step 4b): the proxy is never
+called for a request that is refused or only a dry run.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ from typing import TYPE_CHECKING, Any
 from .. import cms
 from ..errors import KmsApiError
 from ..keyspecs import SYMMETRIC
+from ..keystores.blob import XksBlob
+from ..keystores.record import EXTERNAL_KEY_STORE_ORIGIN
+from . import external
 from ._model import Answer, Caller, Key, Outcome, Params, RecipientInfo
 
 if TYPE_CHECKING:
@@ -126,6 +132,9 @@ class Request:
         plaintext: for a CIPHERTEXT step, the opened blob.
         recipient: the verified Recipient, if the request carried one.
         version: for a CIPHERTEXT step, the key material version that opened it (symmetric).
+        operation: the operation's wire name (set by :func:`run_operation`).
+        pending: a CIPHERTEXT step's blob of a key in an external key store, with its key
+            and encryption context, opened through the proxy once every step is authorized.
     """
 
     params: Params
@@ -135,6 +144,8 @@ class Request:
     plaintext: bytes | None = None
     recipient: RecipientInfo | None = None
     version: int | None = None
+    operation: str = ""
+    pending: tuple[Key, XksBlob, dict[str, Any] | None] | None = None
 
     def key(self, index: int = 0) -> Key:
         """The key of step ``index`` (it must have been located)."""
@@ -189,6 +200,7 @@ def _b64(data: bytes) -> str:
 async def run_operation(svc: KmsService, op: Operation, request: Request) -> Answer:
     """Run ``op`` through the scaffold. Raises :class:`KmsApiError`."""
     params = request.params
+    request.operation = op.name
     if op.check is not None:
         op.check(params)
     tokens = params.get("GrantTokens")
@@ -199,9 +211,13 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     if op.writes:
         async with svc.write_lock:
             _locate_and_authorize(svc, op, request)
+            if request.pending is not None:
+                await _open_pending(svc, request)
             result = await op.run(svc, request)
     else:
         _locate_and_authorize(svc, op, request)
+        if request.pending is not None:
+            await _open_pending(svc, request)
         result = await op.run(svc, request)
     out = request.outcome
     # No key located and the run decided nothing itself (RetireGrant does): not key-scoped.
@@ -216,6 +232,13 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
             answer[result.field] = _b64(result.secret)
         return answer
     return result
+
+
+async def _open_pending(svc: KmsService, request: Request) -> None:
+    """Step 4b: open an external key store's blob through its proxy."""
+    assert request.pending is not None
+    key, parsed, context = request.pending
+    request.plaintext = await external.open_blob(svc, key, parsed, context, request)
 
 
 def _dry_run(op: Operation, params: Params) -> bool:
@@ -273,10 +296,18 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
         )
         if step.require is not Require.ANY:
             _require(key, step.require)
+            if (
+                step.require is Require.USABLE
+                and key.meta["Origin"] == EXTERNAL_KEY_STORE_ORIGIN
+            ):
+                external.require_connected(svc, key, request.outcome)
         usage = step.usage
         if (usage is not None and key.meta["KeyUsage"] != usage) or step.symmetric:
             _usage(key, step, step.action or op.name)
-        if header is not None:
+        if isinstance(header, XksBlob):
+            request.pending = (key, header, context)
+            request.version = header.key_version
+        elif header is not None:
             request.plaintext = svc.open_ciphertext(key, header, context, request.outcome)
             request.version = header.key_version
         elif asymmetric is not None:

@@ -3,7 +3,9 @@ GenerateDataKeyPair(WithoutPlaintext), GenerateRandom.
 
 Resolving, authorizing (with the encryption context and Recipient conditions), requiring the key
 usable, opening the ciphertext, DryRun and the plaintext-or-CiphertextForRecipient answer are
-the scaffold's; each operation below only produces its bytes.
+the scaffold's; each operation below only produces its bytes. A key in an external key store
+seals through its proxy (:mod:`.external`, double encryption); data key pairs are refused for
+it, as AWS refuses them in custom key stores.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import trio
 from .. import _asym, _wrap
 from ..errors import KmsApiError
 from ..keyspecs import SYMMETRIC, rsa_max_plaintext
+from ..keystores.record import STORE_ID_PREFIX
+from . import external
 from ._model import Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Release, Request, Require
 
 if TYPE_CHECKING:
     from ._core import KmsService
 
-__all__ = ["OPERATIONS", "encrypt_with"]
+__all__ = ["OPERATIONS", "encrypt_with", "encrypt_for"]
 
 _DATA_KEY_BYTES = {"AES_256": 32, "AES_128": 16}
 _SYMMETRIC = SYMMETRIC
@@ -58,17 +62,13 @@ def encrypt_with(
     plaintext: bytes,
     context: Mapping[str, str] | None,
 ) -> tuple[bytes, str]:
-    """Encrypt under ``key`` (its usage checked): a symmetric blob, or RSAES-OAEP.
+    """Encrypt under ``key`` (its usage checked): a symmetric blob, or RSAES-OAEP. Not for keys
+    in an external key store (:func:`encrypt_for` is).
 
     Returns:
         (ciphertext, the EncryptionAlgorithm used).
     """
-    alg = algorithm or _SYMMETRIC
-    if alg not in key.spec.encryption:
-        raise KmsApiError(
-            "InvalidKeyUsageException",
-            f"The encryption algorithm {alg} is not compatible with {key.arn}.",
-        )
+    alg = _algorithm(key, algorithm)
     if alg == _SYMMETRIC:
         return svc.seal(key, plaintext, context), alg
     if context:
@@ -86,21 +86,57 @@ def encrypt_with(
     return asym.encrypt(alg, plaintext), alg
 
 
+def _algorithm(key: Key, algorithm: str | None) -> str:
+    alg = algorithm or _SYMMETRIC
+    if alg not in key.spec.encryption:
+        raise KmsApiError(
+            "InvalidKeyUsageException",
+            f"The encryption algorithm {alg} is not compatible with {key.arn}.",
+        )
+    return alg
+
+
+async def encrypt_for(
+    svc: KmsService,
+    key: Key,
+    algorithm: str | None,
+    plaintext: bytes,
+    context: Mapping[str, str] | None,
+    r: Request,
+) -> tuple[bytes, str]:
+    """:func:`encrypt_with`, or through the proxy for a key in an external key store."""
+    if external.is_external(key):
+        alg = _algorithm(key, algorithm)
+        return await external.seal(svc, key, plaintext, context, r), alg
+    return encrypt_with(svc, key, algorithm, plaintext, context)
+
+
+async def _seal(
+    svc: KmsService, key: Key, plaintext: bytes, context: Mapping[str, str] | None, r: Request
+) -> bytes:
+    """A symmetric blob under ``key`` (through its proxy for an external key store's)."""
+    if external.is_external(key):
+        return await external.seal(svc, key, plaintext, context, r)
+    return svc.seal(key, plaintext, context)
+
+
 async def _encrypt(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    blob, alg = encrypt_with(
+    blob, alg = await encrypt_for(
         svc,
         key,
         r.params.get("EncryptionAlgorithm"),
         r.params["Plaintext"],
         r.params.get("EncryptionContext"),
+        r,
     )
     return {"CiphertextBlob": _b64(blob), "KeyId": key.arn, "EncryptionAlgorithm": alg}
 
 
 def _material(answer: Answer, name: str, key: Key, version: int | None) -> Answer:
-    """Add ``name`` = the KeyMaterialId of ``version`` (symmetric keys only, as AWS)."""
-    if version is not None and key.spec.kind == "symmetric":
+    """Add ``name`` = the KeyMaterialId of ``version`` (symmetric keys with AWS_KMS or EXTERNAL
+    origin only, as AWS: not for keys in a custom key store)."""
+    if version is not None and key.spec.kind == "symmetric" and not external.is_external(key):
         material_id = key.material_id(version)
         if material_id is not None:
             answer[name] = material_id
@@ -121,12 +157,13 @@ async def _reencrypt(svc: KmsService, r: Request) -> Answer:
     assert r.plaintext is not None
     src, dst = r.key(0), r.key(1)
     p = r.params
-    blob, alg = encrypt_with(
+    blob, alg = await encrypt_for(
         svc,
         dst,
         p.get("DestinationEncryptionAlgorithm"),
         r.plaintext,
         p.get("DestinationEncryptionContext"),
+        r,
     )
     answer: Answer = {
         "CiphertextBlob": _b64(blob),
@@ -163,8 +200,6 @@ def _check_key_pair(p: Params) -> None:
 
 
 def _check_random(p: Params) -> None:
-    if "CustomKeyStoreId" in p:
-        raise KmsApiError("CustomKeyStoreNotFoundException", "Custom key stores are not supported.")
     if p.get("NumberOfBytes") is None:
         raise KmsApiError("ValidationException", "NumberOfBytes is required.")
 
@@ -172,7 +207,7 @@ def _check_random(p: Params) -> None:
 async def _generate_data_key(svc: KmsService, r: Request) -> Release:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
-    blob = svc.seal(key, data_key, r.params.get("EncryptionContext"))
+    blob = await _seal(svc, key, data_key, r.params.get("EncryptionContext"), r)
     answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
     return Release(data_key, _material(answer, "KeyMaterialId", key, key.current_version))
 
@@ -180,13 +215,19 @@ async def _generate_data_key(svc: KmsService, r: Request) -> Release:
 async def _generate_data_key_without_plaintext(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
-    blob = svc.seal(key, data_key, r.params.get("EncryptionContext"))
+    blob = await _seal(svc, key, data_key, r.params.get("EncryptionContext"), r)
     answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
     return _material(answer, "KeyMaterialId", key, key.current_version)
 
 
 async def _key_pair(svc: KmsService, r: Request) -> tuple[bytes, Answer]:
     key, spec = r.key(), r.params["KeyPairSpec"]
+    if external.is_external(key):
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            f"{r.operation}: {key.arn} is in a custom key store, which cannot generate data "
+            "key pairs.",
+        )
     # RSA-3072/4096 generation takes up to a second: keep it off the event loop.
     private_der, public_der = await trio.to_thread.run_sync(_asym.generate_data_key_pair, spec)
     answer = {
@@ -210,6 +251,20 @@ async def _generate_data_key_pair_without_plaintext(svc: KmsService, r: Request)
 
 
 async def _generate_random(svc: KmsService, r: Request) -> Release:
+    store_id = r.params.get("CustomKeyStoreId")
+    if store_id is not None:
+        # Only CloudHSM key stores generate random bytes, and there are none here.
+        if store_id in svc.key_stores:
+            raise KmsApiError(
+                "UnsupportedOperationException",
+                f"{store_id} is an external key store; GenerateRandom takes the ID of an "
+                "AWS CloudHSM key store only.",
+            )
+        raise KmsApiError(
+            "CustomKeyStoreNotFoundException",
+            f"Custom key store {store_id[:64]} does not exist "
+            f"(ids look like {STORE_ID_PREFIX}...).",
+        )
     return Release(_wrap.random_bytes(int(r.params["NumberOfBytes"])), {})
 
 

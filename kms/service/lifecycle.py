@@ -1,5 +1,11 @@
 """Key lifecycle: CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey, ScheduleKeyDeletion,
-CancelKeyDeletion. Each operation is its declaration plus only the work that is its own."""
+CancelKeyDeletion. Each operation is its declaration plus only the work that is its own.
+
+CreateKey takes the write lock itself, for the write only: a key in an external key store is
+checked with the store's proxy first (GetKeyMetadata, up to the proxy timeout), and that call
+must not hold every other writer back. What the check relied on (the store CONNECTED, the
+external key id unused) is checked again under the lock.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,10 @@ import trio
 from .. import _asym, _wrap
 from ..errors import KmsApiError
 from ..keyspecs import CMK_SPECS, SPECS, SYMMETRIC
+from ..keystores.record import CONNECTED, EXTERNAL_KEY_STORE_ORIGIN, KeyStore
 from ..policy import default_key_policy
 from ..storage import VersionRow
+from . import external
 from ._model import (
     DAY_S,
     DEFAULT_PENDING_WINDOW_DAYS,
@@ -36,6 +44,7 @@ __all__ = [
     "import_state",
     "MAX_TAGS",
     "check_tags",
+    "key_state",
 ]
 
 #: AWS allows at most 50 tags per KMS key.
@@ -92,6 +101,20 @@ def import_state(meta: dict[str, Any]) -> str:
     return "Enabled" if meta["Enabled"] else "Disabled"
 
 
+def key_state(svc: KmsService, key: Key) -> str:
+    """The KeyState AWS reports: ``Unavailable`` for an enabled or disabled key whose custom
+    key store is not CONNECTED (the stored state comes back with the connection)."""
+    state = key.state
+    if (
+        state in ("Enabled", "Disabled")
+        and key.meta["Origin"] == EXTERNAL_KEY_STORE_ORIGIN
+        and getattr(svc.key_stores.get(str(key.meta.get("CustomKeyStoreId"))), "state", None)
+        != CONNECTED
+    ):
+        return "Unavailable"
+    return state
+
+
 def metadata(svc: KmsService, key: Key) -> Answer:
     """AWS's KeyMetadata of ``key``."""
     m = key.meta
@@ -104,7 +127,7 @@ def metadata(svc: KmsService, key: Key) -> Answer:
         "Enabled": m["Enabled"],
         "Description": m["Description"],
         "KeyUsage": m["KeyUsage"],
-        "KeyState": m["KeyState"],
+        "KeyState": key_state(svc, key),
         "Origin": m["Origin"],
         "KeyManager": "CUSTOMER",
         "KeySpec": m["KeySpec"],
@@ -117,7 +140,11 @@ def metadata(svc: KmsService, key: Key) -> Answer:
         out["DeletionDate"] = m["DeletionDate"]
         out["PendingDeletionWindowInDays"] = m["PendingWindowInDays"]
     current = m.get("Materials", {}).get(str(m["CurrentVersion"]))
-    if spec.kind == "symmetric" and current is not None:
+    if m["Origin"] == EXTERNAL_KEY_STORE_ORIGIN:
+        # No CurrentKeyMaterialId: the model gives it for AWS_KMS and EXTERNAL origins only.
+        out["CustomKeyStoreId"] = m["CustomKeyStoreId"]
+        out["XksKeyConfiguration"] = {"Id": m["XksKeyId"]}
+    elif spec.kind == "symmetric" and current is not None:
         out["CurrentKeyMaterialId"] = current["Id"]
     if m["Origin"] == "EXTERNAL" and current is not None and current.get("ExpirationModel"):
         out["ExpirationModel"] = current["ExpirationModel"]
@@ -174,14 +201,38 @@ def _check_create(p: Params) -> None:
             f"CreateKey: KeySpec {spec} is not supported by this KMS.",
         )
     origin = p.get("Origin", "AWS_KMS")
-    if origin in ("AWS_CLOUDHSM", "EXTERNAL_KEY_STORE") or "CustomKeyStoreId" in p:
+    if origin == "AWS_CLOUDHSM":
         raise KmsApiError(
             "UnsupportedOperationException",
-            f"CreateKey: Origin {origin} (custom key stores) is not supported by this KMS.",
+            "CreateKey: Origin AWS_CLOUDHSM (CloudHSM key stores) is not supported by this KMS.",
         )
-    if "XksKeyId" in p:
+    if origin == EXTERNAL_KEY_STORE_ORIGIN:
+        for member in ("CustomKeyStoreId", "XksKeyId"):
+            if member not in p:
+                raise KmsApiError(
+                    "ValidationException",
+                    f"{member} is required for a KMS key with Origin EXTERNAL_KEY_STORE.",
+                )
+        if _create_spec(p) != (SYMMETRIC, "ENCRYPT_DECRYPT"):
+            raise KmsApiError(
+                "UnsupportedOperationException",
+                "CreateKey: a KMS key in a custom key store must be a symmetric encryption key "
+                "(KeySpec SYMMETRIC_DEFAULT, KeyUsage ENCRYPT_DECRYPT).",
+            )
+        if p.get("MultiRegion"):
+            raise KmsApiError(
+                "UnsupportedOperationException",
+                "CreateKey: multi-Region keys cannot be created in a custom key store.",
+            )
+    elif "XksKeyId" in p:
         raise KmsApiError(
             "ValidationException", "XksKeyId is valid only with Origin EXTERNAL_KEY_STORE."
+        )
+    elif "CustomKeyStoreId" in p:
+        raise KmsApiError(
+            "ValidationException",
+            "CustomKeyStoreId names an external key store: its keys need Origin "
+            "EXTERNAL_KEY_STORE and an XksKeyId.",
         )
     if p.get("MultiRegion"):
         raise KmsApiError(
@@ -189,6 +240,30 @@ def _check_create(p: Params) -> None:
             "CreateKey: multi-Region keys are not supported by this KMS.",
         )
     check_tags(p.get("Tags", []))
+
+
+def _external_store(svc: KmsService, p: Params) -> KeyStore:
+    """The CONNECTED external key store a CreateKey names, its external key id unused in it."""
+    store_id = str(p["CustomKeyStoreId"])
+    store = svc.key_stores.get(store_id)
+    if store is None:
+        raise KmsApiError(
+            "CustomKeyStoreNotFoundException", f"Custom key store {store_id} does not exist."
+        )
+    if store.state != CONNECTED:
+        raise KmsApiError(
+            "CustomKeyStoreInvalidStateException",
+            f"Custom key store {store_id} is {store.state}; CreateKey needs it CONNECTED.",
+        )
+    xks_key_id = str(p["XksKeyId"])
+    for other in svc.keys_in_store(store_id):
+        if other.meta.get("XksKeyId") == xks_key_id:
+            raise KmsApiError(
+                "XksKeyAlreadyInUseException",
+                f"The external key {xks_key_id} is already associated with {other.arn} in "
+                f"custom key store {store_id}.",
+            )
+    return store
 
 
 async def _create_key(svc: KmsService, r: Request) -> Answer:
@@ -201,8 +276,12 @@ async def _create_key(svc: KmsService, r: Request) -> Answer:
     policy = parse_policy(p.get("Policy") or default_key_policy(svc.account_id))
     lockout_check(svc, policy, r.caller, arn, bool(p.get("BypassPolicyLockoutSafetyCheck")))
     r.outcome.key_arn = arn
+    if origin == EXTERNAL_KEY_STORE_ORIGIN:
+        store = _external_store(svc, p)
+        await external.check_external_key(svc, store, str(p["XksKeyId"]), r)
     material: bytes | None = None
-    if origin == "AWS_KMS":
+    # Keys in an external key store also get KMS key material: the first of the two layers.
+    if origin in ("AWS_KMS", EXTERNAL_KEY_STORE_ORIGIN):
         if spec.kind == "symmetric":
             material = _wrap.random_bytes(_wrap.AES_KEY_BYTES)
         elif spec.kind == "hmac":
@@ -212,6 +291,9 @@ async def _create_key(svc: KmsService, r: Request) -> Answer:
     now = svc.clock()
     meta = new_meta(now, p.get("Description", ""), spec=spec_name, usage=usage, origin=origin)
     meta["Tags"] = p.get("Tags", [])
+    if origin == EXTERNAL_KEY_STORE_ORIGIN:
+        meta["CustomKeyStoreId"] = str(p["CustomKeyStoreId"])
+        meta["XksKeyId"] = str(p["XksKeyId"])
     if material is not None:
         meta["Materials"] = describe_materials(key_id, [material], now)
     key = Key(key_id, arn, meta, policy)
@@ -221,10 +303,13 @@ async def _create_key(svc: KmsService, r: Request) -> Answer:
         else []
     )
     row = svc.key_row(key)
-    await svc.write(lambda: svc.storage.create_key(row, versions))
-    if material is not None:
-        svc.attach_material(key, 1, material)
-    svc.add_key(key)
+    async with svc.write_lock:
+        if origin == EXTERNAL_KEY_STORE_ORIGIN:
+            _external_store(svc, p)  # still CONNECTED, the external key still unused
+        await svc.write(lambda: svc.storage.create_key(row, versions))
+        if material is not None:
+            svc.attach_material(key, 1, material)
+        svc.add_key(key)
     return {"KeyMetadata": metadata(svc, key)}
 
 
@@ -285,7 +370,8 @@ _NOT_PENDING = (KeyStep(require=Require.NOT_PENDING),)
 _NOT_PENDING_DELETION = (KeyStep(require=Require.NOT_PENDING_DELETION),)
 
 OPERATIONS = (
-    Operation("CreateKey", _create_key, check=_check_create, writes=True),
+    # Not ``writes``: the run takes the write lock for its write (module docstring).
+    Operation("CreateKey", _create_key, check=_check_create),
     Operation("DescribeKey", _describe_key, keys=(KeyStep(locate=Locate.KEY_ID),)),
     Operation("ListKeys", _list_keys),
     Operation("EnableKey", _set_enabled(True), keys=_NOT_PENDING, writes=True),

@@ -46,12 +46,18 @@ def _check_alias_name(p: Params) -> None:
 
 
 def _check_rotatable(key: Key, operation: str, *, automatic: bool) -> None:
-    """Rotation is for symmetric encryption keys; automatic rotation for AWS_KMS material."""
+    """Rotation is for symmetric encryption keys, not in a custom key store (AWS); automatic
+    rotation for AWS_KMS material."""
     if key.spec.kind != "symmetric":
         raise KmsApiError(
             "UnsupportedOperationException",
             f"{operation}: {key.arn} is a {key.meta['KeySpec']} key; only symmetric encryption "
             "keys rotate.",
+        )
+    if key.origin == "EXTERNAL_KEY_STORE":
+        raise KmsApiError(
+            "UnsupportedOperationException",
+            f"{operation}: {key.arn} is in a custom key store; its keys do not rotate.",
         )
     if automatic and key.origin != "AWS_KMS":
         raise KmsApiError(

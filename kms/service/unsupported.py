@@ -17,18 +17,11 @@ if TYPE_CHECKING:
 
 __all__ = ["OPERATIONS", "REASONS"]
 
-_CUSTOM = "custom key stores (AWS CloudHSM and external key stores) are not supported yet"
 _MULTI_REGION = "multi-Region keys are not supported: this KMS serves one Region"
 _ML_KEM = "ML-KEM keys are not supported yet"
 
 #: Operation → why this KMS does not serve it.
 REASONS: dict[str, str] = {
-    "ConnectCustomKeyStore": _CUSTOM,
-    "CreateCustomKeyStore": _CUSTOM,
-    "DeleteCustomKeyStore": _CUSTOM,
-    "DescribeCustomKeyStores": _CUSTOM,
-    "DisconnectCustomKeyStore": _CUSTOM,
-    "UpdateCustomKeyStore": _CUSTOM,
     "ReplicateKey": _MULTI_REGION,
     "UpdatePrimaryRegion": _MULTI_REGION,
     "Encapsulate": _ML_KEM,

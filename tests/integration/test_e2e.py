@@ -51,6 +51,9 @@ async def test_demo_path(short_state_dir: Path) -> None:
     assert results.pcr16 == expected_pcr16([bytes.fromhex(d) for d in results.model_digests]).hex()
     assert "imagesha384" in results.debug_denial.lower()
     assert "debug" in log.getvalue().lower()
+    # Third act: the owner disabled its key in its XKS proxy; the restarted enclave was refused.
+    assert results.hyok_refusal.startswith("KMSInvalidStateException: ")
+    assert "not enabled in the external key manager" in log.getvalue()
 
 
 async def test_client_with_wrong_pcr0_policy_sends_nothing(served: Served) -> None:

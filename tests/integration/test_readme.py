@@ -41,7 +41,7 @@ def recipes() -> dict[str, list[tuple[str, str]]]:
     return found
 
 
-RUNNERS = {"whole-path", "pytest-plugin"}
+RUNNERS = {"whole-path", "pytest-plugin", "hyok"}
 
 
 def test_every_recipe_has_a_runner() -> None:
@@ -161,3 +161,62 @@ def test_pytest_plugin_example_in_a_fresh_project(short_tmp: Path) -> None:
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert re.search(r"\b3 passed\b", done.stdout), done.stdout
+
+
+@pytest.mark.skipif(not _can_isolate_network(), reason="needs root and unshare --net")
+def test_hyok_recipe(short_tmp: Path) -> None:
+    """The owner's XKS proxy and the KMS as the README starts them; the AWS CLI creates and
+    connects an external key store, creates a key in it, encrypts and decrypts; the owner
+    disables its key in its proxy and the next Decrypt is refused with AWS's error. The sealed
+    file's outer layer opens with the owner's key file alone (checked here with
+    ``cryptography``), the inner one never leaves the KMS."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from kms.ciphertext import encode_context
+    from kms.keystores import blob as xks_blob
+    from kms.xks.codec import gcm_aad
+
+    blocks = recipes()["hyok"]
+    assert all(lang == "bash" for lang, _ in blocks)
+    work = short_tmp / "w"
+    work.mkdir()
+    script = "\n".join(
+        [
+            "set -euo pipefail",
+            "trap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT",
+            *(code for _, code in blocks),
+        ]
+    )
+    (work / "recipe.sh").write_text(script + "\n")
+    done = subprocess.run(
+        ["unshare", "--net", "bash", "-c", "ip link set lo up && exec bash recipe.sh"],
+        cwd=work,
+        env=_clean_env(short_tmp),
+        capture_output=True,
+        text=True,
+        timeout=RECIPE_TIMEOUT_S,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert (work / "state.txt").read_text().strip() == "CONNECTED"
+    assert (work / "opened.txt").read_bytes() == (work / "plain.txt").read_bytes()
+    assert "KMSInvalidStateException" in (work / "refused.txt").read_text()
+    # The outer layer is the owner's AES-256-GCM under its key file; inside is KMS's layer.
+    sealed = xks_blob.parse((work / "sealed.bin").read_bytes())
+    context = {"app": "models"}
+    aad = sealed.header + hashlib.sha256(encode_context(context)).digest()
+    inner = AESGCM((work / "owner-key.bin").read_bytes()).decrypt(
+        sealed.iv, sealed.ciphertext + sealed.tag, gcm_aad(aad, sealed.ciphertext_metadata)
+    )
+    assert len(inner) == 12 + len(b"model weights") + 16
+    assert b"model weights" not in inner
+    # The proxy saw each KMS request under its id, and said why it refused the last one.
+    (state_dir,) = short_tmp.glob("er-*")
+    audit = [json.loads(line) for line in (state_dir / "kms" / "audit.jsonl").open()]
+    decrypts = [r for r in audit if r["operation"] == "Decrypt"]
+    assert [r["status"] for r in decrypts] == [200, 400]
+    assert decrypts[-1]["error"] == "KMSInvalidStateException"
+    xks_log = (work / "xks.log").read_text()
+    for record in decrypts:
+        assert record["request_id"] in xks_log

@@ -11,6 +11,7 @@ import pytest
 from botocore.config import Config
 
 from attest.ca import LocalCA
+from kms.app import build_worker_app, prepare_state
 from kms.config import CredentialEntry, KmsConfig
 
 from .helpers import ALL_CREDS, DaemonThread, root_pem_file
@@ -52,3 +53,25 @@ def boto_client(endpoint: str, cred: CredentialEntry, **config: Any) -> Any:
 def audit_path(daemon: DaemonThread) -> Path:
     assert daemon.config.state_dir is not None
     return daemon.config.state_dir / "audit.jsonl"
+
+
+#: The one credential of the worker apps of :func:`apps`.
+COHERENCE_ENV = {
+    "ENCLAVE_KMS_ACCESS_KEY_ID": "AKIDCOH",
+    "ENCLAVE_KMS_SECRET_ACCESS_KEY": "coherence",
+}
+
+
+@pytest.fixture
+def apps(tmp_path: Path) -> Iterator[Any]:
+    """Two worker apps over one store, in this process: each has its own descriptors (as
+    separate processes would), so the cross-process writer lock and the shared generation are
+    the real ones."""
+    config = KmsConfig(state_dir=tmp_path / "kms", audit_fsync=False)
+    lock = prepare_state(config, env=COHERENCE_ENV)
+    a = build_worker_app(config, env=COHERENCE_ENV)
+    b = build_worker_app(config, env=COHERENCE_ENV)
+    yield a, b
+    a.close()
+    b.close()
+    lock.release()

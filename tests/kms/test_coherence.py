@@ -12,12 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from kms.app import KmsApp, build_worker_app, prepare_state
+from kms.app import KmsApp
 from kms.coherence import ConnectionShare, SharedGeneration
-from kms.config import KmsConfig
 from kms.sigv4 import sign_headers
 
-ENV = {"ENCLAVE_KMS_ACCESS_KEY_ID": "AKIDCOH", "ENCLAVE_KMS_SECRET_ACCESS_KEY": "coherence"}
+from .conftest import COHERENCE_ENV as ENV
 
 
 async def call(app: KmsApp, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -43,18 +42,6 @@ async def call(app: KmsApp, operation: str, payload: dict[str, Any]) -> dict[str
     if reply.status != 200:
         raise AssertionError(answer)
     return answer
-
-
-@pytest.fixture
-def apps(tmp_path: Path) -> Any:
-    config = KmsConfig(state_dir=tmp_path / "kms", audit_fsync=False)
-    lock = prepare_state(config, env=ENV)
-    a = build_worker_app(config, env=ENV)
-    b = build_worker_app(config, env=ENV)
-    yield a, b
-    a.close()
-    b.close()
-    lock.release()
 
 
 async def test_changes_reach_the_other_app_and_unchanged_keys_are_kept(apps: Any) -> None:

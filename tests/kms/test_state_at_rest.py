@@ -32,6 +32,7 @@ from kms.daemon import _Connection, _Shutdown
 from kms.errors import AuditChainError, KmsApiError
 from kms.integrity import MasterKey
 from kms.statedir import StateDirInUse
+from kms.storage import SCHEMA_VERSION
 from transport.errors import ConfigurationError
 
 from .helpers import ADMIN, ENCLAVE, enclave_policy
@@ -479,7 +480,9 @@ async def test_schema_1_state_directory_migrates_forward(tmp_path: Path) -> None
     finally:
         app.close()
     db = sqlite3.connect(state / "kms.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone() == (3,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    # Schema 4: the (empty) table of custom key stores.
+    assert db.execute("SELECT count(*) FROM custom_key_stores").fetchone() == (0,)
     assert db.execute("SELECT count(*) FROM meta WHERE name='legacy_rows'").fetchone() == (0,)
     db.close()
     assert material not in (state / "kms.sqlite3").read_bytes()

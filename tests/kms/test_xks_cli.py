@@ -4,13 +4,7 @@ and the next connection is refused."""
 
 from __future__ import annotations
 
-import json
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,59 +12,15 @@ import pytest
 
 from .xks_helpers import (
     URI_PATH,
+    WAIT_S,
+    ProxyProcess,
     health_metadata,
     key_file,
     metadata,
-    send,
-    signed_request,
     write_config,
 )
 
 pytestmark = pytest.mark.slow
-
-#: Bound on waiting for the process to say something (start-up is ~1 s; the machine is shared).
-WAIT_S = 30.0
-
-
-class ProxyProcess:
-    """The CLI in a child process; stderr lines collected by a thread."""
-
-    def __init__(self, config: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_LOG_LEVEL"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.cli", "kms", "xks-proxy", "--config", str(config),
-             "--listen", "127.0.0.1:0"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env,
-        )  # fmt: skip
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        assert self.proc.stderr is not None
-        stderr = self.proc.stderr
-        threading.Thread(target=lambda: [self.lines.put(x) for x in stderr], daemon=True).start()
-        line = self.wait_for("xks-proxy listening on ")
-        self.url = line.split("listening on ", 1)[1].strip()
-        self.endpoint = self.url.removesuffix(URI_PATH)
-
-    def wait_for(self, text: str) -> str:
-        while True:
-            try:
-                line = self.lines.get(timeout=WAIT_S)
-            except queue.Empty:
-                raise AssertionError(f"{text!r} not seen in {WAIT_S} s: {self.seen}") from None
-            self.seen.append(line)
-            if text in line:
-                return line
-
-    def post(self, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
-        reply = send(signed_request(self.endpoint + path, json.dumps(body).encode()))
-        return reply.status, reply.body
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=WAIT_S)
-
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[tuple[ProxyProcess, Path]]:

@@ -7,6 +7,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -278,3 +283,66 @@ class TestPki:
         )
         key_path.chmod(0o600)
         return Issued(cert_path, key_path)
+
+
+#: Bound on waiting for the process to say something (start-up is ~1 s; the machine is shared).
+WAIT_S = 30.0
+
+
+class ProxyProcess:
+    """The CLI in a child process; stderr lines collected by a thread."""
+
+    def __init__(self, config: Path, uri_path: str = URI_PATH) -> None:
+        self.uri_path = uri_path
+        env = {k: v for k, v in os.environ.items() if k != "ENCLAVE_LOG_LEVEL"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli", "kms", "xks-proxy", "--config", str(config),
+             "--listen", "127.0.0.1:0"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr
+        threading.Thread(target=lambda: [self.lines.put(x) for x in stderr], daemon=True).start()
+        line = self.wait_for("xks-proxy listening on ")
+        self.url = line.split("listening on ", 1)[1].strip()
+        self.endpoint = self.url.removesuffix(self.uri_path)
+
+    def wait_for(self, text: str) -> str:
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT_S)
+            except queue.Empty:
+                raise AssertionError(f"{text!r} not seen in {WAIT_S} s: {self.seen}") from None
+            self.seen.append(line)
+            if text in line:
+                return line
+
+    def post(self, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
+        reply = send(signed_request(self.endpoint + path, json.dumps(body).encode()))
+        return reply.status, reply.body
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=WAIT_S)
+
+    def reload(self) -> None:
+        """SIGHUP: the proxy rereads its configuration (the owner's disable/enable)."""
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait_for("xks_reloaded")
+
+    def output(self) -> list[str]:
+        """Every stderr line so far (waits for nothing)."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return list(self.seen)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=WAIT_S)
