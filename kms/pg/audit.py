@@ -34,11 +34,14 @@ import structlog
 import trio
 from psycopg.rows import TupleRow
 
+from transport.errors import ConfigurationError
+
 from ..audit import GENESIS, MAX_LINE_BYTES, chain_line, check_line
 from ..errors import AuditChainError
 from ..integrity import MasterKey
 from ..storage import StoreUnavailable
 from ._connect import PgConnection
+from .schema import schema_version
 
 __all__ = ["TAIL_CHECK_ROWS", "AuditHead", "PgAuditLog", "read_head", "verify_pg_audit"]
 
@@ -48,6 +51,8 @@ log = structlog.get_logger()
 TAIL_CHECK_ROWS = 1000
 #: Rows fetched per round trip while verifying a whole chain.
 _VERIFY_BATCH = 1000
+#: The schema version that added the audit tables.
+_AUDIT_SCHEMA = 2
 
 _Conn = psycopg.Connection[TupleRow]
 
@@ -128,6 +133,8 @@ def verify_pg_audit(url: str, master: MasterKey, chain: int | None = None) -> tu
     def check(c: _Conn) -> tuple[int, int]:
         with c.transaction():
             c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            if schema_version(c) < _AUDIT_SCHEMA:
+                raise ConfigurationError(f"{db.shown} holds no key store audit chain")
             head = read_head(c)
             number = head.chain if chain is None else chain
             n, prev = 0, GENESIS
