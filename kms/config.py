@@ -183,7 +183,7 @@ class KmsConfig:
             POSTGRES_SCHEMES
         ):
             raise ConfigurationError(
-                'storage must be "sqlite" or a postgresql:// URL, got '
+                'storage (--storage) must be "sqlite" or a postgresql:// URL, got '
                 f"{redact_url(str(self.storage))!r}"
             )
         if not _ACCOUNT_RE.match(self.account_id):
