@@ -40,7 +40,9 @@ RETRYABLE = {"KMSInternalException", "DependencyTimeoutException"}
 class Daemon:
     """``python -m kms --storage URL`` as a real process, stderr to a file."""
 
-    def __init__(self, tmp: Path, name: str, url: str, master_b64: str) -> None:
+    def __init__(
+        self, tmp: Path, name: str, url: str, master_b64: str, *, workers: int = 1
+    ) -> None:
         self.state = tmp / name
         self.state.mkdir()
         self.log_path = tmp / f"{name}-{uuid.uuid4().hex[:8]}.log"
@@ -66,7 +68,7 @@ class Daemon:
                     "--storage",
                     url,
                     "--workers",
-                    "1",
+                    str(workers),
                 ],
                 env=env,
                 stderr=log,
