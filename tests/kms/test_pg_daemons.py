@@ -21,7 +21,7 @@ from kms.integrity import MasterKey
 from kms.pg.audit import verify_pg_audit
 
 from .conftest import boto_client
-from .helpers import ADMIN, ALL_CREDS, DaemonThread
+from .helpers import ADMIN, ALL_CREDS, OUTSIDER, DaemonThread
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -156,3 +156,34 @@ def test_concurrent_writes_through_two_daemons_resolve_as_aws_would(
     chain, lines = verify_pg_audit(pg_url, MasterKey(base64.b64decode(master_b64)))
     assert chain == 1
     assert lines >= 2 + 4 * 4 + 2 + 2
+
+
+def test_a_row_the_database_operator_edits_grants_nothing(
+    two_daemons: tuple[DaemonThread, DaemonThread], pg_url: str, master_b64: str, tmp_path: Path
+) -> None:
+    """An operator opens a key's policy to everyone in its row: the running daemons do not
+    honour it, and a daemon that loads the row quarantines the key."""
+    a = _kms(two_daemons[0])
+    kid = a.create_key(Description="victim")["KeyMetadata"]["KeyId"]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        edited = c.execute(
+            "UPDATE kms_keys SET policy = replace(policy, %s, '*') WHERE key_id = %s",
+            ('"arn:aws:iam::111122223333:root"', kid),
+        )
+        assert edited.rowcount == 1
+    a.create_key(Description="any change")  # bumps the counter: both daemons reload
+    for d in two_daemons:
+        outsider = boto_client(d.endpoint, OUTSIDER)
+        with pytest.raises(ClientError) as err:
+            outsider.encrypt(KeyId=kid, Plaintext=b"x")
+        # Refused either way: by the authentic policy still held, or the key quarantined.
+        assert err.value.response["Error"]["Code"] in (
+            "AccessDeniedException",
+            "KeyUnavailableException",
+        )
+    env = {MASTER_KEY_ENV: master_b64}
+    with DaemonThread(_config(tmp_path, "c", pg_url), env) as c:
+        for cred in (ADMIN, OUTSIDER):
+            with pytest.raises(ClientError) as err:
+                boto_client(c.endpoint, cred).encrypt(KeyId=kid, Plaintext=b"x")
+            assert err.value.response["Error"]["Code"] == "KeyUnavailableException"
