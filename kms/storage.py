@@ -47,6 +47,7 @@ __all__ = [
     "VersionRow",
     "AliasRow",
     "GrantRow",
+    "KeyStoreRow",
     "Snapshot",
     "Storage",
     "SqliteStorage",
@@ -115,6 +116,17 @@ class GrantRow:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyStoreRow:
+    """A custom key store: its JSON record (see kms.keystores), the wrapped secret of its proxy
+    credential, and the tag over both."""
+
+    store_id: str
+    record: str
+    secret: bytes
+    mac: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything stored, as loaded at start-up."""
 
@@ -122,6 +134,7 @@ class Snapshot:
     versions: Sequence[VersionRow]
     aliases: Sequence[AliasRow]
     grants: Sequence[GrantRow] = ()
+    key_stores: Sequence[KeyStoreRow] = ()
 
 
 class Storage(Protocol):

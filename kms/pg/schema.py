@@ -15,6 +15,8 @@ Versions:
    file backend writes it) and ``kms_audit_head`` (the chain's current sequence number and MAC,
    the row appenders lock or compare-and-set; ``chain`` numbers a new chain started past a
    broken one).
+3. custom key stores: ``kms_custom_key_stores`` (external key stores: a tagged JSON record and
+   the proxy credential's secret, wrapped like key material), as SQLite's schema 4 holds them.
 
 Rows hold text and bytes exactly as :mod:`kms.storage` defines them: tags and line MACs are
 computed over those exact texts, so nothing is stored as ``jsonb`` (which would reorder keys).
@@ -90,10 +92,20 @@ CREATE TABLE kms_audit_log (
 INSERT INTO kms_audit_head (chain, seq, mac) VALUES (1, 0, repeat('0', 64));
 """
 
+_V3 = """
+CREATE TABLE kms_custom_key_stores (
+    store_id text PRIMARY KEY,
+    record text NOT NULL,
+    secret bytea NOT NULL,
+    mac bytea NOT NULL
+);
+"""
+
 #: (version reached, what it adds, SQL). Append only: never edit a released migration.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "key store tables and the change counter", _V1),
     (2, "the audit chain in the database", _V2),
+    (3, "custom key stores", _V3),
 )
 #: The version this code reads and writes.
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -19,7 +19,15 @@ from collections.abc import Callable, Sequence
 import psycopg
 from psycopg.rows import TupleRow
 
-from ..storage import AliasRow, GrantRow, KeyRow, Snapshot, StoreUnavailable, VersionRow
+from ..storage import (
+    AliasRow,
+    GrantRow,
+    KeyRow,
+    KeyStoreRow,
+    Snapshot,
+    StoreUnavailable,
+    VersionRow,
+)
 from ._connect import PgConnection
 from .schema import migrate
 
@@ -88,8 +96,14 @@ class PgStorage:
                 GrantRow(str(r[0]), str(r[1]), str(r[2]), bytes(r[3]))
                 for r in c.execute("SELECT grant_id, key_id, record, mac FROM kms_grants")
             ]
+            stores = [
+                KeyStoreRow(str(r[0]), str(r[1]), bytes(r[2]), bytes(r[3]))
+                for r in c.execute(
+                    "SELECT store_id, record, secret, mac FROM kms_custom_key_stores"
+                )
+            ]
             gen = _one(c, "SELECT gen FROM kms_generation")
-            return Snapshot(keys, versions, aliases, grants), gen
+            return Snapshot(keys, versions, aliases, grants, stores), gen
 
         return self._db.transact(read, what="load the key set")
 
@@ -198,6 +212,28 @@ class PgStorage:
         self._write(
             "delete an alias",
             lambda c: _exec(c, "DELETE FROM kms_aliases WHERE name = %s", (name,)),
+        )
+
+    def put_key_store(self, store: KeyStoreRow) -> None:
+        """Insert or replace a custom key store."""
+        self._write(
+            "set a custom key store",
+            lambda c: _exec(
+                c,
+                "INSERT INTO kms_custom_key_stores VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (store_id) DO UPDATE SET record = EXCLUDED.record, "
+                "secret = EXCLUDED.secret, mac = EXCLUDED.mac",
+                (store.store_id, store.record, store.secret, store.mac),
+            ),
+        )
+
+    def delete_key_store(self, store_id: str) -> None:
+        """Delete a custom key store (the service checks that no key names it)."""
+        self._write(
+            "delete a custom key store",
+            lambda c: _exec(
+                c, "DELETE FROM kms_custom_key_stores WHERE store_id = %s", (store_id,)
+            ),
         )
 
     def finish_migration(self, snapshot: Snapshot, master_check: bytes) -> None:

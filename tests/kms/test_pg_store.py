@@ -19,7 +19,7 @@ from kms.pg.coherence import FreshRead, PgCoherence
 from kms.pg.schema import MIGRATIONS, SCHEMA_VERSION, migrate, schema_version
 from kms.pg.storage import PgStorage, StoreConflict
 from kms.pg.wiring import open_pg_audit
-from kms.storage import AliasRow, KeyRow, StoreUnavailable, VersionRow
+from kms.storage import AliasRow, KeyRow, KeyStoreRow, StoreUnavailable, VersionRow
 from transport.errors import ConfigurationError
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -294,3 +294,20 @@ def test_a_deleted_tail_is_found_and_a_restart_past_it_records_the_break(pg_url:
         assert row is not None
         assert "AuditChainRestart" in row[0]
         assert c.execute("SELECT count(*) FROM kms_audit_log WHERE chain = 1").fetchone() == (3,)
+
+
+def test_custom_key_stores_round_trip_and_count_as_changes(pg_url: str) -> None:
+    store = PgStorage(pg_url)
+    try:
+        before = store.generation()
+        row = KeyStoreRow("cks-1234567890abcdef0", '{"Name":"x"}', b"\x01" * 60, b"\x02" * 32)
+        store.put_key_store(row)
+        assert store.load().key_stores == [row]
+        changed = KeyStoreRow(row.store_id, '{"Name":"y"}', row.secret, b"\x03" * 32)
+        store.put_key_store(changed)
+        assert store.load().key_stores == [changed]
+        store.delete_key_store(row.store_id)
+        assert store.load().key_stores == []
+        assert store.generation() == before + 3  # other daemons reload on each
+    finally:
+        store.close()
