@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import psycopg
 import pytest
 import trio
 
+from kms.config import KmsConfig
 from kms.errors import AuditChainError
 from kms.integrity import MasterKey
 from kms.pg._connect import PgConnection, check_url, redact
@@ -311,3 +313,17 @@ def test_custom_key_stores_round_trip_and_count_as_changes(pg_url: str) -> None:
         assert store.generation() == before + 3  # other daemons reload on each
     finally:
         store.close()
+
+
+def test_the_config_file_names_the_store_and_never_shows_its_password(tmp_path: Path) -> None:
+    url = "postgresql://kms:hunter2@db.example/kms"
+    config = KmsConfig.from_mapping({"storage": url})
+    assert config.postgres_url == url
+    assert "hunter2" not in repr(config)
+    assert config.storage_shown == "postgresql://kms@db.example/kms"
+    assert KmsConfig.from_mapping({"storage": "sqlite"}).postgres_url is None
+    with pytest.raises(ConfigurationError) as err:
+        KmsConfig.from_mapping({"storage": "mysql://kms:hunter2@db/kms"})
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(ConfigurationError):
+        KmsConfig.from_mapping({"storage": 5})
