@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import KmsError
+
 __all__ = ["PostgresUnavailable", "TempPostgres", "find_postgres_bin"]
 
 #: The unprivileged account the server runs as when we are root (it refuses root).
@@ -39,7 +41,7 @@ _START_TIMEOUT_S = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
-class PostgresUnavailable(Exception):
+class PostgresUnavailable(KmsError):
     """No PostgreSQL server binaries here (``str()`` says what is missing and how to get it)."""
 
 
