@@ -35,7 +35,9 @@ machine's cores). Figures:
   server, :mod:`kms.pgtemp`, ``fsync`` on as in production), measured right after the SQLite
   figure in the same run. Every request there also reads the store's change counter (one round
   trip, :mod:`kms.pg.coherence`) and commits its audit line in a database transaction. Without
-  PostgreSQL installed the figures are None and ``pg_note`` says why.
+  PostgreSQL installed the figures are None and ``pg_note`` says why. ``pg_counter_read_us``
+  is that per-request coherence check alone (the median of sequential counter reads from this
+  process over loopback): what keeping several daemons current costs a request.
 * ``es384_verify_per_s``: the anchor, raw ECDSA P-384 verifications per second on one core,
   measured just before the release phase; ``release_ratio`` = ``release_per_s /
   es384_verify_per_s`` (budget ≥ 0.6). Without ``quick`` the throughput phases run 3 rounds and
@@ -423,6 +425,24 @@ async def _latencies(
     return sorted(latencies)
 
 
+def _counter_read_us(url: str, samples: int) -> float:
+    """Median time of one change-counter read (the per-request coherence check), in us."""
+    from kms.pg._connect import PgConnection
+
+    db = PgConnection(url, "bench")
+    try:
+        read = "SELECT gen FROM kms_generation"
+        db.run(lambda c: c.execute(read).fetchone())
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            db.run(lambda c: c.execute(read).fetchone())
+            times.append((time.perf_counter() - t0) * 1e6)
+    finally:
+        db.close()
+    return statistics.median(times)
+
+
 def _p99(latencies: list[float]) -> float:
     return round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 3)
 
@@ -440,6 +460,7 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
         proc2: trio.Process | None = None
         proc3: trio.Process | None = None
         latencies_pg: list[float] | None = None
+        counter_us: float | None = None
         try:
             key_id, blob = await _make_key(endpoint, pcr0)
             proc2, endpoint2 = await _start_daemon(base, root_pem, workers=2)
@@ -539,6 +560,9 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
                     try:
                         key_id4, _ = await _make_key(endpoint4, pcr0)
                         latencies_pg = await _latencies(endpoint4, key_id4, nsm, samples)
+                        counter_us = await trio.to_thread.run_sync(
+                            _counter_read_us, pg.url("kms_bench", password=True), samples
+                        )
                     finally:
                         await _stop(proc4)
                 finally:
@@ -562,6 +586,7 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
         "release_p99_ms": _p99(latencies),
         "release_p50_ms_pg": round(statistics.median(latencies_pg), 3) if latencies_pg else None,
         "release_p99_ms_pg": _p99(latencies_pg) if latencies_pg else None,
+        "pg_counter_read_us": round(counter_us, 1) if counter_us is not None else None,
         "pg_note": pg_note,
         "es384_verify_per_s": round(es384, 1),
         "release_ratio": round(best_ratio, 3),
