@@ -51,6 +51,9 @@ log = structlog.get_logger()
 TAIL_CHECK_ROWS = 1000
 #: Rows fetched per round trip while verifying a whole chain.
 _VERIFY_BATCH = 1000
+#: A row's line as read: at most one character past the limit (a planted huge row is refused
+#: as too long without being fetched whole).
+_LINE = f"left(line, {MAX_LINE_BYTES + 1})"
 #: The schema version that added the audit tables.
 _AUDIT_SCHEMA = 2
 
@@ -94,7 +97,7 @@ def _verify_tail(c: _Conn, master: MasterKey) -> AuditHead:
     head = read_head(c)
     first = max(1, head.seq - TAIL_CHECK_ROWS + 1)
     rows = c.execute(
-        "SELECT seq, line FROM kms_audit_log WHERE chain = %s AND seq >= %s ORDER BY seq",
+        f"SELECT seq, {_LINE} FROM kms_audit_log WHERE chain = %s AND seq >= %s ORDER BY seq",
         (head.chain, first),
     ).fetchall()
     expected_seq = first
@@ -141,7 +144,8 @@ def verify_pg_audit(url: str, master: MasterKey, chain: int | None = None) -> tu
             with c.cursor(name="kms_audit_verify") as cur:
                 cur.itersize = _VERIFY_BATCH
                 cur.execute(
-                    "SELECT seq, line FROM kms_audit_log WHERE chain = %s ORDER BY seq", (number,)
+                    f"SELECT seq, {_LINE} FROM kms_audit_log WHERE chain = %s ORDER BY seq",
+                    (number,),
                 )
                 for seq_value, line in cur:
                     seq = int(seq_value)
@@ -264,7 +268,7 @@ class PgAuditLog:
             head = AuditHead(int(row[0]), int(row[1]), str(row[2]))
             if head.seq:
                 got = c.execute(
-                    "SELECT line FROM kms_audit_log WHERE chain = %s AND seq = %s",
+                    f"SELECT {_LINE} FROM kms_audit_log WHERE chain = %s AND seq = %s",
                     (head.chain, head.seq),
                 ).fetchone()
                 if got is None:

@@ -4,6 +4,7 @@ chain under concurrent appenders (tampering found, a broken tail refused)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kms.audit import MAX_LINE_BYTES
 from kms.config import KmsConfig
 from kms.errors import AuditChainError
 from kms.integrity import MasterKey
@@ -48,9 +52,7 @@ def test_migrations_run_from_an_empty_database_to_the_current_version(pg_url: st
 def test_migrations_run_from_each_older_version_keeping_the_rows(pg_url: str, older: int) -> None:
     with psycopg.connect(pg_url, autocommit=True) as c:
         assert migrate(c, target=older) == (0, older)
-        c.execute(
-            "INSERT INTO kms_keys VALUES (%s, %s, %s, %s)", ("k1", "{}", "{}", b"\x00" * 32)
-        )
+        c.execute("INSERT INTO kms_keys VALUES (%s, %s, %s, %s)", ("k1", "{}", "{}", b"\x00" * 32))
     store = PgStorage(pg_url)  # what a daemon does at start
     try:
         assert store.migrated_from == older
@@ -102,8 +104,9 @@ def test_a_real_serialization_failure_is_retried(pg_url: str) -> None:
     """Two serializable read-modify-writes of one row: the second to commit fails with 40001
     on its first attempt and succeeds on its retry, seeing the first's write."""
     PgStorage(pg_url).close()
-    first, second = PgConnection(pg_url, "t1", serializable=True), PgConnection(
-        pg_url, "t2", serializable=True
+    first, second = (
+        PgConnection(pg_url, "t1", serializable=True),
+        PgConnection(pg_url, "t2", serializable=True),
     )
     read_done, first_committed = threading.Event(), threading.Event()
     attempts: list[int] = []
@@ -327,3 +330,32 @@ def test_the_config_file_names_the_store_and_never_shows_its_password(tmp_path: 
     assert "hunter2" not in str(err.value)
     with pytest.raises(ConfigurationError):
         KmsConfig.from_mapping({"storage": 5})
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    line=st.one_of(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+        st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8)).map(json.dumps),
+        st.just('{"seq": 2, "prev": "' + "0" * 64 + '", "mac": "' + "0" * 64 + '"}'),
+        st.just("x" * (MAX_LINE_BYTES + 10)),
+    )
+)
+def test_any_planted_audit_row_is_a_chain_error(pg_url: str, line: str) -> None:
+    """Whatever text an operator puts in a row, verifying and opening the chain end in an
+    AuditChainError naming that line (never another exception), in bounded work."""
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        if schema_version(c) == 0:
+            migrate(c)
+            log = PgAuditLog(pg_url, MASTER)
+            log.append({"operation": "Test"})
+            log.append({"operation": "Test"})
+            log.close()
+        c.execute("UPDATE kms_audit_log SET line = %s WHERE seq = 2", (line,))
+    with pytest.raises(AuditChainError) as err:
+        verify_pg_audit(pg_url, MASTER)
+    assert err.value.line == 2
+    with pytest.raises(AuditChainError):
+        PgAuditLog(pg_url, MASTER)
