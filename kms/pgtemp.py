@@ -8,7 +8,9 @@ refuses to run as root: as root the cluster's files belong to, and the server ru
 unprivileged ``nobody`` (its socket directory lives inside the cluster's directory, which it
 owns). :meth:`TempPostgres.stop` ends the server and :meth:`TempPostgres.cleanup` removes every
 file; the server is asked to die with the process that started it (``PR_SET_PDEATHSIG``), so an
-interrupted test run leaves no server behind.
+interrupted test run leaves no server behind. Linux sends that signal when the *thread* that
+started the server exits: call :meth:`TempPostgres.start` from a thread that outlives the
+server (the main thread), not from a pool's worker thread.
 
 Not for production data: ``fsync`` may be turned off (the tests' choice: they kill daemons,
 never the machine).

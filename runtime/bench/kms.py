@@ -550,7 +550,9 @@ async def _bench(quick: bool) -> dict[str, float | int | str | None]:
 
             latencies = await _latencies(endpoint, key_id, nsm, samples)
             # The same on PostgreSQL (its own daemon, started now: the others are idle).
-            pg, pg_note = await trio.to_thread.run_sync(_temp_postgres)
+            # Started on this thread, not a worker thread: the server is told to die with the
+            # thread that started it (kms.pgtemp), and trio's idle worker threads exit.
+            pg, pg_note = _temp_postgres()
             if pg is not None:
                 try:
                     url = await trio.to_thread.run_sync(pg.create_database, "kms_bench")
