@@ -187,3 +187,26 @@ def test_a_row_the_database_operator_edits_grants_nothing(
             with pytest.raises(ClientError) as err:
                 boto_client(c.endpoint, cred).encrypt(KeyId=kid, Plaintext=b"x")
             assert err.value.response["Error"]["Code"] == "KeyUnavailableException"
+
+
+def test_a_database_too_slow_to_answer_is_a_dependency_timeout(
+    tmp_path: Path, pg_url: str, master_b64: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that waits on a lock longer than the statement/lock timeout is cancelled by the
+    server: the client gets AWS's retryable DependencyTimeoutException, and the same request
+    succeeds once the lock is gone."""
+    import kms.pg._connect
+
+    monkeypatch.setattr(kms.pg._connect, "STATEMENT_TIMEOUT_S", 0.5)
+    env = {MASTER_KEY_ENV: master_b64}
+    with DaemonThread(_config(tmp_path, "slow", pg_url), env) as d:
+        kms = _kms(d)
+        kms.create_key(Description="before")
+        with psycopg.connect(pg_url) as blocker:  # holds the table until the block ends
+            blocker.execute("LOCK TABLE kms_keys IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(ClientError) as err:
+                kms.create_key(Description="blocked")
+            assert err.value.response["Error"]["Code"] == "DependencyTimeoutException"
+            assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
+        kid = kms.create_key(Description="after")["KeyMetadata"]["KeyId"]
+        assert kms.describe_key(KeyId=kid)["KeyMetadata"]["Description"] == "after"
