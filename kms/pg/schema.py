@@ -133,6 +133,11 @@ def migrate(
             only go forward).
     """
     with conn.transaction():
+        # READ COMMITTED whatever the session's default: each statement then reads what was
+        # committed when it started, so the version is read AFTER the lock is granted. (Under
+        # SERIALIZABLE the snapshot would be taken by the lock statement itself, before a
+        # concurrent migration committed, and this one would migrate again.)
+        conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         found = schema_version(conn)
         if found > SCHEMA_VERSION or found > target:

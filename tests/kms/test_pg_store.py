@@ -359,3 +359,28 @@ def test_any_planted_audit_row_is_a_chain_error(pg_url: str, line: str) -> None:
     assert err.value.line == 2
     with pytest.raises(AuditChainError):
         PgAuditLog(pg_url, MASTER)
+
+
+def test_daemons_starting_together_on_an_empty_database_migrate_it_once(pg_url: str) -> None:
+    barrier = threading.Barrier(4)
+    opened: list[PgStorage] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        barrier.wait(10)
+        try:
+            opened.append(PgStorage(pg_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        assert errors == []
+        assert sorted(s.migrated_from is not None for s in opened) == [False, False, False, True]
+    finally:
+        for s in opened:
+            s.close()
