@@ -93,7 +93,14 @@ def _parse(seq: int, line: str) -> dict[str, Any]:
 
 def _verify_tail(c: _Conn, master: MasterKey) -> AuditHead:
     """Check the last :data:`TAIL_CHECK_ROWS` lines of the current chain against each other
-    and against the head. Returns the head."""
+    and against the head, from one snapshot (other daemons may be appending). Returns the
+    head."""
+    with c.transaction():
+        c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        return _verify_tail_in(c, master)
+
+
+def _verify_tail_in(c: _Conn, master: MasterKey) -> AuditHead:
     head = read_head(c)
     first = max(1, head.seq - TAIL_CHECK_ROWS + 1)
     rows = c.execute(

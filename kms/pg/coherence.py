@@ -147,14 +147,11 @@ class PgCoherence:
         return gen
 
     def _lock(self, c: _Conn) -> int:
-        got = c.execute(
-            "SELECT pg_try_advisory_lock(%s), (SELECT gen FROM kms_generation)", (WRITE_LOCK,)
-        ).fetchone()
-        assert got is not None
-        if not got[0]:  # another daemon is writing: wait (bounded by lock_timeout)
-            c.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
-            return _one(c, "SELECT gen FROM kms_generation")
-        return int(got[1])
+        # Waits bounded by lock_timeout. The counter is read by a statement of its own, after
+        # the lock is granted: a statement's snapshot is taken when it starts, so reading it in
+        # the locking statement could miss a write committed just before the lock was granted.
+        c.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
+        return _one(c, "SELECT gen FROM kms_generation")
 
     def acquire_blocking(self) -> None:
         """Take the write section's lock (blocking: start-up)."""

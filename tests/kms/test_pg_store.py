@@ -384,3 +384,28 @@ def test_daemons_starting_together_on_an_empty_database_migrate_it_once(pg_url: 
     finally:
         for s in opened:
             s.close()
+
+
+def test_a_daemon_starting_while_others_append_reads_a_consistent_tail(pg_url: str) -> None:
+    """The tail check at start reads the head and the lines from ONE snapshot: lines appended
+    meanwhile by running daemons are not mistaken for a broken chain."""
+    PgStorage(pg_url).close()
+    stop = threading.Event()
+    writer = PgAuditLog(pg_url, MASTER)
+
+    def append() -> None:
+        while not stop.is_set():
+            writer.append({"operation": "Test"})
+
+    threads = [threading.Thread(target=append)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(60):
+            PgAuditLog(pg_url, MASTER).close()  # raised "a line past the chain's head"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        writer.close()
+    assert verify_pg_audit(pg_url, MASTER)[1] > 0
