@@ -13,12 +13,14 @@ Theory of operation.
   cheaper but not enough: a notification and a client's next request race, and a key disabled
   through one daemon must not be used through another after the disable was acknowledged.
 * **The write section.** A read-modify-write (a rotation's next version, an alias move, a
-  policy change on the current policy) runs under a session-level advisory lock taken on a
-  connection of its own, after catching up with the counter. Serialised writers see each
+  policy change on the current policy) runs under a transaction-level advisory lock taken on
+  a connection of its own (its transaction stays open for the section), after catching up
+  with the counter. Serialised writers see each
   other's results and resolve as AWS does one request after the other: the second
   ``CreateAlias`` of a name gets ``AlreadyExistsException``, the second ``ScheduleKeyDeletion``
   finds the key pending deletion, both rotations add a version. A daemon that dies holding the
-  lock loses its session, and with it the lock.
+  lock loses its session, and with it the lock; one that stalls holding it is ended by the
+  server's ``idle_in_transaction_session_timeout``.
 * **Compare-and-set.** The lock is not what makes writes correct: each write's transaction
   bumps the counter only if it still holds the value the section saw
   (:attr:`kms.pg.storage.PgStorage.expected`), so a write computed from a stale key set is
@@ -147,11 +149,20 @@ class PgCoherence:
         return gen
 
     def _lock(self, c: _Conn) -> int:
-        # Waits bounded by lock_timeout. The counter is read by a statement of its own, after
-        # the lock is granted: a statement's snapshot is taken when it starts, so reading it in
-        # the locking statement could miss a write committed just before the lock was granted.
-        c.execute("SELECT pg_advisory_lock(%s)", (WRITE_LOCK,))
-        return _one(c, "SELECT gen FROM kms_generation")
+        # A transaction-level lock in a transaction left open for the section: a daemon that
+        # stalls holding it (SIGSTOP, a hung host) is cut off by the server's
+        # idle_in_transaction_session_timeout, which ends the session and releases the lock,
+        # where a session-level lock would block every daemon's writes until it was killed.
+        # The wait is bounded by lock_timeout. The counter is read by a statement of its own,
+        # after the lock is granted (a statement's snapshot is taken when it starts).
+        c.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+        try:
+            c.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            return _one(c, "SELECT gen FROM kms_generation")
+        except BaseException:
+            if not c.broken:
+                c.execute("ROLLBACK")
+            raise
 
     def acquire_blocking(self) -> None:
         """Take the write section's lock (blocking: start-up)."""
@@ -165,7 +176,7 @@ class PgCoherence:
         self._held = False
         self._storage.expected = None
         try:
-            self._lock_db.run(lambda c: c.execute("SELECT pg_advisory_unlock_all()"))
+            self._lock_db.run(lambda c: c.execute("COMMIT"))  # ends the lock's transaction
         except Exception:  # the session is gone, and its lock with it
             self._lock_db.close()
 

@@ -409,3 +409,30 @@ def test_a_daemon_starting_while_others_append_reads_a_consistent_tail(pg_url: s
             t.join(10)
         writer.close()
     assert verify_pg_audit(pg_url, MASTER)[1] > 0
+
+
+def test_a_daemon_stalled_in_its_write_section_does_not_block_the_others_for_ever(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holds the write section and stalls (its lock connection sits idle in its
+    transaction); the server ends A's session after the idle timeout, and B gets the lock."""
+    import kms.pg._connect
+
+    monkeypatch.setattr(kms.pg._connect, "_IDLE_IN_TX_S", 1.0)
+    monkeypatch.setattr(kms.pg._connect, "STATEMENT_TIMEOUT_S", 20.0)  # B's wait is not cut
+    sa, sb = PgStorage(pg_url), PgStorage(pg_url)
+    a, b = PgCoherence(sa, pg_url), PgCoherence(sb, pg_url)
+    try:
+        a.acquire_blocking()  # ... and never releases: stalled
+        b.acquire_blocking()  # waits ~1 s, then holds it
+        sb.create_key(_key("k-b"), [])
+        b.release_blocking()
+        a.release_blocking()  # A's session was ended: releasing is a no-op, not an error
+        a.acquire_blocking()  # A reconnects and sees B's write
+        assert sa.expected == sb.generation()
+        a.release_blocking()
+    finally:
+        for x in (a, b):
+            x.close()
+        sa.close()
+        sb.close()
