@@ -15,6 +15,8 @@ ciphertext.
         outputs = await client.infer("digits", {"pixels": x[:1]})
         async for out in client.stream("digits", ({"pixels": x[i:i+32]} for i in ...)):
             ...
+        result = await client.embed("minilm", ["a clinical note", "a contract"])
+        result.vectors  # float32 [2, 384]; result.truncated: (False, False)
 
 Errors: a server-side refusal raises the matching :mod:`models.errors` class (unknown model:
 ``ModelNotFoundError``, bad input: ``InvalidInputError``, the server's buffers full:
@@ -25,13 +27,26 @@ that goes away later raises a ``TransportError``. No call waits forever: each is
 ``timeout_s`` (default :data:`DEFAULT_TIMEOUT_S`) and ends in
 :class:`~models.errors.InferenceTimeoutError`. No result is returned unless it arrived intact
 over the verified channel.
+
+Failover (clients that connect by address: ``HOST:PORT`` or a ``VsockAddr``). When the
+connection breaks under a call (the replica died, a relay dropped it), an **idempotent** call is
+retried once on a fresh connection, with a fresh attested handshake that must satisfy the same
+verifier *and* show the same PCR0 and PCR16 as the enclave first verified: behind an ingress
+the retry lands on another replica of the same image serving the same models, never on an
+enclave that fails the policy. Idempotent: ``infer`` (a pure function of its inputs, no server
+state) and ``list_models`` (read only). A stream is not retried (its inputs were partly
+consumed): it raises :class:`StreamInterrupted`, whose ``acknowledged`` says how many inputs
+were answered, so the caller can resume with the rest; the next call reconnects. A call that
+fails again after its retry raises that error.
 """
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -41,11 +56,12 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import numpy.typing as npt
+import structlog
 import trio
 
 from models.errors import (
@@ -56,7 +72,15 @@ from models.errors import (
     error_from_code,
 )
 from models.tensors import Array, TensorSpec, decode_tensors, encode_tensors
-from transport.errors import LocalProtocolError, PeerUnreachable, VsockConnectionRefused
+from models.text.embeddings import Embeddings
+from models.text.errors import RequestTooLargeError
+from models.text.wire import EMBED, EMBED_STREAM, decode_answer, embed_request, encode_texts
+from transport.errors import (
+    LocalProtocolError,
+    PeerUnreachable,
+    TransportError,
+    VsockConnectionRefused,
+)
 from transport.hostport import format_host_port, parse_host_port
 from transport.rpc import RpcError
 
@@ -80,7 +104,12 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_CONNECT_TIMEOUT_S",
     "Inputs",
+    "StreamInterrupted",
+    "Reconnect",
+    "Embeddings",
 ]
+
+log = structlog.get_logger()
 
 _T = TypeVar("_T")
 
@@ -118,12 +147,17 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     batchable: bool = False
     reason: str | None = None
+    #: "tensor" (infer/stream) or "text-embedding" (embed/embed_stream); "" when unavailable.
+    kind: str = ""
+    #: For a text model: its token cap, embedding width, pooling and request limits.
+    text: Mapping[str, Any] | None = None
 
     @classmethod
     def from_wire(cls, obj: object) -> ModelInfo:
         """Parse one catalog entry of the server's answer."""
         if not isinstance(obj, Mapping):
             raise InferenceError("malformed catalog entry")
+        text = obj.get("text")
         return cls(
             name=str(obj.get("name")),
             available=bool(obj.get("available")),
@@ -133,11 +167,41 @@ class ModelInfo:
             outputs=tuple(TensorSpec.from_wire(s) for s in obj.get("outputs") or ()),
             batchable=bool(obj.get("batchable")),
             reason=obj.get("reason"),
+            kind=str(obj.get("kind") or ""),
+            text=dict(text) if isinstance(text, Mapping) else None,
         )
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the model takes texts (:meth:`InferenceClient.embed`)."""
+        return self.kind == "text-embedding"
 
 
 def _map_error(exc: RpcError) -> ModelError:
     return error_from_code(exc.code, exc.message)
+
+
+class StreamInterrupted(InferenceError):
+    """The connection broke during a stream; streams are not retried.
+
+    Attributes:
+        acknowledged: inputs whose outputs were received (and yielded), in order: resume with
+            ``inputs[acknowledged:]``. The next call on the client reconnects.
+    """
+
+    def __init__(self, message: str, *, acknowledged: int) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+
+
+#: Errors out of an RPC call that may mean the connection broke (then ``rpc.closed`` says so).
+_CONNECTION_ERRORS: Final = (TransportError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class Reconnect(Protocol):
+    """Opens a fresh attested connection whose enclave shows ``pinned``'s PCR0 and PCR16."""
+
+    async def __call__(self, pinned: PeerAttestation) -> tuple[RpcClient, _Attested]: ...
 
 
 class _Attested(Protocol):
@@ -172,12 +236,17 @@ class InferenceClient:
         channel: _Attested | None,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        reconnect: Reconnect | None = None,
     ) -> None:
         if not 0 < timeout_s <= 24 * 3600:
             raise ValueError(f"timeout_s must be in (0, 86400] seconds, got {timeout_s!r}")
         self._rpc = rpc
         self._channel = channel
         self.timeout_s = timeout_s
+        self._reconnect = reconnect
+        self._failover_lock = trio.Lock()
+        #: connections replaced after a break (failovers that succeeded)
+        self.failovers = 0
 
     @property
     def attestation(self) -> PeerAttestation:
@@ -187,14 +256,59 @@ class InferenceClient:
             raise RuntimeError("this client has no attested channel")
         return peer
 
-    async def _call(self, method: str, request: object, timeout_s: float | None) -> Any:
+    async def _call(
+        self,
+        method: str,
+        request: object,
+        timeout_s: float | None,
+        *,
+        idempotent: bool = False,
+    ) -> Any:
+        """One unary call under the client's deadline. ``idempotent``: if the connection
+        breaks under it, retry once on a fresh, re-attested connection (module docstring)."""
         limit = self.timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit):
+            rpc = self._rpc
             try:
+                return await rpc.call(method, request)
+            except RpcError as exc:
+                raise _map_error(exc) from None
+            except _CONNECTION_ERRORS as exc:
+                if not (idempotent and rpc.closed and self._reconnect is not None):
+                    raise
+                await self._fail_over(rpc, exc)
+            try:  # once, on the fresh connection
                 return await self._rpc.call(method, request)
             except RpcError as exc:
                 raise _map_error(exc) from None
         raise _timeout(method, limit)
+
+    async def _fail_over(self, broken: RpcClient, cause: BaseException) -> None:
+        """Replace the broken connection (once, however many calls saw it break)."""
+        assert self._reconnect is not None
+        async with self._failover_lock:
+            if self._rpc is not broken:
+                return  # another call already reconnected
+            pinned = self.attestation
+            log.warning(
+                "inference_connection_lost",
+                module_id=pinned.module_id,
+                error=f"{type(cause).__name__}: {cause}",
+            )
+            self._rpc, self._channel = await self._reconnect(pinned)
+            self.failovers += 1
+            log.info(
+                "inference_failover",
+                from_module_id=pinned.module_id,
+                to_module_id=self.attestation.module_id,
+            )
+
+    async def _live_rpc(self) -> RpcClient:
+        """The connection to use for a new stream: a fresh one if the last one broke."""
+        rpc = self._rpc
+        if rpc.closed and self._reconnect is not None:
+            await self._fail_over(rpc, TransportError("the previous connection broke"))
+        return self._rpc
 
     async def list_models(self, *, timeout_s: float | None = None) -> list[ModelInfo]:
         """The server's catalog (available and unavailable models).
@@ -202,7 +316,7 @@ class InferenceClient:
         Raises:
             InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
         """
-        answer = await self._call("catalog", {}, timeout_s)
+        answer = await self._call("catalog", {}, timeout_s, idempotent=True)
         models = answer.get("models") if isinstance(answer, Mapping) else None
         if not isinstance(models, list):
             raise InferenceError("malformed catalog")
@@ -220,7 +334,7 @@ class InferenceClient:
         """
         request = {"model": model, "inputs": encode_tensors(inputs)}
         try:
-            answer = await self._call("infer", request, timeout_s)
+            answer = await self._call("infer", request, timeout_s, idempotent=True)
         except LocalProtocolError as exc:  # refused before sending (message size cap)
             raise InvalidInputError(
                 f"request too large for one message ({exc}); exceeds the limit, "
@@ -250,6 +364,8 @@ class InferenceClient:
         Raises:
             InferenceTimeoutError: the server took more than ``timeout_s`` (default: the
                 client's) to answer the next input or to accept more.
+            StreamInterrupted: the connection broke; ``acknowledged`` inputs were answered
+                (streams are not retried; the next call reconnects).
         """
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not 1 <= in_flight <= 16:
@@ -257,7 +373,34 @@ class InferenceClient:
         source: Iterator[Inputs] | AsyncIterator[Inputs] = (
             aiter(inputs) if isinstance(inputs, AsyncIterable) else iter(inputs)
         )
-        async with self._rpc.open_stream("stream", {"model": model}) as st:
+        rpc = await self._live_rpc()
+        acknowledged = 0
+        try:
+            async with aclosing(
+                self._stream_on(rpc, model, source, in_flight, coalesce_bytes, limit)
+            ) as outputs_of:
+                async for outputs in outputs_of:
+                    acknowledged += 1
+                    yield outputs
+        except _CONNECTION_ERRORS as exc:
+            if not rpc.closed:
+                raise
+            raise StreamInterrupted(
+                f"the connection broke during the stream after {acknowledged} answered "
+                f"input(s) ({type(exc).__name__}: {exc}); resume with the remaining inputs",
+                acknowledged=acknowledged,
+            ) from exc
+
+    async def _stream_on(
+        self,
+        rpc: RpcClient,
+        model: str,
+        source: Iterator[Inputs] | AsyncIterator[Inputs],
+        in_flight: int,
+        coalesce_bytes: int,
+        limit: float,
+    ) -> AsyncGenerator[dict[str, Array], None]:
+        async with rpc.open_stream("stream", {"model": model}) as st:
             pending: deque[int] = deque()  # per outstanding message: 0 single, else batch size
             exhausted = False
             try:
@@ -284,6 +427,95 @@ class InferenceClient:
                         raise InferenceError("malformed batch answer from the server")
                     for outputs in batch:
                         yield _outputs({"outputs": outputs})
+                try:
+                    extra = await _bounded(st.receive(), "end of stream", limit)
+                except trio.EndOfChannel:
+                    return
+                raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
+            except RpcError as exc:
+                raise _map_error(exc) from None
+
+    # -- text models (texts in, embeddings out) -------------------------------------------
+
+    async def embed(
+        self, model: str, texts: Sequence[str | bytes], *, timeout_s: float | None = None
+    ) -> Embeddings:
+        """Embed ``texts`` with a text model: float32 [len(texts), dim] rows, in order, and
+        per text whether it was truncated at the model's token cap.
+
+        Texts are sent as UTF-8 (``bytes`` are sent as they are: the server checks them).
+
+        Raises:
+            TextInputError: a limit is broken (its subclass says which: too many texts, one too
+                large, invalid UTF-8, an empty text...), here or on the server.
+            ModelNotFoundError / ModelUnavailableError / OverloadedError: refused.
+            InvalidInputError: the model is not a text model.
+            InferenceTimeoutError: no answer within ``timeout_s`` (default: the client's).
+        """
+        request = embed_request(model, texts)
+        count = len(request["texts"])
+        try:
+            answer = await self._call(EMBED, request, timeout_s)
+        except LocalProtocolError as exc:  # refused before sending (message size cap)
+            raise RequestTooLargeError(
+                f"the texts are too large for one message ({exc}); send fewer per request"
+            ) from None
+        return decode_answer(answer, texts=count)
+
+    async def embed_stream(
+        self,
+        model: str,
+        batches: Iterable[Sequence[str | bytes]] | AsyncIterable[Sequence[str | bytes]],
+        *,
+        in_flight: int = STREAM_IN_FLIGHT,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Embeddings]:
+        """Stream batches of texts through a text model; yields one :class:`Embeddings` per
+        batch, in order. Up to ``in_flight`` batches are outstanding (the server batches the
+        texts of those waiting by length, in one round). Leaving the loop early cancels the
+        stream on the server.
+
+        Raises:
+            the errors of :meth:`embed`; a batch that breaks a limit ends the stream after the
+            batches before it were answered.
+        """
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        if not 1 <= in_flight <= 16:
+            raise ValueError("in_flight must be between 1 and 16 (the RPC window)")
+        source: Iterator[Sequence[str | bytes]] | AsyncIterator[Sequence[str | bytes]] = (
+            aiter(batches) if isinstance(batches, AsyncIterable) else iter(batches)
+        )
+        async with self._rpc.open_stream(EMBED_STREAM, {"model": model}) as st:
+            pending: deque[int] = deque()  # texts per outstanding message
+            exhausted = False
+            try:
+                while True:
+                    while not exhausted and len(pending) < in_flight:
+                        try:
+                            batch = (
+                                await anext(source)
+                                if isinstance(source, AsyncIterator)
+                                else next(source)
+                            )
+                        except (StopIteration, StopAsyncIteration):
+                            exhausted = True
+                            await st.send_end()
+                            break
+                        message = {"texts": encode_texts(batch)}
+                        try:
+                            await _bounded(st.send(message), "stream input", limit)
+                        except LocalProtocolError as exc:
+                            raise RequestTooLargeError(
+                                f"a batch is too large for one message ({exc})"
+                            ) from None
+                        pending.append(len(message["texts"]))
+                    if not pending:
+                        break
+                    try:
+                        answer = await _bounded(st.receive(), "stream output", limit)
+                    except trio.EndOfChannel:
+                        raise InferenceError("server ended the stream early") from None
+                    yield decode_answer(answer, texts=pending.popleft())
                 try:
                     extra = await _bounded(st.receive(), "end of stream", limit)
                 except trio.EndOfChannel:
@@ -394,6 +626,7 @@ async def open_inference_client(
     suites: Sequence[Suite] | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    failover: bool = True,
 ) -> AsyncIterator[InferenceClient]:
     """Connect (TCP ``"HOST:PORT"`` to the ingress, a ``VsockAddr``, or an open stream),
     verify the enclave's attestation with ``verifier`` and yield an :class:`InferenceClient`.
@@ -405,6 +638,9 @@ async def open_inference_client(
         suites: channel suites to offer (default: hybrid ML-KEM-768+X25519, then X25519).
         connect_timeout_s: bound on connecting plus the attested handshake.
         timeout_s: the client's default bound on each call (:attr:`InferenceClient.timeout_s`).
+        failover: retry an idempotent call once on a fresh, re-attested connection to
+            ``target`` when its connection breaks (module docstring); not for a ``target``
+            that is an open stream.
 
     Raises:
         AddressError: ``target`` is not a valid ``HOST:PORT``.
@@ -417,6 +653,15 @@ async def open_inference_client(
     channel = await _open_channel(target, verifier, suites, connect_timeout_s)
     from transport.rpc import open_rpc_client
 
+    if failover and not isinstance(target, trio.abc.Stream):
+        async with _failover_connections(
+            target, verifier, suites, connect_timeout_s
+        ) as connections:
+            rpc, attested = await connections.attach(channel)
+            yield InferenceClient(
+                rpc, attested, timeout_s=timeout_s, reconnect=connections.reconnect
+            )
+        return
     async with channel, open_rpc_client(channel) as rpc:
         yield InferenceClient(rpc, channel, timeout_s=timeout_s)
 
@@ -439,6 +684,119 @@ async def _open_channel(
                 await stream.aclose()
             raise
     raise InferenceTimeoutError(f"no attested channel to the enclave within {timeout_s:g} s")
+
+
+@asynccontextmanager
+async def _failover_connections(
+    target: str | VsockAddr,
+    verifier: DocumentVerifier,
+    suites: Sequence[Suite] | None,
+    connect_timeout_s: float,
+) -> AsyncIterator[_Connections]:
+    """A :class:`_Connections` whose nursery lives as long as the ``async with`` block."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield _Connections(nursery, target, verifier, suites, connect_timeout_s)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as eg:  # a lone error (the block's own, say) as itself
+        if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+            lone = eg.exceptions[0]
+            raise lone from lone.__cause__
+        raise
+
+
+class _Connections:
+    """The connections of one failover client, each held open by a task of ``nursery`` (an
+    RPC client must be closed by the task that opened it)."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        target: str | VsockAddr,
+        verifier: DocumentVerifier,
+        suites: Sequence[Suite] | None,
+        connect_timeout_s: float,
+    ) -> None:
+        self._nursery = nursery
+        self.target = target
+        self.verifier = verifier
+        self.suites = suites
+        self.connect_timeout_s = connect_timeout_s
+        self._current: trio.CancelScope | None = None
+
+    async def attach(self, channel: SecureChannel) -> tuple[RpcClient, _Attested]:
+        """Hold ``channel`` (and an RPC client on it) open; closes the previous one."""
+        rpc, scope = await self._nursery.start(_hold_connection, channel)
+        if self._current is not None:
+            self._current.cancel()
+        self._current = scope
+        return rpc, channel
+
+    async def reconnect(self, pinned: PeerAttestation) -> tuple[RpcClient, _Attested]:
+        """A fresh connection whose enclave passes the verifier and shows ``pinned``'s PCR0
+        and PCR16 (raises what ``open_inference_client`` raises otherwise).
+
+        An attempt that reached no enclave (``PeerUnreachable``: nothing was sent, nothing
+        attested; e.g. an ingress that still routed to the replica that just died) is tried
+        again, with a short backoff, within ``connect_timeout_s``.
+        """
+        verifier = _pinned(self.verifier, pinned)
+        deadline = trio.current_time() + self.connect_timeout_s
+        delay = _RECONNECT_FIRST_DELAY_S
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                channel = await _open_channel(self.target, verifier, self.suites, max(left, 0.0))
+            except PeerUnreachable:
+                if trio.current_time() + delay >= deadline:
+                    raise
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT_MAX_DELAY_S)
+                continue
+            return await self.attach(channel)
+
+
+async def _hold_connection(
+    channel: SecureChannel,
+    *,
+    task_status: trio.TaskStatus[tuple[RpcClient, trio.CancelScope]],
+) -> None:
+    from transport.rpc import open_rpc_client
+
+    with trio.CancelScope() as scope:
+        async with channel, open_rpc_client(channel) as rpc:
+            task_status.started((rpc, scope))
+            await trio.sleep_forever()
+
+
+#: Backoff between failover connection attempts that reached no enclave (seconds): an
+#: ingress learns a replica died within its health interval (0.5 s) or at once on a refused
+#: connect, so a few short retries find a live one.
+_RECONNECT_FIRST_DELAY_S: Final = 0.02
+_RECONNECT_MAX_DELAY_S: Final = 0.5
+
+#: PCRs a failover's fresh attestation must repeat: the image and the models it serves.
+_PINNED_PCRS: Final = (0, 16)
+
+
+class _NotTheSameEnclave(Exception):
+    """A failover's enclave passed the policy but shows another PCR0 or PCR16."""
+
+
+def _pinned(verifier: DocumentVerifier, pinned: PeerAttestation) -> DocumentVerifier:
+    """``verifier``, plus: PCR0 and PCR16 equal to ``pinned``'s (both absent also counts)."""
+
+    def verify(document: bytes, *, nonce: bytes) -> PeerAttestation:
+        peer = verifier(document, nonce=nonce)
+        for index in _PINNED_PCRS:
+            want, got = pinned.pcrs.get(index), peer.pcrs.get(index)
+            if (want is None) != (got is None) or (
+                want is not None and got is not None and not hmac.compare_digest(want, got)
+            ):
+                raise _NotTheSameEnclave(f"PCR{index} differs from the enclave first verified")
+        return peer
+
+    return verify
 
 
 def make_verifier(roots: Sequence[x509.Certificate], policy: Policy) -> DocumentVerifier:
@@ -582,5 +940,20 @@ class BlockingInferenceClient:
 
         async def collect(client: InferenceClient) -> list[dict[str, Array]]:
             return [out async for out in client.stream(model, items)]
+
+        return self._run(collect)
+
+    def embed(self, model: str, texts: Sequence[str | bytes]) -> Embeddings:
+        """Embed texts with a text model (see :meth:`InferenceClient.embed`)."""
+        return self._run(lambda client: client.embed(model, texts))
+
+    def embed_stream(
+        self, model: str, batches: Iterable[Sequence[str | bytes]]
+    ) -> list[Embeddings]:
+        """Stream all ``batches`` of texts; returns one :class:`Embeddings` per batch, in order."""
+        items = list(batches)
+
+        async def collect(client: InferenceClient) -> list[Embeddings]:
+            return [out async for out in client.embed_stream(model, items)]
 
         return self._run(collect)

@@ -30,6 +30,28 @@ Example (the shipped ``models/server_app/server.toml``)::
     max_batch = 256
     timeout_s = 10.0
     execution = "auto"            # "auto" (measured), "inline" or "thread"
+
+A sealed file holds an ONNX graph (tensors in, tensors out) or a text model bundle
+(``models.text.bundle``: graph + tokenizer + config; texts in, embeddings out); the server
+tells them apart by the unsealed bytes. A text model takes these keys too (defaults shown)::
+
+    [[models]]
+    name = "minilm"
+    timeout_s = 30.0              # per request, arrival to answer; late work is stopped
+    # intra_op_threads = N        # default: every CPU of the enclave
+    max_texts = 256               # texts per request
+    max_text_bytes = 32768        # UTF-8 bytes per text
+    max_total_bytes = 1048576     # UTF-8 bytes per request
+    max_batch_texts = 32          # texts per onnxruntime run
+    max_batch_tokens = 2048       # padded tokens per run
+    max_round_texts = 256         # texts batched together across concurrent requests
+    max_queue_texts = 4096        # texts waiting before requests are refused
+    batching = true               # batch concurrent requests together
+    execution = "auto"            # short rounds in the event loop, long ones in a thread
+    inline_max_s = 0.05           # "auto": the longest round run in the event loop
+
+Keys of the other kind are refused once the model is unsealed (a text key on an ONNX graph
+makes that model unavailable, with the reason).
 """
 
 from __future__ import annotations
@@ -37,7 +59,7 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
@@ -50,9 +72,12 @@ from models.service import (
     DEFAULT_STREAM_BUFFER_BYTES,
     ServiceLimits,
 )
+from models.text.batching import DEFAULT_MAX_BATCH_TEXTS, DEFAULT_MAX_BATCH_TOKENS
+from models.text.engine import TextEngineConfig
+from models.text.limits import TextLimits
 from transport.errors import ConfigurationError
 
-__all__ = ["ModelConfig", "ServerConfig", "DEFAULT_LISTEN_PORT", "DEFAULT_HOST_PORT"]
+__all__ = ["ModelConfig", "TextOptions", "ServerConfig", "DEFAULT_LISTEN_PORT", "DEFAULT_HOST_PORT"]
 
 #: The server's vsock port (DESIGN.md §3).
 DEFAULT_LISTEN_PORT: Final = 5005
@@ -64,6 +89,71 @@ _SUITES: Final = ("MLKEM768_X25519", "X25519")
 _MAX_MODELS: Final = 64
 
 _ENGINE_KEYS: Final = {f.name for f in fields(EngineConfig)}
+#: Keys only text models take (see the module docstring).
+_TEXT_ONLY_KEYS: Final = frozenset(
+    {
+        "max_texts",
+        "max_text_bytes",
+        "max_total_bytes",
+        "max_batch_texts",
+        "max_batch_tokens",
+        "max_round_texts",
+        "max_queue_texts",
+    }
+)
+#: Keys both kinds take (the rest of the engine keys are for tensor models only).
+_SHARED_KEYS: Final = frozenset(
+    {"timeout_s", "intra_op_threads", "batching", "execution", "inline_max_s"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TextOptions:
+    """A text model's settings (``[[models]]`` keys; used when the sealed file is a bundle).
+
+    ``threads`` is None unless ``intra_op_threads`` was given: every CPU of the enclave.
+    """
+
+    threads: int | None = None
+    limits: TextLimits = field(default_factory=TextLimits)
+    max_batch_texts: int = DEFAULT_MAX_BATCH_TEXTS
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS
+    engine: TextEngineConfig = field(default_factory=TextEngineConfig)
+
+    @classmethod
+    def from_mapping(cls, name: str, m: Mapping[str, Any]) -> TextOptions:
+        try:
+            limits = TextLimits(
+                **{k: m[k] for k in ("max_texts", "max_text_bytes", "max_total_bytes") if k in m}
+            )
+            engine = TextEngineConfig(
+                **{
+                    k: m[k]
+                    for k in (
+                        "timeout_s",
+                        "max_round_texts",
+                        "max_queue_texts",
+                        "batching",
+                        "execution",
+                        "inline_max_s",
+                    )
+                    if k in m
+                }
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"model {name}: {exc}") from exc
+        out = cls(limits=limits, engine=engine)
+        threads = m.get("intra_op_threads")
+        if threads is not None:
+            if type(threads) is not int or not 1 <= threads <= 64:
+                raise ConfigurationError(f"model {name}: intra_op_threads must be 1-64")
+            out = replace(out, threads=threads)
+        for key, low in (("max_batch_texts", 1), ("max_batch_tokens", 2)):
+            if key in m:
+                if type(m[key]) is not int or not low <= m[key] <= 1 << 20:
+                    raise ConfigurationError(f"model {name}: {key} must be an integer >= {low}")
+                out = replace(out, **{key: m[key]})
+        return out
 
 
 def _port(value: Any, what: str) -> int:
@@ -80,10 +170,21 @@ class ModelConfig:
     source: str = "store"
     path: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
+    text: TextOptions = field(default_factory=TextOptions)
+    #: The keys given in the file (to refuse one kind's keys on a model of the other kind).
+    keys: frozenset[str] = frozenset()
+
+    def keys_not_for(self, kind: str) -> list[str]:
+        """The keys given that a model of ``kind`` ("text" or "tensor") does not take."""
+        if kind == "text":
+            allowed = {"name", "source", "path"} | _TEXT_ONLY_KEYS | _SHARED_KEYS
+        else:
+            allowed = {"name", "source", "path"} | _ENGINE_KEYS
+        return sorted(self.keys - allowed)
 
     @classmethod
     def from_mapping(cls, m: Mapping[str, Any]) -> ModelConfig:
-        known = {"name", "source", "path"} | _ENGINE_KEYS
+        known = {"name", "source", "path"} | _ENGINE_KEYS | _TEXT_ONLY_KEYS
         unknown = sorted(set(m) - known)
         if unknown:
             raise ConfigurationError(f"unknown model config key(s): {unknown}")
@@ -106,7 +207,8 @@ class ModelConfig:
             engine = EngineConfig(**{k: v for k, v in m.items() if k in _ENGINE_KEYS})
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(f"model {name}: {exc}") from exc
-        return cls(name=name, source=source, path=path, engine=engine)
+        text = TextOptions.from_mapping(name, m)
+        return cls(name=name, source=source, path=path, engine=engine, text=text, keys=frozenset(m))
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,15 @@ __all__ = [
 class ModelError(EnclaveError):
     """Root of models/' errors."""
 
-    #: Wire code used when this error ends an RPC stream.
+    #: Wire code used when this error ends an RPC stream. A refinement of a base code (such
+    #: as ``"invalid_argument.too_many_texts"``) names a subclass; a client that does not know
+    #: it maps it to the base code's class.
     code: ClassVar[str] = "internal"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "." in cls.code:
+            _REFINED.setdefault(cls.code, cls)
 
 
 class SealedFormatError(ModelError):
@@ -117,6 +124,13 @@ _BY_CODE: dict[str, type[ModelError]] = {
 }
 
 
+#: Refined codes -> their classes (filled as subclasses are defined, see ModelError).
+_REFINED: dict[str, type[ModelError]] = {}
+
+
 def error_from_code(code: str, message: str) -> ModelError:
-    """The client-side error for a server's per-stream error ``code``."""
-    return _BY_CODE.get(code, InferenceError)(f"{message} [{code}]")
+    """The client-side error for a server's per-stream error ``code``: the class of a refined
+    code when it is known here (``"invalid_argument.too_many_texts"``), else the class of its
+    base (``"invalid_argument"``), else :class:`InferenceError`."""
+    cls = _REFINED.get(code) or _BY_CODE.get(code.split(".", 1)[0], InferenceError)
+    return cls(f"{message} [{code}]")

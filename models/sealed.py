@@ -61,6 +61,7 @@ __all__ = [
     "seal_stream",
     "iter_unseal",
     "unseal_bytes",
+    "Unsealer",
     "read_header",
     "sha384_file",
     "ProgressCallback",
@@ -433,14 +434,208 @@ def iter_unseal(
         yield piece
 
 
+class Unsealer:
+    """Incremental unsealing, sans-IO: the sealed file's bytes go in as pieces of any size, the
+    plaintext comes out in ONE buffer of the model's size, written in place.
+
+    Why: a model of 90 MB must not be held three times over while it is unsealed (the sealed
+    file, a list of plaintext chunks, their join). Here the sealed bytes are consumed as they
+    arrive (at most one partial chunk is kept back, under ``chunk_size + 16`` bytes) and every
+    chunk is authenticated and decrypted straight into its place in the plaintext buffer
+    (``AESGCM.decrypt_into``): the process holds the plaintext once, plus one chunk.
+
+    Use::
+
+        u = Unsealer()
+        rest = u.feed_header(piece)        # None until the whole header arrived
+        ...                                # the header names the key: get it (KMS)
+        u.start(data_key)
+        u.feed(rest); u.feed(next_piece)   # pieces of any size
+        header, plaintext = u.finish()     # plaintext: bytearray of header.total_size
+
+    The plaintext is valid only once :meth:`finish` returned: each chunk is authentic as it is
+    written, but truncation and the whole-model digest are checked at the end. On any error the
+    buffer is wiped (:meth:`abort`; the errors below call it themselves).
+
+    Raises (from the methods):
+        SealedFormatError: malformed or oversized header, a method called out of order.
+        SealedIntegrityError: wrong key, tampered, reordered, truncated or extended body,
+            digest mismatch.
+    """
+
+    def __init__(self, *, progress: ProgressCallback | None = None) -> None:
+        self._head = bytearray()
+        self._header: SealedHeader | None = None
+        self._framed = b""
+        self._progress = progress
+        self._aead: AESGCM | None = None
+        self._header_hash = b""
+        self._out = bytearray()
+        self._view = memoryview(self._out)
+        self._partial = bytearray()
+        self._digest = hashlib.sha384()
+        self._index = 0
+        self._done = 0
+
+    @property
+    def header(self) -> SealedHeader | None:
+        """The parsed header once :meth:`feed_header` completed it (None before)."""
+        return self._header
+
+    def feed_header(self, data: bytes | bytearray | memoryview) -> memoryview | None:
+        """Take header bytes from ``data``; return the rest of ``data`` (possibly empty) once
+        the header is complete and parsed, ``None`` while more bytes are needed.
+
+        Only the header's own bytes are copied (at most 12 + :data:`MAX_HEADER_SIZE`).
+        """
+        if self._header is not None:
+            raise SealedFormatError("the header is already complete")
+        view = memoryview(data).cast("B")
+        fixed = len(PREFIX) + _LEN.size
+        if len(self._head) < fixed:
+            take = fixed - len(self._head)
+            self._head += view[:take]
+            view = view[take:]
+            if not PREFIX.startswith(bytes(self._head[: len(PREFIX)])):
+                raise SealedFormatError("not a sealed model (bad file prefix)")
+            if len(self._head) < fixed:
+                return None
+        (length,) = _LEN.unpack_from(self._head, len(PREFIX))
+        if not 0 < length <= MAX_HEADER_SIZE:
+            raise SealedFormatError(f"sealed header length {length} out of bounds")
+        take = fixed + length - len(self._head)
+        self._head += view[:take]
+        view = view[take:]
+        if len(self._head) < fixed + length:
+            return None
+        self._header, self._framed = read_header(io.BytesIO(bytes(self._head)))
+        self._head = bytearray()
+        return view
+
+    def start(self, data_key: bytes) -> None:
+        """Set the data key (after the header) and allocate the plaintext buffer.
+
+        Raises:
+            SealedFormatError: the header is not complete yet, or ``start`` was already called.
+            ValueError: ``data_key`` is not 32 bytes.
+        """
+        header = self._header
+        if header is None or self._aead is not None:
+            raise SealedFormatError("start() needs a complete header, once")
+        self._aead = _file_aead(data_key, header.salt)
+        self._header_hash = hashlib.sha384(self._framed).digest()
+        self._out = bytearray(header.total_size)
+        self._view = memoryview(self._out)
+
+    def _chunk_len(self) -> int:
+        """Sealed length of the next chunk (0 once every chunk is in)."""
+        assert self._header is not None
+        if self._index >= self._header.chunk_count:
+            return 0
+        return min(self._header.chunk_size, self._header.total_size - self._done) + TAG_SIZE
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Unseal the body bytes in ``data`` (any size; a partial chunk is kept for later)."""
+        if self._aead is None:
+            raise SealedFormatError("feed() before start(): the body needs the data key")
+        view = memoryview(data).cast("B")
+        try:
+            if self._partial:
+                need = self._chunk_len() - len(self._partial)
+                self._partial += view[:need]
+                view = view[need:]
+                if len(self._partial) < self._chunk_len():
+                    return
+                self._open_chunk(memoryview(self._partial))
+                self._partial = bytearray()
+            while view:
+                size = self._chunk_len()
+                if size == 0:
+                    raise SealedIntegrityError("sealed model has trailing data")
+                if len(view) < size:
+                    self._partial += view
+                    return
+                self._open_chunk(view[:size])
+                view = view[size:]
+        except SealedIntegrityError:
+            self.abort()
+            raise
+
+    def _open_chunk(self, sealed_chunk: memoryview) -> None:
+        assert self._aead is not None
+        assert self._header is not None
+        index, count = self._index, self._header.chunk_count
+        final = index == count - 1
+        plain_len = len(sealed_chunk) - TAG_SIZE
+        target = self._view[self._done : self._done + plain_len]
+        try:
+            self._aead.decrypt_into(
+                _nonce(index, final), sealed_chunk, _aad(self._header_hash, index, final), target
+            )
+        except InvalidTag:
+            raise SealedIntegrityError() from None
+        self._digest.update(target)
+        self._done += plain_len
+        self._index += 1
+        if self._progress is not None:
+            self._progress(self._done, self._header.total_size)
+
+    def finish(self) -> tuple[SealedHeader, bytearray]:
+        """Check that the body was complete and the digest matches; return the plaintext.
+
+        Raises:
+            SealedIntegrityError: truncated body or digest mismatch (the buffer is wiped).
+            SealedFormatError: called before :meth:`start`.
+        """
+        header = self._header
+        if header is None or self._aead is None:
+            raise SealedFormatError("finish() before start()")
+        if self._partial or self._index != header.chunk_count:
+            self.abort()
+            raise SealedIntegrityError("sealed model is truncated")
+        if not hmac.compare_digest(self._digest.digest(), header.model_sha384):
+            self.abort()
+            raise SealedIntegrityError("sealed model digest mismatch")
+        self._view.release()
+        out, self._out = self._out, bytearray()
+        return header, out
+
+    def abort(self) -> None:
+        """Wipe and drop what was unsealed so far (plaintext of a file that is not valid)."""
+        self._view[:] = bytes(len(self._view))
+        self._view.release()
+        self._out = bytearray()
+        self._view = memoryview(self._out)
+        self._partial = bytearray()
+
+
 def unseal_bytes(
-    data: bytes | BinaryIO,
+    data: bytes | bytearray | memoryview | BinaryIO,
     data_key: bytes,
     *,
     progress: ProgressCallback | None = None,
-) -> tuple[SealedHeader, bytes]:
-    """Unseal a whole model into memory (the server needs the bytes for onnxruntime anyway)."""
-    reader: BinaryIO = io.BytesIO(data) if isinstance(data, bytes) else data
-    parsed = read_header(reader)
-    pieces = list(iter_unseal(reader, data_key, header=parsed, progress=progress))
-    return parsed[0], b"".join(pieces)
+) -> tuple[SealedHeader, bytearray]:
+    """Unseal a whole model into one buffer (the server needs the bytes for onnxruntime).
+
+    ``data`` in memory is read in place (no copy of the sealed bytes); a file object is read in
+    pieces of :data:`DEFAULT_CHUNK_SIZE`. The plaintext is written once (:class:`Unsealer`).
+    """
+    unsealer = Unsealer(progress=progress)
+    if isinstance(data, bytes | bytearray | memoryview):
+        rest = unsealer.feed_header(data)
+        if rest is None:
+            raise SealedFormatError("sealed model header is truncated")
+        unsealer.start(data_key)
+        unsealer.feed(rest)
+        return unsealer.finish()
+    rest = None
+    while rest is None:
+        piece = data.read(DEFAULT_CHUNK_SIZE)
+        if not piece:
+            raise SealedFormatError("sealed model header is truncated")
+        rest = unsealer.feed_header(piece)
+    unsealer.start(data_key)
+    unsealer.feed(rest)
+    while piece := data.read(DEFAULT_CHUNK_SIZE):
+        unsealer.feed(piece)
+    return unsealer.finish()

@@ -10,7 +10,11 @@ Start-up, in order (DESIGN.md §3):
 4. for each model: ``Decrypt`` its data key through the vsock-proxy at ``(3, kms_proxy_port)``
    with ``Recipient`` (attestation document + recipient key: the data key never exists in
    plaintext outside the enclave), unseal, check the digest and that the header names this
-   model, create the onnxruntime session, warm it up. A model that fails (key denied, tampered
+   model, create the onnxruntime session, warm it up. The sealed file is unsealed as it
+   arrives (never held whole) into one plaintext buffer, which is given up before onnxruntime
+   makes its own copies (see the README's "Where the memory goes"). The plaintext is an ONNX
+   graph (a tensor model) or a text bundle (graph + tokenizer + config, digested as one: a text
+   model, served with :mod:`models.text.engine`). A model that fails (key denied, tampered
    file...) is logged and listed as unavailable; the others are served;
 5. extend PCR16 with the SHA-384 of every loaded model, in configuration order, and lock it
    (documents carry locked PCRs), so a client can pin the exact models
@@ -33,10 +37,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import structlog
 import trio
@@ -45,6 +49,7 @@ from attest.errors import AttestError
 from attest.pcrs import pcr_extend
 from kms.errors import KmsError
 from models._malloc import trim, tune_malloc
+from models._slots import ConnectionSlots, Slot
 from models._startup import (
     CONNECTION_ERRORS,
     StartupError,
@@ -55,9 +60,13 @@ from models._startup import (
 from models.config import ModelConfig, ServerConfig
 from models.engine import ModelEngine, create_session
 from models.errors import ModelError, ModelLoadError, SealedFormatError
+from models.sealed import DEFAULT_CHUNK_SIZE, SealedHeader
 from models.sealing import DataKeyDecrypter, unseal_model
 from models.service import InferenceService, ModelEntry
 from models.store import StoreClient, open_store_client
+from models.text.bundle import PREFIX as BUNDLE_PREFIX
+from models.text.engine import TextEngine
+from models.text.errors import BundleFormatError
 from transport.app_status import AppState, AppStatus, report_app_status
 from transport.errors import EnclaveError, TransportError
 from transport.rpc import RpcError
@@ -65,6 +74,7 @@ from transport.rpc import RpcError
 if TYPE_CHECKING:
     from attest.nsm.client import NsmClient
     from transport.channel import Attester, Suite
+    from transport.rpc import RpcServerConnection
 
 __all__ = [
     "MODEL_PCR",
@@ -130,23 +140,137 @@ class _KeyRelease:
             raise StartupError(detail) from exc
 
 
-async def _fetch(mc: ModelConfig, *, app_dir: Path, store: StoreClient | None, port: int) -> bytes:
+class _Pieces:
+    """The sealed file of one model as it arrives, from the host store or the image; a failure
+    of the source is raised as the StartupError that names it (so an unseal error and a
+    transport error stay apart)."""
+
+    def __init__(self, source: AsyncIterator[bytes], describe: Callable[[BaseException], str]):
+        self._source = source
+        self._describe = describe
+
+    def __aiter__(self) -> _Pieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await anext(self._source)
+        except StopAsyncIteration:
+            raise
+        except (RpcError, ModelError, OSError, *CONNECTION_ERRORS) as exc:
+            raise StartupError(self._describe(exc)) from exc
+
+
+class _Readable(Protocol):
+    async def read(self, size: int = -1, /) -> bytes: ...
+
+
+class _FilePieces:
+    """A file of the image in pieces of :data:`models.sealed.DEFAULT_CHUNK_SIZE`."""
+
+    def __init__(self, f: _Readable) -> None:
+        self._f = f
+
+    def __aiter__(self) -> _FilePieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self._f.read(DEFAULT_CHUNK_SIZE)
+        if not piece:
+            raise StopAsyncIteration
+        return piece
+
+
+@asynccontextmanager
+async def _open_sealed(
+    mc: ModelConfig, *, app_dir: Path, store: StoreClient | None, port: int
+) -> AsyncIterator[_Pieces]:
+    """The sealed file of ``mc`` as pieces (never read whole: see models.sealing)."""
     if mc.source == "image":
         assert mc.path is not None
+        path = mc.path
+
+        def unreadable(exc: BaseException) -> str:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return f"sealed model file {path!r} of {mc.name!r} is unreadable in the image: {reason}"
+
         try:
-            return await trio.Path(app_dir / mc.path).read_bytes()
+            f = await trio.open_file(app_dir / path, "rb")
         except OSError as exc:
-            raise StartupError(
-                f"sealed model file {mc.path!r} of {mc.name!r} is unreadable in the image: "
-                f"{exc.strerror or exc}"
-            ) from exc
+            raise StartupError(unreadable(exc)) from exc
+        async with f:
+            yield _Pieces(_FilePieces(f), unreadable)
+        return
     if store is None:
         raise StartupError(f"no host store connection to fetch {mc.name!r} from")
+
+    def failed(exc: BaseException) -> str:
+        return store_failure(exc, host_port=port, what=f"model {mc.name!r}")
+
+    opened = False
+    try:
+        async with store.open_fetch(mc.name) as pieces:
+            opened = True
+            yield _Pieces(pieces, failed)
+    except (RpcError, ModelError, *CONNECTION_ERRORS) as exc:
+        if opened or isinstance(exc, StartupError):
+            raise  # the body's own error (an unseal failure...), or already described
+        raise StartupError(failed(exc)) from exc
+
+
+async def _unseal(
+    mc: ModelConfig,
+    *,
+    config: ServerConfig,
+    app_dir: Path,
+    store: StoreClient | None,
+    kms: DataKeyDecrypter,
+) -> tuple[SealedHeader, bytearray]:
+    """Fetch and unseal ``mc``'s sealed file, piece by piece: the plaintext is held once."""
+    keys = _KeyRelease(kms, kms_proxy_port=config.kms_proxy_port)
     try:
         with trio.fail_after(STORE_TIMEOUT_S):
-            return await store.fetch(mc.name)
-    except (RpcError, ModelError, trio.TooSlowError, *CONNECTION_ERRORS) as exc:
-        raise StartupError(store_failure(exc, host_port=port, what=f"model {mc.name!r}")) from exc
+            async with _open_sealed(
+                mc, app_dir=app_dir, store=store, port=config.host_port
+            ) as pieces:
+                return await unseal_model(pieces, kms=keys, expected_name=mc.name)
+    except StartupError:
+        raise
+    except trio.TooSlowError as exc:
+        raise StartupError(
+            store_failure(exc, host_port=config.host_port, what=f"model {mc.name!r}")
+        ) from exc
+    except (SealedFormatError, ModelLoadError) as exc:
+        raise StartupError(unseal_failure(exc, model=mc.name)) from exc
+
+
+def _load_text(mc: ModelConfig, plaintext: bytearray) -> TextEngine:
+    """A text bundle's engine (in a worker thread: tokenizer, session, one warm-up run)."""
+    from models.text.embedder import Embedder
+
+    options = mc.text
+    embedder = Embedder.from_buffer(
+        plaintext,  # consumed: emptied before onnxruntime copies the graph
+        threads=options.threads,
+        limits=options.limits,
+        max_batch_texts=options.max_batch_texts,
+        max_batch_tokens=options.max_batch_tokens,
+    )
+    engine = TextEngine(mc.name, embedder, config=options.engine)
+    # The first run sizes onnxruntime's arena: now, not in a client's request; the second
+    # measures what a token costs (where rounds run, models.text.engine).
+    engine.warm_up()
+    return engine
+
+
+def _load_tensor(mc: ModelConfig, plaintext: bytearray) -> ModelEngine:
+    model = bytes(plaintext)  # onnxruntime takes only bytes
+    del plaintext[:]  # one plaintext copy at a time
+    session = create_session(model, intra_op_threads=mc.engine.intra_op_threads)
+    del model
+    engine = ModelEngine(mc.name, session, config=mc.engine)
+    engine.warm_up()
+    return engine
 
 
 async def _load_one(
@@ -158,32 +282,37 @@ async def _load_one(
     kms: DataKeyDecrypter,
 ) -> ModelEntry:
     t0 = time.perf_counter()
-    data = await _fetch(mc, app_dir=app_dir, store=store, port=config.host_port)
-    try:
-        header, plaintext = await unseal_model(
-            data, kms=_KeyRelease(kms, kms_proxy_port=config.kms_proxy_port), expected_name=mc.name
+    header, plaintext = await _unseal(mc, config=config, app_dir=app_dir, store=store, kms=kms)
+    t_unsealed = time.perf_counter()
+    kind = "text" if plaintext.startswith(BUNDLE_PREFIX) else "tensor"
+    wrong = mc.keys_not_for(kind)
+    if wrong:
+        del plaintext[:]
+        raise StartupError(
+            f"model {mc.name!r} is a {kind} model; server.toml gives it keys it does not "
+            f"take: {wrong}"
         )
-    except StartupError:
-        raise
-    except (SealedFormatError, ModelLoadError) as exc:
-        raise StartupError(unseal_failure(exc, model=mc.name)) from exc
-    del data
+    engine: ModelEngine | TextEngine
     try:
-        session = await trio.to_thread.run_sync(
-            partial(create_session, plaintext, intra_op_threads=mc.engine.intra_op_threads)
-        )
+        if kind == "text":
+            engine = await trio.to_thread.run_sync(_load_text, mc, plaintext)
+        else:
+            engine = await trio.to_thread.run_sync(_load_tensor, mc, plaintext)
+    except BundleFormatError as exc:
+        raise StartupError(f"model bundle {mc.name!r} is malformed: {exc}") from exc
     except ModelLoadError as exc:
         raise StartupError(f"model {mc.name!r} is not a loadable ONNX model") from exc
-    del plaintext
-    engine = ModelEngine(mc.name, session, config=mc.engine)
-    batch1 = engine.warm_up()
+    finally:
+        del plaintext
+        trim()  # what unsealing and session creation freed goes back to the system now
     log.info(
         "model_loaded",
         model=mc.name,
+        kind=kind,
         digest=header.model_sha384.hex(),
         size=header.total_size,
         key_id=header.key_id,
-        batch1_us=round(batch1 * 1e6, 1),
+        unseal_ms=round((t_unsealed - t0) * 1e3, 1),
         load_ms=round((time.perf_counter() - t0) * 1e3, 1),
     )
     return ModelEntry(
@@ -224,10 +353,17 @@ async def serve_connection(
     suites: Sequence[Suite],
     handshake_timeout_s: float = 10.0,
     max_streams: int = 64,
+    slot: Slot | None = None,
 ) -> None:
-    """One client connection: attested handshake, then RPC until the client leaves."""
+    """One client connection: attested handshake, then RPC until the client leaves.
+
+    ``slot`` (from :class:`models._slots.ConnectionSlots`) is told when the handshake is done,
+    so that an idle connection can give its place to a newcomer.
+    """
     from transport.channel import accept_channel
     from transport.rpc import serve_rpc
+
+    started = _SlotServing(slot)
 
     async with stream:
         with trio.move_on_after(handshake_timeout_s) as scope:
@@ -242,7 +378,12 @@ async def serve_connection(
         try:
             async with channel:
                 try:
-                    await serve_rpc(channel, service.connection_handler(), max_streams=max_streams)
+                    await serve_rpc(
+                        channel,
+                        service.connection_handler(),
+                        max_streams=max_streams,
+                        task_status=started,
+                    )
                 except (EnclaveError, trio.BrokenResourceError, OSError) as exc:
                     # A tampered record, a truncation or a vanished client: this connection
                     # ends, the server keeps serving the others.
@@ -267,13 +408,20 @@ async def serve_inference(
     from transport.vsock import open_vsock_listener
 
     suites = [Suite[name] for name in config.suites]
-    limiter = trio.CapacityLimiter(config.max_connections)
+    # Not a CapacityLimiter: a full server would park newcomers behind connections that do
+    # nothing (issue 10); the slots evict the idlest or refuse at once (see models._slots).
+    slots = ConnectionSlots(config.max_connections, clock=trio.current_time)
     if listener is None:
         listener = await open_vsock_listener(config.listen_port)
 
     async def handler(stream: trio.SocketStream) -> None:
-        async with limiter:
-            try:
+        slot = slots.admit()
+        if slot is None:
+            await stream.aclose()  # every connection is busy: refused, not parked
+            return
+        try:
+            with trio.CancelScope() as scope:
+                slot.scope = scope
                 await serve_connection(
                     stream,
                     service,
@@ -281,14 +429,36 @@ async def serve_inference(
                     suites=suites,
                     handshake_timeout_s=config.handshake_timeout_s,
                     max_streams=config.max_streams_per_connection,
+                    slot=slot,
                 )
-            except Exception as exc:  # a bug on one connection must not stop the server
-                log.error("connection_failed", error_type=type(exc).__name__, exc_info=exc)
+        except Exception as exc:  # a bug on one connection must not stop the server
+            log.error("connection_failed", error_type=type(exc).__name__, exc_info=exc)
+        finally:
+            slots.release(slot)
+            if slot.evicted:
+                await trio.aclose_forcefully(stream)
 
-    async with listener:
+    async def observe_slots() -> None:
+        while True:
+            await trio.sleep(slots.observe_interval_s)
+            slots.observe()
+
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(observe_slots)
         log.info("inference_server_listening", port=config.listen_port)
         task_status.started()
         await trio.serve_listeners(handler, [listener])
+
+
+class _SlotServing:
+    """The ``task_status`` given to ``serve_rpc``: hands its connection to the slot."""
+
+    def __init__(self, slot: Slot | None) -> None:
+        self._slot = slot
+
+    def started(self, value: RpcServerConnection | None = None) -> None:
+        if self._slot is not None and value is not None:
+            self._slot.serving(value, trio.current_time())
 
 
 class _Reporter:
@@ -439,6 +609,7 @@ async def run_server(config: ServerConfig, *, app_dir: Path, nsm: NsmClient | No
         return await reporter.failed(detail, entries)
     service = InferenceService(entries, limits=config.service_limits())
     async with trio.open_nursery() as nursery:
+        await nursery.start(service.run)  # the text models' engines
         await nursery.start(
             lambda task_status: serve_inference(
                 service,

@@ -14,6 +14,10 @@ dispatched by :func:`transport.rpc.route`:
     ``{"outputs": {...}}`` (``{"batch": [...]}``) in order, then ends. Messages already waiting
     are run together (one batched ``session.run``).
 
+``embed`` (unary) and ``embed_stream`` (streaming), for text models
+    texts in (UTF-8), embeddings out: see :mod:`models.text.wire` for the messages and
+    :mod:`models.text.engine` for how concurrent requests are batched by length.
+
 Errors end only the stream they concern, with a stable code (``not_found``, ``unavailable``,
 ``invalid_argument``, ``deadline_exceeded``, ``resource_exhausted``, ``internal``) and a message
 that says what was wrong; other streams and the connection carry on.
@@ -45,10 +49,12 @@ So the service holds at most ``server_buffer_bytes`` + (``MAX_WAITING_PER_SERVER
 plus the answers of the runs in progress (charged when they exist: at most ``max_batch`` rows of
 outputs per run), whatever the clients do.
 
-The service is shaped for more than one kind of model: a model is a :class:`ModelEntry` whose
-engine turns decoded inputs into outputs; a new kind (text in, embeddings out) is a new engine
-and, where the wire form differs, a new method in :meth:`InferenceService.connection_handler`'s
-routing table, under the same budgets and timeouts.
+The service serves two kinds of model: a :class:`ModelEntry`'s engine is a
+:class:`~models.engine.ModelEngine` (tensors in, tensors out: ``infer``, ``stream``) or a
+:class:`~models.text.engine.TextEngine` (texts in, embeddings out: ``embed``, ``embed_stream``),
+each kind under the same budgets and timeouts; a request for one kind through the other's
+method is ``invalid_argument``. Text engines run a task of their own: start them with
+:meth:`InferenceService.run`.
 """
 
 from __future__ import annotations
@@ -71,6 +77,9 @@ from models.errors import (
     ModelUnavailableError,
 )
 from models.tensors import MAX_RANK, MAX_TENSORS, Array, decode_tensors, encode_tensors
+from models.text.engine import TextEngine, TextRequest
+from models.text.errors import TextInputError
+from models.text.wire import EMBED, EMBED_STREAM, encode_answer, request_texts
 from transport.rpc import Handler, Router, RpcError, route, unary_inline
 
 __all__ = [
@@ -92,7 +101,7 @@ __all__ = [
 
 log = structlog.get_logger()
 
-METHODS: Final = ("catalog", "infer", "stream")
+METHODS: Final = ("catalog", "infer", "stream", EMBED, EMBED_STREAM)
 #: Most items one coalesced stream message may carry (the client sends at most 64).
 MAX_ITEMS_PER_MESSAGE: Final = 256
 #: Most messages run together on one stream (what the client pipelines, with room to spare;
@@ -122,6 +131,8 @@ _OBJECT_OVERHEAD: Final = 64
 #: Most objects walked when sizing a message; a message with more is counted as this many
 #: objects, 4 MiB of overhead (as much as the RPC layer's message cap lets it carry).
 _MAX_OBJECTS_WALKED: Final = 1 << 16
+#: Most texts of a message sized directly (4x the default per-request cap); more are walked.
+_MAX_TEXTS_SIZED: Final = 1024
 
 
 class ServerStream(Protocol):
@@ -192,9 +203,15 @@ class ModelEntry:
     name: str
     digest: bytes | None = None
     size: int | None = None
-    engine: ModelEngine | None = None
+    #: Tensors in and out (ModelEngine) or texts in, embeddings out (TextEngine).
+    engine: ModelEngine | TextEngine | None = None
     reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        """Whether the model is loaded and served."""
+        return self.engine is not None
 
     def info(self) -> dict[str, Any]:
         """The catalog entry (wire form)."""
@@ -205,7 +222,10 @@ class ModelEntry:
             "size": self.size,
             "reason": self.reason,
         }
-        if self.engine is not None:
+        if isinstance(self.engine, TextEngine):
+            out.update(self.engine.catalog_fields())
+        elif self.engine is not None:
+            out["kind"] = "tensor"
             out.update(self.engine.signature.to_wire())
             out["batchable"] = self.engine.signature.batchable
         else:
@@ -254,6 +274,17 @@ class InferenceService:
         """Bytes the service holds for all connections now, and the most it ever held."""
         return self._budget.statistics()
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run what the models need in the background (each text model's engine) until
+        cancelled; ``started`` once they all serve. Start it before serving connections:
+        ``await nursery.start(service.run)``."""
+        async with trio.open_nursery() as nursery:
+            for entry in self.models.values():
+                if isinstance(entry.engine, TextEngine):
+                    await nursery.start(entry.engine.run)
+            task_status.started()
+            await trio.sleep_forever()
+
     def catalog(self) -> dict[str, Any]:
         """The catalog answer: every configured model, available or not."""
         return {"models": [entry.info() for entry in self.models.values()]}
@@ -272,6 +303,8 @@ class InferenceService:
                 "catalog": unary_inline(lambda _request, _stream: self.catalog()),
                 "infer": self._method(conn, self._infer),
                 "stream": self._method(conn, self._stream),
+                EMBED: self._method(conn, self._embed),
+                EMBED_STREAM: self._method(conn, self._embed_stream),
             }
         )
 
@@ -285,7 +318,7 @@ class InferenceService:
 
         return handler
 
-    def _engine(self, name: object) -> ModelEngine:
+    def _served(self, name: object) -> ModelEngine | TextEngine:
         if not isinstance(name, str):
             raise InvalidInputError("request must name a model (a string)")
         entry = self.models.get(name)
@@ -294,6 +327,23 @@ class InferenceService:
         if entry.engine is None:
             raise ModelUnavailableError(f"model {name!r} is unavailable: {entry.reason}")
         return entry.engine
+
+    def _engine(self, name: object) -> ModelEngine:
+        engine = self._served(name)
+        if isinstance(engine, TextEngine):
+            raise InvalidInputError(
+                f"model {engine.name!r} takes texts, not tensors: call {EMBED} or "
+                f"{EMBED_STREAM} (enclave infer --text)"
+            )
+        return engine
+
+    def _text_engine(self, name: object) -> TextEngine:
+        engine = self._served(name)
+        if not isinstance(engine, TextEngine):
+            raise InvalidInputError(
+                f"model {engine.name!r} takes tensors, not texts: call infer or stream"
+            )
+        return engine
 
     async def _acquire_run_slot(self) -> None:
         """A request slot (concurrency limit); no scheduling round when one is free."""
@@ -486,6 +536,127 @@ class InferenceService:
             raise failure
         return index + len(sizes)
 
+    async def _embed(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
+        try:
+            request = await self._receive(stream)
+        except trio.EndOfChannel:
+            raise InvalidInputError(f"{EMBED} needs one request") from None
+        lease = conn.budget.lease()
+        try:
+            await lease.acquire(message_bytes(request))
+            if not isinstance(request, Mapping):
+                raise InvalidInputError(f"{EMBED} request must be a map with model and texts")
+            engine = self._text_engine(request.get("model"))
+            texts = request_texts(request)
+            del request
+            # The answer is larger than the texts (1.5 KiB per text for MiniLM): its room is
+            # taken before the run, waiting like any input would.
+            await lease.acquire(_answer_bytes(engine, texts))
+            await self._acquire_run_slot()
+            t0 = time.perf_counter()
+            try:
+                result = await engine.embed(texts)
+            finally:
+                self._limiter.release()
+            del texts
+            t1 = time.perf_counter()
+            await self._send(stream, encode_answer(result), end=True)
+        finally:
+            lease.release()
+        # Canonical per-request line, at debug level (free when filtered out).
+        log.debug(
+            "embed_completed",
+            model=engine.name,
+            texts=len(result),
+            embed_us=round((t1 - t0) * 1e6, 1),
+            round_us=round(engine.last_round_s * 1e6, 1),
+            send_us=round((time.perf_counter() - t1) * 1e6, 1),
+        )
+
+    async def _embed_stream(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
+        engine = self._text_engine(stream.metadata.get("model"))
+        t0 = time.perf_counter()
+        index = 0
+        while True:
+            try:
+                first = await self._receive(stream)
+            except trio.EndOfChannel:
+                break
+            lease = conn.budget.lease()
+            try:
+                await lease.acquire(message_bytes(first))
+                await lease.acquire(_answer_bytes(engine, first))  # as in _embed
+                batch = [first]
+                del first
+                # As _stream: run what already waits with it, within every budget, each
+                # message counted with the answer it will get.
+                while (
+                    lease.bytes < self.limits.stream_buffer_bytes
+                    and len(batch) < MAX_MESSAGES_PER_RUN
+                    and conn.budget.has_room()
+                ):
+                    try:
+                        message = stream.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    lease.charge(message_bytes(message) + _answer_bytes(engine, message))
+                    batch.append(message)
+                index = await self._run_text_batch(stream, engine, batch, index, lease)
+            finally:
+                lease.release()
+        stats = engine.statistics()
+        log.info(
+            "embed_stream_completed",
+            model=engine.name,
+            messages=index,
+            ms=round((time.perf_counter() - t0) * 1e3, 2),
+            rounds=stats.rounds,
+            runs=stats.runs,
+            largest_round=stats.largest_round,
+        )
+
+    async def _run_text_batch(
+        self,
+        stream: ServerStream,
+        engine: TextEngine,
+        batch: list[Any],
+        index: int,
+        lease: Lease,
+    ) -> int:
+        """Submit the text messages waiting on a stream together (the engine batches their
+        texts by length in one round), then answer each, in order.
+
+        A message that breaks a limit fails the stream after the messages before it were
+        answered; its error names it (``stream message N: ...``) and keeps its class.
+        """
+        failure: ModelError | None = None
+        requests: list[TextRequest] = []
+        await self._acquire_run_slot()
+        try:
+            for offset, message in enumerate(batch):
+                try:
+                    requests.append(engine.submit(request_texts(message)))
+                except TextInputError as exc:
+                    failure = type(exc)(f"stream message {index + offset}: {exc}", index=exc.index)
+                    break
+                except ModelError as exc:
+                    failure = exc
+                    break
+            batch.clear()
+            try:
+                for req in requests:
+                    result = await engine.wait(req)  # (its room was taken with the message)
+                    await self._send(stream, encode_answer(result))
+                    index += 1
+            finally:
+                for req in requests:
+                    engine.cancel(req)  # those not answered (an error or cancellation above)
+        finally:
+            self._limiter.release()
+        if failure is not None:
+            raise failure
+        return index
+
 
 class _Method(Protocol):
     async def __call__(self, conn: _ConnectionBudget, stream: ServerStream, /) -> None: ...
@@ -506,6 +677,16 @@ def _nbytes(arrays: Mapping[str, Array]) -> int:
     return sum(int(a.nbytes) for a in arrays.values())
 
 
+def _answer_bytes(engine: TextEngine, message: object) -> int:
+    """What the answer to a text request will hold: a float32 row per text (the count capped
+    at the model's limit: more are refused), plus a fixed overhead per text."""
+    texts = message.get("texts") if isinstance(message, Mapping) else message
+    if not isinstance(texts, list):
+        return 0
+    count = min(len(texts), engine.embedder.limits.max_texts)
+    return _OBJECT_OVERHEAD * (2 + count) + count * 4 * engine.embedder.config.embedding_dim
+
+
 def message_bytes(message: object) -> int:
     """Memory a decoded message holds, for the byte budgets: the bytes and strings it carries
     plus a fixed overhead per object. Messages of the expected shapes are sized directly (a
@@ -522,13 +703,20 @@ class _Unexpected(Exception):
 
 
 def _expected_size(message: object) -> int:
-    """Size of ``{"model"?, "inputs": {name: tensor}}`` or ``{"batch": [{name: tensor}]}``."""
+    """Size of ``{"model"?, "inputs": {name: tensor}}``, ``{"batch": [{name: tensor}]}`` or
+    ``{"model"?, "texts": [bytes | str]}``."""
     if type(message) is not dict or len(message) > 2:
         raise _Unexpected
     total = _OBJECT_OVERHEAD
     for key, value in message.items():
         if key == "inputs":
             total += _tensors_size(value)
+        elif key == "texts" and type(value) is list and len(value) <= _MAX_TEXTS_SIZED:
+            total += _OBJECT_OVERHEAD * (1 + len(value))
+            for text in value:
+                if type(text) is not bytes and type(text) is not str:
+                    raise _Unexpected
+                total += len(text)
         elif key == "batch" and type(value) is list and len(value) <= MAX_ITEMS_PER_MESSAGE:
             total += _OBJECT_OVERHEAD * (1 + len(value))
             for item in value:

@@ -22,8 +22,8 @@ untrusted, so nothing it provides is trusted either:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -50,6 +50,7 @@ __all__ = [
     "ModelStore",
     "serve_model_store",
     "StoreClient",
+    "FetchPieces",
     "open_store_client",
     "FETCH_CHUNK",
 ]
@@ -198,26 +199,70 @@ class StoreClient:
             raise ModelLoadError("host store sent malformed credentials") from exc
 
     async def fetch(self, name: str, *, max_size: int = MAX_MODEL_SIZE) -> bytes:
-        """The sealed file of model ``name`` (size bounded before any allocation)."""
-        buf = bytearray()
+        """The sealed file of model ``name`` (size bounded before any allocation).
+
+        Holds the whole file; :meth:`open_fetch` hands it over piece by piece instead.
+        """
+        async with self.open_fetch(name, max_size=max_size) as pieces:
+            buf = bytearray(pieces.size)  # announced and bounded: one allocation, no growth
+            at = 0
+            async for piece in pieces:
+                buf[at : at + len(piece)] = piece
+                at += len(piece)
+        return bytes(buf)
+
+    @asynccontextmanager
+    async def open_fetch(
+        self, name: str, *, max_size: int = MAX_MODEL_SIZE
+    ) -> AsyncIterator[FetchPieces]:
+        """``async with store.open_fetch(name) as pieces: async for piece in pieces: ...``:
+        the sealed file of model ``name`` as it arrives (pieces of at most
+        :data:`FETCH_CHUNK` bytes), never held whole.
+
+        The size the store announces is bounded by ``max_size`` before anything else is read;
+        pieces beyond it, a piece that is not bytes, or fewer bytes than announced are a
+        :class:`~models.errors.ModelLoadError` (raised by the iteration).
+        """
         async with self._rpc.open_stream("fetch", {"name": name}) as st:
             await st.send_end()
             first = await st.receive()
             size = first.get("size") if isinstance(first, dict) else None
             if type(size) is not int or not 0 <= size <= max_size:
                 raise ModelLoadError(f"host store announced a bad size for {name!r}")
-            async for msg in st:
-                piece = msg.get("chunk") if isinstance(msg, dict) else None
-                if not isinstance(piece, bytes) or len(buf) + len(piece) > size:
-                    raise ModelLoadError(f"host store sent a malformed file for {name!r}")
-                buf += piece
-        if len(buf) != size:
-            raise ModelLoadError(f"host store sent {len(buf)} of {size} bytes for {name!r}")
-        return bytes(buf)
+            yield FetchPieces(st, name, size)
 
     async def ready(self, report: Mapping[str, Any]) -> None:
         """Tell the host how the start-up went (non-secret facts only)."""
         await self._rpc.call("ready", dict(report))
+
+
+class FetchPieces:
+    """The pieces of one sealed file as the host store sends them (see
+    :meth:`StoreClient.open_fetch`); ``size`` is the announced, bounded size."""
+
+    def __init__(self, stream: RpcStream, name: str, size: int) -> None:
+        self._stream = stream
+        self._name = name
+        self.size = size
+        self.received = 0
+
+    def __aiter__(self) -> FetchPieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            msg = await self._stream.receive()
+        except trio.EndOfChannel:
+            if self.received != self.size:
+                raise ModelLoadError(
+                    f"host store sent {self.received} of {self.size} bytes for {self._name!r}"
+                ) from None
+            raise StopAsyncIteration from None
+        piece = msg.get("chunk") if isinstance(msg, dict) else None
+        if not isinstance(piece, bytes) or self.received + len(piece) > self.size:
+            raise ModelLoadError(f"host store sent a malformed file for {self._name!r}")
+        self.received += len(piece)
+        return piece
 
 
 class _StoreConnection:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Final, NoReturn
 
@@ -225,6 +226,78 @@ class Runtime:
                 raise
             info = sup.info
         return info
+
+    async def run_replicas(
+        self,
+        eif_path: Path | str,
+        count: int,
+        *,
+        cpu_count: int | None = None,
+        memory_mib: int,
+        name: str | None = None,
+        debug: bool = False,
+        parent_ports: frozenset[int] | None = None,
+        strict_isolation: bool | None = None,
+        boot_timeout_s: float | None = None,
+        max_tasks: int = DEFAULT_MAX_TASKS,
+        wait_ready: bool = False,
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+    ) -> list[EnclaveInfo]:
+        """Start ``count`` replicas of one image (:mod:`runtime.replicas`): each its own CID
+        and module id, all the same PCR0/1/2, named ``name``, ``name_1``, ``name_2``... (the
+        group ``name``; default: the EIF's base name). Each gets ``cpu_count`` CPUs of the
+        pool (default 1).
+
+        Raises:
+            InvalidArgumentError: E03, ``count`` out of range.
+            NitroCliError: as :meth:`run_enclave`; replicas already started are terminated.
+        """
+        from runtime.replicas import start_replicas
+
+        request = LaunchRequest(
+            eif_path=str(eif_path),
+            memory_mib=memory_mib,
+            cpu_count=1 if cpu_count is None else cpu_count,
+            debug=debug,
+            name=name,
+            strict_isolation=strict_isolation,
+            parent_ports=parent_ports,
+            boot_timeout_s=boot_timeout_s,
+            max_tasks=max_tasks,
+        )
+        return await start_replicas(
+            self, request, count, wait_ready=wait_ready, ready_timeout_s=ready_timeout_s
+        )
+
+    async def start_relay(
+        self,
+        rules: Sequence[str],
+        *,
+        port: int | None = None,
+        fabric_dir: Path | None = None,
+    ) -> int:
+        """Start the enclave-to-enclave relay on ``(3, port)`` for this state directory's
+        enclaves (:mod:`runtime.relay`), with ``rules`` (``FROM=TO:PORT``) as its allowlist.
+        It runs until the runtime closes. Returns the port.
+
+        Raises:
+            ConfigurationError: a malformed rule.
+            VsockAddressInUse: the port is taken.
+        """
+        from runtime.relay import serve_relay
+        from transport.peers import DEFAULT_RELAY_PORT, RelayPolicy
+
+        RelayPolicy(rules)  # malformed rules raise here, in the caller's task
+        relay_port: int = await self._nursery.start(
+            partial(
+                serve_relay,
+                self.state,
+                rules,
+                port=DEFAULT_RELAY_PORT if port is None else port,
+                fabric_dir=fabric_dir,
+            )
+        )
+        return relay_port
 
     def _trim_ended(self) -> None:
         """Keep at most :data:`KEEP_ENDED` ended enclaves' supervisors and exit reasons (a

@@ -3,19 +3,27 @@
 1. a temporary state directory; its local CA (the attestation root, like AWS's Nitro root);
 2. the KMS daemon (SQLite) with two principals: the *model owner* and the *instance*;
 3. the host services: vsock-proxy (3, 8000) -> KMS, the model store (3, 7000), later the ingress;
-4. the server image (``models/server_app`` built with ``build_eif``): PCR0/1/2;
+4. the server image (``models/text_app`` built with ``build_eif``: the server configured for
+   the digits model and MiniLM): PCR0/1/2;
 5. a KMS key whose policy lets the owner create data keys and lets the instance ``Decrypt`` only
    with a Recipient attestation whose ``ImageSha384`` is that image's PCR0;
-6. the bundled digits model sealed under that key (owner credentials);
-7. the enclave (not debug): it unseals the model with attested key release, extends PCR16 with
-   the model digest and serves on vsock port 5005;
-8. the client through the ingress: verifies the attestation (local root, PCR0, PCR16 = this
-   model) before sending anything, streams the whole test split, prints accuracy, latency,
+6. the bundled digits model and the MiniLM bundle (graph + tokenizer + config, one unit) sealed
+   under that key (owner credentials);
+7. the enclave (not debug): it unseals both with attested key release, extends PCR16 with their
+   digests and serves on vsock port 5005;
+8. the client through the ingress: verifies the attestation (local root, PCR0, PCR16 = these
+   models) before sending anything, streams the whole test split, prints accuracy, latency,
    throughput and the verified measurements;
-9. the same image in debug mode: PCR0 reads as zeros, KMS refuses the key (reason from the
-   audit log), the server reports the model unavailable;
+8b. the second act (:mod:`runtime.demo_text`): twenty confidential documents embedded inside the
+   enclave, queries matched to them, the latency against in-process onnxruntime;
+9. the same image in debug mode: PCR0 reads as zeros, KMS refuses the keys (reason from the
+   audit log), the server reports the models unavailable;
 10. everything stopped and removed (``--keep`` leaves the stack up, prints one ready-to-run
     ``enclave infer`` line per served model, and stops at Ctrl-C or SIGTERM).
+
+With ``--replicas N`` step 7 starts N replicas of the image (group ``server``: each its own CID
+and module id, the same PCR0/1/2 and, once they loaded the model, PCR16) and step 8's ingress
+spreads connections over them by least connections; the ``enclave infer`` lines are the same.
 
 The building blocks live in :mod:`runtime.stack`; this module adds the steps' narration.
 
@@ -54,11 +62,15 @@ import numpy as np
 import numpy.typing as npt
 import trio
 
+from runtime.demo_text import text_act
+
 # Re-exported for code written against ``runtime.demo`` before the building blocks moved.
 from runtime.stack import (
     KMS_PROXY_PORT,
     SERVER_PORT,
     STORE_PORT,
+    TEXT_APP_DIR,
+    TEXT_MODEL,
     ServerHandle,
     StackError,
     build_server_image,
@@ -69,6 +81,9 @@ from runtime.stack import (
     open_stack,
     read_audit,
     seal_bundled_model,
+    seal_text_model,
+    size_pool_for,
+    start_replicas,
     start_server,
 )
 from runtime.stack import SERVER_APP_DIR as SERVER_APP_DIR
@@ -174,6 +189,14 @@ class DemoResults(DemoFigures):
     pcr16: str
     #: Why the KMS refused the debug enclave (from the audit log).
     debug_denial: str
+    #: SHA-384s (hex) of the served models in the server's order (PCR16 extends them all):
+    #: digits, then MiniLM.
+    model_digests: tuple[str, ...] = ()
+    #: The second act: per query (query, best document, cosine), and one query's p50 through
+    #: the enclave and in-process (ms).
+    text_matches: tuple[tuple[str, int, float], ...] = ()
+    text_enclave_ms: float = 0.0
+    text_inproc_ms: float = 0.0
 
 
 # --- the steps --------------------------------------------------------------------------------
@@ -227,6 +250,10 @@ def _enclave_command() -> list[str]:
     return [sys.executable, "-m", "runtime.cli"]
 
 
+#: The ``--keep`` example for a text model: one text on the command line.
+KEEP_TEXT: Final = "Which patient gets chest pain going up the stairs?"
+
+
 def _example_input(model: ModelInfo, x: Array) -> dict[str, Array]:
     """An input for ``model``: rows of the digits test split for the bundled model, zeros of
     the declared shape (dynamic dimensions as 1) for any other."""
@@ -258,41 +285,52 @@ def _keep_instructions(
     for model in catalog:
         if not model.available:
             continue
-        input_file = state_dir / "inputs" / f"{model.name}.npz"
-        input_file.parent.mkdir(exist_ok=True)
-        np.savez(input_file, **_example_input(model, x))  # type: ignore[arg-type]
         argv = [*enclave, "infer", "--endpoint", endpoint, "--root", str(stack.ca_root_pem),
-                "--policy", str(policy_file), "--model", model.name,
-                "--input", str(input_file)]  # fmt: skip
+                "--policy", str(policy_file), "--model", model.name]  # fmt: skip
+        if model.is_text:
+            argv += ["--text", KEEP_TEXT]
+        else:
+            input_file = state_dir / "inputs" / f"{model.name}.npz"
+            input_file.parent.mkdir(exist_ok=True)
+            np.savez(input_file, **_example_input(model, x))  # type: ignore[arg-type]
+            argv += ["--input", str(input_file)]
         out.info(shlex.join(argv))
     out.info(f"{shlex.join([*enclave, 'describe-enclaves'])}   # enclave {server.enclave_id}")
     out.info(f"KMS at {stack.kms_endpoint}; audit log {stack.kms_state_dir}/audit.jsonl")
 
 
 async def run_demo(
-    state_dir: Path, *, keep: bool = False, out: Console | None = None
+    state_dir: Path, *, keep: bool = False, out: Console | None = None, replicas: int = 1
 ) -> DemoResults:
     """Run every step (see the module docstring) in ``state_dir``; returns the figures.
 
-    With ``keep`` the stack stays up after the steps until this is cancelled.
+    With ``keep`` the stack stays up after the steps until this is cancelled. With
+    ``replicas`` > 1 the server runs as that many replicas of the one image behind one
+    ingress (least connections, health from the runtime; clients fail over).
 
     Raises:
         DemoFailure: a step's outcome was wrong (the message says which).
         runtime.stack.StackError, transport.errors.EnclaveError: a service failed.
     """
     from models.client import open_inference_client
+    from models.text.minilm import ensure_minilm_bundle
 
     out = out or Console()
     sealed_path = state_dir / "models" / "digits.sealed"
+    text_path = state_dir / "models" / f"{TEXT_MODEL}.sealed"
     out.step(f"state directory {state_dir}")
-    async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
+    size_pool_for(state_dir, replicas + 1)  # + the debug enclave of step 9
+    models = {"digits": sealed_path, TEXT_MODEL: text_path}
+    async with open_stack(state_dir, models=models) as stack:
         out.ok(f"local attestation root CA: {stack.ca_root_pem}")
         out.ok(f"KMS daemon (SQLite, audit log) at {stack.kms_endpoint}")
         out.ok(f"vsock-proxy (3, {KMS_PROXY_PORT}) -> KMS; model store on (3, {STORE_PORT})")
 
-        out.step("building the inference server image (models/server_app)")
+        out.step("building the inference server image (models/text_app: digits + MiniLM)")
         eif_path = state_dir / "server.eif"
-        image = await trio.to_thread.run_sync(build_server_image, eif_path)
+        image = await trio.to_thread.run_sync(
+            lambda: build_server_image(eif_path, app_dir=TEXT_APP_DIR)
+        )
         pcr0 = image.pcrs[0].hex()
         out.ok(f"{eif_path.name}: {image.size} bytes")
         for i in (0, 1, 2):
@@ -310,6 +348,14 @@ async def run_demo(
             f"{sealed_path.name}: {sealed_path.stat().st_size} bytes, "
             f"{sealed.header.chunk_count} chunk(s), model SHA-384 {digest[:32]}..."
         )
+        out.step("sealing the MiniLM bundle: graph + tokenizer.json + config as one unit")
+        text_sealed = await seal_text_model(stack, key_arn, text_path)
+        text_digest = text_sealed.header.model_sha384.hex()
+        out.ok(
+            f"{text_path.name}: {text_path.stat().st_size:,} bytes, "
+            f"{text_sealed.header.chunk_count} chunks, bundle SHA-384 {text_digest[:32]}..."
+        )
+        digests = (digest, text_digest)
 
         out.step("running the server enclave (not debug): attested key release, unseal")
         t0 = time.monotonic()
@@ -318,21 +364,36 @@ async def run_demo(
             detail = await describe_exit(server)
             raise DemoFailure(f"the server could not load its model: {server.report.raw}; {detail}")
         out.ok(
-            f"enclave {server.enclave_id} CID {server.cid}: model 'digits' unsealed inside, "
-            f"PCR16 extended, listening on vsock {SERVER_PORT} "
+            f"enclave {server.enclave_id} CID {server.cid}: model 'digits' unsealed, model "
+            f"'{TEXT_MODEL}' unsealed inside, PCR16 extended, listening on vsock {SERVER_PORT} "
             f"(start {time.monotonic() - t0:.1f} s)"
         )
         missing = server.info.isolation.missing
         if missing:
             out.info(f"sandbox layers missing on this host: {', '.join(missing)}")
 
-        ingress_port = await stack.start_ingress(server.cid)
-        endpoint = f"127.0.0.1:{ingress_port}"
-        out.step(f"client -> ingress {endpoint} -> vsock ({server.cid}, {SERVER_PORT})")
+        if replicas > 1:
+            out.step(f"running {replicas - 1} more replica(s) of the same image")
+            more = await start_replicas(stack, eif_path, replicas - 1)
+            for replica in [server, *more]:
+                out.info(
+                    f"replica {replica.info.enclave_name}: enclave {replica.enclave_id} "
+                    f"CID {replica.cid}"
+                )
+            ingress_port = await stack.start_group_ingress(server.info.enclave_name)
+            endpoint = f"127.0.0.1:{ingress_port}"
+            out.step(
+                f"client -> ingress {endpoint} -> the least busy of {replicas} replicas "
+                f"(group {server.info.enclave_name!r}, vsock port {SERVER_PORT})"
+            )
+        else:
+            ingress_port = await stack.start_ingress(server.cid)
+            endpoint = f"127.0.0.1:{ingress_port}"
+            out.step(f"client -> ingress {endpoint} -> vsock ({server.cid}, {SERVER_PORT})")
         from models.client import make_verifier, policy_for
         from models.digits import load_test_split
 
-        verifier = make_verifier(stack.roots(), policy_for(pcr0=pcr0, model_digests=[digest]))
+        verifier = make_verifier(stack.roots(), policy_for(pcr0=pcr0, model_digests=list(digests)))
         x, y = load_test_split()
         async with open_inference_client(endpoint, verifier=verifier) as client:
             peer = client.attestation
@@ -340,13 +401,10 @@ async def run_demo(
             out.info(f"module_id  {peer.module_id}")
             out.info(f"root       {stack.ca_root_pem} (local CA, chain + ES384 signature)")
             out.info(f"PCR0       {peer.pcrs[0].hex()}  (= the image built above)")
-            out.info(f"PCR16      {peer.pcrs[16].hex()}  (= extend(0, model SHA-384))")
+            out.info(f"PCR16      {peer.pcrs[16].hex()}  (= extend(extend(0, digits), MiniLM))")
             out.info(f"channel    {getattr(client._channel, 'suite', '?')}")
             catalog = await client.list_models()
-            out.info("catalog    " + ", ".join(
-                f"{m.name} ({'available' if m.available else 'unavailable'}, "
-                f"{m.inputs[0].dtype if m.inputs else '?'} "
-                f"{list(m.inputs[0].shape) if m.inputs else []})" for m in catalog))  # fmt: skip
+            out.info("catalog    " + ", ".join(_describe(m) for m in catalog))
             out.step(f"streaming the test split ({len(y)} samples) through the enclave")
             figures = await _measure(client, x, y)
         module_id, pcr16 = str(peer.module_id), peer.pcrs[16].hex()
@@ -360,6 +418,14 @@ async def run_demo(
             f"{THROUGHPUT_PASSES}x as {THROUGHPUT_CHUNK}-row inputs; one cold pass took "
             f"{figures.stream_s * 1e3:.1f} ms)"
         )
+        async with open_inference_client(endpoint, verifier=verifier) as client:
+            text = await text_act(
+                client,
+                out,
+                model=TEXT_MODEL,
+                bundle=await trio.to_thread.run_sync(ensure_minilm_bundle),
+                enclave_cpus=server.info.cpu_ids,
+            )
 
         denial = await _debug_enclave_refused(stack, eif_path, out)
 
@@ -376,17 +442,35 @@ async def run_demo(
         module_id=module_id,
         pcr16=pcr16,
         debug_denial=denial,
+        model_digests=digests,
+        text_matches=text.matches,
+        text_enclave_ms=text.enclave_p50_ms,
+        text_inproc_ms=text.inproc_p50_ms,
     )
+
+
+def _describe(model: ModelInfo) -> str:
+    """``digits (available, float32 [None, 64])``, ``minilm (available, text -> float32 ...)``."""
+    state = "available" if model.available else "unavailable"
+    if model.is_text and model.outputs:
+        out = model.outputs[0]
+        return f"{model.name} ({state}, text -> {out.dtype} {list(out.shape)})"
+    if model.inputs:
+        return f"{model.name} ({state}, {model.inputs[0].dtype} {list(model.inputs[0].shape)})"
+    return f"{model.name} ({state})"
 
 
 async def _debug_enclave_refused(stack: Stack, eif_path: Path, out: Console) -> str:
     """Step 9: the same image in debug mode must be refused the model key; returns why."""
-    out.step("same image in DEBUG mode: PCR0 reads as zeros, KMS must refuse the key")
+    out.step("same image in DEBUG mode: PCR0 reads as zeros, KMS must refuse the keys")
     audit_before = len(read_audit(stack.kms_state_dir))
     debug_server = await start_server(stack, eif_path, debug=True)
     model = debug_server.report.model("digits")
     if model is None or model.available:
         raise DemoFailure("the debug enclave was given the model key!")
+    text_model = debug_server.report.model(TEXT_MODEL)
+    if text_model is None or text_model.available:
+        raise DemoFailure("the debug enclave was given the MiniLM key!")
     denials = [
         line
         for line in read_audit(stack.kms_state_dir)[audit_before:]
@@ -437,6 +521,7 @@ def run_in_process(
     out: Console | None = None,
     debug: bool = False,
     on_ready: Callable[[], None] | None = None,
+    replicas: int = 1,
 ) -> int:
     """Run the demo in this process until it ends or SIGINT/SIGTERM arrives; return the exit
     status: 0, 1 when a step failed, 128 + the signal's number when a signal stopped it.
@@ -474,7 +559,7 @@ def run_in_process(
                 if received:  # arrived before the receiver was open
                     work.cancel()
                 with work:
-                    results = await run_demo(state_dir, keep=keep, out=out)
+                    results = await run_demo(state_dir, keep=keep, out=out, replicas=replicas)
                 nursery.cancel_scope.cancel()
         return None if received else results
 
@@ -500,7 +585,8 @@ def run_in_process(
         return _SIGNAL_EXIT_BASE + received[0]
     out.step(
         f"done: accuracy {results.accuracy:.2%}, p50 {results.p50_ms:.2f} ms, "
-        f"{results.throughput:,.0f} samples/s; nothing left running"
+        f"{results.throughput:,.0f} samples/s; MiniLM query p50 {results.text_enclave_ms:.1f} ms "
+        f"(in-process {results.text_inproc_ms:.1f} ms); nothing left running"
     )
     return 0
 
@@ -512,8 +598,9 @@ def _remove_tree(path: Path) -> None:
         print(f"error: could not remove the demo's state directory {path}", file=sys.stderr)
 
 
-def main(*, keep: bool, debug: bool = False) -> int:
-    """``enclave demo [--keep]``; returns the exit status (non-zero if any step fails).
+def main(*, keep: bool, debug: bool = False, replicas: int = 1) -> int:
+    """``enclave demo [--keep] [--replicas N]``; returns the exit status (non-zero if any
+    step fails).
 
     The demo runs in a child process of its own process group (see the module docstring); this
     process forwards SIGINT and SIGTERM to it once it is ready to handle them, waits, and
@@ -539,6 +626,8 @@ def main(*, keep: bool, debug: bool = False) -> int:
             argv.append("--keep")
         if debug:
             argv.append("--debug")
+        if replicas != 1:
+            argv += ["--replicas", str(replicas)]
         proc = subprocess.Popen(argv, pass_fds=(ready_w,), process_group=0)
         os.close(ready_w)
         ready = os.read(ready_r, 1)  # b"" if the child ended before it was ready
@@ -573,6 +662,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--replicas", type=int, default=1)
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
@@ -592,7 +682,12 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
         if os.getppid() != parent:  # the parent died before the death signal was armed
             return 1
         return run_in_process(
-            args.state_dir, keep=args.keep, out=Console(), debug=args.debug, on_ready=ready
+            args.state_dir,
+            keep=args.keep,
+            out=Console(),
+            debug=args.debug,
+            on_ready=ready,
+            replicas=args.replicas,
         )
     finally:
         _remove_tree(args.state_dir)

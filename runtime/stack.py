@@ -12,10 +12,15 @@ same stack from these pieces, so a change to how the stack starts is made once::
     create_model_key(stack, pcr0)     a KMS key only an enclave running that image may Decrypt
                                       with (the policy comes from :func:`key_policy_for_image`)
     seal_bundled_model(stack, key, out)   the bundled digits model sealed under it (owner)
+    seal_text_model(stack, key, out)  the MiniLM bundle (graph + tokenizer + config) sealed
     start_server(stack, eif)          run the image; return once it reported its models
     stack.start_ingress(cid)          host TCP 127.0.0.1:<free port> -> vsock (cid, 5005)
+    start_replicas(stack, eif, n)     n server enclaves of one image (the group "server")
+    stack.start_group_ingress(name)   host TCP -> the least busy healthy replica of the group
     open_inference_stack(state_dir)   all of the above: a sealed model served from a real
-        -> InferenceStack             enclave, reachable through an ingress
+        -> InferenceStack             enclave (or ``replicas`` of them), through an ingress
+                                      (``text=True``: ``models/text_app``, serving digits and
+                                      MiniLM)
 
 Every service, enclave and ingress started here belongs to the ``async with`` block that opened
 the stack: leaving it (normally, by an error or by cancellation) stops them all.
@@ -56,11 +61,14 @@ __all__ = [
     "key_policy_for_image",
     "create_model_key",
     "seal_bundled_model",
+    "seal_text_model",
     "ModelStatus",
     "ServerReport",
     "ServerHandle",
     "EnclaveWatch",
     "start_server",
+    "start_replicas",
+    "size_pool_for",
     "InferenceStack",
     "open_inference_stack",
     "describe_exit",
@@ -68,6 +76,8 @@ __all__ = [
     "console_tail",
     "read_audit",
     "SERVER_APP_DIR",
+    "TEXT_APP_DIR",
+    "TEXT_MODEL",
     "SERVER_CMD",
     "KMS_PROXY_PORT",
     "STORE_PORT",
@@ -82,6 +92,10 @@ __all__ = [
 
 #: The inference server's enclave app directory, shipped inside the ``models`` package.
 SERVER_APP_DIR: Final = Path(__file__).resolve().parents[1] / "models" / "server_app"
+#: The same server configured for the digits model and the MiniLM text model.
+TEXT_APP_DIR: Final = SERVER_APP_DIR.parent / "text_app"
+#: The text model's name in ``text_app/server.toml`` (and in the store and its sealed header).
+TEXT_MODEL: Final = "minilm"
 #: The image's command (python runs in-process under the enclave init).
 SERVER_CMD: Final = ("python", "-m", "models", "--config", "server.toml")
 #: Ports on the parent (CID 3) the server image dials, as its ``server.toml`` names them.
@@ -171,6 +185,18 @@ class Stack:
         tcp_port: int = await self._nursery.start(
             serve_ingress, "127.0.0.1", 0, VsockAddr(cid, port)
         )
+        return tcp_port
+
+    async def start_group_ingress(self, name: str, port: int = SERVER_PORT) -> int:
+        """Forward ``127.0.0.1:<free port>`` to the replicas of group ``name`` (least
+        connections; replicas that end are removed and new ones added, from the runtime's
+        records: ``runtime.targets``); returns the TCP port."""
+        from runtime.targets import RuntimeTargets
+        from transport.ingress import TargetPool, serve_ingress
+
+        source = RuntimeTargets(self.runtime.state, name=name, port=port)
+        pool = TargetPool(await source.healthy(), source=source)
+        tcp_port: int = await self._nursery.start(serve_ingress, "127.0.0.1", 0, pool)
         return tcp_port
 
 
@@ -380,6 +406,22 @@ async def seal_bundled_model(
         return await seal_model_file(MODEL_PATH, out, kms=kms, key_id=key_id, name=name)
 
 
+async def seal_text_model(
+    stack: Stack, key_id: str, out: Path, *, name: str = TEXT_MODEL, bundle: Path | None = None
+) -> SealResult:
+    """Seal a text model bundle (default: all-MiniLM-L6-v2, built once into the model cache by
+    ``models.text.minilm``) under ``key_id`` with the owner's credentials: graph, tokenizer and
+    config as one sealed, digested unit."""
+    from models.sealing import seal_model_file
+
+    if bundle is None:
+        from models.text.minilm import ensure_minilm_bundle
+
+        bundle = await trio.to_thread.run_sync(ensure_minilm_bundle)
+    async with stack.owner_kms() as kms:
+        return await seal_model_file(bundle, out, kms=kms, key_id=key_id, name=name)
+
+
 # --- the server enclave -----------------------------------------------------------------------
 
 
@@ -478,11 +520,13 @@ async def start_server(
     debug: bool = False,
     memory_mib: int = ENCLAVE_MEMORY_MIB,
     timeout_s: float = READY_TIMEOUT_S,
+    cpu_ids: Sequence[int] | None = None,
 ) -> ServerHandle:
     """Run the server image and wait for its start-up report (served models or failure).
 
     A report of unavailable models is returned, not raised: the caller decides whether that is
-    the expected outcome (a debug enclave must be refused its key).
+    the expected outcome (a debug enclave must be refused its key). The enclave gets one CPU
+    of the runtime's pool, or exactly ``cpu_ids``.
 
     Raises:
         runtime.errors.NitroCliError: the runtime refused or failed to start the image.
@@ -492,7 +536,8 @@ async def start_server(
     index = len(stack.store.ready_reports)
     info = await stack.runtime.run_enclave(
         eif,
-        cpu_count=1,
+        cpu_count=None if cpu_ids else 1,
+        cpu_ids=cpu_ids or None,
         memory_mib=memory_mib,
         debug=debug,
         parent_ports=frozenset({KMS_PROXY_PORT, STORE_PORT}),
@@ -519,6 +564,54 @@ async def start_server(
             f"the server enclave did not report within {timeout_s:g} s; {detail}"
         )
     return handle
+
+
+async def start_replicas(
+    stack: Stack,
+    eif: Path,
+    count: int,
+    *,
+    timeout_s: float = READY_TIMEOUT_S,
+    memory_mib: int = ENCLAVE_MEMORY_MIB,
+) -> list[ServerHandle]:
+    """Run ``count`` replicas of the server image, one after the other (each reports to the
+    model store in turn); they form the group named after the EIF (``server``, ``server_1``...).
+
+    Raises:
+        ServerStartError: a replica did not serve its model (the others keep running; they
+            belong to the stack).
+    """
+    servers = []
+    for _ in range(count):
+        server = await start_server(stack, eif, timeout_s=timeout_s, memory_mib=memory_mib)
+        if not server.report.ok:
+            raise ServerStartError(
+                f"replica {server.info.enclave_name} could not load its models: "
+                f"{server.report.raw}; {await describe_exit(server)}"
+            )
+        servers.append(server)
+    return servers
+
+
+def size_pool_for(state_dir: Path, enclaves: int) -> None:
+    """Let ``state_dir``'s runtime run ``enclaves`` one-CPU enclaves at once on this host.
+
+    The default pool is the host's CPUs and at most 4 enclaves (Nitro's limit); a stack with
+    more replicas than CPUs writes an ``allocator.yaml`` with one (virtual) CPU id per enclave:
+    ids beyond the host's make the CPU affinity layer ``missing`` (it is reported, the enclaves
+    share the real CPUs). Nothing is written when the default pool suffices.
+    """
+    from runtime.state import DEFAULT_POOL_MIB, MAX_ENCLAVES
+
+    cpus = len(os.sched_getaffinity(0))
+    if enclaves <= min(cpus, MAX_ENCLAVES):
+        return
+    pool = f"0-{max(cpus, enclaves) - 1}"
+    memory = max(DEFAULT_POOL_MIB, enclaves * ENCLAVE_MEMORY_MIB)
+    (Path(state_dir) / "allocator.yaml").write_text(
+        f'---\nmemory_mib: {memory}\ncpu_pool: "{pool}"\n'
+        f"max_enclaves: {max(MAX_ENCLAVES, enclaves)}\n"
+    )
 
 
 def format_exit_reason(reason: ExitReason | None) -> str:
@@ -580,6 +673,13 @@ class InferenceStack:
     endpoint: str
     #: The served model's name.
     model: str = "digits"
+    #: Every replica (``server`` is the first); the ingress spreads connections over them.
+    servers: tuple[ServerHandle, ...] = ()
+    #: SHA-384s (hex) of every served model, in the server's configuration order (PCR16 is
+    #: their extend chain); empty: ``digest`` alone.
+    model_digests: tuple[str, ...] = ()
+    #: The text model's name when the stack serves one (``text=True``).
+    text_model: str | None = None
 
     def verifier(
         self,
@@ -593,9 +693,10 @@ class InferenceStack:
         model's PCR16 unless overridden (pass other values to check that they are refused)."""
         from models.client import make_verifier, policy_for
 
+        served = list(self.model_digests) or [self.digest]
         policy = policy_for(
             pcr0=self.pcr0 if pcr0 is None else pcr0,
-            model_digests=[self.digest] if model_digests is None else model_digests,
+            model_digests=served if model_digests is None else model_digests,
             allow_debug=allow_debug,
             max_age_s=max_age_s,
         )
@@ -605,37 +706,66 @@ class InferenceStack:
 
 @asynccontextmanager
 async def open_inference_stack(
-    state_dir: Path, *, timeout_s: float = STACK_START_TIMEOUT_S
+    state_dir: Path,
+    *,
+    timeout_s: float = STACK_START_TIMEOUT_S,
+    replicas: int = 1,
+    spare_enclaves: int = 0,
+    text: bool = False,
+    memory_mib: int = ENCLAVE_MEMORY_MIB,
 ) -> AsyncIterator[InferenceStack]:
     """Open a stack in ``state_dir`` serving the bundled digits model: build the server image,
-    create its model key, seal the model, start the enclave, open an ingress to it.
+    create its model key, seal the model, start the enclave (or ``replicas`` of it, the group
+    ``server`` behind a least-connections ingress), open an ingress to it.
+
+    Args:
+        replicas: server enclaves of the one image.
+        spare_enclaves: room for this many more one-CPU enclaves (the pool is sized for
+            ``replicas + spare_enclaves``, see :func:`size_pool_for`).
+        text: serve the MiniLM text model too (``models/text_app``: both models sealed under
+            the one key, PCR16 binding both).
+        memory_mib: the enclave's memory.
 
     Raises:
-        ServerStartError: the server did not serve the model (its report says why).
+        ServerStartError: the server did not serve its models (its report says why).
         trio.TooSlowError: the set-up took longer than ``timeout_s``.
     """
     state_dir = Path(state_dir)
     sealed_path = state_dir / "models" / "digits.sealed"
-    async with open_stack(state_dir, models={"digits": sealed_path}) as stack:
-        with trio.fail_after(timeout_s):
+    text_path = state_dir / "models" / f"{TEXT_MODEL}.sealed"
+    models = {"digits": sealed_path, **({TEXT_MODEL: text_path} if text else {})}
+    if replicas < 1:
+        raise ValueError("replicas must be at least 1")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    size_pool_for(state_dir, replicas + spare_enclaves)
+    async with open_stack(state_dir, models=models) as stack:
+        with trio.fail_after(timeout_s * replicas):
             eif = state_dir / "server.eif"
-            image = await trio.to_thread.run_sync(build_server_image, eif)
+            app_dir = TEXT_APP_DIR if text else SERVER_APP_DIR
+            image = await trio.to_thread.run_sync(lambda: build_server_image(eif, app_dir=app_dir))
             pcr0 = image.pcrs[0].hex()
             key = await create_model_key(stack, pcr0)
             sealed = await seal_bundled_model(stack, key, sealed_path)
-            server = await start_server(stack, eif)
-            if not server.report.ok:
-                raise ServerStartError(
-                    f"the server could not load its model: {server.report.raw}; "
-                    f"{await describe_exit(server)}"
+            digests = [sealed.header.model_sha384.hex()]
+            if text:
+                digests.append(
+                    (await seal_text_model(stack, key, text_path)).header.model_sha384.hex()
                 )
-            port = await stack.start_ingress(server.cid)
+            servers = await start_replicas(stack, eif, replicas, memory_mib=memory_mib)
+            server = servers[0]
+            if replicas == 1:
+                port = await stack.start_ingress(server.cid)
+            else:
+                port = await stack.start_group_ingress(server.info.enclave_name)
         yield InferenceStack(
             stack=stack,
             server=server,
             eif=eif,
             pcr0=pcr0,
-            digest=sealed.header.model_sha384.hex(),
+            digest=digests[0],
             key_arn=key,
             endpoint=f"127.0.0.1:{port}",
+            servers=tuple(servers),
+            model_digests=tuple(digests),
+            text_model=TEXT_MODEL if text else None,
         )

@@ -1,39 +1,92 @@
-"""MiniLM in-process anchors: the figures ``enclave bench minilm`` will hold the enclave to.
+"""``enclave bench minilm``: all-MiniLM-L6-v2 served from an enclave against in-process
+onnxruntime, every figure from one run (issue 12's table).
 
-This round measures the in-process side only (the enclave side arrives with the text service):
+* ``inproc_ms_12``/``enclave_ms_12`` and ``inproc_ms_128``/``enclave_ms_128``: p50 of embedding
+  one sentence of 12 tokens, and one text of 128 tokens, batch 1: in this process
+  (``Embedder.embed``, tokenization included) and through the enclave (``client.embed``:
+  TCP ingress -> vsock -> attested channel -> RPC -> the server enclave, which tokenizes, runs
+  and answers). ``inproc_ms``/``enclave_ms`` are the 128-token figures;
+* ``overhead_ratio`` = enclave_ms_128 / inproc_ms_128 (budget <= 1.05; real Nitro 1.126,
+  BlindAI 1.38);
+* ``throughput_ratio``: texts/s streaming a realistic mix of lengths through the enclave in
+  messages of 32 texts (``client.embed_stream``) / in-process texts/s embedding the same texts
+  in calls of 32 (budget >= 0.9);
+* ``cold_start_s``: from ``run-enclave`` to the first embedding answered: the enclave starts,
+  fetches the sealed bundle over vsock, gets its key released by KMS, unseals, creates the
+  session, listens; then an ingress, the client's attested handshake and the first request
+  (budget <= 3 s; EphemeralML 7.05 s). ``server_startup_s`` is the server's own part;
+* ``rss_ratio``: the enclave's peak RSS (VmHWM of its process, read from the host) / the peak
+  RSS of a fresh process that loads the same bundle the same way and embeds the same texts
+  (budget <= 1.3; EphemeralML 3.8).
 
-* ``inproc_ms_12``, ``inproc_ms_128``: p50 of ``Embedder.embed`` of one sentence of 12 and of
-  128 tokens (tokenization included, as the enclave will do it), batch 1;
-* ``run_ms_12``, ``run_ms_128`` (diagnostic): p50 of ``session.run`` alone on the same tokens;
-* ``inproc_b32_per_s``: texts/s embedding a realistic mix of lengths (queries, sentences,
-  paragraphs, a few documents cut at 256 tokens) in calls of 32 texts, batched by length;
-* ``inproc_all_per_s``: the same texts in one call (the plan then batches across all of them);
-* ``naive_b32_per_s``, ``naive_waste``, ``sorted_waste``: the same texts in the caller's order,
-  each chunk of 32 padded to its longest text, and the padding fraction of both plans;
-* ``load_s``: reading the cached bundle and creating the session (the in-process part of a cold
-  start);
-* ``peak_rss_mb``: peak RSS of a fresh process that loads the bundle and embeds the mix;
-* with ``optimizer=True`` (needs sympy), the same for the graph after onnxruntime's transformer
-  optimizer (``opt_*``) and its largest output difference (``opt_max_abs_diff``).
+Setup, as on Nitro: the enclave gets one CPU (the last of this machine's) and the client and
+host services (this process) keep off it while the enclave works. The in-process anchor has the
+same session options, one intra-op thread (as many as the enclave has CPUs), and runs on the
+enclave's CPU while the enclave is idle: the same CPU for both, so the ratio compares the paths,
+not two CPUs that other jobs load differently. Enclave and anchor samples are taken in
+alternating blocks, so a change of load on a shared machine hits both. The enclave serves
+MiniLM only (its own ``server.toml``), so the cold start is MiniLM's.
 
-Same session options as the product (:func:`models.text.embedder.session_options`: intra-op
-threads = the CPUs this process may use).
+Diagnostics: ``enclave_p90_ms_128``, ``rpc_floor_ms`` (a catalog round trip: channel + RPC,
+no inference), ``inproc_peak_rss_mb``/``enclave_peak_rss_mb``, the throughputs.
+
+``python -m runtime.bench.minilm --inproc [--quick] [--optimizer]`` prints the in-process
+figures of the model alone (:func:`inproc_figures`): ``session.run`` alone, batching by length
+against caller-order batches, load time, and with ``--optimizer`` the same for the graph after
+onnxruntime's transformer optimizer.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-__all__ = ["run", "SHORT_SENTENCE", "mixed_corpus", "text_of_tokens"]
+if TYPE_CHECKING:
+    from models.client import InferenceClient
+    from models.text.embedder import Embedder
+
+__all__ = [
+    "run",
+    "inproc_figures",
+    "SHORT_SENTENCE",
+    "mixed_corpus",
+    "text_of_tokens",
+    "OVERHEAD_RATIO_BUDGET",
+    "THROUGHPUT_RATIO_BUDGET",
+    "COLD_START_BUDGET_S",
+    "RSS_RATIO_BUDGET",
+]
+
+#: Budgets (issue 12): enclave / in-process p50 at 128 tokens; streamed / in-process texts/s;
+#: run-enclave to the first embedding; enclave / in-process peak RSS.
+OVERHEAD_RATIO_BUDGET: Final = 1.05
+THROUGHPUT_RATIO_BUDGET: Final = 0.9
+COLD_START_BUDGET_S: Final = 3.0
+RSS_RATIO_BUDGET: Final = 1.3
+#: Texts per call / stream message in the throughput figures.
+BATCH: Final = 32
+#: The bench's server: MiniLM alone (the model's own cold start), defaults otherwise.
+_SERVER_TOML: Final = """\
+# enclave bench minilm: the inference server serving the MiniLM bundle alone.
+listen_port = 5005
+host_port = 7000
+kms_proxy_port = 8000
+
+[[models]]
+name = "minilm"
+source = "store"
+"""
 
 #: A 12-token sentence ([CLS] + 10 word pieces + [SEP]).
 SHORT_SENTENCE: Final = "The patient was discharged after three days of observation."
@@ -205,40 +258,55 @@ def optimized_graph(onnx_bytes: bytes) -> bytes:
     return bytes(model.model.SerializeToString(deterministic=True))
 
 
-def _rss_probe(bundle_path: str) -> None:
-    """Child process: load a bundle, embed the mix in calls of 32, print the peak RSS."""
-    from models.text.bundle import read_bundle
+def _load_buffer(path: Path) -> bytearray:
+    """A bundle file's bytes in one buffer (what the enclave holds once it unsealed it)."""
+    with path.open("rb") as f:
+        buf = bytearray(os.fstat(f.fileno()).st_size)
+        f.readinto(buf)
+    return buf
+
+
+def _rss_probe(bundle_path: str, threads: int = 0) -> None:
+    """Child process: load a bundle as the enclave does (one buffer, consumed by
+    ``Embedder.from_buffer``), embed the mix in calls of 32 and one by one, print the peak."""
+    from models._malloc import tune_malloc
     from models.text.embedder import Embedder
 
-    embedder = Embedder(read_bundle(Path(bundle_path)))  # the parsed bundle is dropped here
+    tune_malloc()  # as the server does
+    embedder = Embedder.from_buffer(_load_buffer(Path(bundle_path)), threads=threads or None)
     corpus = mixed_corpus()
-    for i in range(0, len(corpus), 32):
-        embedder.embed(corpus[i : i + 32])
+    for i in range(0, len(corpus), BATCH):
+        embedder.embed(corpus[i : i + BATCH])
+    for text in (SHORT_SENTENCE, text_of_tokens(128)):
+        embedder.embed([text])
     print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
 
 
-def _vm_hwm_mb() -> float:
-    """Peak RSS of this process image. Not ``ru_maxrss``: Linux carries that over fork and
-    exec, so a child of a large parent would report the parent's peak."""
-    with open("/proc/self/status") as f:
+def _vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak RSS of a process image (this one by default). Not ``ru_maxrss``: Linux carries
+    that over fork and exec, so a child of a large parent would report the parent's peak."""
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def _peak_rss_mb(bundle_path: Path) -> float:
+def _peak_rss_mb(bundle_path: Path, threads: int = 0) -> float:
     """Peak RSS of a fresh process serving ``bundle_path`` (built beforehand: the build's own
     memory, such as the optimizer's, is not the serving process's)."""
-    code = f"from runtime.bench.minilm import _rss_probe; _rss_probe({str(bundle_path)!r})"
+    code = (
+        "from runtime.bench.minilm import _rss_probe; "
+        f"_rss_probe({str(bundle_path)!r}, {int(threads)})"
+    )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
     )
     return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"])
 
 
-def run(*, quick: bool, optimizer: bool = False) -> dict[str, float | int | str | None]:
-    """Run the in-process MiniLM measurements (see the module docstring)."""
+def inproc_figures(*, quick: bool, optimizer: bool = False) -> dict[str, float | int | str | None]:
+    """The in-process MiniLM figures (see the module docstring's last paragraph)."""
     from models.text.bundle import read_bundle
     from models.text.embedder import available_cpus
     from models.text.minilm import ensure_minilm_bundle
@@ -268,7 +336,231 @@ def run(*, quick: bool, optimizer: bool = False) -> dict[str, float | int | str 
     return figures
 
 
-if __name__ == "__main__":
-    print(
-        json.dumps(run(quick="--quick" in sys.argv, optimizer="--optimizer" in sys.argv), indent=1)
+# --- the enclave against the in-process anchor -------------------------------------------------
+
+
+def _p50(samples: list[float]) -> float:
+    return float(np.median(np.asarray(samples)))
+
+
+async def _enclave_run(quick: bool) -> dict[str, float | int | str | None]:
+    import trio
+
+    from models.client import make_verifier, open_inference_client, policy_for
+    from models.text.embedder import Embedder
+    from models.text.minilm import ensure_minilm_bundle
+    from runtime.bench.inference import _parent_cpus
+    from runtime.stack import (
+        TEXT_MODEL,
+        build_server_image,
+        create_model_key,
+        open_stack,
+        seal_text_model,
+        start_server,
     )
+
+    bundle_path = await trio.to_thread.run_sync(ensure_minilm_bundle)
+    cpus = sorted(os.sched_getaffinity(0))
+    enclave_cpus = cpus[-1:]  # the last CPU; this process keeps the others (if any)
+    threads = len(enclave_cpus)
+    long_text = text_of_tokens(128)
+    corpus = mixed_corpus()
+    calls = [corpus[i : i + BATCH] for i in range(0, len(corpus), BATCH)]
+    n_lat, rounds, passes = (10, 3, 1) if quick else (20, 10, 3)
+    figures: dict[str, float | int | str | None] = {
+        "enclave_cpus": len(enclave_cpus),
+        "threads": threads,
+        "texts_per_message": BATCH,
+    }
+    tmp = Path(tempfile.mkdtemp(prefix="er-bench-minilm-"))
+    try:
+        app = tmp / "app"
+        app.mkdir()
+        (app / "server.toml").write_text(_SERVER_TOML)
+        sealed_path = tmp / "s" / "models" / f"{TEXT_MODEL}.sealed"
+        async with open_stack(tmp / "s", models={TEXT_MODEL: sealed_path}) as stack:
+            eif = tmp / "minilm.eif"
+            image = await trio.to_thread.run_sync(lambda: build_server_image(eif, app_dir=app))
+            key = await create_model_key(stack, image.pcrs[0].hex())
+            sealed = await seal_text_model(stack, key, sealed_path)
+            verifier = make_verifier(
+                stack.roots(),
+                policy_for(pcr0=image.pcrs[0], model_digests=[sealed.header.model_sha384]),
+            )
+            anchor = await trio.to_thread.run_sync(
+                lambda: Embedder.from_buffer(_load_buffer(bundle_path), threads=threads)
+            )
+            with _parent_cpus(enclave_cpus):
+                t0 = time.perf_counter()
+                server = await start_server(stack, eif, cpu_ids=enclave_cpus)
+                if not server.report.ok:
+                    raise RuntimeError(f"the MiniLM server did not start: {server.report.raw}")
+                port = await stack.start_ingress(server.cid)
+                async with open_inference_client(
+                    f"127.0.0.1:{port}", verifier=verifier, timeout_s=120
+                ) as client:
+                    await client.embed(TEXT_MODEL, [SHORT_SENTENCE])
+                    figures["cold_start_s"] = time.perf_counter() - t0
+                    startup_ms = server.report.raw.get("startup_ms")
+                    if isinstance(startup_ms, int | float):
+                        figures["server_startup_s"] = startup_ms / 1e3
+                    await _measure_pair(
+                        client, anchor, figures, long_text, n_lat, rounds, enclave_cpus
+                    )
+                    await _measure_throughput(client, anchor, figures, calls, passes, enclave_cpus)
+                    floor = []
+                    for _ in range(n_lat * 5):
+                        t1 = time.perf_counter()
+                        await client.list_models()
+                        floor.append(time.perf_counter() - t1)
+                    figures["rpc_floor_ms"] = _p50(floor) * 1e3
+                pid = server.info.app_pid
+                if pid is None:
+                    raise RuntimeError("the MiniLM server enclave has no process")
+                figures["enclave_peak_rss_mb"] = _vm_hwm_mb(pid)
+            del anchor
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    figures["inproc_peak_rss_mb"] = await trio.to_thread.run_sync(
+        lambda: _peak_rss_mb(bundle_path, threads)
+    )
+    return figures
+
+
+@contextmanager
+def _on_cpus(cpus: Sequence[int]) -> Iterator[None]:
+    """Run this thread on ``cpus`` for the block (the anchor's blocks: the enclave's CPU)."""
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+async def _measure_pair(
+    client: InferenceClient,
+    anchor: Embedder,
+    figures: dict[str, float | int | str | None],
+    long_text: str,
+    n: int,
+    rounds: int,
+    anchor_cpus: Sequence[int],
+) -> None:
+    """p50 at batch 1, in-process and through the enclave, in alternating blocks of ``n``."""
+    from runtime.stack import TEXT_MODEL
+
+    for text in (SHORT_SENTENCE, long_text):  # warm both paths
+        for _ in range(3):
+            with _on_cpus(anchor_cpus):
+                anchor.embed([text])
+            await client.embed(TEXT_MODEL, [text])
+    samples: dict[str, list[float]] = {k: [] for k in ("i12", "i128", "e12", "e128")}
+    for _ in range(rounds):
+        for key, text in (("12", SHORT_SENTENCE), ("128", long_text)):
+            with _on_cpus(anchor_cpus):
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    anchor.embed([text])
+                    samples["i" + key].append(time.perf_counter() - t0)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await client.embed(TEXT_MODEL, [text])
+                samples["e" + key].append(time.perf_counter() - t0)
+    for key in ("12", "128"):
+        figures[f"inproc_ms_{key}"] = _p50(samples["i" + key]) * 1e3
+        figures[f"enclave_ms_{key}"] = _p50(samples["e" + key]) * 1e3
+    figures["enclave_p90_ms_128"] = float(np.percentile(samples["e128"], 90)) * 1e3
+
+
+async def _measure_throughput(
+    client: InferenceClient,
+    anchor: Embedder,
+    figures: dict[str, float | int | str | None],
+    calls: list[list[str]],
+    passes: int,
+    anchor_cpus: Sequence[int],
+) -> None:
+    """Texts/s: the mix in calls of 32 in process, streamed in messages of 32 through the
+    enclave; alternating passes, the median of each."""
+    from runtime.stack import TEXT_MODEL
+
+    texts = sum(len(c) for c in calls)
+    inproc, enclave = [], []
+    for _ in range(passes):
+        with _on_cpus(anchor_cpus):
+            t0 = time.perf_counter()
+            for call in calls:
+                anchor.embed(call)
+            inproc.append(texts / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        got = 0
+        async for e in client.embed_stream(TEXT_MODEL, calls):
+            got += len(e)
+        if got != texts:
+            raise RuntimeError(f"the stream returned {got} of {texts} embeddings")
+        enclave.append(texts / (time.perf_counter() - t0))
+    figures["inproc_b32_per_s"] = _p50(inproc)
+    figures["enclave_b32_per_s"] = _p50(enclave)
+
+
+def run(*, quick: bool) -> dict[str, float | int | str | None]:
+    """Run the suite (see the module docstring); returns the flat figures."""
+    import trio
+
+    from transport.logs import configure_logging
+
+    if "ENCLAVE_LOG_LEVEL" not in os.environ:
+        configure_logging("error")  # service logs would drown the figures
+    figures = trio.run(_enclave_run, quick)
+
+    def ratio(a: str, b: str) -> float:
+        num, den = figures[a], figures[b]
+        if not isinstance(num, float) or not isinstance(den, float):
+            raise RuntimeError(f"bench minilm: {a} or {b} missing")
+        return num / den
+
+    figures["inproc_ms"] = figures["inproc_ms_128"]
+    figures["enclave_ms"] = figures["enclave_ms_128"]
+    figures["overhead_ratio"] = ratio("enclave_ms_128", "inproc_ms_128")
+    figures["overhead_ratio_budget"] = OVERHEAD_RATIO_BUDGET
+    figures["throughput_ratio"] = ratio("enclave_b32_per_s", "inproc_b32_per_s")
+    figures["throughput_ratio_budget"] = THROUGHPUT_RATIO_BUDGET
+    figures["cold_start_budget_s"] = COLD_START_BUDGET_S
+    figures["rss_ratio"] = ratio("enclave_peak_rss_mb", "inproc_peak_rss_mb")
+    figures["rss_ratio_budget"] = RSS_RATIO_BUDGET
+    order = [
+        "inproc_ms",
+        "enclave_ms",
+        "inproc_ms_12",
+        "enclave_ms_12",
+        "inproc_ms_128",
+        "enclave_ms_128",
+        "enclave_p90_ms_128",
+        "rpc_floor_ms",
+        "overhead_ratio",
+        "overhead_ratio_budget",
+        "inproc_b32_per_s",
+        "enclave_b32_per_s",
+        "throughput_ratio",
+        "throughput_ratio_budget",
+        "cold_start_s",
+        "server_startup_s",
+        "cold_start_budget_s",
+        "inproc_peak_rss_mb",
+        "enclave_peak_rss_mb",
+        "rss_ratio",
+        "rss_ratio_budget",
+        "enclave_cpus",
+        "threads",
+        "texts_per_message",
+    ]
+    return {k: figures[k] for k in order if k in figures}
+
+
+if __name__ == "__main__":
+    if "--inproc" in sys.argv:
+        out = inproc_figures(quick="--quick" in sys.argv, optimizer="--optimizer" in sys.argv)
+    else:
+        out = run(quick="--quick" in sys.argv)
+    print(json.dumps(out, indent=1))

@@ -30,6 +30,8 @@ SUITES: dict[str, str] = {
     "kms": "runtime.bench.kms",
     "runtime": "runtime.bench.start",
     "inference": "runtime.bench.inference",
+    "fleet": "runtime.bench.fleet",
+    "minilm": "runtime.bench.minilm",
 }
 
 BenchResult = dict[str, float | int | str | None]

@@ -14,14 +14,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "MAX_DEMO_REPLICAS"]
+
+#: Most replicas the demo runs (each is a 512 MiB enclave; the pool is sized for them).
+MAX_DEMO_REPLICAS = 8
 
 
 def register(subparsers: SubParsers) -> None:
-    """Add ``enclave demo [--keep]``."""
+    """Add ``enclave demo [--keep] [--replicas N]``."""
     p = subparsers.add_parser("demo", help="run the end-to-end confidential inference demo")
     p.add_argument(
         "--keep", action="store_true", help="leave the stack running and print how to talk to it"
+    )
+    p.add_argument(
+        "--replicas",
+        default="1",
+        metavar="N",
+        help="run the inference server as N replicas of one image behind one ingress (1..8)",
     )
     p.set_defaults(func=run)
 
@@ -29,5 +38,11 @@ def register(subparsers: SubParsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the demo (see :func:`runtime.demo.main`); returns the exit status."""
     from runtime.demo import main
+    from transport.errors import ConfigurationError
 
-    return main(keep=args.keep, debug=bool(getattr(args, "debug", False)))
+    text = str(args.replicas).strip()
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_DEMO_REPLICAS:
+        raise ConfigurationError(
+            f"demo: --replicas {args.replicas!r}: expected an integer in 1..{MAX_DEMO_REPLICAS}"
+        )
+    return main(keep=args.keep, debug=bool(getattr(args, "debug", False)), replicas=int(text))

@@ -1,14 +1,22 @@
 """``enclave infer``: run inference on a confidential server through its attested channel.
 
 Connects to ``--endpoint`` (the host ingress), verifies the enclave's attestation document
-against ``--root`` and ``--policy`` before sending anything, then sends ``--input``. Prints what
+against ``--root`` and ``--policy`` before sending anything, then sends the inputs. Prints what
 it verified (module id, PCR0, PCR16 and the model digest it binds) and the results as JSON on
-stdout; ``--output FILE.npz`` also saves the output tensors.
+stdout; ``--output`` also saves them.
 
-Inputs: an ``.npz`` whose array names are the model's input names (``enclave infer`` lists them
-when they do not match), or, for a model with a single input, an ``.npy`` array or an ``.npz``
-holding one array (or an array named ``x``). Each array's dtype and shape must match the model's
-signature as the catalog reports it; the first dimension is the batch (rows).
+Tensor models: ``--input`` is an ``.npz`` whose array names are the model's input names
+(``enclave infer`` lists them when they do not match), or, for a model with a single input, an
+``.npy`` array or an ``.npz`` holding one array (or an array named ``x``). Each array's dtype and
+shape must match the model's signature as the catalog reports it; the first dimension is the
+batch (rows). ``--output FILE.npz`` saves the output tensors.
+
+Text models (the catalog says ``text-embedding``): ``--text "..."`` (repeatable) or ``--input
+FILE`` with one UTF-8 text per line (any file that is not ``.npy``/``.npz``). The answer is one
+float32 embedding per text, in order: printed summarised (the first rows, rounded), or whole
+with ``--json`` (``{"embeddings": [[...], ...], "truncated": [...], ...}``); ``--output
+FILE.npy`` saves them as one float32 [texts, dim] array. A text longer than the model's token
+cap is embedded from its first tokens; the answer says which were (``truncated``).
 
 Errors are one line on stderr, naming what failed: ``enclave unreachable`` (nothing answered at
 the endpoint, or the ingress could not reach the enclave) is told apart from ``attestation
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import zipfile
 from pathlib import Path
@@ -68,14 +77,32 @@ def register(subparsers: SubParsers) -> None:
     p.add_argument("--model", required=True, help="the model's name in the server's catalog")
     p.add_argument(
         "--input",
-        required=True,
         type=Path,
-        metavar="FILE.npy|FILE.npz",
-        help="the inputs: an .npz named after the model's inputs, or one .npy array",
+        metavar="FILE",
+        help="tensors: an .npz named after the model's inputs, or one .npy array; "
+        "text models: a file of UTF-8 texts, one per line",
     )
-    p.add_argument("--stream", action="store_true", help="stream the rows in chunks")
-    p.add_argument("--chunk", type=int, default=32, help="rows per stream message (--stream)")
-    p.add_argument("--output", type=Path, metavar="FILE.npz", help="save the outputs")
+    p.add_argument(
+        "--text",
+        action="append",
+        metavar="TEXT",
+        help="a text to embed (text models; repeatable, in order)",
+    )
+    p.add_argument("--stream", action="store_true", help="stream the rows (texts) in chunks")
+    p.add_argument(
+        "--chunk", type=int, default=32, help="rows (texts) per stream message (--stream)"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="text models: print every embedding in full (default: a summary)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.npz|FILE.npy",
+        help="save the outputs (.npz of the output tensors; .npy of the embeddings)",
+    )
     p.add_argument(
         "--timeout",
         type=float,
@@ -84,6 +111,63 @@ def register(subparsers: SubParsers) -> None:
         help=f"bound on connecting and on each answer (default {DEFAULT_TIMEOUT_S:g})",
     )
     p.set_defaults(func=run)
+
+
+#: Extensions of tensor input files; any other ``--input`` is a text file.
+TENSOR_SUFFIXES: Final = (".npy", ".npz")
+#: Largest text file read for ``--input`` (the server's own cap is smaller: 1 MiB a request by
+#: default; a bigger file is refused before reading, with --stream it may be sent in chunks).
+MAX_TEXT_FILE_BYTES: Final = 64 << 20
+
+
+def read_texts(path: Path) -> list[str]:
+    """The texts of a text file, one per line (UTF-8; a final newline is optional).
+
+    Raises:
+        ConfigurationError: missing, unreadable, too large or not UTF-8, a blank line, or no
+            text at all.
+    """
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_TEXT_FILE_BYTES:
+                raise ConfigurationError(
+                    f"--input {path} is {size} bytes; at most {MAX_TEXT_FILE_BYTES} are read"
+                )
+            raw = f.read(MAX_TEXT_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read --input {path}: {exc.strerror or exc}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = raw[: exc.start].count(b"\n") + 1
+        raise ConfigurationError(f"--input {path}: line {bad} is not valid UTF-8") from None
+    lines = text.splitlines()
+    if not lines:
+        raise ConfigurationError(f"--input {path} holds no text (one text per line)")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            raise ConfigurationError(
+                f"--input {path}: line {number} is blank (one text per line, none empty)"
+            )
+    return lines
+
+
+def check_texts_given(texts: list[str]) -> list[str]:
+    """``--text`` values, checked: a value the shell passed in another encoding than UTF-8
+    arrives with lone surrogates (Python's surrogateescape) and has no UTF-8 form.
+
+    Raises:
+        ConfigurationError: an empty or non-UTF-8 ``--text``.
+    """
+    for number, text in enumerate(texts, 1):
+        if not text.strip():
+            raise ConfigurationError(f"--text number {number} is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigurationError(f"--text number {number} is not valid UTF-8") from None
+    return texts
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray[Any, Any]]:
@@ -136,11 +220,10 @@ def _summary(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
 
 
 async def _infer(
-    client: InferenceClient, args: argparse.Namespace, arrays: dict[str, np.ndarray[Any, Any]]
+    client: InferenceClient,
+    args: argparse.Namespace,
+    arrays: dict[str, np.ndarray[Any, Any]] | list[str],
 ) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
-    from models.server import expected_pcr16
-
-    peer = client.attestation
     catalog = await client.list_models()
     info = next((m for m in catalog if m.name == args.model), None)
     if info is None:
@@ -148,6 +231,17 @@ async def _infer(
         raise ConfigurationError(f"the server has no model {args.model!r} (it has {served})")
     if not info.available:
         raise ConfigurationError(f"model {args.model!r} is unavailable: {info.reason}")
+    if isinstance(arrays, list) != info.is_text:
+        if info.is_text:
+            raise ConfigurationError(
+                f"model {args.model!r} takes text: give --text TEXT or --input FILE (one text "
+                "per line), not arrays"
+            )
+        raise ConfigurationError(
+            f"model {args.model!r} takes tensors, not text: give --input FILE.npz (or .npy)"
+        )
+    if isinstance(arrays, list):
+        return await _embed(client, args, arrays, info, catalog)
     inputs = model_inputs(arrays, info, source=args.input)
     if args.stream:
         n = next(iter(inputs.values())).shape[0] if inputs else 0
@@ -160,20 +254,60 @@ async def _infer(
         }
     else:
         outputs = await client.infer(args.model, inputs)
-    served_digests = [bytes.fromhex(m.digest) for m in catalog if m.available and m.digest]
-    pcr16 = peer.pcrs.get(16, b"")
     result = {
-        "attestation": {
-            "module_id": peer.module_id,
-            "pcr0": peer.pcrs[0].hex(),
-            "pcr16": pcr16.hex(),
-            "model_digest": info.digest,
-            "pcr16_matches_catalog": expected_pcr16(served_digests) == pcr16,
-        },
+        "attestation": _attestation(client, info, catalog),
         "model": args.model,
         "outputs": {k: _summary(v) for k, v in outputs.items()},
     }
     return result, outputs
+
+
+def _attestation(
+    client: InferenceClient, info: ModelInfo, catalog: list[ModelInfo]
+) -> dict[str, Any]:
+    """What was verified: module id, PCR0, PCR16, and whether PCR16 binds the served models."""
+    from models.server import expected_pcr16
+
+    peer = client.attestation
+    served_digests = [bytes.fromhex(m.digest) for m in catalog if m.available and m.digest]
+    pcr16 = peer.pcrs.get(16, b"")
+    return {
+        "module_id": peer.module_id,
+        "pcr0": peer.pcrs[0].hex(),
+        "pcr16": pcr16.hex(),
+        "model_digest": info.digest,
+        "pcr16_matches_catalog": expected_pcr16(served_digests) == pcr16,
+    }
+
+
+async def _embed(
+    client: InferenceClient,
+    args: argparse.Namespace,
+    texts: list[str],
+    info: ModelInfo,
+    catalog: list[ModelInfo],
+) -> tuple[dict[str, Any], dict[str, np.ndarray[Any, Any]]]:
+    """A text model's answer: the embeddings (summarised, or whole with --json)."""
+    if args.stream:
+        chunks = [texts[i : i + args.chunk] for i in range(0, len(texts), args.chunk)]
+        parts = [e async for e in client.embed_stream(args.model, chunks)]
+        vectors = np.concatenate([p.vectors for p in parts], axis=0)
+        truncated = [t for p in parts for t in p.truncated]
+    else:
+        answer = await client.embed(args.model, texts)
+        vectors, truncated = answer.vectors, list(answer.truncated)
+    for index, cut in enumerate(truncated):
+        if cut:
+            cap = (info.text or {}).get("max_seq_length", "its")
+            print(f"note: text {index} was longer than the model's {cap} tokens: "
+                  "embedded from its first tokens", file=sys.stderr)  # fmt: skip
+    result: dict[str, Any] = {
+        "attestation": _attestation(client, info, catalog),
+        "model": args.model,
+        "embeddings": vectors.tolist() if args.json else _summary(vectors),
+        "truncated": truncated,
+    }
+    return result, {"embeddings": vectors}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,8 +321,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--chunk must be a positive number of rows, got {args.chunk}")
     if not 0 < args.timeout <= 3600:
         raise ConfigurationError(f"--timeout must be in (0, 3600] seconds, got {args.timeout:g}")
+    if (args.input is None) == (args.text is None):
+        raise ConfigurationError("give the inputs: --input FILE, or --text TEXT (not both)")
     parse_host_port(args.endpoint, what="--endpoint")
-    arrays = read_arrays(args.input)  # before connecting: a bad file costs no round trip
+    # Inputs are read before connecting: a bad file costs no round trip.
+    arrays: dict[str, np.ndarray[Any, Any]] | list[str]
+    if args.text is not None:
+        arrays = check_texts_given(list(args.text))
+    elif args.input.suffix.lower() in TENSOR_SUFFIXES:
+        arrays = read_arrays(args.input)
+    else:
+        arrays = read_texts(args.input)
+    if args.output is not None:
+        _check_output(args.output, text=isinstance(arrays, list))
     roots = load_roots(args.root, state_dir=default_state_dir())
     verifier = make_verifier(roots, Policy.from_file(args.policy))
     endpoint = args.endpoint
@@ -217,8 +362,12 @@ def run(args: argparse.Namespace) -> int:
         raise
     if args.output is not None:
         try:
-            named: dict[str, Any] = dict(arrays)  # (numpy's stub types **kwds as its flag)
-            np.savez(args.output, **named)
+            if "embeddings" in result:
+                with args.output.open("wb") as f:  # np.save(path) would append ".npy"
+                    np.save(f, arrays["embeddings"], allow_pickle=False)
+            else:
+                named: dict[str, Any] = dict(arrays)  # (numpy's stub types **kwds as its flag)
+                np.savez(args.output, **named)
         except OSError as exc:
             raise ConfigurationError(f"cannot write --output {args.output}: {exc}") from exc
         print(f"outputs saved to {args.output}", file=sys.stderr)
@@ -230,6 +379,16 @@ def run(args: argparse.Namespace) -> int:
     )
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _check_output(path: Path, *, text: bool) -> None:
+    """Refuse an --output that cannot be written, before connecting."""
+    want = ".npy" if text else ".npz"
+    if path.suffix.lower() != want:
+        kind = "embeddings" if text else "output tensors"
+        raise ConfigurationError(f"--output {path}: the {kind} are saved as {want}")
+    if not path.parent.is_dir():
+        raise ConfigurationError(f"--output {path}: no such directory {path.parent}")
 
 
 def _for_the_user(

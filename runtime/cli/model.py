@@ -1,8 +1,11 @@
-"""``enclave model seal|inspect``: sealed models (envelope-encrypted ONNX files).
+"""``enclave model seal|inspect``: sealed models (envelope-encrypted ONNX files and text model
+bundles).
 
-``seal`` checks the ONNX file loads, asks KMS for a data key (GenerateDataKey under ``--key-id``,
-encryption context naming the model) and writes the sealed file; ``inspect`` prints a sealed
-file's header as JSON without any key. Credentials: ``ENCLAVE_KMS_ACCESS_KEY_ID`` /
+``seal`` checks the model loads (an ONNX graph, or a text bundle: graph + ``tokenizer.json`` +
+config, sealed and digested as one unit), asks KMS for a data key (GenerateDataKey under
+``--key-id``, encryption context naming the model) and writes the sealed file; ``inspect``
+describes a sealed file (its header as JSON, without any key) or a plaintext bundle (its
+config and members). Credentials: ``ENCLAVE_KMS_ACCESS_KEY_ID`` /
 ``ENCLAVE_KMS_SECRET_ACCESS_KEY``, else ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``
 (``AWS_SESSION_TOKEN``).
 """
@@ -41,7 +44,7 @@ def register(subparsers: SubParsers) -> None:
     seal = sub.add_parser(
         "seal", help="envelope-encrypt an ONNX model under a KMS key", allow_abbrev=False
     )
-    seal.add_argument("model", type=Path, metavar="MODEL.onnx")
+    seal.add_argument("model", type=Path, metavar="MODEL.onnx|MODEL.bundle")
     seal.add_argument("--key-id", required=True, help="KMS key id, ARN or alias/NAME")
     seal.add_argument("--kms-endpoint", required=True, help="http://HOST:PORT of the KMS")
     seal.add_argument("--name", help="model name (default: the file's stem)")
@@ -58,9 +61,11 @@ def register(subparsers: SubParsers) -> None:
     )
     seal.set_defaults(func=run_seal)
     inspect = sub.add_parser(
-        "inspect", help="print a sealed model's header as JSON (no key)", allow_abbrev=False
+        "inspect",
+        help="describe a sealed model (its header, no key) or a text model bundle, as JSON",
+        allow_abbrev=False,
     )
-    inspect.add_argument("sealed", type=Path, metavar="FILE.sealed")
+    inspect.add_argument("sealed", type=Path, metavar="FILE.sealed|FILE.bundle")
     inspect.set_defaults(func=run_inspect)
     store = sub.add_parser(
         "store",
@@ -199,6 +204,7 @@ def run_store(args: argparse.Namespace) -> int:
         path = Path(file)
         if not path.is_file():
             raise ConfigurationError(f"no such sealed model: {path}")
+        _check_sealed(path)
         models[name] = path.resolve()
     creds = credentials_from_env()
     region = (
@@ -223,6 +229,21 @@ def run_store(args: argparse.Namespace) -> int:
     return run_until_signal(serve)
 
 
+def _check_sealed(path: Path) -> None:
+    """Refuse, before serving, a file that is not a sealed model (its header is read and
+    checked; the enclave would otherwise find out only when it fetches the file)."""
+    from models.errors import SealedFormatError
+    from models.sealed import read_header
+
+    try:
+        with path.open("rb") as f:
+            read_header(f)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except SealedFormatError as exc:
+        raise ConfigurationError(f"{path} is not a sealed model: {exc}") from exc
+
+
 def _refused(exc: BaseException) -> bool:
     seen: list[BaseException] = [exc]
     cause = exc.__cause__
@@ -239,16 +260,54 @@ def _one_line(exc: BaseException) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from models.errors import SealedFormatError
-    from models.sealing import inspect_sealed
+    from models.sealing import CONTENT_CONTEXT_KEY, TEXT_BUNDLE, inspect_sealed, is_bundle
 
     try:
-        header = inspect_sealed(args.sealed)
-        size = args.sealed.stat().st_size
+        if is_bundle(args.sealed):
+            view = _inspect_bundle(args.sealed)
+        else:
+            header = inspect_sealed(args.sealed)
+            view = header.to_json()
+            context = header.encryption_context
+            view["content"] = (
+                "text model bundle (graph + tokenizer + config)"
+                if context.get(CONTENT_CONTEXT_KEY) == TEXT_BUNDLE
+                else "ONNX model"
+            )
+        view["file_size"] = args.sealed.stat().st_size
     except OSError as exc:
         raise ConfigurationError(f"cannot read {args.sealed}: {exc.strerror or exc}") from exc
     except SealedFormatError as exc:
         raise SealedFormatError(f"{args.sealed} is not a sealed model: {exc}") from exc
-    view = header.to_json()
-    view["file_size"] = size
     print(json.dumps(view, indent=2))
     return 0
+
+
+def _inspect_bundle(path: Path) -> dict[str, object]:
+    """A plaintext bundle's config and members (sizes, SHA-384s) and its own SHA-384 (what a
+    sealed copy's header and PCR16 carry)."""
+    import hashlib
+
+    from models.text.bundle import read_bundle
+    from models.text.errors import BundleFormatError
+
+    try:
+        bundle = read_bundle(path)
+    except BundleFormatError as exc:
+        raise BundleFormatError(f"{path} is not a valid model bundle: {exc}") from exc
+    digest = hashlib.sha384()
+    with path.open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+    return {
+        "content": "text model bundle (graph + tokenizer + config), not sealed",
+        "config": bundle.config.to_map(),
+        "members": {
+            "tokenizer.json": {
+                "size": len(bundle.tokenizer_json),
+                "sha384": bundle.tokenizer_sha384.hex(),
+            },
+            "model.onnx": {"size": len(bundle.onnx), "sha384": bundle.onnx_sha384.hex()},
+        },
+        "sha384": digest.hexdigest(),
+    }

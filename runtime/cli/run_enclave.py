@@ -6,6 +6,11 @@ embedding API, zygote warm start included. This command returns once the enclave
 (heartbeat received, app started; with ``--wait-ready``, once its app reported READY) and the
 enclave keeps running after it exits. With ``--attach-console`` the console follows, from the
 app's first byte; Ctrl-C then detaches and leaves the enclave running.
+
+``--replicas N`` (ours) starts N enclaves of the image, one after the other through the same
+path: each its own CID and module id, the same PCRs, named ``NAME``, ``NAME_1``... (the group
+``NAME``, which ``enclave ingress --target-name`` follows). It prints a JSON array of their run
+records. If one fails, those already started are terminated and the error is reported.
 """
 
 from __future__ import annotations
@@ -70,6 +75,12 @@ def register(subparsers: SubParsers) -> None:
         "--strict-isolation",
         action="store_true",
         help="refuse to start when a sandbox layer is unavailable on this host",
+    )
+    p.add_argument(
+        "--replicas",
+        metavar="N",
+        help="start N replicas of the image (each its own CID and module id; prints a JSON "
+        "array); not with --attach-console or a fixed --enclave-cid",
     )
     p.add_argument(
         "--wait-ready",
@@ -140,11 +151,71 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
     return RunRequest(launch, attach_console=args.attach_console, wait_ready_s=wait_ready_s)
 
 
+def _replicas(text: str | None, req: RunRequest) -> int | None:
+    """The ``--replicas`` count, checked against the rest of the request."""
+    if text is None:
+        return None
+    from runtime.replicas import MAX_REPLICAS
+
+    value = text.strip()
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= MAX_REPLICAS:
+        raise InvalidArgumentError(
+            f"`replicas` must be an integer in 1..{MAX_REPLICAS}", info=("replicas", text)
+        )
+    if req.attach_console:
+        raise UsageError("the argument '--replicas <N>' cannot be used with '--attach-console'")
+    if req.launch.cid not in (None, 0) and int(value) > 1:
+        raise InvalidArgumentError(
+            "`enclave-cid` cannot be given with several replicas: each gets its own CID",
+            info=("enclave-cid", str(req.launch.cid)),
+        )
+    return int(value)
+
+
+def _run_replicas(req: RunRequest, count: int) -> int:
+    """Start ``count`` replicas one after the other; on a failure terminate the others."""
+    from runtime.control import terminate_via_control
+    from runtime.host import launch_via_host
+
+    state = open_state_dir()
+    started = []
+    try:
+        for index in range(count):
+            print(f"Starting replica {index + 1} of {count}...", file=sys.stderr)
+            reply = launch_via_host(
+                state,
+                req.launch,
+                wait_ready=req.wait_ready_s is not None,
+                ready_timeout_s=req.wait_ready_s or DEFAULT_WAIT_READY_S,
+                boot_timeout_s=BOOT_TIMEOUT_S,
+            )
+            started.append(reply.info)
+            print(
+                f"Started enclave {reply.info.enclave_name} with enclave-cid: "
+                f"{reply.info.enclave_cid}",
+                file=sys.stderr,
+            )
+    except BaseException:
+        import trio
+
+        for info in started:
+            with contextlib.suppress(Exception):
+                trio.run(terminate_via_control, state, info.enclave_id)
+        if started:
+            print(f"Terminated the {len(started)} replica(s) already started.", file=sys.stderr)
+        raise
+    print_json([info.run_json() for info in started])
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Start the enclave, print its JSON (and follow its console with --attach-console)."""
     from runtime.host import launch_via_host
 
     req = request_from_args(args)
+    replicas = _replicas(args.replicas, req)
+    if replicas is not None:
+        return _run_replicas(req, replicas)
     state = open_state_dir()
     print("Start allocating memory...", file=sys.stderr)
     try:

@@ -81,6 +81,8 @@ RUNTIME_SUBPACKAGE: Final = "enclave_init"
 DEPENDENCY_ROOTS: Final = (
     "trio", "cryptography", "cbor2", "msgpack", "structlog", "h11", "asn1crypto",
     "onnxruntime", "numpy", "PyYAML",
+    # text models: the enclave tokenizes with `tokenizers` (models.text.tokenizer)
+    "tokenizers",
 )  # fmt: skip
 #: The bootstrap's runtime/__init__.py: the host-side runtime package (supervisor, CLI) is not
 #: shipped, so the enclave gets an empty package that only holds ``enclave_init``.

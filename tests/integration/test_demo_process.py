@@ -153,7 +153,7 @@ def test_keep_prints_a_working_infer_line_per_model_and_ctrl_c_stops_all() -> No
         d.wait_for("KMS at http://")  # the last of the instructions
         lines = [line.strip() for line in d.lines if " infer --endpoint " in line]
         served = re.findall(r"model '(\w+)' unsealed", d.stderr)
-        assert served == ["digits"]
+        assert served == ["digits", "minilm"]
         assert len(lines) == len(served)  # one per served model
         for line in lines:
             argv = shlex.split(line)

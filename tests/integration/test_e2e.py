@@ -48,7 +48,7 @@ async def test_demo_path(short_state_dir: Path) -> None:
     with trio.fail_after(60):
         results = await run_demo(short_state_dir, out=Console(log))
     assert results.accuracy > 0.95
-    assert results.pcr16 == expected_pcr16([bytes.fromhex(results.model_sha384)]).hex()
+    assert results.pcr16 == expected_pcr16([bytes.fromhex(d) for d in results.model_digests]).hex()
     assert "imagesha384" in results.debug_denial.lower()
     assert "debug" in log.getvalue().lower()
 

@@ -150,8 +150,10 @@ async def test_mitm_detected(served: Served) -> None:
                 accepted: dict[int, np.ndarray] = {}
                 errors: list[BaseException] = []
                 try:
+                    # failover=False: the calls must see the channel's verdict, not a retry
+                    # on a fresh connection (which the mitm, disarmed by then, would let pass).
                     async with open_inference_client(
-                        endpoint, verifier=served.verifier()
+                        endpoint, verifier=served.verifier(), failover=False
                     ) as client:
                         assert (await client.infer("digits", {"pixels": x[:1]}))["label"].shape
                         mitm.arm(mode, direction)

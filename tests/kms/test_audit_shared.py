@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,24 @@ from kms.audit import AuditLog
 from kms.integrity import MasterKey
 path = Path(sys.argv[1])
 log = AuditLog(path, MasterKey(base64.b64decode(sys.argv[2])), fsync=False)
-(path.parent / f"ready-{sys.argv[4]}").touch()
-deadline = time.monotonic() + 60
-while not (path.parent / "go").exists() and time.monotonic() < deadline:
-    time.sleep(0.001)  # all writers start appending together
-for i in range(int(sys.argv[3])):
-    log.append({"operation": "GenerateDataKey", "writer": sys.argv[4], "i": i})
+count, me, writers = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+
+def barrier(name):
+    (path.parent / f"{name}-{me}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(path.parent.glob(f"{name}-*"))) < writers and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+barrier("ready")  # all writers start appending together
+for phase in range(PHASES):
+    for i in range(count // PHASES):
+        log.append({"operation": "GenerateDataKey", "writer": me, "i": i, "phase": phase})
+    barrier(f"phase{phase}")  # every writer appended in this phase before any goes on
 log.close()
 """
+#: Phases separated by barriers: each phase holds a run of every writer, so the chain has at
+#: least (writers - 1) * PHASES hand-overs between processes, whatever the scheduler does.
+PHASES = 3
 
 
 @pytest.mark.timeout(120)
@@ -46,21 +55,29 @@ def test_writer_processes_build_one_valid_chain(tmp_path: Path) -> None:
     AuditLog(path, MasterKey(key)).close()
     b64 = base64.b64encode(key).decode()
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WRITER, str(path), b64, "300", str(w)])
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                f"PHASES = {PHASES}\n" + _WRITER,
+                str(path),
+                b64,
+                "300",
+                str(w),
+                "4",
+            ]
+        )
         for w in range(4)
     ]
-    deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (tmp_path / "go").touch()
     for p in procs:
         assert p.wait(timeout=100) == 0
     assert verify_audit_log(path, MasterKey(key)) == 1200
     lines = path.read_text().splitlines()
     writers = [line.split('"writer":"')[1][0] for line in lines]
     assert len(set(writers)) == 4
-    # They did interleave (otherwise this test proves nothing about the tail hand-over).
-    assert sum(a != b for a, b in itertools.pairwise(writers)) > 4
+    # They did interleave (otherwise this test proves nothing about the tail hand-over): the
+    # phases guarantee a hand-over from every writer's run to the next one's.
+    assert sum(a != b for a, b in itertools.pairwise(writers)) >= 3 * PHASES
 
 
 def test_a_failed_write_leaves_no_partial_line(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import os
 import struct
 
@@ -259,3 +260,110 @@ def test_seal_detects_changed_input(key: bytes) -> None:
 def test_bad_data_key_length(plain: bytes) -> None:
     with pytest.raises(ValueError):
         seal(plain, b"short")
+
+
+# --- incremental unsealing (models.sealed.Unsealer) --------------------------------------------
+
+
+def unseal_in_pieces(blob: bytes, key: bytes, cuts: list[int]) -> tuple[SealedHeader, bytearray]:
+    """Feed ``blob`` split at ``cuts`` (sorted offsets), as a network peer would deliver it."""
+    u = sealed.Unsealer()
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(blob)), len(blob)]
+    pieces = [blob[a:b] for a, b in itertools.pairwise(bounds)]
+    rest = None
+    while rest is None:
+        if not pieces:
+            raise SealedFormatError("sealed model header is truncated")
+        rest = u.feed_header(pieces.pop(0))
+    u.start(key)
+    u.feed(rest)
+    for piece in pieces:
+        u.feed(piece)
+    return u.finish()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(min_value=0, max_value=5 * CHUNK),
+    cuts=st.lists(st.integers(min_value=0, max_value=6 * CHUNK), max_size=12),
+)
+def test_unsealer_any_chunking_gives_the_same_plaintext(size: int, cuts: list[int]) -> None:
+    """Re-chunking: the same sealed bytes split anywhere unseal to the same model."""
+    key = bytes(range(32))
+    plain = hashlib.sha384(str(size).encode()).digest() * (size // 48 + 1)
+    plain = plain[:size]
+    header, out = unseal_in_pieces(seal(plain, key), key, cuts)
+    assert out == plain
+    assert header.total_size == size
+    assert isinstance(out, bytearray)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cut=st.integers(min_value=1, max_value=4 * (CHUNK + 16)), split=st.integers(0, 5000))
+def test_unsealer_truncation_anywhere_is_detected(cut: int, split: int) -> None:
+    key = bytes(32)
+    plain = bytes(range(256)) * (3 * CHUNK // 256) + b"tail"
+    blob = seal(plain, key)
+    with pytest.raises((SealedIntegrityError, SealedFormatError)):
+        unseal_in_pieces(blob[: len(blob) - cut], key, [split])
+
+
+def test_unsealer_trailing_bytes_and_tampering(key: bytes, plain: bytes) -> None:
+    blob = seal(plain, key)
+    with pytest.raises(SealedIntegrityError, match="trailing"):
+        unseal_in_pieces(blob + b"\x00", key, [len(blob)])
+    tampered = bytearray(blob)
+    tampered[body_offset(blob) + CHUNK + 40] ^= 1
+    with pytest.raises(SealedIntegrityError):
+        unseal_in_pieces(bytes(tampered), key, [100, 3000])
+
+
+def test_unsealer_wipes_what_it_unsealed_on_failure(key: bytes, plain: bytes) -> None:
+    """Chunks that authenticated before a later one failed are not left in memory."""
+    blob = bytearray(seal(plain, key))
+    blob[-5] ^= 1  # the last chunk fails; the first three were written
+    u = sealed.Unsealer()
+    rest = u.feed_header(bytes(blob))
+    assert rest is not None
+    u.start(key)
+    buffer = u._out  # the plaintext buffer, to check what is left in it
+    with pytest.raises(SealedIntegrityError):
+        u.feed(rest)
+    assert not any(buffer)
+
+
+def test_unsealer_checks_order_of_calls_and_the_prefix(key: bytes, plain: bytes) -> None:
+    blob = seal(plain, key)
+    u = sealed.Unsealer()
+    with pytest.raises(SealedFormatError):
+        u.feed(blob)  # no key yet
+    with pytest.raises(SealedFormatError):
+        u.start(key)  # no header yet
+    with pytest.raises(SealedFormatError, match="prefix"):
+        sealed.Unsealer().feed_header(b"PK\x03\x04")  # refused at once, not after 64 KiB
+    assert u.feed_header(blob[:5]) is None
+    assert u.feed_header(blob[5:20]) is None
+    rest = u.feed_header(blob[20:])
+    assert rest is not None
+    assert u.header is not None
+    u.start(key)
+    with pytest.raises(SealedFormatError):
+        u.start(key)
+    u.feed(rest)
+    assert u.finish()[1] == plain
+
+
+def test_unsealer_holds_one_partial_chunk_at_most(key: bytes) -> None:
+    """Bounded memory: whatever the pieces, only the plaintext and part of one chunk are kept."""
+    plain = os.urandom(6 * CHUNK)
+    blob = seal(plain, key)
+    u = sealed.Unsealer()
+    rest = u.feed_header(blob[: body_offset(blob)])
+    assert rest is not None
+    u.start(key)
+    largest = 0
+    for i in range(body_offset(blob), len(blob), 700):
+        u.feed(blob[i : i + 700])
+        largest = max(largest, len(u._partial))
+    assert largest < CHUNK + 16
+    assert u.finish()[1] == plain

@@ -165,9 +165,10 @@ async def test_terminate_under_load_kills_after_grace(enclave_state_dir, enclave
         async with open_runtime(enclave_state_dir, terminate_grace_s=0.5) as rt:
             info = await rt.run_enclave(eif, cpu_count=1, memory_mib=256, debug=True)
             await console_json(rt, info.enclave_id)
-            t0 = trio.current_time()
+            # No timed assertion (a loaded machine stretches any figure): SIGKILL as the exit
+            # signal is the proof that terminate gave up on SIGTERM and killed after the grace,
+            # and OP_TIMEOUT_S bounds the whole test should it wait for the app instead.
             reason = await rt.terminate(info.enclave_id)
-            assert trio.current_time() - t0 < 5
             assert reason.kind is ExitKind.TERMINATED
             assert reason.signal == signal.SIGKILL
             assert info.app_pid is not None

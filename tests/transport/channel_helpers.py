@@ -31,6 +31,7 @@ from transport.channel.testing import TestAttester, TestAuthority, TestVerifier,
 
 __all__ = [
     "ChannelPair",
+    "MutualPair",
     "Forge",
     "drain",
     "make_channel_pair",
@@ -159,3 +160,87 @@ async def open_secure_pair(
             **kwargs,
         )
     return result["client"], result["server"]
+
+
+class MutualPair:
+    """A mutual-mode client and server core: each side attests and verifies the other.
+
+    The client's attester has its own module id and (by default) the same image PCRs as the
+    server; the server's peer verifier pins ``client_pcrs`` (tests change either to get a
+    mismatch).
+    """
+
+    def __init__(
+        self,
+        *,
+        suites: Sequence[Suite] = (Suite.X25519,),
+        authority: TestAuthority | None = None,
+        client_attester: TestAttester | None = None,
+        peer_verifier: TestVerifier | None = None,
+        client_pcrs: dict[int, bytes] | None = None,
+    ) -> None:
+        self.authority = authority or TestAuthority()
+        self.server_attester = self.authority.attester(module_id="i-test-enc00000000000srv")
+        self.client_attester = client_attester or self.authority.attester(
+            module_id="i-test-enc00000000000cli"
+        )
+        self.peer_verifier = peer_verifier or self.authority.verifier(
+            expected_pcrs=client_pcrs if client_pcrs is not None else default_pcrs()
+        )
+        self.client = ClientConnection(verifier=self.authority.verifier(), suites=suites)
+        self.server = ServerConnection(
+            suites=(Suite.MLKEM768_X25519, Suite.X25519), peer_verifier=self.peer_verifier
+        )
+        self.wire: dict[str, bytes] = {}
+        self.server_request: AttestationRequest | None = None
+        self.client_request: AttestationRequest | None = None
+
+    def to_client_attestation(
+        self,
+        *,
+        tamper: Callable[[str, bytes], bytes] | None = None,
+        forge: Forge | None = None,
+    ) -> AttestationRequest:
+        """HELLO and (MUTUAL_)ATTESTATION; returns the client's own AttestationRequest."""
+
+        def transit(name: str, frame: bytes) -> bytes:
+            self.wire[name] = frame
+            return tamper(name, frame) if tamper else frame
+
+        self.server.receive_data(transit("hello", self.client.send(Hello())))
+        request = _next_or_eof(self.server)
+        assert isinstance(request, AttestationRequest)
+        self.server_request = request
+        document = sign_request(self.server_attester, request)
+        self.client.receive_data(transit("attestation", self.server.send(Attestation(document))))
+        own = _next_or_eof(self.client)
+        assert isinstance(own, AttestationRequest), own
+        self.client_request = own
+        return own
+
+    def client_document(self, forge: Forge | None = None) -> bytes:
+        assert self.client_request is not None
+        return sign_request(self.client_attester, self.client_request, forge)
+
+    def handshake(
+        self,
+        *,
+        tamper: Callable[[str, bytes], bytes] | None = None,
+        forge: Forge | None = None,
+        document: bytes | None = None,
+    ) -> tuple[ChannelEstablished, ChannelEstablished]:
+        """The whole mutual handshake; ``document`` replaces the client's own document."""
+
+        def transit(name: str, frame: bytes) -> bytes:
+            self.wire[name] = frame
+            return tamper(name, frame) if tamper else frame
+
+        self.to_client_attestation(tamper=tamper)
+        doc = document if document is not None else self.client_document(forge)
+        self.server.receive_data(transit("key+client", self.client.send(Attestation(doc))))
+        server_done = _next_or_eof(self.server)
+        assert isinstance(server_done, ChannelEstablished)
+        self.client.receive_data(transit("accepted", self.server.data_to_send()))
+        client_done = _next_or_eof(self.client)
+        assert isinstance(client_done, ChannelEstablished)
+        return client_done, server_done

@@ -152,3 +152,82 @@ def test_independent_enclave_against_reference_client() -> None:
     assert open_(k["c2s_key"], k["c2s_iv"], 0, client.send(Data(b"ping"))) == (0x17, b"ping")
     client.receive_data(seal(k["s2c_key"], k["s2c_iv"], 0, 0x17, b"pong"))
     assert client.next_event() == Data(b"pong")
+
+
+def test_independent_mutual_client_against_reference_enclave() -> None:
+    """PROTOCOL.md §3.4 from the client's side: the binding of our document, ACCEPTED at s2c
+    sequence 0, the traffic keys over the four frames."""
+    authority = TestAuthority()
+    server = ServerConnection(suites=[Suite.X25519], peer_verifier=authority.verifier())
+    hello = frame(1, struct.pack(">H", 1) + os.urandom(32) + bytes([1, 1]))
+    server.receive_data(hello)
+    request = server.next_event()
+    assert isinstance(request, AttestationRequest)
+    attestation = server.send(Attestation(sign_request(authority.attester(), request)))
+    ftype, body, _ = split(attestation)
+    assert ftype == 4  # MUTUAL_ATTESTATION
+    pk = body[3:35]
+    secret = os.urandom(32)
+    th1 = hashlib.sha256(hello + attestation).digest()
+    public = x25519.X25519PublicKey.from_public_bytes(pk)
+    key_frame = frame(3, HPKE[1].encrypt(secret, public, info=b"enclave-channel/1 hpke" + th1))
+    ours = AttestationRequest(
+        nonce=hashlib.sha384(hello + attestation + key_frame).digest(),
+        public_key=pk,
+        user_data=b"enclave-channel/1 client suite \x01",
+    )
+    client_attestation = frame(5, sign_request(authority.attester(module_id="i-me"), ours))
+    k = keys(secret, hashlib.sha256(hello + attestation + key_frame + client_attestation).digest())
+    server.receive_data(key_frame + client_attestation)
+    established = server.next_event()
+    assert isinstance(established, ChannelEstablished)
+    assert established.peer is not None
+    assert established.peer.module_id == "i-me"
+    assert open_(k["s2c_key"], k["s2c_iv"], 0, server.data_to_send()) == (6, b"")  # ACCEPTED
+    reply = server.send(Data(b"hello peer"))
+    assert open_(k["s2c_key"], k["s2c_iv"], 1, reply) == (0x17, b"hello peer")
+    server.receive_data(seal(k["c2s_key"], k["c2s_iv"], 0, 0x17, b"hi"))
+    assert server.next_event() == Data(b"hi")
+
+
+def test_independent_mutual_enclave_against_reference_client() -> None:
+    authority = TestAuthority()
+    client = ClientConnection(verifier=authority.verifier(), suites=[Suite.X25519])
+    hello = client.send(Hello())
+    sk = x25519.X25519PrivateKey.generate()
+    pk = sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    document = sign_request(
+        authority.attester(),
+        AttestationRequest(
+            nonce=hashlib.sha384(hello).digest(),
+            public_key=pk,
+            user_data=b"enclave-channel/1 suite \x01",
+        ),
+    )
+    attestation = frame(
+        4, struct.pack(">BH", 1, 32) + pk + struct.pack(">I", len(document)) + document
+    )
+    client.receive_data(attestation)
+    request = client.next_event()
+    assert isinstance(request, AttestationRequest)  # the client must attest now
+    out = client.send(Attestation(sign_request(authority.attester(module_id="i-cli"), request)))
+    ftype, sealed, rest = split(out)
+    assert ftype == 3
+    key_frame = out[: 5 + len(sealed)]
+    assert request.nonce == hashlib.sha384(hello + attestation + key_frame).digest()
+    assert request.public_key == pk
+    assert request.user_data == b"enclave-channel/1 client suite \x01"
+    ftype, client_doc, tail = split(rest)
+    assert ftype == 5
+    assert not tail
+    peer = authority.verifier()(client_doc, nonce=request.nonce)
+    assert peer.module_id == "i-cli"
+    th1 = hashlib.sha256(hello + attestation).digest()
+    secret = HPKE[1].decrypt(sealed, sk, info=b"enclave-channel/1 hpke" + th1)
+    k = keys(secret, hashlib.sha256(hello + attestation + out).digest())
+    client.receive_data(
+        seal(k["s2c_key"], k["s2c_iv"], 0, 6, b"") + seal(k["s2c_key"], k["s2c_iv"], 1, 0x17, b"ok")
+    )
+    assert isinstance(client.next_event(), ChannelEstablished)
+    assert client.next_event() == Data(b"ok")
+    assert open_(k["c2s_key"], k["c2s_iv"], 0, client.send(Data(b"go"))) == (0x17, b"go")

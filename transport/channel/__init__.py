@@ -1,4 +1,5 @@
-"""``enclave-channel/1``: the attested secure channel between a client and an enclave.
+"""``enclave-channel/1``: the attested secure channel between a client and an enclave (or,
+attested both ways, between two enclaves).
 
 Layers (wire format in ``transport/PROTOCOL.md``):
     _types.py       value types: Suite, PeerAttestation, Attester and DocumentVerifier protocols
@@ -10,6 +11,7 @@ Layers (wire format in ``transport/PROTOCOL.md``):
 from __future__ import annotations
 
 from transport._exports import fixup_module_metadata
+from transport.channel._connection import CLIENT_USER_DATA_PREFIX as CLIENT_USER_DATA_PREFIX
 from transport.channel._connection import MAX_DOCUMENT_SIZE as MAX_DOCUMENT_SIZE
 from transport.channel._connection import MAX_FRAME_SIZE as MAX_FRAME_SIZE
 from transport.channel._connection import NEED_DATA as NEED_DATA
@@ -78,6 +80,7 @@ __all__ = [
     "MAX_RECORD_PLAINTEXT",
     "DEFAULT_MAX_RECORDS",
     "USER_DATA_PREFIX",
+    "CLIENT_USER_DATA_PREFIX",
 ]
 
 fixup_module_metadata(__name__, globals())

@@ -11,6 +11,13 @@ Theory of operation (h11 style; the wire format is specified in ``transport/PROT
   anything secret, so no adapter can skip it. The enclave's :class:`Attester` is async, so the
   server core instead returns an :class:`AttestationRequest` event and waits for
   ``send(Attestation(document))``.
+* **Mutual mode** (PROTOCOL.md §3.4): a server core given a ``peer_verifier`` sends
+  MUTUAL_ATTESTATION instead of ATTESTATION. The client core then verifies as usual, seals the
+  secret, and returns an :class:`AttestationRequest` of its own (nonce = SHA-384 of HELLO ‖
+  MUTUAL_ATTESTATION ‖ KEY); ``send(Attestation(document))`` returns KEY ‖ CLIENT_ATTESTATION.
+  The server core verifies the client's document with ``peer_verifier`` before it opens the
+  secret, then queues an ACCEPTED record (``data_to_send``); the client is established only
+  once that record authenticates.
 * Every failure caused by the peer's bytes raises
   :class:`~transport.errors.AuthenticationFailed`, whose message says nothing, with the detailed
   ``reason`` as an attribute for the adapter to log. The core then stays in ``ERROR``. Misuse of
@@ -69,6 +76,7 @@ __all__ = [
     "MAX_DOCUMENT_SIZE",
     "MAX_FRAME_SIZE",
     "USER_DATA_PREFIX",
+    "CLIENT_USER_DATA_PREFIX",
     "NEED_DATA",
     "Role",
     "State",
@@ -104,6 +112,9 @@ _MAX_ATTESTATION_BODY: Final = _ATT_KEY.size + _MAX_PUBLIC_KEY + _ATT_DOC.size +
 MAX_FRAME_SIZE: Final = HEADER_SIZE + MAX_RECORD_PLAINTEXT + TAG_SIZE
 #: ``user_data`` the enclave puts in its document: this prefix then the chosen suite's id byte.
 USER_DATA_PREFIX: Final = b"enclave-channel/1 suite "
+#: ``user_data`` of the client's document in mutual mode: this prefix then the suite's id byte.
+#: Another prefix than the enclave's, so neither document can stand for the other.
+CLIENT_USER_DATA_PREFIX: Final = b"enclave-channel/1 client suite "
 #: Receive buffer (bytes): starts at 16 KiB (a handshake, small messages) and grows under bulk
 #: traffic to four full records, so one ``recv_into`` can bring several.
 _RECEIVE_BUFFER_INITIAL: Final = 16 * 1024
@@ -133,9 +144,13 @@ class State(enum.Enum):
 
     CLIENT_START = "client_start"
     CLIENT_WAIT_ATTESTATION = "client_wait_attestation"
+    CLIENT_ATTESTING = "client_attesting"  # mutual: AttestationRequest emitted, KEY held back
+    CLIENT_WAIT_ACCEPT = "client_wait_accept"  # mutual: KEY and document sent
     SERVER_WAIT_HELLO = "server_wait_hello"
     SERVER_ATTESTING = "server_attesting"  # AttestationRequest emitted, document not yet sent
     SERVER_WAIT_KEY = "server_wait_key"
+    SERVER_WAIT_MUTUAL_KEY = "server_wait_mutual_key"  # mutual: MUTUAL_ATTESTATION sent
+    SERVER_WAIT_CLIENT_ATTESTATION = "server_wait_client_attestation"  # mutual: KEY held
     OPEN = "open"
     SEND_CLOSED = "send_closed"  # we sent close; the peer may still send
     RECV_CLOSED = "recv_closed"  # the peer closed; we may still send
@@ -147,8 +162,12 @@ class _Input(enum.Enum):
     SEND_HELLO = enum.auto()
     RECV_HELLO = enum.auto()
     SEND_ATTESTATION = enum.auto()
+    SEND_MUTUAL_ATTESTATION = enum.auto()
     RECV_ATTESTATION = enum.auto()
+    RECV_MUTUAL_ATTESTATION = enum.auto()
     RECV_KEY = enum.auto()
+    RECV_CLIENT_ATTESTATION = enum.auto()
+    RECV_ACCEPTED = enum.auto()
     SEND_DATA = enum.auto()
     RECV_DATA = enum.auto()
     SEND_CLOSE = enum.auto()
@@ -160,9 +179,15 @@ class _Input(enum.Enum):
 _TRANSITIONS: Final[dict[tuple[State, _Input], State]] = {
     (State.CLIENT_START, _Input.SEND_HELLO): State.CLIENT_WAIT_ATTESTATION,
     (State.CLIENT_WAIT_ATTESTATION, _Input.RECV_ATTESTATION): State.OPEN,
+    (State.CLIENT_WAIT_ATTESTATION, _Input.RECV_MUTUAL_ATTESTATION): State.CLIENT_ATTESTING,
+    (State.CLIENT_ATTESTING, _Input.SEND_ATTESTATION): State.CLIENT_WAIT_ACCEPT,
+    (State.CLIENT_WAIT_ACCEPT, _Input.RECV_ACCEPTED): State.OPEN,
     (State.SERVER_WAIT_HELLO, _Input.RECV_HELLO): State.SERVER_ATTESTING,
     (State.SERVER_ATTESTING, _Input.SEND_ATTESTATION): State.SERVER_WAIT_KEY,
+    (State.SERVER_ATTESTING, _Input.SEND_MUTUAL_ATTESTATION): State.SERVER_WAIT_MUTUAL_KEY,
     (State.SERVER_WAIT_KEY, _Input.RECV_KEY): State.OPEN,
+    (State.SERVER_WAIT_MUTUAL_KEY, _Input.RECV_KEY): State.SERVER_WAIT_CLIENT_ATTESTATION,
+    (State.SERVER_WAIT_CLIENT_ATTESTATION, _Input.RECV_CLIENT_ATTESTATION): State.OPEN,
     (State.OPEN, _Input.SEND_DATA): State.OPEN,
     (State.OPEN, _Input.RECV_DATA): State.OPEN,
     (State.OPEN, _Input.SEND_CLOSE): State.SEND_CLOSED,
@@ -183,9 +208,13 @@ _RECORD_BOUNDS: Final = (TAG_SIZE + 1, MAX_RECORD_PLAINTEXT + TAG_SIZE)
 _RECEIVABLE: Final[dict[State, dict[FrameType, tuple[int, int]]]] = {
     State.SERVER_WAIT_HELLO: {FrameType.HELLO: (_HELLO_FIXED.size + 1, _MAX_HELLO_BODY)},
     State.CLIENT_WAIT_ATTESTATION: {
-        FrameType.ATTESTATION: (_ATT_KEY.size + 32 + _ATT_DOC.size, _MAX_ATTESTATION_BODY)
+        FrameType.ATTESTATION: (_ATT_KEY.size + 32 + _ATT_DOC.size, _MAX_ATTESTATION_BODY),
+        FrameType.MUTUAL_ATTESTATION: (_ATT_KEY.size + 32 + _ATT_DOC.size, _MAX_ATTESTATION_BODY),
     },
-    # SERVER_WAIT_KEY: the exact size depends on the suite; see _frame_bounds.
+    State.CLIENT_WAIT_ACCEPT: {FrameType.ACCEPTED: (TAG_SIZE, TAG_SIZE)},
+    State.SERVER_WAIT_CLIENT_ATTESTATION: {FrameType.CLIENT_ATTESTATION: (1, MAX_DOCUMENT_SIZE)},
+    # SERVER_WAIT_KEY / SERVER_WAIT_MUTUAL_KEY: the exact size depends on the suite; see
+    # _frame_bounds.
     State.OPEN: {FrameType.DATA: _RECORD_BOUNDS, FrameType.CLOSE: (TAG_SIZE, TAG_SIZE)},
     State.SEND_CLOSED: {FrameType.DATA: _RECORD_BOUNDS, FrameType.CLOSE: (TAG_SIZE, TAG_SIZE)},
 }
@@ -204,13 +233,16 @@ class Hello(Event):
 
 @dataclass(frozen=True, slots=True)
 class AttestationRequest(Event):
-    """Server side: ask the NSM for a document binding exactly these values.
+    """Ask the NSM for a document binding exactly these values (the server always; the client
+    in mutual mode), then ``send(Attestation(document))``.
 
     Attributes:
-        nonce: SHA-384 of the exact hello frame (binds this handshake).
-        public_key: what the document's ``public_key`` must hold (raw X25519 key, or SHA-384
-            of the hybrid key).
-        user_data: :data:`USER_DATA_PREFIX` followed by the chosen suite's id.
+        nonce: server: SHA-384 of the exact hello frame; client (mutual): SHA-384 of the hello,
+            mutual attestation and key frames. Either binds this handshake.
+        public_key: what the document's ``public_key`` must hold: the enclave's ephemeral key
+            binding (raw X25519 key, or SHA-384 of the hybrid key), on both sides.
+        user_data: :data:`USER_DATA_PREFIX` (server) or :data:`CLIENT_USER_DATA_PREFIX`
+            (client), followed by the chosen suite's id.
     """
 
     nonce: bytes
@@ -220,14 +252,15 @@ class AttestationRequest(Event):
 
 @dataclass(frozen=True, slots=True)
 class Attestation(Event):
-    """Server → client: the attestation document answering an :class:`AttestationRequest`."""
+    """The attestation document answering an :class:`AttestationRequest` (either side)."""
 
     document: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class ChannelEstablished(Event):
-    """The handshake completed; records can flow. ``peer`` is set on the client side only."""
+    """The handshake completed; records can flow. ``peer`` is the verified attestation of the
+    other end: always on the client side, on the server side in mutual mode (else None)."""
 
     suite: Suite
     peer: PeerAttestation | None
@@ -454,7 +487,7 @@ class ChannelConnection:
         return out
 
     def _frame_bounds(self, ftype: int) -> tuple[int, int] | None:
-        if self._state is State.SERVER_WAIT_KEY:
+        if self._state in (State.SERVER_WAIT_KEY, State.SERVER_WAIT_MUTUAL_KEY):
             if ftype != FrameType.KEY or self._suite is None:
                 return None
             size = sealed_secret_size(self._suite)
@@ -513,32 +546,41 @@ class ChannelConnection:
         self._failure = exc.reason
         self._sealer = self._opener = None
         self._out.clear()
+        self._forget_handshake_secrets()
+
+    def _forget_handshake_secrets(self) -> None:
+        """Drop what the handshake holds secret (the roles override it)."""
 
     def _next_event(self) -> Event | type[NEED_DATA]:
-        if self._state is State.CLIENT_START:
-            raise LocalProtocolError("send the Hello first")
-        if self._state is State.SERVER_ATTESTING:
-            # Nothing can be processed until the document is sent; the client must wait too.
-            if len(self._buf):
-                raise self._reject("peer sent bytes before the attestation document")
-            return NEED_DATA
-        if self.their_closed:
-            if len(self._buf):
-                raise self._reject("bytes after the close record")
-            return Close()
-        if self._reads_records:
-            record = self._read_record()
-            if record is None:
+        while True:
+            state = self._state
+            if state is State.CLIENT_START:
+                raise LocalProtocolError("send the Hello first")
+            if state is State.SERVER_ATTESTING or state is State.CLIENT_ATTESTING:
+                # Nothing can be processed until our document is sent; the peer must wait too.
+                if len(self._buf):
+                    raise self._reject("peer sent bytes before the attestation document")
                 return NEED_DATA
-            return Close() if record is _CLOSED else Data(record)
-        frame = self._peek_frame()
-        if frame is None:
-            return NEED_DATA
-        ftype, length = frame
-        start = self._buf.start
-        frame_bytes = bytes(self._buf.raw[start : start + HEADER_SIZE + length])
-        self._buf.consume(HEADER_SIZE + length)
-        return self._handshake_frame(ftype, frame_bytes)
+            if self.their_closed:
+                if len(self._buf):
+                    raise self._reject("bytes after the close record")
+                return Close()
+            if self._reads_records:
+                record = self._read_record()
+                if record is None:
+                    return NEED_DATA
+                return Close() if record is _CLOSED else Data(record)
+            frame = self._peek_frame()
+            if frame is None:
+                return NEED_DATA
+            ftype, length = frame
+            start = self._buf.start
+            frame_bytes = bytes(self._buf.raw[start : start + HEADER_SIZE + length])
+            self._buf.consume(HEADER_SIZE + length)
+            event = self._handshake_frame(ftype, frame_bytes)
+            if event is not None:
+                return event
+            # A handshake frame that produces no event (the mutual server's KEY): go on.
 
     def _read_record(self) -> bytes | None:
         """Open the next record (states that read records only): its plaintext, ``_CLOSED``
@@ -616,7 +658,7 @@ class ChannelConnection:
             raise
         return False
 
-    def _handshake_frame(self, ftype: int, frame: bytes) -> Event:
+    def _handshake_frame(self, ftype: int, frame: bytes) -> Event | None:
         raise NotImplementedError  # pragma: no cover - per role
 
     # ----------------------------------------------------------------- output
@@ -788,6 +830,12 @@ def _frame(ftype: FrameType, body: bytes) -> bytes:
 class ClientConnection(ChannelConnection):
     """The client side: sends the hello, verifies the enclave's document, seals the secret.
 
+    In mutual mode (the enclave answered with MUTUAL_ATTESTATION) it then asks for a document of
+    its own with an :class:`AttestationRequest`; ``send(Attestation(document))`` returns the KEY
+    and CLIENT_ATTESTATION frames, and the channel is established once the enclave's ACCEPTED
+    record authenticates. An adapter whose client cannot attest (no NSM) fails the handshake
+    there.
+
     Args:
         verifier: full verification of the enclave's document (called before anything secret
             is produced); any exception it raises rejects the handshake.
@@ -810,20 +858,41 @@ class ClientConnection(ChannelConnection):
         )
         self._verifier = verifier
         self.peer: PeerAttestation | None = None
+        #: mutual mode: the sealed secret and its KEY frame, held until our document is sent
+        self._secret: bytes | None = None
+        self._key_frame = b""
+        self._mutual_hash = hashlib.sha384()  # HELLO ‖ MUTUAL_ATTESTATION ‖ KEY
+        self._mutual = False
+
+    @property
+    def mutual(self) -> bool:
+        """True once the enclave asked this client to attest too (mutual mode)."""
+        return self._mutual
+
+    def _forget_handshake_secrets(self) -> None:
+        self._secret = None
+        self._key_frame = b""
 
     def _send_handshake(self, event: Event) -> bytes:
-        if not isinstance(event, Hello):
-            return super()._send_handshake(event)
-        self._transition(_Input.SEND_HELLO)
-        nonce = self._random(NONCE_SIZE)
-        ids = bytes(s.value for s in self._suites)
-        frame = _frame(FrameType.HELLO, _HELLO_FIXED.pack(PROTOCOL_VERSION, nonce, len(ids)) + ids)
-        self._transcript.update(frame)
-        self._hello_hash = hashlib.sha384(frame).digest()
-        return frame
+        if isinstance(event, Hello):
+            self._transition(_Input.SEND_HELLO)
+            nonce = self._random(NONCE_SIZE)
+            ids = bytes(s.value for s in self._suites)
+            body = _HELLO_FIXED.pack(PROTOCOL_VERSION, nonce, len(ids)) + ids
+            frame = _frame(FrameType.HELLO, body)
+            self._transcript.update(frame)
+            self._hello_hash = hashlib.sha384(frame).digest()
+            self._mutual_hash.update(frame)
+            return frame
+        if isinstance(event, Attestation):
+            return self._send_own_attestation(event.document)
+        return super()._send_handshake(event)
 
-    def _handshake_frame(self, ftype: int, frame: bytes) -> Event:
-        # Only ATTESTATION can get here (see _RECEIVABLE).
+    def _handshake_frame(self, ftype: int, frame: bytes) -> Event | None:
+        if ftype == FrameType.ACCEPTED:
+            return self._on_accepted(frame)
+        # Otherwise ATTESTATION or MUTUAL_ATTESTATION (see _RECEIVABLE).
+        mutual = ftype == FrameType.MUTUAL_ATTESTATION
         body = memoryview(frame)[HEADER_SIZE:]
         suite_id, key_len = _ATT_KEY.unpack_from(body)
         suite = next((s for s in self._suites if s.value == suite_id), None)
@@ -840,24 +909,18 @@ class ClientConnection(ChannelConnection):
         if doc_len > MAX_DOCUMENT_SIZE or pos + doc_len != len(body):
             raise self._reject("attestation document length is inconsistent")
         document = bytes(body[pos:])
-        # 1. Full verification (root, chain, signature, PCR policy, debug, age, nonce).
-        try:
-            peer = self._verifier(document, nonce=self._hello_hash)
-        except Exception as exc:  # any verifier failure, including its bugs, fails closed
-            raise self._reject(
-                f"attestation document rejected by the verifier: {type(exc).__name__}: {exc}"
-            ) from None
-        if not isinstance(peer, PeerAttestation):
-            raise self._reject("verifier returned no PeerAttestation")
-        # 2. Belt and braces: the nonce, key and suite bindings, in constant time.
-        if peer.nonce is None or not hmac.compare_digest(peer.nonce, self._hello_hash):
-            raise self._reject("document nonce does not bind this hello")
+        # 1-2. Full verification (root, chain, signature, PCR policy, debug, age, nonce), then
+        # the nonce, key and suite bindings.
         binding = public_key_binding(suite, public_key)
-        if peer.public_key is None or not hmac.compare_digest(peer.public_key, binding):
-            raise self._reject("document public_key does not bind the key sent")
-        expected_user_data = USER_DATA_PREFIX + bytes([suite.value])
-        if peer.user_data is None or not hmac.compare_digest(peer.user_data, expected_user_data):
-            raise self._reject("document user_data does not bind the suite")
+        peer = _verify_document(
+            self,
+            self._verifier,
+            document,
+            nonce=self._hello_hash,
+            public_key=binding,
+            user_data=USER_DATA_PREFIX + bytes([suite.value]),
+            who="the enclave's",
+        )
         # 3. Only now produce the secret, sealed to the attested key.
         self._transcript.update(frame)
         info = HPKE_INFO_PREFIX + self._transcript.digest()
@@ -868,12 +931,83 @@ class ClientConnection(ChannelConnection):
             raise self._reject("the enclave's public key is not a valid key") from None
         key_frame = _frame(FrameType.KEY, sealed)
         self._transcript.update(key_frame)
-        self._install_keys(secret)
-        self._transition(_Input.RECV_ATTESTATION)
         self._suite = suite
         self.peer = peer
-        self._out += key_frame
-        return ChannelEstablished(suite=suite, peer=peer)
+        if not mutual:
+            self._install_keys(secret)
+            self._transition(_Input.RECV_ATTESTATION)
+            self._out += key_frame
+            return ChannelEstablished(suite=suite, peer=peer)
+        # Mutual: our own document binds every byte so far, KEY included (PROTOCOL.md §3.4).
+        self._transition(_Input.RECV_MUTUAL_ATTESTATION)
+        self._mutual = True
+        self._secret = secret
+        self._key_frame = key_frame
+        self._mutual_hash.update(frame)
+        self._mutual_hash.update(key_frame)
+        return AttestationRequest(
+            nonce=self._mutual_hash.digest(),
+            public_key=binding,
+            user_data=CLIENT_USER_DATA_PREFIX + bytes([suite.value]),
+        )
+
+    def _send_own_attestation(self, document: bytes) -> bytes:
+        if len(document) > MAX_DOCUMENT_SIZE:
+            raise LocalProtocolError(f"attestation document exceeds {MAX_DOCUMENT_SIZE} bytes")
+        if not document:
+            raise LocalProtocolError("the attestation document is empty")
+        self._transition(_Input.SEND_ATTESTATION)  # LocalProtocolError unless CLIENT_ATTESTING
+        assert self._secret is not None
+        frame = _frame(FrameType.CLIENT_ATTESTATION, bytes(document))
+        self._transcript.update(frame)
+        self._install_keys(self._secret)
+        out = self._key_frame + frame
+        self._forget_handshake_secrets()
+        return out
+
+    def _on_accepted(self, frame: bytes) -> Event:
+        opener = self._opener
+        assert opener is not None
+        try:
+            opener.open(frame[:HEADER_SIZE], frame[HEADER_SIZE:])
+        except InvalidTag:
+            raise self._reject("the enclave's acceptance record failed authentication") from None
+        self._transition(_Input.RECV_ACCEPTED)
+        assert self._suite is not None
+        return ChannelEstablished(suite=self._suite, peer=self.peer)
+
+
+def _verify_document(
+    conn: ChannelConnection,
+    verifier: DocumentVerifier,
+    document: bytes,
+    *,
+    nonce: bytes,
+    public_key: bytes,
+    user_data: bytes,
+    who: str,
+) -> PeerAttestation:
+    """Full verification of the peer's ``document``, then its three bindings in constant time.
+
+    Raises:
+        AuthenticationFailed: any failure (the reason names the step and whose document).
+    """
+    try:
+        peer = verifier(document, nonce=nonce)
+    except Exception as exc:  # any verifier failure, including its bugs, fails closed
+        raise conn._reject(
+            f"{who} attestation document rejected by the verifier: {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(peer, PeerAttestation):
+        raise conn._reject("verifier returned no PeerAttestation")
+    # Belt and braces: the nonce, key and suite/role bindings, in constant time.
+    if peer.nonce is None or not hmac.compare_digest(peer.nonce, nonce):
+        raise conn._reject(f"{who} document nonce does not bind this handshake")
+    if peer.public_key is None or not hmac.compare_digest(peer.public_key, public_key):
+        raise conn._reject(f"{who} document public_key does not bind the enclave's key")
+    if peer.user_data is None or not hmac.compare_digest(peer.user_data, user_data):
+        raise conn._reject(f"{who} document user_data does not bind the suite and role")
+    return peer
 
 
 class ServerConnection(ChannelConnection):
@@ -882,6 +1016,9 @@ class ServerConnection(ChannelConnection):
     Args:
         suites: suites accepted, in the enclave's order of preference.
         max_records: records per key and direction, close included (tests inject small ones).
+        peer_verifier: mutual mode: the client must attest too, and this verifies its document
+            (root, chain, signature, PCR policy, debug rule, age, nonce) before the secret is
+            opened. None: the client stays anonymous (one-sided attestation).
     """
 
     role = Role.SERVER
@@ -891,16 +1028,35 @@ class ServerConnection(ChannelConnection):
         *,
         suites: Sequence[Suite] = (Suite.MLKEM768_X25519, Suite.X25519),
         max_records: int = DEFAULT_MAX_RECORDS,
+        peer_verifier: DocumentVerifier | None = None,
         _random: Callable[[int], bytes] = os.urandom,
     ) -> None:
         super().__init__(
             initial=State.SERVER_WAIT_HELLO, suites=suites, max_records=max_records, random=_random
         )
         self._key: EphemeralKey | None = None
+        self._peer_verifier = peer_verifier
+        #: the verified client (mutual mode), else None
+        self.peer: PeerAttestation | None = None
+        self._key_binding = b""
+        self._mutual_hash = hashlib.sha384()
+        self._held_key = b""  # mutual: the KEY body, opened once the client's document verified
+        self._hpke_info = b""
 
-    def _handshake_frame(self, ftype: int, frame: bytes) -> Event:
+    @property
+    def mutual(self) -> bool:
+        """True if the client must attest too (a ``peer_verifier`` was given)."""
+        return self._peer_verifier is not None
+
+    def _forget_handshake_secrets(self) -> None:
+        self._key = None
+        self._held_key = b""
+
+    def _handshake_frame(self, ftype: int, frame: bytes) -> Event | None:
         if ftype == FrameType.HELLO:
             return self._on_hello(frame)
+        if ftype == FrameType.CLIENT_ATTESTATION:
+            return self._on_client_attestation(frame)
         return self._on_key(frame)
 
     def _on_hello(self, frame: bytes) -> Event:
@@ -916,12 +1072,14 @@ class ServerConnection(ChannelConnection):
             raise self._reject("no suite in common with the client")
         self._transition(_Input.RECV_HELLO)
         self._transcript.update(frame)
+        self._mutual_hash.update(frame)
         self._hello_hash = hashlib.sha384(frame).digest()
         self._suite = suite
         self._key = EphemeralKey(suite)
+        self._key_binding = public_key_binding(suite, self._key.public_bytes)
         return AttestationRequest(
             nonce=self._hello_hash,
-            public_key=public_key_binding(suite, self._key.public_bytes),
+            public_key=self._key_binding,
             user_data=USER_DATA_PREFIX + bytes([suite.value]),
         )
 
@@ -930,7 +1088,12 @@ class ServerConnection(ChannelConnection):
             return super()._send_handshake(event)
         if len(event.document) > MAX_DOCUMENT_SIZE:
             raise LocalProtocolError(f"attestation document exceeds {MAX_DOCUMENT_SIZE} bytes")
-        self._transition(_Input.SEND_ATTESTATION)
+        if self.mutual:
+            self._transition(_Input.SEND_MUTUAL_ATTESTATION)
+            ftype = FrameType.MUTUAL_ATTESTATION
+        else:
+            self._transition(_Input.SEND_ATTESTATION)
+            ftype = FrameType.ATTESTATION
         assert self._key is not None
         assert self._suite is not None
         key = self._key.public_bytes
@@ -940,21 +1103,57 @@ class ServerConnection(ChannelConnection):
             + _ATT_DOC.pack(len(event.document))
             + event.document
         )
-        frame = _frame(FrameType.ATTESTATION, body)
+        frame = _frame(ftype, body)
         self._transcript.update(frame)
+        self._mutual_hash.update(frame)
         return frame
 
-    def _on_key(self, frame: bytes) -> Event:
+    def _on_key(self, frame: bytes) -> Event | None:
         assert self._key is not None
         assert self._suite is not None
         info = HPKE_INFO_PREFIX + self._transcript.digest()
-        try:
-            secret = self._key.open_channel_secret(frame[HEADER_SIZE:], info=info)
-        except InvalidTag:
-            raise self._reject("sealed channel secret failed to open") from None
-        finally:
-            self._key = None  # the ephemeral private key is used exactly once
+        if self.mutual:
+            # Held, not opened, until the client's document (which binds this frame) verified.
+            self._transcript.update(frame)
+            self._mutual_hash.update(frame)
+            self._held_key = frame[HEADER_SIZE:]
+            self._hpke_info = info
+            self._transition(_Input.RECV_KEY)
+            return None
+        secret = self._open_secret(frame[HEADER_SIZE:], info)
         self._transcript.update(frame)
         self._install_keys(secret)
         self._transition(_Input.RECV_KEY)
         return ChannelEstablished(suite=self._suite, peer=None)
+
+    def _open_secret(self, sealed: bytes, info: bytes) -> bytes:
+        assert self._key is not None
+        try:
+            return self._key.open_channel_secret(sealed, info=info)
+        except InvalidTag:
+            raise self._reject("sealed channel secret failed to open") from None
+        finally:
+            self._key = None  # the ephemeral private key is used exactly once
+
+    def _on_client_attestation(self, frame: bytes) -> Event:
+        assert self._suite is not None
+        assert self._peer_verifier is not None
+        peer = _verify_document(
+            self,
+            self._peer_verifier,
+            frame[HEADER_SIZE:],
+            nonce=self._mutual_hash.digest(),
+            public_key=self._key_binding,
+            user_data=CLIENT_USER_DATA_PREFIX + bytes([self._suite.value]),
+            who="the client's",
+        )
+        secret = self._open_secret(self._held_key, self._hpke_info)
+        self._held_key = b""
+        self._transcript.update(frame)
+        self._install_keys(secret)
+        self._transition(_Input.RECV_CLIENT_ATTESTATION)
+        assert self._sealer is not None
+        # Key confirmation and the verdict in one: the first enclave -> client record.
+        self._out += self._sealer.seal(FrameType.ACCEPTED, b"")
+        self.peer = peer
+        return ChannelEstablished(suite=self._suite, peer=peer)

@@ -58,6 +58,11 @@ class FrameType(enum.IntEnum):
     HELLO = 0x01  #: client → enclave, plaintext
     ATTESTATION = 0x02  #: enclave → client, plaintext
     KEY = 0x03  #: client → enclave, HPKE-sealed channel secret
+    #: enclave → client, plaintext: ATTESTATION's body, and the client must attest too
+    MUTUAL_ATTESTATION = 0x04
+    CLIENT_ATTESTATION = 0x05  #: client → enclave, plaintext: the client's document
+    #: enclave → client, encrypted, empty plaintext: the client's attestation was accepted
+    ACCEPTED = 0x06
     CLOSE = 0x15  #: encrypted, empty plaintext: authenticated end of a direction
     DATA = 0x17  #: encrypted application data
 

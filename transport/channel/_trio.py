@@ -5,7 +5,11 @@ Theory of operation. The sans-IO core (``_connection.py``) does every check and 
 cryptography; this module only moves bytes and maps failures:
 
 * **Handshake** under a timeout: send the hello / answer it with a document from the injected
-  attester, loop ``next_event`` / ``receive_some`` until ``ChannelEstablished``.
+  attester, loop ``next_event`` / ``receive_some`` until ``ChannelEstablished``. In mutual mode
+  (``accept_channel(peer_verifier=...)``) the client answers the core's
+  ``AttestationRequest`` with its own attester (``connect_channel(attester=...)``); a client
+  without one fails there, before sending anything, and the enclave's ACCEPTED record ends the
+  handshake.
 * **send_all** seals the data into records of ≤ ``max_record_size`` bytes, several records per
   preallocated output buffer, and writes each buffer with one ``send_all`` (coalescing).
 * **receive_some** decrypts *every* complete record available per wake-up and hands each
@@ -55,6 +59,7 @@ from transport.channel._connection import (
     Close,
     Hello,
     ServerConnection,
+    State,
 )
 from transport.channel._record import (
     DEFAULT_MAX_RECORDS,
@@ -182,7 +187,10 @@ class SecureChannel(trio.abc.HalfCloseableStream):
     :func:`connect_channel` / :func:`accept_channel`).
 
     Attributes:
-        peer: the verified attestation of the enclave (client side), else None.
+        peer: the verified attestation of the other end: the enclave's (client side), or the
+            client's (enclave side, mutual mode; None when the client is anonymous). Its
+            ``pcrs``, ``module_id`` (and ``pcr0``/``pcr8``/``pcr16``) are what an application
+            authorizes a caller by.
         suite: the negotiated key-establishment suite.
         transport_stream: the underlying stream; don't use it directly.
 
@@ -522,6 +530,7 @@ async def connect_channel(
     stream: trio.abc.Stream,
     *,
     verifier: DocumentVerifier,
+    attester: Attester | None = None,
     suites: Sequence[Suite] = (Suite.X25519,),
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     max_record_size: int = MAX_RECORD_PLAINTEXT,
@@ -535,6 +544,9 @@ async def connect_channel(
         stream: a connected transport (vsock, Unix socket, TCP ingress...). Owned by the
             returned channel; closed if the handshake fails.
         verifier: verifies the document (chain, signature, PCR policy, debug rule, age, nonce).
+        attester: this client's own NSM (an enclave calling another enclave), used only if the
+            enclave asks the client to attest (mutual mode, PROTOCOL.md §3.4). Without one, a
+            handshake with such an enclave fails with :class:`AuthenticationFailed`.
         suites: suites offered, preferred first.
         handshake_timeout: seconds for the whole handshake.
         max_record_size: plaintext bytes per record this side sends (≤ 64 KiB).
@@ -542,8 +554,10 @@ async def connect_channel(
 
     Raises:
         AuthenticationFailed: the document was rejected or the enclave's handshake messages
-            were malformed: a verification or integrity failure. The reason is logged, not
-            raised (``exc.reason`` holds it for the caller's own log).
+            were malformed: a verification or integrity failure; in mutual mode also: this
+            client has no attester, or the enclave closed the connection instead of accepting
+            this client's document (its policy refused it). The reason is logged, not raised
+            (``exc.reason`` holds it for the caller's own log).
         PeerUnreachable: the transport ended, broke or was reset before the enclave sent a
             single byte: nothing answered (a relay such as the ingress accepted the
             connection but could not reach the enclave, or nothing listens behind it).
@@ -557,8 +571,20 @@ async def connect_channel(
         with trio.fail_after(handshake_timeout):
             await io.send(conn.send(Hello()))
             event = await io.next()
+            if isinstance(event, AttestationRequest):  # mutual: the enclave wants ours too
+                if attester is None:
+                    raise AuthenticationFailed(
+                        "the enclave requires the client to attest and this client has no "
+                        "attester (NSM)"
+                    )
+                document = await attester(
+                    nonce=event.nonce, public_key=event.public_key, user_data=event.user_data
+                )
+                await io.send(conn.send(Attestation(document)))
+                event = await io.next()
+            else:
+                await io.send(conn.data_to_send())
             assert isinstance(event, ChannelEstablished)
-            await io.send(conn.data_to_send())
     except AuthenticationFailed as exc:
         await _fail_handshake(stream)
         raise _failed("client", exc.reason) from None
@@ -570,6 +596,14 @@ async def connect_channel(
         ) from None
     except _TransportEnded as exc:
         await _fail_handshake(stream)
+        if conn.state is State.CLIENT_WAIT_ACCEPT:
+            # The enclave got our document and closed instead of accepting it: its policy
+            # refused us (PROTOCOL.md §3.4; silent on the wire, like every rejection).
+            raise _failed(
+                "client",
+                "the enclave closed the connection instead of accepting this client's "
+                f"attestation (refused by its policy, or gone): {exc}",
+            ) from None
         if exc.received == 0:
             log.warning("channel_peer_unreachable", role="client", detail=str(exc))
             raise PeerUnreachable(
@@ -586,6 +620,7 @@ async def connect_channel(
         role="client",
         suite=event.suite.name,
         module_id=peer.module_id if peer else None,
+        mutual=conn.mutual,
         handshake_ms=round((time.perf_counter() - started) * 1e3, 3),
     )
     return SecureChannel(
@@ -597,6 +632,7 @@ async def accept_channel(
     stream: trio.abc.Stream,
     *,
     attester: Attester,
+    peer_verifier: DocumentVerifier | None = None,
     suites: Sequence[Suite] = (Suite.MLKEM768_X25519, Suite.X25519),
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     max_record_size: int = MAX_RECORD_PLAINTEXT,
@@ -610,19 +646,25 @@ async def accept_channel(
     Args:
         stream: the accepted transport; owned by the returned channel, closed on failure.
         attester: obtains the attestation document (``attest.channel.nsm_attester``).
+        peer_verifier: mutual mode: the client must attest too, and its document must pass
+            this verifier (root, chain, signature, the caller policy with its debug rule, age,
+            and this handshake's nonce) before the channel opens; the verified client is
+            ``channel.peer``. A client without an NSM, a debug client the policy does not
+            allow, or a document from another handshake fail with
+            :class:`AuthenticationFailed`. None: one-sided (the client stays anonymous).
         suites: suites accepted, in order of preference.
         handshake_timeout, max_record_size, max_records: as for :func:`connect_channel`.
             ``handshake_timeout`` bounds how long a client that connects and says nothing
             (or stalls half-way) holds the connection.
 
     Raises:
-        AuthenticationFailed: the client's messages were malformed or its sealed secret did
-            not open.
+        AuthenticationFailed: the client's messages were malformed, its sealed secret did
+            not open, or (mutual mode) its attestation document was refused.
         ChannelClosed: the client closed or broke the connection during the handshake.
         PeerTimeout: the handshake did not complete within ``handshake_timeout``.
         Exception: whatever ``attester`` raises (a local failure) propagates unchanged.
     """
-    conn = ServerConnection(suites=suites, max_records=max_records)
+    conn = ServerConnection(suites=suites, max_records=max_records, peer_verifier=peer_verifier)
     io = _Handshake(stream, conn)
     started = time.perf_counter()
     try:
@@ -635,6 +677,9 @@ async def accept_channel(
             await io.send(conn.send(Attestation(document)))
             event = await io.next()
             assert isinstance(event, ChannelEstablished)
+            accepted = conn.data_to_send()  # mutual mode: the ACCEPTED record
+            if accepted:
+                await io.send(accepted)
     except AuthenticationFailed as exc:
         await _fail_handshake(stream)
         raise _failed("server", exc.reason) from None
@@ -651,12 +696,15 @@ async def accept_channel(
     except BaseException:
         await _fail_handshake(stream)
         raise
+    peer = event.peer
     log.info(
         "channel_established",
         role="server",
         suite=event.suite.name,
+        mutual=conn.mutual,
+        peer_module_id=peer.module_id if peer else None,
         handshake_ms=round((time.perf_counter() - started) * 1e3, 3),
     )
     return SecureChannel(
-        stream, conn, peer=None, suite=event.suite, max_record_size=max_record_size
+        stream, conn, peer=peer, suite=event.suite, max_record_size=max_record_size
     )

@@ -31,9 +31,12 @@ class Suite(enum.Enum):
 
 @dataclass(frozen=True)
 class PeerAttestation:
-    """What a :class:`DocumentVerifier` established about the enclave at the other end.
+    """What a :class:`DocumentVerifier` established about the enclave at the other end (the
+    server, or in mutual mode the calling enclave).
 
     Field names follow the Nitro attestation document. ``document`` is the exact bytes verified.
+    The ``pcr0``/``pcr8``/``pcr16`` shortcuts and :attr:`debug` are what an application
+    usually authorizes a peer by: the image, its signing certificate, the models it loaded.
     """
 
     module_id: str
@@ -44,6 +47,27 @@ class PeerAttestation:
     user_data: bytes | None
     nonce: bytes | None
     document: bytes
+
+    @property
+    def pcr0(self) -> bytes | None:
+        """The image measurement (None if the document has no PCR0)."""
+        return self.pcrs.get(0)
+
+    @property
+    def pcr8(self) -> bytes | None:
+        """The signing certificate's measurement (all zero for an unsigned image)."""
+        return self.pcrs.get(8)
+
+    @property
+    def pcr16(self) -> bytes | None:
+        """The first application PCR (the inference server extends it with its models)."""
+        return self.pcrs.get(16)
+
+    @property
+    def debug(self) -> bool:
+        """True for a debug-mode enclave: Nitro zeroes its PCR0 (a verifier allowed it)."""
+        pcr0 = self.pcrs.get(0)
+        return pcr0 is not None and not any(pcr0)
 
 
 class Attester(Protocol):

@@ -12,7 +12,10 @@ enclave's requests (``wire``) and
   as a ``trio.SocketStream``. Other allowed connects are made by the broker to the fabric file
   ``<fabric_dir>/<cid>/<port>``; the connected socket is passed to the enclave with SCM_RIGHTS and
   the broker closes its copy. Denials and failures are a prompt ``Refused``; denials are logged.
-  The enclave can never reach an IP address: the broker only connects to fabric files.
+  A connect to the parent is made from a socket bound to an origin name carrying the enclave's
+  CID (``origin.py``), so a host listener can tell which enclave connected, as ``accept()``
+  on AF_VSOCK does. The enclave can never reach an IP address: the broker only connects to
+  fabric files.
 * **Listen(port)**: binds ``<fabric_dir>/<cid>/<port>`` (0600, stale-safe, see ``host``) for the
   enclave, replies, then accepts connections and passes each accepted socket to the enclave as an
   ``Incoming`` message.
@@ -57,6 +60,7 @@ from transport.fabric.host import (
     prepare_cid_dir,
     release_fabric_socket,
 )
+from transport.fabric.origin import bind_origin
 from transport.fabric.policy import FabricPolicy
 
 __all__ = [
@@ -253,6 +257,8 @@ class _Broker:
             return wire.Refused(request.request_id, errno.ECONNREFUSED), None
         peer = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
         peer.setblocking(False)
+        if addr.cid == VMADDR_CID_PARENT:  # tell the host listener who connects (origin.py)
+            bind_origin(peer, self.policy.cid)
         rc = peer.connect_ex(path)
         if rc == 0:
             self.log.debug("vsock_connected", target=str(addr))
@@ -276,7 +282,8 @@ class _Broker:
             await self.connect_handler(request, handler)
             return
         try:
-            peer = await connect_fabric(socket_path(self.fabric_dir, addr), addr)
+            origin = self.policy.cid if addr.cid == VMADDR_CID_PARENT else None
+            peer = await connect_fabric(socket_path(self.fabric_dir, addr), addr, origin=origin)
         except VsockConnectionRefused:
             self.log.debug("vsock_connect_refused", target=str(addr))
             await self.refuse(request.request_id, errno.ECONNREFUSED)

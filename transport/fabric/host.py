@@ -43,6 +43,7 @@ from transport.fabric.addressing import (
     socket_path,
 )
 from transport.fabric.listen_socket import DelegatingListenSocket
+from transport.fabric.origin import bind_origin
 from transport.paths import default_state_dir, ensure_private_dir
 
 __all__ = [
@@ -249,8 +250,11 @@ def release_fabric_socket(path: Path, ident: tuple[int, int]) -> None:
         pass
 
 
-async def connect_fabric(path: Path, addr: VsockAddr) -> trio.socket.SocketType:
-    """Connect a Unix socket to the fabric file ``path`` (standing for ``addr``).
+async def connect_fabric(
+    path: Path, addr: VsockAddr, *, origin: int | None = None
+) -> trio.socket.SocketType:
+    """Connect a Unix socket to the fabric file ``path`` (standing for ``addr``); ``origin``:
+    the enclave CID a broker connects for (``transport.fabric.origin.bind_origin``).
 
     A non-blocking ``AF_UNIX`` connect completes at once or fails with ``EAGAIN`` when the
     listener's backlog is full. (trio's ``connect`` treats ``EAGAIN`` like ``EINPROGRESS`` and
@@ -268,6 +272,8 @@ async def connect_fabric(path: Path, addr: VsockAddr) -> trio.socket.SocketType:
     sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
+        if origin is not None:
+            bind_origin(sock, origin)
         while True:
             rc = sock.connect_ex(raw_path)
             if rc == 0:

@@ -148,6 +148,7 @@ class Connection:
         self.pings: dict[bytes, Parker] = {}
         self.nursery: trio.Nursery | None = None  # where background flushes run
         self.background_flush = False
+        self.flusher: trio.lowlevel.Task | None = None  # the background flush task, if any
         self.reader_writes = True  # False: frames the reader owes go to a background flush
         self.writer: trio.lowlevel.Task | None = None  # the task inside send_all, if any
         self.write_started: float | None = None  # when the write in progress began
@@ -313,8 +314,14 @@ class Connection:
             if self.write_waiters:
                 for parker in self.write_waiters:
                     parker.unpark()
-            elif outbox and self.failure is None:
-                self.schedule_flush()  # we stopped (cancelled) with frames queued
+            elif (
+                outbox and self.failure is None and trio.lowlevel.current_task() is not self.flusher
+            ):
+                # We stopped (cancelled) with frames queued: a background flush writes them.
+                # Not when we *are* that flush: only the connection's end cancels it, and a new
+                # one would be cancelled at once and spawn the next, without end (a livelock
+                # that grew memory by gigabytes; tests/models/test_service.py).
+                self.schedule_flush()
         if outbox and self.failure is not None:
             # The connection died before these frames could be written (ours among them).
             outbox.clear()
@@ -346,10 +353,13 @@ class Connection:
 
     async def _background_flush(self) -> None:
         self.background_flush = False
+        self.flusher = trio.lowlevel.current_task()
         try:
             await self.flush()
         except TransportError:
             pass  # the connection failed; every stream learns it from fail()
+        finally:
+            self.flusher = None
 
     # ------------------------------------------------------------ receiving
 
