@@ -28,15 +28,15 @@ from transport.errors import ConfigurationError
 
 from . import _wrap
 from .api import parse_request
-from .audit import AuditLog, is_legacy_audit_log, verify_legacy_audit_log
-from .coherence import ConnectionShare, SharedGeneration, WriteSection
+from .audit import AuditLog, AuditSink, is_legacy_audit_log, verify_legacy_audit_log
+from .coherence import ConnectionShare, SharedGeneration, StoreCoherence, WriteSection
 from .config import MASTER_KEY_ENV, CredentialEntry, KmsConfig
 from .errors import AuditChainError, KmsApiError
 from .integrity import MasterKey
 from .service import Caller, KmsService, Outcome, RecipientVerifier, SeedKey
 from .sigv4 import SecretEntry, SigV4Failure, verify_request
 from .statedir import StateLock, prepare_state_dir, tighten_files
-from .storage import SqliteStorage
+from .storage import SqliteStorage, StoreUnavailable
 
 __all__ = [
     "KmsApp",
@@ -149,7 +149,7 @@ class KmsApp:
 
     config: KmsConfig
     service: KmsService
-    audit: AuditLog
+    audit: AuditSink
     secrets: dict[str, SecretEntry]
     clock: Callable[[], float] = time.time
     recipient_enabled: bool = False
@@ -158,7 +158,10 @@ class KmsApp:
     lock: StateLock | None = None
     #: Worker processes: the cross-process write section keeping the key set current.
     coherence: WriteSection | None = None
-    shared: SharedGeneration | None = None
+    shared: StoreCoherence | None = None
+    #: Worker processes on PostgreSQL: the machine-local file the connection share uses
+    #: (``shared`` is then the database's coherence).
+    local: SharedGeneration | None = None
     #: Worker processes: spreads connections over the siblings (see kms.coherence).
     connection_share: ConnectionShare | None = None
     _closed: bool = field(default=False, repr=False)
@@ -210,6 +213,12 @@ class KmsApp:
         except KmsApiError as exc:
             status, error = exc.status, exc.type_name
             payload = json.dumps({"__type": exc.type_name, "message": exc.message}).encode()
+        except StoreUnavailable as exc:
+            # The database is gone or slow: a retryable AWS error; the detail stays in our log.
+            log.warning("kms_store_unavailable", request_id=request_id, reason=str(exc))
+            status, error = 500, exc.aws_type
+            outcome.decision = "error"
+            payload = _store_unavailable_body(exc)
         except Exception:
             log.exception("kms_internal_error", request_id=request_id, operation=operation)
             status, error = 500, "KMSInternalException"
@@ -231,7 +240,14 @@ class KmsApp:
         }
         if outcome.recipient is not None:
             record["recipient"] = outcome.recipient
-        await self.audit.commit(record)
+        try:
+            await self.audit.commit(record)
+        except StoreUnavailable as exc:
+            # No audit line, no acknowledgement: the client sees a retryable error instead of
+            # the answer (what the operation changed stays; AWS clients retry).
+            log.error("kms_audit_not_committed", request_id=request_id, reason=str(exc))
+            record["status"], record["error"] = 500, exc.aws_type
+            status, payload = 500, _store_unavailable_body(exc)
         log_fields = {k: v for k, v in record.items() if k not in ("time",)}
         log_fields["duration_ms"] = round((time.perf_counter() - start) * 1000, 3)
         if outcome.decision == "deny":
@@ -262,8 +278,19 @@ class KmsApp:
             self.service.close()
             if self.shared is not None:
                 self.shared.close()
+            if self.local is not None:
+                self.local.close()
             if self.lock is not None:
                 self.lock.release()
+
+
+def _store_unavailable_body(exc: StoreUnavailable) -> bytes:
+    message = (
+        "The key store did not answer in time; retry."
+        if exc.timeout
+        else "The key store is unavailable; retry."
+    )
+    return json.dumps({"__type": exc.aws_type, "message": message}).encode()
 
 
 def _access_key_of(authorization: str | None) -> str | None:
@@ -300,6 +327,28 @@ def build_app(
             from .seed import load_seed
 
             seed = load_seed(config.seed_file) if config.seed_file is not None else ()
+        if config.postgres_url is not None:
+            from .pg.wiring import open_pg_state
+
+            pg = open_pg_state(
+                config,
+                master,
+                recipient_verifier=recipient_verifier,
+                clock=clock,
+                seed=seed,
+                despite_broken_chain=config.start_despite_broken_audit_chain,
+            )
+            return KmsApp(
+                config=config,
+                service=pg.service,
+                audit=pg.audit,
+                secrets=_secrets(creds),
+                clock=clock,
+                recipient_enabled=recipient_verifier is not None,
+                lock=lock,
+                coherence=pg.section,
+                shared=pg.coherence,
+            )
         storage = SqliteStorage(state_dir / DB_FILE)
         try:
             service = KmsService.open(
@@ -369,6 +418,11 @@ def log_audit_end(config: KmsConfig, env: Mapping[str, str] | None = None) -> No
     is stopping, and a chain that no longer verifies is logged as such."""
     env = os.environ if env is None else env
     state_dir = config.resolved_state_dir
+    if config.postgres_url is not None:
+        from .pg.wiring import log_pg_audit_end
+
+        log_pg_audit_end(config.postgres_url)
+        return
     try:
         audit = AuditLog(state_dir / AUDIT_FILE, MasterKey(read_master_key(state_dir, env)))
     except (ConfigurationError, AuditChainError, OSError) as exc:
@@ -402,6 +456,10 @@ def build_worker_app(
     state_dir = config.resolved_state_dir
     master = MasterKey(read_master_key(state_dir, env))
     recipient_verifier = _recipient_verifier(config)
+    if config.postgres_url is not None:
+        return _build_pg_worker_app(
+            config, creds, master, recipient_verifier, clock, index, workers
+        )
     shared = SharedGeneration(state_dir)
     try:
         storage = SqliteStorage(state_dir / DB_FILE)
@@ -437,6 +495,42 @@ def build_worker_app(
         coherence=section,
         shared=shared,
         connection_share=ConnectionShare(shared, index, workers) if workers > 1 else None,
+    )
+
+
+def _build_pg_worker_app(
+    config: KmsConfig,
+    creds: Sequence[CredentialEntry],
+    master: MasterKey,
+    recipient_verifier: RecipientVerifier | None,
+    clock: Callable[[], float],
+    index: int,
+    workers: int,
+) -> KmsApp:
+    """A worker on PostgreSQL: the database keeps its key set current and orders its writes,
+    as for any other daemon on it; the machine-local file only spreads connections."""
+    from .pg.wiring import open_pg_state
+
+    pg = open_pg_state(
+        config,
+        master,
+        recipient_verifier=recipient_verifier,
+        clock=clock,
+        seed=(),  # the parent applied it
+        despite_broken_chain=False,  # the parent checked (or restarted) the chain
+    )
+    local = SharedGeneration(config.resolved_state_dir) if workers > 1 else None
+    return KmsApp(
+        config=config,
+        service=pg.service,
+        audit=pg.audit,
+        secrets=_secrets(creds),
+        clock=clock,
+        recipient_enabled=recipient_verifier is not None,
+        coherence=pg.section,
+        shared=pg.coherence,
+        local=local,
+        connection_share=ConnectionShare(local, index, workers) if local is not None else None,
     )
 
 

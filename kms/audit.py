@@ -51,7 +51,7 @@ import os
 from collections.abc import Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import structlog
 
@@ -60,6 +60,9 @@ from .group_commit import GroupCommit
 from .integrity import GENESIS_MAC, MasterKey
 
 __all__ = [
+    "AuditSink",
+    "chain_line",
+    "check_line",
     "GENESIS",
     "MAX_LINE_BYTES",
     "TAIL_CHECK_BYTES",
@@ -97,6 +100,57 @@ def _records(f: BinaryIO, first_line: int) -> Iterator[tuple[int, dict[str, Any]
         if not isinstance(rec, dict):
             raise AuditChainError(n, "not a JSON object")
         yield n, rec
+
+
+class AuditSink(Protocol):
+    """Where a daemon's audit records go: a file (:class:`AuditLog`) or the PostgreSQL store's
+    chain (:class:`kms.pg.audit.PgAuditLog`). Both chain records the same way
+    (:func:`chain_line`)."""
+
+    @property
+    def last_hash(self) -> str:
+        """MAC of the last line this instance wrote or read."""
+        ...
+
+    @property
+    def lines(self) -> int:
+        """Sequence number of the last line this instance wrote or read."""
+        ...
+
+    def append(self, record: Mapping[str, Any]) -> str:
+        """Append one record now (blocking; start-up records). Returns its MAC."""
+        ...
+
+    async def commit(self, record: Mapping[str, Any]) -> str:
+        """Append one record; return once it is durable (group commit). Returns its MAC."""
+        ...
+
+    def close(self) -> None:
+        """Release the sink (idempotent)."""
+        ...
+
+
+def chain_line(
+    master: MasterKey, seq: int, prev: str, record: Mapping[str, Any]
+) -> tuple[bytes, str]:
+    """Chain ``record`` as line ``seq`` after the line whose MAC is ``prev``: the canonical line
+    (without its newline) and its MAC. The chain fields of ``record`` itself are ignored."""
+    body = {k: v for k, v in record.items() if k not in ("seq", "prev", "mac", "hash")}
+    body["seq"] = seq
+    body["prev"] = prev
+    mac = master.audit_mac(prev, _canonical(body))
+    body["mac"] = mac
+    return _canonical(body), mac
+
+
+def check_line(master: MasterKey, n: int, rec: dict[str, Any], prev: str | None) -> str:
+    """Check one parsed line (``prev`` None: any predecessor, tail mode); ``rec`` loses its
+    ``mac`` member. Returns the MAC.
+
+    Raises:
+        AuditChainError: the line is not one of ours, or not linked to ``prev``.
+    """
+    return _check_line(master, n, rec, prev)
 
 
 def _check_line(master: MasterKey, n: int, rec: dict[str, Any], prev: str | None) -> str:
@@ -235,12 +289,8 @@ class AuditLog:
     def _link_and_write(self, record: Mapping[str, Any], size: int) -> int:
         """Under the lock, the file being ``size`` bytes ending with our chain state: chain
         ``record`` and write it. Returns the new size."""
-        body = {k: v for k, v in record.items() if k not in ("seq", "prev", "mac", "hash")}
-        body["seq"] = self._seq + 1
-        body["prev"] = self._prev
-        mac = self._master.audit_mac(self._prev, _canonical(body))
-        body["mac"] = mac
-        line = _canonical(body) + b"\n"
+        text, mac = chain_line(self._master, self._seq + 1, self._prev, record)
+        line = text + b"\n"
         try:
             written = os.write(self._fd, line)
         except OSError:

@@ -1,10 +1,11 @@
 """Command-line pieces shared by ``python -m kms`` and ``enclave kms ...``.
 
 ``serve``: ``[--listen HOST:PORT] [--state-dir DIR] [--config FILE] [--seed FILE]
-[--trust-root SPEC ...] [--workers N] [--start-despite-broken-audit-chain]``; flags override the
-config file only when given (B9).
-``audit verify [FILE] [--state-dir DIR]``: check the MAC chain with the master key (from
-``ENCLAVE_KMS_MASTER_KEY`` or the state directory's ``master.key``), name the first broken line.
+[--trust-root SPEC ...] [--workers N] [--storage URL] [--start-despite-broken-audit-chain]``;
+flags override the config file only when given (B9).
+``audit verify [FILE | --storage URL] [--state-dir DIR]``: check the MAC chain (a file, or the
+chain in a PostgreSQL store) with the master key (from ``ENCLAVE_KMS_MASTER_KEY`` or the state
+directory's ``master.key``), name the first broken line.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "one per CPU; 1 serves in the daemon's own process)",
     )
     p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="where keys, aliases, grants and the audit chain live: sqlite (the default: the "
+        "state directory) or postgresql://USER@HOST:PORT/DB, shared by every daemon given it. "
+        "Put the password in PGPASSFILE/~/.pgpass or PGPASSWORD, not in the URL; it is never "
+        "shown or logged",
+    )
+    p.add_argument(
         "--start-despite-broken-audit-chain",
         action="store_true",
         help="start even if the audit log's chain is broken (edited, or written by two "
@@ -120,6 +129,11 @@ def add_audit_verify_arguments(p: argparse.ArgumentParser) -> None:
         help="the daemon's state directory, for its master.key (default: the log's directory; "
         f"{MASTER_KEY_ENV} overrides the file, as for the daemon)",
     )
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="check the chain in this PostgreSQL store (postgresql://...) instead of a file",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> KmsConfig:
@@ -140,6 +154,8 @@ def config_from_args(args: argparse.Namespace) -> KmsConfig:
         )
     if getattr(args, "workers", None) is not None:
         changes["workers"] = args.workers
+    if getattr(args, "storage", None):
+        changes["storage"] = args.storage
     if getattr(args, "start_despite_broken_audit_chain", False):
         changes["start_despite_broken_audit_chain"] = True
     return config.with_overrides(**changes) if changes else config
@@ -168,6 +184,10 @@ def run_audit_verify(args: argparse.Namespace) -> int:
 
     state_dir: Path | None = args.state_dir
     path: Path | None = args.file
+    if getattr(args, "storage", None) and args.storage != "sqlite":
+        if path is not None:
+            raise ConfigurationError("give an audit log FILE or --storage URL, not both")
+        return _verify_pg(args.storage, state_dir or KmsConfig().resolved_state_dir)
     if path is None:
         state_dir = state_dir or KmsConfig().resolved_state_dir
         path = state_dir / AUDIT_FILE
@@ -193,6 +213,39 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
     print(json.dumps({"ok": True, "lines": count, "keyed": True}))
+    return 0
+
+
+def _verify_pg(url: str, state_dir: Path) -> int:
+    """``audit verify --storage URL``: the chain in the database (its current one)."""
+    import os
+
+    from .app import read_master_key
+    from .config import POSTGRES_SCHEMES, redact_url
+    from .integrity import MasterKey
+    from .storage import StoreUnavailable
+
+    if not url.startswith(POSTGRES_SCHEMES):
+        raise ConfigurationError(
+            f"--storage must be sqlite or a postgresql:// URL, got {redact_url(url)!r}"
+        )
+    from .pg._connect import check_url
+    from .pg.audit import verify_pg_audit
+
+    check_url(url)
+    master = MasterKey(read_master_key(state_dir, os.environ))
+    try:
+        chain, count = verify_pg_audit(url, master)
+    except AuditChainError as exc:
+        print(json.dumps({"ok": False, "line": exc.line, "reason": exc.reason}))
+        print(
+            f"audit chain in {redact_url(url)} is broken at line {exc.line}: {exc.reason}",
+            file=sys.stderr,
+        )
+        return 1
+    except StoreUnavailable as exc:
+        raise ConfigurationError(str(exc)) from None
+    print(json.dumps({"ok": True, "lines": count, "keyed": True, "chain": chain}))
     return 0
 
 

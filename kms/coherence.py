@@ -21,8 +21,9 @@ changed, a reload (under the writer lock, so the snapshot is consistent) when so
 one daemon on one machine, over SQLite): an exclusive ``flock`` on ``<state>/kms.shared`` and an
 8-byte change counter in that file, mapped shared (reading it costs ~0.2 us). A store shared by
 several machines (PostgreSQL) implements the same :class:`StoreCoherence` protocol with the
-database's own means (an advisory lock or serializable transactions, and a generation row or
-LISTEN/NOTIFY); the service and the daemon do not change.
+database's own means (:class:`kms.pg.coherence.PgCoherence`: an advisory lock, a change-counter
+row bumped by every write's own transaction and read before each request); the service and the
+daemon do not change.
 """
 
 from __future__ import annotations
@@ -60,19 +61,29 @@ class StoreCoherence(Protocol):
     """The cross-process part of a write section (see the module docstring)."""
 
     def generation(self) -> int:
-        """The store's change counter as last published (cheap: called per request)."""
+        """The store's change counter as this process last saw it (no I/O)."""
+        ...
+
+    async def current(self) -> int:
+        """The store's change counter now, read after this call began (called per request:
+        shared memory for local workers, one shared round trip for a database)."""
         ...
 
     async def acquire(self) -> None:
-        """Take the writer lock (waits for another process's write to finish)."""
+        """Take the writer lock (waits for another process's write to finish); afterwards
+        :meth:`generation` is current."""
         ...
 
     def publish(self) -> int:
-        """Under the writer lock: count one more change; returns the new generation."""
+        """Under the writer lock: count this section's change; returns the new generation."""
         ...
 
-    def release(self) -> None:
-        """Release the writer lock."""
+    async def release(self) -> None:
+        """Release the writer lock (also when cancelled)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the coherence holds (idempotent)."""
         ...
 
 
@@ -104,6 +115,9 @@ class SharedGeneration:
     def generation(self) -> int:
         return int(_COUNTER.unpack_from(self._map, 0)[0])
 
+    async def current(self) -> int:
+        return self.generation()  # shared memory: always current
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """The writer lock, blocking (start-up, tests)."""
@@ -125,7 +139,11 @@ class SharedGeneration:
         _COUNTER.pack_into(self._map, 0, new)
         return new
 
-    def release(self) -> None:
+    async def release(self) -> None:
+        self.release_now()
+
+    def release_now(self) -> None:
+        """Release the writer lock (it never blocks)."""
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def set_load(self, index: int, connections: int) -> None:
@@ -168,7 +186,7 @@ class WriteSection:
             try:
                 await self._catch_up()
             except BaseException:
-                self._shared.release()
+                await self._shared.release()
                 raise
         except BaseException:
             self._lock.release()
@@ -180,23 +198,26 @@ class WriteSection:
             # cheap, a missed one would serve a stale key set.
             self._seen = self._shared.publish()
         finally:
-            self._shared.release()
-            self._lock.release()
+            try:
+                await self._shared.release()
+            finally:
+                self._lock.release()
 
     def stale(self) -> bool:
         """Another process has published a change this process has not loaded."""
         return self._shared.generation() != self._seen
 
     async def refresh(self) -> None:
-        """Bring the key set up to date if another process changed the store."""
-        if not self.stale():
+        """Bring the key set up to date if another process changed the store (a change
+        committed before this call began is always seen)."""
+        if await self._shared.current() == self._seen:
             return
         async with self._lock:
             await self._shared.acquire()
             try:
                 await self._catch_up()
             finally:
-                self._shared.release()
+                await self._shared.release()
 
     async def _catch_up(self) -> None:
         """Under both locks: reload if the generation moved."""

@@ -9,6 +9,7 @@ Unknown keys are an error (STYLE B9). Durations are seconds (``_s``), sizes byte
     trust_roots = ["local"]              # "aws", "local" (the state dir's attest CA) or PEM paths
     max_document_age_s = 300.0
     seed_file = "seed.json"
+    storage = "postgresql://kms@db.internal/kms"   # default: SQLite in state_dir
 
     [[credentials]]
     access_key_id = "AKIAEXAMPLE"
@@ -29,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from transport.errors import ConfigurationError
 from transport.hostport import parse_host_port
@@ -45,6 +47,8 @@ __all__ = [
     "MAX_WORKERS",
     "CredentialEntry",
     "KmsConfig",
+    "POSTGRES_SCHEMES",
+    "redact_url",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -78,9 +82,29 @@ DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 128
 #: work per request is CPU-bound: more processes than cores only adds switching.
 MAX_WORKERS = 64
 
+#: URL schemes naming a PostgreSQL store (libpq accepts both).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
 _ACCOUNT_RE = re.compile(r"^\d{12}$")
 _REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 _PRINCIPAL_RE = re.compile(r"^arn:aws:(iam|sts)::\d{12}:[\w+=,.@/-]+$")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (in the authority or as a ``password=`` parameter): what
+    may be shown and logged."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}@{host}"
+        query = "&".join(
+            p for p in parts.query.split("&") if p and not p.lower().startswith("password=")
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:
+        return "(unparseable URL)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +151,11 @@ class KmsConfig:
         start_despite_broken_audit_chain: start even if the audit chain's tail does not verify
             (the broken log is moved aside untouched, a new chain records the break). A
             command-line decision for one start only: not accepted in a config file.
+        storage: where keys, aliases, grants and the audit chain live: None (or ``"sqlite"``)
+            = SQLite and a log file in ``state_dir``; a ``postgresql://`` URL = that database,
+            shared by every daemon given it (:mod:`kms.pg`). Never shown with its password
+            (:attr:`storage_shown`); libpq's ``PGPASSFILE``/``PGPASSWORD`` keep it out of the
+            URL altogether. The master key stays in ``state_dir`` or the environment.
     """
 
     host: str = DEFAULT_HOST
@@ -147,8 +176,16 @@ class KmsConfig:
     clock_skew_s: float = 300.0
     start_despite_broken_audit_chain: bool = False
     workers: int | None = None
+    storage: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.storage not in (None, "sqlite") and not str(self.storage).startswith(
+            POSTGRES_SCHEMES
+        ):
+            raise ConfigurationError(
+                'storage (--storage) must be "sqlite" or a postgresql:// URL, got '
+                f"{redact_url(str(self.storage))!r}"
+            )
         if not _ACCOUNT_RE.match(self.account_id):
             raise ConfigurationError(f"account_id must be 12 digits, got {self.account_id!r}")
         if not _REGION_RE.match(self.region):
@@ -175,6 +212,28 @@ class KmsConfig:
             if c.access_key_id in seen:
                 raise ConfigurationError(f"duplicate access_key_id {c.access_key_id!r}")
             seen.add(c.access_key_id)
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL when the store is PostgreSQL, else None (SQLite)."""
+        if self.storage is None or self.storage == "sqlite":
+            return None
+        return self.storage
+
+    @property
+    def storage_shown(self) -> str:
+        """The store as it may be shown and logged (no password)."""
+        url = self.postgres_url
+        return f"sqlite:{self.resolved_state_dir}" if url is None else redact_url(url)
+
+    def __repr__(self) -> str:
+        # The generated repr leaves ``storage`` out (repr=False); show it redacted instead.
+        fields = ", ".join(
+            f"{f}={getattr(self, f)!r}"
+            for f in self.__dataclass_fields__
+            if self.__dataclass_fields__[f].repr
+        )
+        return f"KmsConfig({fields}, storage={self.storage_shown!r})"
 
     @property
     def resolved_workers(self) -> int:
@@ -252,6 +311,7 @@ class KmsConfig:
             "audit_fsync",
             "clock_skew_s",
             "workers",
+            "storage",
         }
         unknown = set(m) - allowed
         if unknown:
@@ -295,6 +355,10 @@ class KmsConfig:
             if not isinstance(m["audit_fsync"], bool):
                 raise ConfigurationError("audit_fsync must be true or false")
             kw["audit_fsync"] = m["audit_fsync"]
+        if "storage" in m:
+            if not isinstance(m["storage"], str):
+                raise ConfigurationError('storage must be "sqlite" or a postgresql:// URL')
+            kw["storage"] = m["storage"]
         if "state_dir" in m:
             kw["state_dir"] = path_of(m["state_dir"])
         if "seed_file" in m:

@@ -466,6 +466,7 @@ async def serve_kms(
             host=host,
             port=port,
             state_dir=str(config.resolved_state_dir),
+            storage=config.storage_shown,  # never the password
             recipient=app.recipient_enabled,
         )
         if not app.recipient_enabled and app.lock is not None:  # once per daemon

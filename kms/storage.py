@@ -17,9 +17,12 @@ authenticated metadata record, so they needed no column); 3 → 4 adds ``custom_
 (external key stores: a tagged JSON record and the proxy credential's secret, wrapped like key
 material). A newer schema than this code knows is refused.
 
-Where the next backends fit: a PostgreSQL store implements this same protocol (each method one
-serializable transaction, retried on serialization failures); the daemon's in-memory copy then
-becomes a cache validated per request, which the protocol's ``load`` already allows.
+The PostgreSQL store (:mod:`kms.pg`) implements this same protocol: each method is one
+serializable transaction, retried on serialization failures, and every write also counts one
+change in the database, which keeps the in-memory copy of every daemon sharing the database
+current (:mod:`kms.coherence`; the copy is checked before each request). A backend that loses
+its database mid-request raises :class:`StoreUnavailable`, which the daemon answers with AWS's
+retryable ``KMSInternalException`` / ``DependencyTimeoutException``.
 
 SQLite settings: WAL journal (readers never block the writer) and ``synchronous=FULL`` (the WAL
 is fsynced at every commit, so an acknowledged write survives a crash of the process or of the
@@ -37,7 +40,10 @@ from typing import Protocol
 
 from transport.errors import ConfigurationError
 
+from .errors import KmsError
+
 __all__ = [
+    "StoreUnavailable",
     "KeyRow",
     "VersionRow",
     "AliasRow",
@@ -47,6 +53,26 @@ __all__ = [
     "Storage",
     "SqliteStorage",
 ]
+
+
+class StoreUnavailable(KmsError):
+    """The key store's database could not be reached, or did not answer in time: nothing was
+    changed by the failed call (a transaction is all or nothing), and the request may be
+    retried. Never carries a secret or a database password.
+
+    Attributes:
+        timeout: the database answered too late (a lock or statement timeout) rather than not
+            at all; AWS's DependencyTimeoutException then, else KMSInternalException.
+    """
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+    @property
+    def aws_type(self) -> str:
+        """The AWS error type the daemon answers with (both are retryable)."""
+        return "DependencyTimeoutException" if self.timeout else "KMSInternalException"
 
 
 @dataclass(frozen=True, slots=True)

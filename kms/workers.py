@@ -17,8 +17,11 @@ Theory of operation (the parent, :func:`run_workers`):
 3. Each worker (:mod:`kms._worker`) loads the key set under the store's writer lock and serves
    with :func:`kms.daemon.serve_kms` on the inherited sockets. Its key set is kept current and
    its writes serialised with the others' by :class:`kms.coherence.WriteSection`; its audit
-   lines go into the one shared chain (:class:`kms.audit.AuditLog`). It writes ``ready`` on its
-   stdout once it listens; the parent prints ``kms listening on ...`` when all are ready.
+   lines go into the one shared chain (:class:`kms.audit.AuditLog`). On PostgreSQL
+   (``--storage``) each worker is to the database one more daemon: :mod:`kms.pg` keeps its key
+   set current, orders its writes and chains its audit lines, and the machine-local file only
+   spreads connections. It writes ``ready`` on its stdout once it listens; the parent prints
+   ``kms listening on ...`` when all are ready.
 4. A worker that dies (a crash, ``kill -9``) is reported (``kms_worker_died``, with its exit
    status) and replaced at once; the others keep serving meanwhile, and the connections it was
    serving are cut (their requests were not acknowledged: nothing acknowledged is lost, since a

@@ -5,6 +5,8 @@
 #   cpio        GNU cpio reads our EIF ramdisks (tests/runtime/test_eif_unpack.py)
 #   jq          the README's recipes build policy files with it (tests/integration/test_readme.py)
 #   openssl     independent checks of KMS signatures and public keys
+#   postgresql  the KMS key store on PostgreSQL: tests/pg_server.py runs initdb + postgres from
+#               /usr/lib/postgresql/<major>/bin in a temporary directory (tests/kms/test_pg*.py)
 set -euo pipefail
 
 _wanted=()
@@ -12,6 +14,8 @@ command -v softhsm2-util >/dev/null 2>&1 || _wanted+=(softhsm2)
 command -v cpio >/dev/null 2>&1 || _wanted+=(cpio)
 command -v jq >/dev/null 2>&1 || _wanted+=(jq)
 command -v openssl >/dev/null 2>&1 || _wanted+=(openssl)
+{ command -v initdb >/dev/null 2>&1 || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; } ||
+    _wanted+=(postgresql)
 if [ ${#_wanted[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> installing ${_wanted[*]} (Debian packages the tests use)" >&2

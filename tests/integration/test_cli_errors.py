@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from kms.pgtemp import PostgresUnavailable, TempPostgres
 from runtime.cli import build_parser
 
 pytestmark = pytest.mark.slow
@@ -61,6 +62,10 @@ class Case:
     env: Mapping[str, str] = field(default_factory=dict)
     owner: str | None = None
     timeout_s: float = CASE_TIMEOUT_S
+    #: Texts that must NOT appear anywhere in the output (a password given on the command line).
+    hides: tuple[str, ...] = ()
+    #: Needs the module's PostgreSQL server (places ``{pg_wrong}``, ``{pg_newer}``...).
+    pg: bool = False
 
 
 CASES = [
@@ -131,6 +136,33 @@ CASES = [
     Case("kms-serve-missing-trust-root",
          ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms4",
           "--trust-root", "{tmp}/none.pem"), ("{tmp}/none.pem",), env=_CREDS),
+    Case("kms-serve-storage-bad-url",
+         ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms7",
+          "--storage", "mysql://kms:hunter2@db/kms"), ("postgresql://", "mysql://kms@db/kms"),
+         env=_CREDS, hides=("hunter2",)),
+    Case("kms-serve-storage-bad-port",
+         ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms8",
+          "--storage", "postgresql://kms:hunter2@127.0.0.1:port/kms"), ("--storage",),
+         env=_CREDS, hides=("hunter2",)),
+    Case("kms-serve-storage-down",
+         ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms9",
+          "--storage", "postgresql://kms:hunter2@127.0.0.1:{dead}/kms"),
+         ("postgresql://kms@127.0.0.1:{dead}/kms", "refused"), env=_CREDS, hides=("hunter2",)),
+    Case("kms-serve-storage-wrong-password",
+         ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms10",
+          "--storage", "{pg_wrong}"), ("password authentication failed",), env=_CREDS,
+         hides=("hunter2",), pg=True),
+    Case("kms-serve-storage-newer-schema",
+         ("kms", "serve", "--listen", "127.0.0.1:0", "--state-dir", "{tmp}/kms11",
+          "--storage", "{pg_newer}"), ("newer than this daemon",),
+         env={**_CREDS, "PGPASSFILE": "{pg_passfile}"}, pg=True),
+    Case("kms-audit-verify-storage-down",
+         ("kms", "audit", "verify", "--storage", "postgresql://kms:hunter2@127.0.0.1:{dead}/kms"),
+         ("127.0.0.1:{dead}",), env={"ENCLAVE_KMS_MASTER_KEY": "A" * 43 + "="},
+         hides=("hunter2",)),
+    Case("kms-audit-verify-storage-and-file",
+         ("kms", "audit", "verify", "{junk}", "--storage", "postgresql://kms@127.0.0.1/kms"),
+         ("--storage",)),
     Case("kms-audit-verify-missing", ("kms", "audit", "verify", "{tmp}/none.jsonl"),
          ("{tmp}/none.jsonl",)),
     Case("kms-audit-verify-not-a-log", ("kms", "audit", "verify", "{junk}"), ("{junk}",)),
@@ -363,13 +395,49 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Fil
     })  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
     env["ENCLAVE_STATE_DIR"] = str(state)
+    pg = _pg_places(places)
     try:
         with ThreadPoolExecutor(WORKERS) as pool:
-            futures = {c.id: pool.submit(_run_case, c, places, env) for c in CASES}
+            futures = {
+                c.id: pool.submit(_run_case, c, places, env)
+                for c in CASES
+                if pg is not None or not c.pg
+            }
             yield {k: _Filled(f, places) for k, f in futures.items()}
     finally:
         busy.close()
+        if pg is not None:
+            pg.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pg_places(places: Places) -> TempPostgres | None:
+    """A PostgreSQL server for the ``pg`` cases: ``{pg_wrong}`` (a wrong password),
+    ``{pg_newer}`` (a key store whose schema is newer than the code) and ``{pg_passfile}``.
+    None where PostgreSQL is not installed (those cases then skip)."""
+    try:
+        server = TempPostgres(fsync=False)
+    except PostgresUnavailable:
+        return None
+    import psycopg
+
+    from kms.pg.schema import SCHEMA_VERSION, migrate
+
+    try:
+        server.start()
+        newer = server.create_database("kms_newer")
+        with psycopg.connect(server.url("kms_newer", password=True), autocommit=True) as c:
+            migrate(c)
+            c.execute("UPDATE kms_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    except BaseException:
+        server.cleanup()
+        raise
+    places.values.update(
+        pg_wrong=f"postgresql://{server.user}:hunter2@127.0.0.1:{server.port}/postgres",
+        pg_newer=newer,
+        pg_passfile=str(server.passfile),
+    )
+    return server
 
 
 def _error_text(stderr: str) -> str:
@@ -398,6 +466,8 @@ def _params() -> list[object]:
 
 @pytest.mark.parametrize("case", _params())
 def test_bad_input_is_one_error_line(case: Case, results: dict[str, _Filled]) -> None:
+    if case.id not in results:
+        pytest.skip(f"{case.id} needs PostgreSQL, which is not installed here")
     filled = results[case.id]
     result = filled.future.result(timeout=CASE_TIMEOUT_S * len(CASES))
     shown = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -408,6 +478,8 @@ def test_bad_input_is_one_error_line(case: Case, results: dict[str, _Filled]) ->
     assert "internal error" not in text, shown
     for expected in case.mentions:
         assert filled.places.fill(expected) in text, f"{expected!r} not named\n{shown}"
+    for secret in case.hides:
+        assert secret not in result.stderr + result.stdout, f"{secret!r} shown\n{shown}"
 
 
 def test_debug_flag_adds_the_traceback(tmp_path: Path) -> None:

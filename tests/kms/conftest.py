@@ -13,6 +13,7 @@ from botocore.config import Config
 from attest.ca import LocalCA
 from kms.app import build_worker_app, prepare_state
 from kms.config import CredentialEntry, KmsConfig
+from tests.pg_server import pg_server, pg_url  # noqa: F401 - fixtures of tests/kms/test_pg*.py
 
 from .helpers import ALL_CREDS, DaemonThread, root_pem_file
 
