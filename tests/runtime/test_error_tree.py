@@ -14,21 +14,11 @@ import runtime
 from runtime.errors import ERROR_NAMES, NitroCliError, error_classes
 from transport.errors import EnclaveError
 
-#: Modules that need what the test process has not set up (an enclave, the zygote's argv), and
-#: the runtime modules other areas own (the demo, the pytest plugin, their subcommands).
+#: Modules that need what the test process has not set up (an enclave, the zygote's argv).
 _SKIP = {
     "runtime.enclave_init.__main__",
     "runtime.cli.__main__",
     "runtime._zygote_main",
-    "runtime.demo",
-    "runtime.testing",
-    "runtime.cli.demo",
-    "runtime.cli.bench",
-    "runtime.cli.infer",
-    "runtime.cli.model",
-    "runtime.cli.kms",
-    "runtime.cli.ingress",
-    "runtime.cli.vsock_proxy",
 }
 
 
@@ -36,7 +26,7 @@ def _modules() -> list[str]:
     out = []
     for pkg in (runtime, attest):
         for m in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
-            if m.name not in _SKIP and not m.name.startswith("runtime.bench"):
+            if m.name not in _SKIP:
                 out.append(m.name)
     return out
 
