@@ -66,6 +66,8 @@ __all__ = [
     "THROUGHPUT_RATIO_BUDGET",
     "COLD_START_BUDGET_S",
     "RSS_RATIO_BUDGET",
+    "vm_hwm_mb",
+    "peak_rss_mb",
 ]
 
 #: Budgets (issue 12): enclave / in-process p50 at 128 tokens; streamed / in-process texts/s;
@@ -266,24 +268,26 @@ def _load_buffer(path: Path) -> bytearray:
     return buf
 
 
-def _rss_probe(bundle_path: str, threads: int = 0) -> None:
+def _rss_probe(bundle_path: str, threads: int = 0, embed: bool = True) -> None:
     """Child process: load a bundle as the enclave does (one buffer, consumed by
-    ``Embedder.from_buffer``), embed the mix in calls of 32 and one by one, print the peak."""
+    ``Embedder.from_buffer``), embed the mix in calls of 32 and one by one (unless not
+    ``embed``), print the peak."""
     from models._malloc import tune_malloc
     from models.text.embedder import Embedder
 
     tune_malloc()  # as the server does
     embedder = Embedder.from_buffer(_load_buffer(Path(bundle_path)), threads=threads or None)
-    corpus = mixed_corpus()
-    for i in range(0, len(corpus), BATCH):
-        embedder.embed(corpus[i : i + BATCH])
-    for text in (SHORT_SENTENCE, text_of_tokens(128)):
-        embedder.embed([text])
-    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+    if embed:
+        corpus = mixed_corpus()
+        for i in range(0, len(corpus), BATCH):
+            embedder.embed(corpus[i : i + BATCH])
+        for text in (SHORT_SENTENCE, text_of_tokens(128)):
+            embedder.embed([text])
+    print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
 
 
-def _vm_hwm_mb(pid: int | str = "self") -> float:
-    """Peak RSS of a process image (this one by default). Not ``ru_maxrss``: Linux carries
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak RSS (MB) of a process image (this one by default). Not ``ru_maxrss``: Linux carries
     that over fork and exec, so a child of a large parent would report the parent's peak."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -292,12 +296,13 @@ def _vm_hwm_mb(pid: int | str = "self") -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def _peak_rss_mb(bundle_path: Path, threads: int = 0) -> float:
-    """Peak RSS of a fresh process serving ``bundle_path`` (built beforehand: the build's own
-    memory, such as the optimizer's, is not the serving process's)."""
+def peak_rss_mb(bundle_path: Path, threads: int = 0, *, embed: bool = True) -> float:
+    """Peak RSS (MB) of a fresh process serving ``bundle_path`` (built beforehand: the build's
+    own memory, such as the optimizer's, is not the serving process's): loading it as the
+    enclave does, then (``embed``) embedding the bench's mix."""
     code = (
         "from runtime.bench.minilm import _rss_probe; "
-        f"_rss_probe({str(bundle_path)!r}, {int(threads)})"
+        f"_rss_probe({str(bundle_path)!r}, {int(threads)}, {bool(embed)})"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
@@ -313,7 +318,7 @@ def inproc_figures(*, quick: bool, optimizer: bool = False) -> dict[str, float |
 
     figures: dict[str, float | int | str | None] = {"threads": available_cpus()}
     figures.update(_measure(None, quick))
-    figures["peak_rss_mb"] = _peak_rss_mb(ensure_minilm_bundle())
+    figures["peak_rss_mb"] = peak_rss_mb(ensure_minilm_bundle())
     if optimizer:
         from models.text.bundle import decode_bundle, encode_bundle
         from models.text.embedder import Embedder
@@ -327,7 +332,7 @@ def inproc_figures(*, quick: bool, optimizer: bool = False) -> dict[str, float |
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "optimized.bundle"
             path.write_bytes(opt_bundle)
-            figures["opt_peak_rss_mb"] = _peak_rss_mb(path)
+            figures["opt_peak_rss_mb"] = peak_rss_mb(path)
         opt = Embedder(decode_bundle(opt_bundle))
         base = Embedder(plain)
         corpus = mixed_corpus(64, seed=1)
@@ -417,12 +422,12 @@ async def _enclave_run(quick: bool) -> dict[str, float | int | str | None]:
                 pid = server.info.app_pid
                 if pid is None:
                     raise RuntimeError("the MiniLM server enclave has no process")
-                figures["enclave_peak_rss_mb"] = _vm_hwm_mb(pid)
+                figures["enclave_peak_rss_mb"] = vm_hwm_mb(pid)
             del anchor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures["inproc_peak_rss_mb"] = await trio.to_thread.run_sync(
-        lambda: _peak_rss_mb(bundle_path, threads)
+        lambda: peak_rss_mb(bundle_path, threads)
     )
     return figures
 

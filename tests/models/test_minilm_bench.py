@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.bench.minilm import SHORT_SENTENCE, _vm_hwm_mb, mixed_corpus, text_of_tokens
+from runtime.bench.minilm import SHORT_SENTENCE, mixed_corpus, text_of_tokens, vm_hwm_mb
 from tests.models.minilm_support import minilm_embedder
 
 
@@ -24,4 +24,4 @@ def test_the_mix_is_deterministic_and_spans_short_to_truncated() -> None:
 
 
 def test_peak_rss_reads_this_process() -> None:
-    assert 10 < _vm_hwm_mb() < 1 << 20
+    assert 10 < vm_hwm_mb() < 1 << 20
