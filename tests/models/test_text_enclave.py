@@ -13,8 +13,12 @@ the calls then take a few more.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +156,50 @@ async def test_each_limit_is_its_own_error_while_a_stream_goes_on(served: Served
             # The connection serves on after the refusals.
             assert len(await client.embed(TEXT_MODEL, ["still here"])) == 1
     assert answered == [2, len(TEXTS) - 2, 1]
+
+
+def _enclave_cli(argv: list[str]) -> tuple[int, str, str]:
+    """``enclave ARGV`` as a user runs it (its own process: its stdout is its own)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=CALL_TIMEOUT_S,
+        cwd="/",
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_infer_cli_embeds_texts_from_a_file_and_from_flags(served: Served, tmp_path: Path) -> None:
+    stack = served.stack
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"measurements": [{"pcrs": {"0": stack.pcr0}}]}))
+    base = ["infer", "--endpoint", stack.endpoint, "--root", str(stack.stack.ca_root_pem),
+            "--policy", str(policy), "--model", TEXT_MODEL]  # fmt: skip
+    texts = [TEXTS[0], LONG, TEXTS[4]]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "embeddings.npy"
+    code, stdout, stderr = _enclave_cli(
+        [*base, "--input", str(tmp_path / "texts.txt"), "--json", "--output", str(out)]
+    )
+    assert code == 0, stderr
+    want = minilm_embedder().embed(texts)
+    (line,) = stdout.splitlines()  # --json: one line, every embedding in full
+    result = json.loads(line)
+    assert result["attestation"]["pcr16_matches_catalog"] is True
+    np.testing.assert_allclose(np.array(result["embeddings"]), want.vectors, atol=1e-5)
+    assert result["truncated"] == [False, True, False]
+    assert "note: text 1 was longer than the model's 256 tokens" in stderr
+    np.testing.assert_allclose(np.load(out), want.vectors, atol=1e-5)
+    # Without --json: a summary (shape, the first dimensions of each row).
+    code, stdout, stderr = _enclave_cli([*base, "--text", TEXTS[1], "--text", TEXTS[2]])
+    assert code == 0, stderr
+    summary = json.loads(stdout)["embeddings"]
+    assert summary["shape"] == [2, 384]
+    assert summary["elided_dims"] == 376
+    np.testing.assert_allclose(
+        np.array(summary["values"]), minilm_embedder().embed(TEXTS[1:3]).vectors[:, :8], atol=1e-5
+    )
 
 
 def test_unsealing_the_bundle_holds_no_extra_plaintext_copy(served: Served) -> None:
