@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import trio
 
+from runtime.stack import StackError
+
 if TYPE_CHECKING:
     from models.client import InferenceClient
     from models.text.embedder import Embedder
@@ -88,7 +90,7 @@ class TextAct:
         return self.enclave_p50_ms / self.inproc_p50_ms
 
 
-class TextActFailure(RuntimeError):
+class TextActFailure(StackError):
     """A query did not find its document (the embeddings are wrong)."""
 
 
