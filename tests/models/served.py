@@ -62,14 +62,23 @@ class ServedStack:
     def __enter__(self) -> ServedStack:
         self._thread.start()
         if not self._ready.wait(START_TIMEOUT_S):
-            self.__exit__()  # cancels the start-up
+            self._stop()  # cancels the start-up
             raise TimeoutError(f"the served stack did not start within {START_TIMEOUT_S} s")
         if self._error is not None:
-            self.__exit__()
+            self._stop()
             raise RuntimeError(f"the served stack failed to start: {self._error!r}")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop()
+        # A stack that failed while serving or stopping (an enclave or a service left behind)
+        # fails the module's teardown instead of passing unnoticed.
+        if self._thread.is_alive():
+            raise TimeoutError("the served stack did not stop within 60 s")
+        if self._error is not None:
+            raise RuntimeError("the served stack failed while serving or stopping") from self._error
+
+    def _stop(self) -> None:
         if self._token is not None:
             try:
                 trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
