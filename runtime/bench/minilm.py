@@ -28,7 +28,13 @@ alternating blocks, so a change of load on a shared machine hits both. The encla
 MiniLM only (its own ``server.toml``), so the cold start is MiniLM's.
 
 Diagnostics: ``enclave_p90_ms_128``, ``rpc_floor_ms`` (a catalog round trip: channel + RPC,
-no inference), ``inproc_peak_rss_mb``/``enclave_peak_rss_mb``, the throughputs.
+no inference), ``inproc_peak_rss_mb``/``enclave_peak_rss_mb``, the throughputs, and where the
+128-token time goes, per call, from the kernel's schedstat: ``inproc_cpu_ms_128`` /
+``enclave_cpu_ms_128`` (CPU time of the anchor's thread, of all the enclave's threads; their
+ratio ``cpu_overhead_ratio``: what the enclave path costs in compute, whatever the load) and
+``inproc_wait_ms_128`` / ``enclave_wait_ms_128`` (runnable but waiting for the CPU: on a shared
+machine, other processes on the enclave's CPU; the enclave, woken for each request, waits
+where the anchor, never asleep, does not).
 
 ``python -m runtime.bench.minilm --inproc [--quick] [--optimizer]`` prints the in-process
 figures of the model alone (:func:`inproc_figures`): ``session.run`` alone, batching by length
@@ -66,6 +72,8 @@ __all__ = [
     "THROUGHPUT_RATIO_BUDGET",
     "COLD_START_BUDGET_S",
     "RSS_RATIO_BUDGET",
+    "vm_hwm_mb",
+    "peak_rss_mb",
 ]
 
 #: Budgets (issue 12): enclave / in-process p50 at 128 tokens; streamed / in-process texts/s;
@@ -266,24 +274,26 @@ def _load_buffer(path: Path) -> bytearray:
     return buf
 
 
-def _rss_probe(bundle_path: str, threads: int = 0) -> None:
+def _rss_probe(bundle_path: str, threads: int = 0, embed: bool = True) -> None:
     """Child process: load a bundle as the enclave does (one buffer, consumed by
-    ``Embedder.from_buffer``), embed the mix in calls of 32 and one by one, print the peak."""
+    ``Embedder.from_buffer``), embed the mix in calls of 32 and one by one (unless not
+    ``embed``), print the peak."""
     from models._malloc import tune_malloc
     from models.text.embedder import Embedder
 
     tune_malloc()  # as the server does
     embedder = Embedder.from_buffer(_load_buffer(Path(bundle_path)), threads=threads or None)
-    corpus = mixed_corpus()
-    for i in range(0, len(corpus), BATCH):
-        embedder.embed(corpus[i : i + BATCH])
-    for text in (SHORT_SENTENCE, text_of_tokens(128)):
-        embedder.embed([text])
-    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+    if embed:
+        corpus = mixed_corpus()
+        for i in range(0, len(corpus), BATCH):
+            embedder.embed(corpus[i : i + BATCH])
+        for text in (SHORT_SENTENCE, text_of_tokens(128)):
+            embedder.embed([text])
+    print(json.dumps({"peak_rss_mb": vm_hwm_mb()}))
 
 
-def _vm_hwm_mb(pid: int | str = "self") -> float:
-    """Peak RSS of a process image (this one by default). Not ``ru_maxrss``: Linux carries
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak RSS (MB) of a process image (this one by default). Not ``ru_maxrss``: Linux carries
     that over fork and exec, so a child of a large parent would report the parent's peak."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -292,12 +302,13 @@ def _vm_hwm_mb(pid: int | str = "self") -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
-def _peak_rss_mb(bundle_path: Path, threads: int = 0) -> float:
-    """Peak RSS of a fresh process serving ``bundle_path`` (built beforehand: the build's own
-    memory, such as the optimizer's, is not the serving process's)."""
+def peak_rss_mb(bundle_path: Path, threads: int = 0, *, embed: bool = True) -> float:
+    """Peak RSS (MB) of a fresh process serving ``bundle_path`` (built beforehand: the build's
+    own memory, such as the optimizer's, is not the serving process's): loading it as the
+    enclave does, then (``embed``) embedding the bench's mix."""
     code = (
         "from runtime.bench.minilm import _rss_probe; "
-        f"_rss_probe({str(bundle_path)!r}, {int(threads)})"
+        f"_rss_probe({str(bundle_path)!r}, {int(threads)}, {bool(embed)})"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600
@@ -313,7 +324,7 @@ def inproc_figures(*, quick: bool, optimizer: bool = False) -> dict[str, float |
 
     figures: dict[str, float | int | str | None] = {"threads": available_cpus()}
     figures.update(_measure(None, quick))
-    figures["peak_rss_mb"] = _peak_rss_mb(ensure_minilm_bundle())
+    figures["peak_rss_mb"] = peak_rss_mb(ensure_minilm_bundle())
     if optimizer:
         from models.text.bundle import decode_bundle, encode_bundle
         from models.text.embedder import Embedder
@@ -327,7 +338,7 @@ def inproc_figures(*, quick: bool, optimizer: bool = False) -> dict[str, float |
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "optimized.bundle"
             path.write_bytes(opt_bundle)
-            figures["opt_peak_rss_mb"] = _peak_rss_mb(path)
+            figures["opt_peak_rss_mb"] = peak_rss_mb(path)
         opt = Embedder(decode_bundle(opt_bundle))
         base = Embedder(plain)
         corpus = mixed_corpus(64, seed=1)
@@ -395,6 +406,9 @@ async def _enclave_run(quick: bool) -> dict[str, float | int | str | None]:
                 server = await start_server(stack, eif, cpu_ids=enclave_cpus)
                 if not server.report.ok:
                     raise RuntimeError(f"the MiniLM server did not start: {server.report.raw}")
+                pid = server.info.app_pid
+                if pid is None:
+                    raise RuntimeError("the MiniLM server enclave has no process")
                 port = await stack.start_ingress(server.cid)
                 async with open_inference_client(
                     f"127.0.0.1:{port}", verifier=verifier, timeout_s=120
@@ -405,7 +419,7 @@ async def _enclave_run(quick: bool) -> dict[str, float | int | str | None]:
                     if isinstance(startup_ms, int | float):
                         figures["server_startup_s"] = startup_ms / 1e3
                     await _measure_pair(
-                        client, anchor, figures, long_text, n_lat, rounds, enclave_cpus
+                        client, anchor, figures, long_text, n_lat, rounds, enclave_cpus, pid
                     )
                     await _measure_throughput(client, anchor, figures, calls, passes, enclave_cpus)
                     floor = []
@@ -414,15 +428,12 @@ async def _enclave_run(quick: bool) -> dict[str, float | int | str | None]:
                         await client.list_models()
                         floor.append(time.perf_counter() - t1)
                     figures["rpc_floor_ms"] = _p50(floor) * 1e3
-                pid = server.info.app_pid
-                if pid is None:
-                    raise RuntimeError("the MiniLM server enclave has no process")
-                figures["enclave_peak_rss_mb"] = _vm_hwm_mb(pid)
+                figures["enclave_peak_rss_mb"] = vm_hwm_mb(pid)
             del anchor
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     figures["inproc_peak_rss_mb"] = await trio.to_thread.run_sync(
-        lambda: _peak_rss_mb(bundle_path, threads)
+        lambda: peak_rss_mb(bundle_path, threads)
     )
     return figures
 
@@ -438,6 +449,26 @@ def _on_cpus(cpus: Sequence[int]) -> Iterator[None]:
         os.sched_setaffinity(0, saved)
 
 
+def _schedstat(paths: Sequence[str]) -> tuple[int, int]:
+    """Nanoseconds on a CPU and waiting in a run queue (runnable, not running), summed over
+    ``paths`` (``/proc/.../schedstat`` of threads); threads gone meanwhile count as zero."""
+    run = wait = 0
+    for path in paths:
+        try:
+            with open(path) as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        run += int(fields[0])
+        wait += int(fields[1])
+    return run, wait
+
+
+def _task_schedstats(pid: int) -> list[str]:
+    """The schedstat files of every thread of ``pid`` (onnxruntime's, trio's, the worker)."""
+    return [str(task / "schedstat") for task in Path(f"/proc/{pid}/task").iterdir()]
+
+
 async def _measure_pair(
     client: InferenceClient,
     anchor: Embedder,
@@ -446,8 +477,14 @@ async def _measure_pair(
     n: int,
     rounds: int,
     anchor_cpus: Sequence[int],
+    enclave_pid: int,
 ) -> None:
-    """p50 at batch 1, in-process and through the enclave, in alternating blocks of ``n``."""
+    """p50 at batch 1, in-process and through the enclave, in alternating blocks of ``n``.
+
+    With the 128-token figures, where the time goes per call (mean, from the kernel's
+    schedstat: not sampled): CPU time of the anchor's thread and of every thread of the
+    enclave's process, and their time runnable but waiting for the CPU (other processes on a
+    shared machine; the anchor never sleeps between calls, the enclave wakes for each)."""
     from runtime.stack import TEXT_MODEL
 
     for text in (SHORT_SENTENCE, long_text):  # warm both paths
@@ -456,21 +493,38 @@ async def _measure_pair(
                 anchor.embed([text])
             await client.embed(TEXT_MODEL, [text])
     samples: dict[str, list[float]] = {k: [] for k in ("i12", "i128", "e12", "e128")}
+    sched = {"i": [0, 0], "e": [0, 0]}  # 128 tokens: [run ns, wait ns]
+    own = ["/proc/thread-self/schedstat"]
     for _ in range(rounds):
         for key, text in (("12", SHORT_SENTENCE), ("128", long_text)):
             with _on_cpus(anchor_cpus):
+                before = _schedstat(own)
                 for _ in range(n):
                     t0 = time.perf_counter()
                     anchor.embed([text])
                     samples["i" + key].append(time.perf_counter() - t0)
+                after = _schedstat(own)
+            if key == "128":
+                sched["i"][0] += after[0] - before[0]
+                sched["i"][1] += after[1] - before[1]
+            tasks = _task_schedstats(enclave_pid)
+            before = _schedstat(tasks)
             for _ in range(n):
                 t0 = time.perf_counter()
                 await client.embed(TEXT_MODEL, [text])
                 samples["e" + key].append(time.perf_counter() - t0)
+            after = _schedstat(tasks)
+            if key == "128":
+                sched["e"][0] += after[0] - before[0]
+                sched["e"][1] += after[1] - before[1]
     for key in ("12", "128"):
         figures[f"inproc_ms_{key}"] = _p50(samples["i" + key]) * 1e3
         figures[f"enclave_ms_{key}"] = _p50(samples["e" + key]) * 1e3
     figures["enclave_p90_ms_128"] = float(np.percentile(samples["e128"], 90)) * 1e3
+    calls = n * rounds
+    for side, name in (("i", "inproc"), ("e", "enclave")):
+        figures[f"{name}_cpu_ms_128"] = sched[side][0] / calls / 1e6
+        figures[f"{name}_wait_ms_128"] = sched[side][1] / calls / 1e6
 
 
 async def _measure_throughput(
@@ -528,6 +582,7 @@ def run(*, quick: bool) -> dict[str, float | int | str | None]:
     figures["throughput_ratio_budget"] = THROUGHPUT_RATIO_BUDGET
     figures["cold_start_budget_s"] = COLD_START_BUDGET_S
     figures["rss_ratio"] = ratio("enclave_peak_rss_mb", "inproc_peak_rss_mb")
+    figures["cpu_overhead_ratio"] = ratio("enclave_cpu_ms_128", "inproc_cpu_ms_128")
     figures["rss_ratio_budget"] = RSS_RATIO_BUDGET
     order = [
         "inproc_ms",
@@ -540,6 +595,11 @@ def run(*, quick: bool) -> dict[str, float | int | str | None]:
         "rpc_floor_ms",
         "overhead_ratio",
         "overhead_ratio_budget",
+        "inproc_cpu_ms_128",
+        "enclave_cpu_ms_128",
+        "cpu_overhead_ratio",
+        "inproc_wait_ms_128",
+        "enclave_wait_ms_128",
         "inproc_b32_per_s",
         "enclave_b32_per_s",
         "throughput_ratio",

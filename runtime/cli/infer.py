@@ -54,6 +54,8 @@ log = structlog.get_logger()
 
 #: Rows printed per output before eliding (the rest goes to --output).
 _PRINT_ROWS: Final = 10
+#: Leading dimensions of each embedding in the default summary (--json or --output: all).
+_PRINT_DIMS: Final = 8
 #: Default bound on each wait (connect + handshake, then each call), seconds.
 DEFAULT_TIMEOUT_S: Final = 30.0
 
@@ -219,6 +221,16 @@ def _summary(arr: np.ndarray[Any, Any]) -> dict[str, Any]:
     return out
 
 
+def _embedding_summary(vectors: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """The default view of embeddings: shape, and the first dimensions of the first rows (a
+    384-wide row printed whole is 384 lines of JSON)."""
+    out = _summary(vectors[:, :_PRINT_DIMS])
+    out["shape"] = list(vectors.shape)
+    if vectors.shape[1] > _PRINT_DIMS:
+        out["elided_dims"] = int(vectors.shape[1] - _PRINT_DIMS)
+    return out
+
+
 async def _infer(
     client: InferenceClient,
     args: argparse.Namespace,
@@ -304,7 +316,7 @@ async def _embed(
     result: dict[str, Any] = {
         "attestation": _attestation(client, info, catalog),
         "model": args.model,
-        "embeddings": vectors.tolist() if args.json else _summary(vectors),
+        "embeddings": vectors.tolist() if args.json else _embedding_summary(vectors),
         "truncated": truncated,
     }
     return result, {"embeddings": vectors}
@@ -377,7 +389,10 @@ def run(args: argparse.Namespace) -> int:
         f"{(att['model_digest'] or '?')[:16]}... bound by PCR16: {att['pcr16_matches_catalog']}",
         file=sys.stderr,
     )
-    print(json.dumps(result, indent=2))
+    if args.json and "embeddings" in result:
+        print(json.dumps(result))  # one line: every embedding in full, for jq and scripts
+    else:
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from runtime.bench.minilm import SHORT_SENTENCE, _vm_hwm_mb, mixed_corpus, text_of_tokens
+import os
+import time
+from pathlib import Path
+
+from runtime.bench.minilm import (
+    SHORT_SENTENCE,
+    _schedstat,
+    _task_schedstats,
+    mixed_corpus,
+    text_of_tokens,
+    vm_hwm_mb,
+)
 from tests.models.minilm_support import minilm_embedder
 
 
@@ -24,4 +35,18 @@ def test_the_mix_is_deterministic_and_spans_short_to_truncated() -> None:
 
 
 def test_peak_rss_reads_this_process() -> None:
-    assert 10 < _vm_hwm_mb() < 1 << 20
+    assert 10 < vm_hwm_mb() < 1 << 20
+
+
+def test_schedstat_sums_cpu_and_run_queue_time_of_threads(tmp_path: Path) -> None:
+    own = ["/proc/thread-self/schedstat"]
+    run0, wait0 = _schedstat(own)
+    deadline = time.thread_time() + 0.02
+    while time.thread_time() < deadline:  # 20 ms of CPU in this thread
+        pass
+    run1, wait1 = _schedstat(own)
+    assert run1 - run0 >= 15_000_000  # ns; the kernel's clock, not a sample
+    assert wait1 >= wait0
+    # A thread that ended between listing and reading counts as nothing.
+    assert _schedstat([str(tmp_path / "gone")]) == (0, 0)
+    assert len(_task_schedstats(os.getpid())) >= 1
