@@ -11,7 +11,7 @@ import base64
 from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
-from ..keyspecs import CMK_SPECS, UNSUPPORTED_SIGNING
+from ..keyspecs import CMK_SPECS, ML_DSA_MU_BYTES, ML_DSA_SIGNING, UNSUPPORTED_SIGNING
 from ._model import Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Release, Request, Require
 
@@ -28,7 +28,21 @@ def _b64(data: bytes) -> str:
 
 def _check_signing(p: Params) -> None:
     alg, kind = p["SigningAlgorithm"], p.get("MessageType", "RAW")
-    if kind == "EXTERNAL_MU":  # only for ML-DSA keys, which this KMS does not create
+    if alg == ML_DSA_SIGNING:
+        # AWS: ML-DSA signs RAW messages (up to 4096 bytes, the model's bound) or a 64-byte
+        # external mu (FIPS 204 §6.2); there is no DIGEST (HashML-DSA is not offered).
+        if kind == "DIGEST":
+            raise KmsApiError(
+                "ValidationException",
+                f"{ML_DSA_SIGNING} requires MessageType RAW or EXTERNAL_MU, not DIGEST.",
+            )
+        if kind == "EXTERNAL_MU" and len(p["Message"]) != ML_DSA_MU_BYTES:
+            raise KmsApiError(
+                "ValidationException",
+                f"A Message of MessageType EXTERNAL_MU must be {ML_DSA_MU_BYTES} bytes "
+                f"(got {len(p['Message'])}).",
+            )
+    elif kind == "EXTERNAL_MU":
         raise KmsApiError(
             "ValidationException", "MessageType EXTERNAL_MU is valid only with ML-DSA keys."
         )
@@ -57,9 +71,12 @@ async def _sign(svc: KmsService, r: Request) -> Answer:
     signer = _signer(key, p["SigningAlgorithm"])
     try:
         signature = signer.sign(
-            p["SigningAlgorithm"], p["Message"], digest=p.get("MessageType") == "DIGEST"
+            p["SigningAlgorithm"],
+            p["Message"],
+            digest=p.get("MessageType") == "DIGEST",
+            mu=p.get("MessageType") == "EXTERNAL_MU",
         )
-    except ValueError as exc:  # a DIGEST of the wrong length
+    except ValueError as exc:  # a DIGEST or an external mu of the wrong length
         raise KmsApiError("ValidationException", str(exc)) from None
     return {
         "KeyId": key.arn,
@@ -77,6 +94,7 @@ async def _verify(svc: KmsService, r: Request) -> Answer:
             p["Message"],
             p["Signature"],
             digest=p.get("MessageType") == "DIGEST",
+            mu=p.get("MessageType") == "EXTERNAL_MU",
         )
     except ValueError as exc:
         raise KmsApiError("ValidationException", str(exc)) from None
