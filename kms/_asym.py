@@ -324,6 +324,38 @@ class AsymmetricKey:
         except ValueError:
             raise CiphertextFormatError("RSA decryption failed") from None
 
+    # -- ML-KEM (FIPS 203)
+
+    def _ml_kem(self) -> _MlKemPrivate:
+        if not isinstance(self._key, _MlKemPrivate):
+            raise ValueError("not an ML-KEM key")
+        return self._key
+
+    def encapsulate(self) -> tuple[bytes, bytes]:
+        """ML-KEM.Encaps to the public half: ``(32-byte shared secret, ciphertext)``."""
+        return self._ml_kem().public_key().encapsulate()
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        """ML-KEM.Decaps: the 32-byte shared secret.
+
+        A ciphertext of the right length always yields a secret: one that was not made for
+        this key yields an unrelated pseudo-random value (FIPS 203 implicit rejection), so
+        nothing tells a forger what went wrong.
+
+        Raises:
+            CiphertextFormatError: the ciphertext's length is not the parameter set's.
+        """
+        key = self._ml_kem()
+        if len(ciphertext) != ML_KEM_CIPHERTEXT_BYTES[self.spec.size]:
+            raise CiphertextFormatError(
+                f"an {self.spec.name} ciphertext is {ML_KEM_CIPHERTEXT_BYTES[self.spec.size]} "
+                "bytes"
+            )
+        try:
+            return key.decapsulate(ciphertext)
+        except ValueError:  # only a malformed length reaches here, checked above
+            raise CiphertextFormatError("ML-KEM decapsulation failed") from None
+
     # -- key agreement
 
     def derive_shared_secret(self, peer_spki: bytes) -> bytes:
