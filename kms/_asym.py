@@ -78,6 +78,9 @@ DATA_KEY_PAIR_SPECS: dict[str, tuple[str, int | str]] = {
     "ECC_NIST_P521": ("ec", "secp521r1"),
     "ECC_SECG_P256K1": ("ec", "secp256k1"),
     "ECC_NIST_EDWARDS25519": ("ed25519", 0),
+    # AWS: the PKCS#8 of an ML-KEM data key pair holds the seed form (same length for both).
+    "ML_KEM_768": ("mlkem", 768),
+    "ML_KEM_1024": ("mlkem", 1024),
 }
 
 _MlDsaPrivate = mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey
@@ -164,6 +167,9 @@ def generate_data_key_pair(spec: str) -> tuple[bytes, bytes]:
         key = rsa.generate_private_key(public_exponent=_RSA_E, key_size=param)
     elif kind == "ec":
         key = ec.generate_private_key(_CURVES[str(param)]())
+    elif kind == "mlkem":
+        assert isinstance(param, int)
+        key = _ML_KEM[param].generate()
     else:
         key = ed25519.Ed25519PrivateKey.generate()
     return _private_der(key), _spki(key)

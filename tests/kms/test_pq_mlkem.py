@@ -314,3 +314,32 @@ def test_policy_and_grants(daemon: DaemonThread, admin: Any) -> None:
             KeyId=key_id, SharedSecretCiphertextBlob=ciphertext, EncapsulationAlgorithm="ML_KEM"
         )
     assert _code(e) == "AccessDeniedException"
+
+
+@pytest.mark.parametrize("spec", _SPECS)
+def test_ml_kem_data_key_pairs(admin: Any, spec: str) -> None:
+    kid = admin.create_key()["KeyMetadata"]["KeyId"]  # a symmetric key protects the pair
+    out = admin.generate_data_key_pair(KeyId=kid, KeyPairSpec=spec)
+    assert out["KeyPairSpec"] == spec
+    private = serialization.load_der_private_key(out["PrivateKeyPlaintext"], password=None)
+    assert isinstance(private, _PRIVATE[spec])
+    # AWS: the PKCS#8 holds the 64-byte seed, so both parameter sets have one length.
+    assert len(out["PrivateKeyPlaintext"]) == 86
+    public = serialization.load_der_public_key(out["PublicKey"])
+    assert isinstance(public, _PUBLIC[spec])
+    secret, ciphertext = public.encapsulate()
+    assert private.decapsulate(ciphertext) == secret
+    opened = admin.decrypt(CiphertextBlob=out["PrivateKeyCiphertextBlob"])["Plaintext"]
+    assert opened == out["PrivateKeyPlaintext"]
+    without = admin.generate_data_key_pair_without_plaintext(KeyId=kid, KeyPairSpec=spec)
+    assert "PrivateKeyPlaintext" not in without
+    again = admin.decrypt(CiphertextBlob=without["PrivateKeyCiphertextBlob"])["Plaintext"]
+    assert isinstance(serialization.load_der_private_key(again, password=None), _PRIVATE[spec])
+
+
+def test_ml_kem_512_data_key_pairs_are_refused(admin: Any) -> None:
+    kid = admin.create_key()["KeyMetadata"]["KeyId"]
+    with pytest.raises(ClientError) as e:
+        admin.generate_data_key_pair(KeyId=kid, KeyPairSpec="ML_KEM_512")
+    assert _code(e) == "UnsupportedOperationException"
+    assert "ML-KEM-768 and ML-KEM-1024 only" in e.value.response["Error"]["Message"]
