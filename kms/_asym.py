@@ -1,9 +1,10 @@
 """Recipes for asymmetric, HMAC and key-import crypto (the second and last kms/ module, after
 :mod:`kms._wrap`, that imports ``cryptography.hazmat``).
 
-* :class:`AsymmetricKey` - one RSA / EC / Ed25519 KMS key: Sign and Verify (RAW and DIGEST
-  messages, as AWS defines them), RSAES-OAEP with SHA-1 or SHA-256 (MGF1 with the same hash,
-  no label), ECDH (the raw shared secret AWS's DeriveSharedSecret returns) and its DER
+* :class:`AsymmetricKey` - one RSA / EC / Ed25519 / ML-DSA / ML-KEM KMS key: Sign and Verify
+  (RAW and DIGEST messages, and EXTERNAL_MU for ML-DSA, as AWS defines them), RSAES-OAEP with
+  SHA-1 or SHA-256 (MGF1 with the same hash, no label), ECDH (the raw shared secret AWS's
+  DeriveSharedSecret returns), ML-KEM encapsulation and decapsulation (FIPS 203) and its DER
   SubjectPublicKeyInfo.
 * :class:`HmacKey` - one HMAC KMS key (HMAC-SHA-224/256/384/512), constant-time verification.
 * :func:`generate_data_key_pair` - GenerateDataKeyPair's PKCS#8 / SPKI pair.
@@ -14,7 +15,9 @@
   over the key id, so it identifies the material for that key and reveals nothing about it.
 
 Signatures are what AWS returns: ECDSA as DER (ANSI X9.62), RSA-PSS with a salt as long as the
-digest, Ed25519 as its 64 bytes (RFC 8032).
+digest, Ed25519 as its 64 bytes (RFC 8032), ML-DSA as FIPS 204's encoding with an empty
+context string (pure ML-DSA, not HashML-DSA: what AWS signs). Private keys are stored as
+PKCS#8 DER; ML-DSA and ML-KEM ones in the seed-only form ``cryptography`` writes.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives import hmac as _hmac
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa, mlkem, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap_with_padding
 
 from . import _wrap
 from .errors import CiphertextFormatError, KeyMaterialError
-from .keyspecs import DIGEST_BYTES, HASH_OF, SpecInfo
+from .keyspecs import DIGEST_BYTES, HASH_OF, ML_DSA_MU_BYTES, SpecInfo
 
 __all__ = [
     "AsymmetricKey",
@@ -75,9 +78,34 @@ DATA_KEY_PAIR_SPECS: dict[str, tuple[str, int | str]] = {
     "ECC_NIST_P521": ("ec", "secp521r1"),
     "ECC_SECG_P256K1": ("ec", "secp256k1"),
     "ECC_NIST_EDWARDS25519": ("ed25519", 0),
+    # AWS: the PKCS#8 of an ML-KEM data key pair holds the seed form (same length for both).
+    "ML_KEM_768": ("mlkem", 768),
+    "ML_KEM_1024": ("mlkem", 1024),
 }
 
-_Private = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+_MlDsaPrivate = mldsa.MLDSA44PrivateKey | mldsa.MLDSA65PrivateKey | mldsa.MLDSA87PrivateKey
+_MlDsaPublic = mldsa.MLDSA44PublicKey | mldsa.MLDSA65PublicKey | mldsa.MLDSA87PublicKey
+_MlKemPrivate = mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey
+_MlKemPublic = mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey
+_Private = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | _MlDsaPrivate
+    | _MlKemPrivate
+)
+#: ML-DSA / ML-KEM parameter set (the spec's ``size``) → the private key class.
+_ML_DSA: dict[int, type[_MlDsaPrivate]] = {
+    44: mldsa.MLDSA44PrivateKey,
+    65: mldsa.MLDSA65PrivateKey,
+    87: mldsa.MLDSA87PrivateKey,
+}
+_ML_KEM: dict[int, type[_MlKemPrivate]] = {
+    768: mlkem.MLKEM768PrivateKey,
+    1024: mlkem.MLKEM1024PrivateKey,
+}
+#: ML-KEM ciphertext bytes by parameter set (FIPS 203 Table 3: c = 32(du*k + dv)).
+ML_KEM_CIPHERTEXT_BYTES = {768: 1088, 1024: 1568}
 
 
 def _hash(name: str) -> hashes.HashAlgorithm:
@@ -113,6 +141,10 @@ def generate_private_key(spec: SpecInfo) -> bytes:
         key = ec.generate_private_key(_CURVES[spec.curve]())
     elif spec.kind == "ed25519":
         key = ed25519.Ed25519PrivateKey.generate()
+    elif spec.kind == "mldsa":
+        key = _ML_DSA[spec.size].generate()
+    elif spec.kind == "mlkem" and spec.size in _ML_KEM:
+        key = _ML_KEM[spec.size].generate()
     else:
         raise KeyMaterialError(f"{spec.name} is not an asymmetric key spec")
     return _private_der(key)
@@ -135,6 +167,9 @@ def generate_data_key_pair(spec: str) -> tuple[bytes, bytes]:
         key = rsa.generate_private_key(public_exponent=_RSA_E, key_size=param)
     elif kind == "ec":
         key = ec.generate_private_key(_CURVES[str(param)]())
+    elif kind == "mlkem":
+        assert isinstance(param, int)
+        key = _ML_KEM[param].generate()
     else:
         key = ed25519.Ed25519PrivateKey.generate()
     return _private_der(key), _spki(key)
@@ -166,12 +201,21 @@ class AsymmetricKey:
             ok = isinstance(key, rsa.RSAPrivateKey) and key.key_size == spec.size
         elif spec.kind == "ec":
             ok = isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == spec.curve
+        elif spec.kind == "mldsa":
+            ok = isinstance(key, _ML_DSA[spec.size])
+        elif spec.kind == "mlkem":
+            ok = spec.size in _ML_KEM and isinstance(key, _ML_KEM[spec.size])
         else:
             ok = spec.kind == "ed25519" and isinstance(key, ed25519.Ed25519PrivateKey)
         if not ok:
             raise KeyMaterialError(f"the key material is not a {spec.name} private key")
         assert isinstance(
-            key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+            key,
+            rsa.RSAPrivateKey
+            | ec.EllipticCurvePrivateKey
+            | ed25519.Ed25519PrivateKey
+            | _MlDsaPrivate
+            | _MlKemPrivate,
         )
         return cls(spec, key)
 
@@ -193,13 +237,24 @@ class AsymmetricKey:
             return Prehashed(_hash(name)), message
         return _hash(name), message
 
-    def sign(self, algorithm: str, message: bytes, *, digest: bool) -> bytes:
+    def sign(self, algorithm: str, message: bytes, *, digest: bool, mu: bool = False) -> bytes:
         """Sign ``message`` (or, with ``digest``, the given digest) with ``algorithm``.
 
+        ``mu``: ``message`` is ML-DSA's 64-byte external mu (FIPS 204 §6.2), signed as is.
+
         Raises:
-            ValueError: a DIGEST message of the wrong length, or DIGEST with Ed25519.
+            ValueError: a DIGEST message of the wrong length, DIGEST with Ed25519 or ML-DSA,
+                EXTERNAL_MU with another key or of the wrong length.
         """
         key = self._key
+        if isinstance(key, _MlDsaPrivate):
+            if self._ml_dsa_input(message, digest=digest, mu=mu):
+                return key.sign_mu(message)
+            return key.sign(message)
+        if mu:
+            raise ValueError("MessageType EXTERNAL_MU is valid only with ML-DSA keys")
+        if isinstance(key, _MlKemPrivate):
+            raise ValueError(f"{self.spec.name} keys do not sign")
         if isinstance(key, ed25519.Ed25519PrivateKey):
             if digest:
                 raise ValueError("ED25519_SHA_512 signs RAW messages only")
@@ -209,10 +264,31 @@ class AsymmetricKey:
             return key.sign(data, self._rsa_padding(algorithm), algo)
         return key.sign(data, ec.ECDSA(algo))
 
-    def verify(self, algorithm: str, message: bytes, signature: bytes, *, digest: bool) -> bool:
+    @staticmethod
+    def _ml_dsa_input(message: bytes, *, digest: bool, mu: bool) -> bool:
+        """Check an ML-DSA message's type; True if it is an external mu."""
+        if digest:
+            raise ValueError("ML_DSA_SHAKE_256 takes MessageType RAW or EXTERNAL_MU, not DIGEST")
+        if mu and len(message) != ML_DSA_MU_BYTES:
+            raise ValueError(f"an EXTERNAL_MU message must be {ML_DSA_MU_BYTES} bytes")
+        return mu
+
+    def verify(
+        self, algorithm: str, message: bytes, signature: bytes, *, digest: bool, mu: bool = False
+    ) -> bool:
         """True if ``signature`` is valid for ``message`` (raises ValueError as :meth:`sign`)."""
         public = self._key.public_key()
+        if isinstance(public, _MlKemPublic):
+            raise ValueError(f"{self.spec.name} keys do not verify")
+        if mu and not isinstance(public, _MlDsaPublic):
+            raise ValueError("MessageType EXTERNAL_MU is valid only with ML-DSA keys")
         try:
+            if isinstance(public, _MlDsaPublic):
+                if self._ml_dsa_input(message, digest=digest, mu=mu):
+                    public.verify_mu(signature, message)
+                else:
+                    public.verify(signature, message)
+                return True
             if isinstance(public, ed25519.Ed25519PublicKey):
                 if digest:
                     raise ValueError("ED25519_SHA_512 verifies RAW messages only")
@@ -253,6 +329,38 @@ class AsymmetricKey:
             return self._rsa().decrypt(ciphertext, _oaep(algorithm))
         except ValueError:
             raise CiphertextFormatError("RSA decryption failed") from None
+
+    # -- ML-KEM (FIPS 203)
+
+    def _ml_kem(self) -> _MlKemPrivate:
+        if not isinstance(self._key, _MlKemPrivate):
+            raise ValueError("not an ML-KEM key")
+        return self._key
+
+    def encapsulate(self) -> tuple[bytes, bytes]:
+        """ML-KEM.Encaps to the public half: ``(32-byte shared secret, ciphertext)``."""
+        return self._ml_kem().public_key().encapsulate()
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        """ML-KEM.Decaps: the 32-byte shared secret.
+
+        A ciphertext of the right length always yields a secret: one that was not made for
+        this key yields an unrelated pseudo-random value (FIPS 203 implicit rejection), so
+        nothing tells a forger what went wrong.
+
+        Raises:
+            CiphertextFormatError: the ciphertext's length is not the parameter set's.
+        """
+        key = self._ml_kem()
+        if len(ciphertext) != ML_KEM_CIPHERTEXT_BYTES[self.spec.size]:
+            raise CiphertextFormatError(
+                f"an {self.spec.name} ciphertext is {ML_KEM_CIPHERTEXT_BYTES[self.spec.size]} "
+                "bytes"
+            )
+        try:
+            return key.decapsulate(ciphertext)
+        except ValueError:  # only a malformed length reaches here, checked above
+            raise CiphertextFormatError("ML-KEM decapsulation failed") from None
 
     # -- key agreement
 

@@ -140,6 +140,8 @@ _WRAPPING_ALGS = (
     "RSA_AES_KEY_WRAP_SHA_256",
     "SM2PKE",
 )
+#: KeyEncapsulationAlgorithmSpec (ML-KEM keys).
+_ENCAPSULATION_ALGS = ("ML_KEM",)
 _WRAPPING_KEY_SPECS = ("RSA_2048", "RSA_3072", "RSA_4096", "SM2")
 _EXPIRATION_MODELS = ("KEY_MATERIAL_EXPIRES", "KEY_MATERIAL_DOES_NOT_EXPIRE")
 _IMPORT_TYPES = ("NEW_KEY_MATERIAL", "EXISTING_KEY_MATERIAL")
@@ -374,6 +376,19 @@ OPERATIONS: dict[str, dict[str, FieldSpec]] = {
         "GrantTokens": _GRANTS,
         "DryRun": _BOOL,
     },
+    "Encapsulate": {
+        "KeyId": _KEY_ID,
+        "EncapsulationAlgorithm": _e(_ENCAPSULATION_ALGS, req=True),
+        "GrantTokens": _GRANTS,
+        "DryRun": _BOOL,
+    },
+    "Decapsulate": {
+        "KeyId": _KEY_ID,
+        "SharedSecretCiphertextBlob": _CIPHERTEXT,
+        "EncapsulationAlgorithm": _e(_ENCAPSULATION_ALGS, req=True),
+        "GrantTokens": _GRANTS,
+        "DryRun": _BOOL,
+    },
     "DeriveSharedSecret": {
         "KeyId": _KEY_ID,
         "KeyAgreementAlgorithm": _e(("ECDH",), req=True),
@@ -462,8 +477,6 @@ UNSUPPORTED: frozenset[str] = frozenset(
     {
         "ReplicateKey",
         "UpdatePrimaryRegion",
-        "Encapsulate",
-        "Decapsulate",
         "GetKeyLastUsage",
     }
 )

@@ -21,12 +21,17 @@ __all__ = [
     "SIGN_VERIFY",
     "GENERATE_VERIFY_MAC",
     "KEY_AGREEMENT",
+    "ENCAPSULATE_DECAPSULATE",
+    "ML_DSA_SIGNING",
+    "ML_DSA_MU_BYTES",
+    "ML_KEM",
     "HASH_OF",
     "DIGEST_BYTES",
     "MAC_ALGORITHMS",
     "HMAC_MAX_BYTES",
     "CMK_SPECS",
     "UNSUPPORTED_SIGNING",
+    "UNSUPPORTED_SPECS",
     "spec_info",
     "rsa_max_plaintext",
 ]
@@ -36,6 +41,13 @@ ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"
 SIGN_VERIFY = "SIGN_VERIFY"
 GENERATE_VERIFY_MAC = "GENERATE_VERIFY_MAC"
 KEY_AGREEMENT = "KEY_AGREEMENT"
+ENCAPSULATE_DECAPSULATE = "ENCAPSULATE_DECAPSULATE"
+#: The one signing algorithm of ML-DSA keys (FIPS 204 ML-DSA, whose hash is SHAKE256).
+ML_DSA_SIGNING = "ML_DSA_SHAKE_256"
+#: EXTERNAL_MU messages are the 64-byte message representative mu (FIPS 204 §6.2, line 6).
+ML_DSA_MU_BYTES = 64
+#: The one encapsulation algorithm of ML-KEM keys (FIPS 203).
+ML_KEM = "ML_KEM"
 
 _RSA_SIGNING = (
     "RSASSA_PSS_SHA_256",
@@ -72,6 +84,14 @@ UNSUPPORTED_SIGNING: dict[str, str] = {
     "cryptography library offers no Ed25519ph signer. Use ED25519_SHA_512 with MessageType RAW.",
 }
 
+#: Why CreateKey refuses a spec with ``supported=False`` (the end of its
+#: UnsupportedOperationException message).
+UNSUPPORTED_SPECS: dict[str, str] = {
+    "SM2": "SM2 (China Regions only) is not offered by the cryptography library",
+    "ML_KEM_512": "the cryptography library offers ML-KEM-768 and ML-KEM-1024 only; "
+    "use ML_KEM_768 or ML_KEM_1024",
+}
+
 #: Imported HMAC material may be as long as the hash's block size (AWS: 28..64 bytes for
 #: HMAC_224, 32..64 for HMAC_256, 48..128 for HMAC_384, 64..128 for HMAC_512).
 HMAC_MAX_BYTES = {"HMAC_224": 64, "HMAC_256": 64, "HMAC_384": 128, "HMAC_512": 128}
@@ -91,13 +111,15 @@ class SpecInfo:
 
     Attributes:
         name: the KeySpec value.
-        kind: ``symmetric`` | ``rsa`` | ``ec`` | ``ed25519`` | ``hmac`` | ``other``.
+        kind: ``symmetric`` | ``rsa`` | ``ec`` | ``ed25519`` | ``mldsa`` | ``mlkem`` | ``hmac``
+            | ``other``.
         usages: the KeyUsage values the spec allows, the default first.
         signing: SigningAlgorithms (SIGN_VERIFY keys).
         encryption: EncryptionAlgorithms (ENCRYPT_DECRYPT keys).
         mac: MacAlgorithms (HMAC keys).
         agreement: KeyAgreementAlgorithms (KEY_AGREEMENT keys).
-        size: RSA modulus bits, HMAC key bytes, or 0.
+        encapsulation: EncapsulationAlgorithms (ENCAPSULATE_DECAPSULATE keys).
+        size: RSA modulus bits, HMAC key bytes, the ML-DSA / ML-KEM parameter set, or 0.
         curve: the EC curve name (``secp256r1``...), or "".
         supported: this KMS can create keys of this spec.
     """
@@ -109,14 +131,15 @@ class SpecInfo:
     encryption: tuple[str, ...] = ()
     mac: tuple[str, ...] = ()
     agreement: tuple[str, ...] = ()
+    encapsulation: tuple[str, ...] = ()
     size: int = 0
     curve: str = ""
     supported: bool = True
 
     @property
     def asymmetric(self) -> bool:
-        """RSA or elliptic-curve: has a public key (GetPublicKey)."""
-        return self.kind in ("rsa", "ec", "ed25519")
+        """RSA, elliptic-curve, ML-DSA or ML-KEM: has a public key (GetPublicKey)."""
+        return self.kind in ("rsa", "ec", "ed25519", "mldsa", "mlkem")
 
     def algorithms(self, usage: str) -> dict[str, list[str]]:
         """The KeyMetadata algorithm lists of a key of this spec and ``usage``."""
@@ -128,6 +151,8 @@ class SpecInfo:
             return {"MacAlgorithms": list(self.mac)}
         if usage == KEY_AGREEMENT:
             return {"KeyAgreementAlgorithms": list(self.agreement)}
+        if usage == ENCAPSULATE_DECAPSULATE:
+            return {"EncapsulationAlgorithms": list(self.encapsulation)}
         return {}
 
 
@@ -194,13 +219,21 @@ SPECS: dict[str, SpecInfo] = {
             agreement=("ECDH",),
             supported=False,
         ),
-        # Post-quantum: not offered by this KMS yet (see README "operations still missing").
+        # Post-quantum (FIPS 204 signatures, FIPS 203 key encapsulation).
         *(
-            SpecInfo(f"ML_DSA_{n}", "other", (SIGN_VERIFY,), ("ML_DSA_SHAKE_256",), supported=False)
+            SpecInfo(f"ML_DSA_{n}", "mldsa", (SIGN_VERIFY,), (ML_DSA_SIGNING,), size=n)
             for n in (44, 65, 87)
         ),
+        # ML_KEM_512: refused (UNSUPPORTED_SPECS says why).
         *(
-            SpecInfo(f"ML_KEM_{n}", "other", ("ENCAPSULATE_DECAPSULATE",), supported=False)
+            SpecInfo(
+                f"ML_KEM_{n}",
+                "mlkem",
+                (ENCAPSULATE_DECAPSULATE,),
+                encapsulation=(ML_KEM,),
+                size=n,
+                supported=n != 512,
+            )
             for n in (512, 768, 1024)
         ),
     )

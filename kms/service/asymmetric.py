@@ -1,5 +1,6 @@
-"""Asymmetric, HMAC and key-agreement operations: Sign, Verify, GetPublicKey, GenerateMac,
-VerifyMac, DeriveSharedSecret. (RSA Encrypt/Decrypt share :mod:`.crypto`'s declarations.)
+"""Asymmetric, HMAC, key-agreement and key-encapsulation operations: Sign, Verify,
+GetPublicKey, GenerateMac, VerifyMac, DeriveSharedSecret, Encapsulate, Decapsulate. (RSA
+Encrypt/Decrypt share :mod:`.crypto`'s declarations.)
 
 Each declares the KeyUsage its key must have; the scaffold checks it after the key state. What
 is left here is AWS's algorithm-versus-spec rules and the call into :mod:`kms._asym`.
@@ -10,8 +11,14 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING
 
-from ..errors import KmsApiError
-from ..keyspecs import CMK_SPECS, UNSUPPORTED_SIGNING
+from ..errors import CiphertextFormatError, KmsApiError
+from ..keyspecs import (
+    CMK_SPECS,
+    ENCAPSULATE_DECAPSULATE,
+    ML_DSA_MU_BYTES,
+    ML_DSA_SIGNING,
+    UNSUPPORTED_SIGNING,
+)
 from ._model import Answer, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Release, Request, Require
 
@@ -28,7 +35,21 @@ def _b64(data: bytes) -> str:
 
 def _check_signing(p: Params) -> None:
     alg, kind = p["SigningAlgorithm"], p.get("MessageType", "RAW")
-    if kind == "EXTERNAL_MU":  # only for ML-DSA keys, which this KMS does not create
+    if alg == ML_DSA_SIGNING:
+        # AWS: ML-DSA signs RAW messages (up to 4096 bytes, the model's bound) or a 64-byte
+        # external mu (FIPS 204 §6.2); there is no DIGEST (HashML-DSA is not offered).
+        if kind == "DIGEST":
+            raise KmsApiError(
+                "ValidationException",
+                f"{ML_DSA_SIGNING} requires MessageType RAW or EXTERNAL_MU, not DIGEST.",
+            )
+        if kind == "EXTERNAL_MU" and len(p["Message"]) != ML_DSA_MU_BYTES:
+            raise KmsApiError(
+                "ValidationException",
+                f"A Message of MessageType EXTERNAL_MU must be {ML_DSA_MU_BYTES} bytes "
+                f"(got {len(p['Message'])}).",
+            )
+    elif kind == "EXTERNAL_MU":
         raise KmsApiError(
             "ValidationException", "MessageType EXTERNAL_MU is valid only with ML-DSA keys."
         )
@@ -57,9 +78,12 @@ async def _sign(svc: KmsService, r: Request) -> Answer:
     signer = _signer(key, p["SigningAlgorithm"])
     try:
         signature = signer.sign(
-            p["SigningAlgorithm"], p["Message"], digest=p.get("MessageType") == "DIGEST"
+            p["SigningAlgorithm"],
+            p["Message"],
+            digest=p.get("MessageType") == "DIGEST",
+            mu=p.get("MessageType") == "EXTERNAL_MU",
         )
-    except ValueError as exc:  # a DIGEST of the wrong length
+    except ValueError as exc:  # a DIGEST or an external mu of the wrong length
         raise KmsApiError("ValidationException", str(exc)) from None
     return {
         "KeyId": key.arn,
@@ -77,6 +101,7 @@ async def _verify(svc: KmsService, r: Request) -> Answer:
             p["Message"],
             p["Signature"],
             digest=p.get("MessageType") == "DIGEST",
+            mu=p.get("MessageType") == "EXTERNAL_MU",
         )
     except ValueError as exc:
         raise KmsApiError("ValidationException", str(exc)) from None
@@ -155,6 +180,52 @@ async def _derive_shared_secret(svc: KmsService, r: Request) -> Release:
     )
 
 
+def _encapsulation_key(key: Key, algorithm: str) -> _asym.AsymmetricKey:
+    if algorithm not in key.spec.encapsulation:
+        raise KmsApiError(
+            "InvalidKeyUsageException",
+            f"The encapsulation algorithm {algorithm} is not compatible with {key.arn} "
+            f"({key.meta['KeySpec']}).",
+        )
+    asym = key.asymmetric
+    assert asym is not None, "an Enabled ML-KEM key has its material"
+    return asym
+
+
+async def _encapsulate(svc: KmsService, r: Request) -> Release:
+    key, p = r.key(), r.params
+    secret, ciphertext = _encapsulation_key(key, p["EncapsulationAlgorithm"]).encapsulate()
+    return Release(
+        secret,
+        {
+            "KeyId": key.arn,
+            "SharedSecretCiphertextBlob": _b64(ciphertext),
+            "EncapsulationAlgorithm": p["EncapsulationAlgorithm"],
+        },
+        field="SharedSecret",
+    )
+
+
+async def _decapsulate(svc: KmsService, r: Request) -> Release:
+    key, p = r.key(), r.params
+    asym = _encapsulation_key(key, p["EncapsulationAlgorithm"])
+    try:
+        secret = asym.decapsulate(p["SharedSecretCiphertextBlob"])
+    except CiphertextFormatError as exc:
+        # Only a length that does not fit the key spec is refused (AWS); any other ciphertext
+        # yields a pseudo-random secret (implicit rejection), so no oracle is offered.
+        r.outcome.reason = str(exc)
+        raise KmsApiError(
+            "InvalidCiphertextException",
+            f"The SharedSecretCiphertextBlob's length does not fit {key.meta['KeySpec']}: {exc}.",
+        ) from None
+    return Release(
+        secret,
+        {"KeyId": key.arn, "EncapsulationAlgorithm": p["EncapsulationAlgorithm"]},
+        field="SharedSecret",
+    )
+
+
 def _step(usage: str) -> tuple[KeyStep, ...]:
     return (KeyStep(locate=Locate.KEY_ID, require=Require.USABLE, usage=usage),)
 
@@ -176,4 +247,7 @@ OPERATIONS = (
         recipient=True,
         dry_run=True,
     ),
+    # No Recipient: the model gives Encapsulate and Decapsulate none.
+    Operation("Encapsulate", _encapsulate, keys=_step(ENCAPSULATE_DECAPSULATE), dry_run=True),
+    Operation("Decapsulate", _decapsulate, keys=_step(ENCAPSULATE_DECAPSULATE), dry_run=True),
 )

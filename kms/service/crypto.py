@@ -18,7 +18,7 @@ import trio
 
 from .. import _asym, _wrap
 from ..errors import KmsApiError
-from ..keyspecs import SYMMETRIC, rsa_max_plaintext
+from ..keyspecs import SYMMETRIC, UNSUPPORTED_SPECS, rsa_max_plaintext
 from ..keystores.record import STORE_ID_PREFIX
 from . import external
 from ._model import Answer, Key, Params
@@ -195,7 +195,8 @@ def _check_key_pair(p: Params) -> None:
     if spec not in _asym.DATA_KEY_PAIR_SPECS:
         raise KmsApiError(
             "UnsupportedOperationException",
-            f"GenerateDataKeyPair: KeyPairSpec {spec} is not supported by this KMS.",
+            f"GenerateDataKeyPair: KeyPairSpec {spec} is not supported by this KMS: "
+            f"{UNSUPPORTED_SPECS.get(spec, 'not implemented')}.",
         )
 
 

@@ -17,7 +17,7 @@ import trio
 
 from .. import _asym, _wrap
 from ..errors import KmsApiError
-from ..keyspecs import CMK_SPECS, SPECS, SYMMETRIC
+from ..keyspecs import CMK_SPECS, SPECS, SYMMETRIC, UNSUPPORTED_SPECS
 from ..keystores.record import CONNECTED, EXTERNAL_KEY_STORE_ORIGIN, KeyStore
 from ..policy import default_key_policy
 from ..storage import VersionRow
@@ -198,7 +198,8 @@ def _check_create(p: Params) -> None:
     if not SPECS[spec].supported:
         raise KmsApiError(
             "UnsupportedOperationException",
-            f"CreateKey: KeySpec {spec} is not supported by this KMS.",
+            f"CreateKey: KeySpec {spec} is not supported by this KMS: "
+            f"{UNSUPPORTED_SPECS.get(spec, 'not implemented yet')}.",
         )
     origin = p.get("Origin", "AWS_KMS")
     if origin == "AWS_CLOUDHSM":

@@ -18,14 +18,11 @@ if TYPE_CHECKING:
 __all__ = ["OPERATIONS", "REASONS"]
 
 _MULTI_REGION = "multi-Region keys are not supported: this KMS serves one Region"
-_ML_KEM = "ML-KEM keys are not supported yet"
 
 #: Operation → why this KMS does not serve it.
 REASONS: dict[str, str] = {
     "ReplicateKey": _MULTI_REGION,
     "UpdatePrimaryRegion": _MULTI_REGION,
-    "Encapsulate": _ML_KEM,
-    "Decapsulate": _ML_KEM,
     "GetKeyLastUsage": "key last-usage tracking is not kept by this KMS",
 }
 

@@ -466,9 +466,11 @@ def test_create_key_rules(admin: Any) -> None:
         ({"KeySpec": "RSA_2048"}, "ValidationException"),  # RSA needs a KeyUsage
         ({"KeySpec": "HMAC_256", "KeyUsage": "ENCRYPT_DECRYPT"}, "ValidationException"),
         ({"KeySpec": "ECC_SECG_P256K1", "KeyUsage": "KEY_AGREEMENT"}, "ValidationException"),
-        ({"KeySpec": "ML_DSA_65", "KeyUsage": "SIGN_VERIFY"}, "UnsupportedOperationException"),
+        # SM2 (China Regions only): not in cryptography. ML-DSA keys: tests/kms/test_pq_mldsa.py.
+        ({"KeySpec": "SM2", "KeyUsage": "SIGN_VERIFY"}, "UnsupportedOperationException"),
+        # ML_KEM_512: not in cryptography (ML-KEM-768/1024 keys: tests/kms/test_pq_mlkem.py).
         (
-            {"KeySpec": "ML_KEM_768", "KeyUsage": "ENCAPSULATE_DECAPSULATE"},
+            {"KeySpec": "ML_KEM_512", "KeyUsage": "ENCAPSULATE_DECAPSULATE"},
             "UnsupportedOperationException",
         ),
         ({"Origin": "AWS_CLOUDHSM"}, "UnsupportedOperationException"),

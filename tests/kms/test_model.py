@@ -38,8 +38,6 @@ def test_every_model_operation_is_declared() -> None:
     assert set(REASONS) == {
         "ReplicateKey",
         "UpdatePrimaryRegion",
-        "Encapsulate",
-        "Decapsulate",
         "GetKeyLastUsage",
     }
 
