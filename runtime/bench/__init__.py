@@ -5,3 +5,5 @@ measures its anchors (raw ``cryptography``, a plain trio round trip, in-process
 ``session.run``, the peer a user would otherwise pick...) in the same run and reports ratios
 against them. ``runtime.cli.bench`` maps suite names to these modules and checks budgets.
 """
+
+__all__ = []

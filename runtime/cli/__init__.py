@@ -34,7 +34,7 @@ import pkgutil
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, TypeAlias, cast
+from typing import Any, Final, NoReturn, Protocol, TypeAlias, cast
 
 from transport.errors import EnclaveError
 from transport.logs import configure_logging
@@ -42,9 +42,9 @@ from transport.logs import configure_logging
 __all__ = ["main", "build_parser", "Handler", "SubParsers", "EXIT_INTERRUPTED", "EXIT_USAGE"]
 
 Handler = Callable[[argparse.Namespace], int]
-if TYPE_CHECKING:
-    #: The object ``register(subparsers)`` receives; import it under ``TYPE_CHECKING`` only.
-    SubParsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
+#: The object ``register(subparsers)`` receives. (A real alias, not one under
+#: ``TYPE_CHECKING``: ``__all__`` names it, so ``from runtime.cli import *`` must find it.)
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 #: Exit status after Ctrl-C (128 + SIGINT, the shell's convention).
 EXIT_INTERRUPTED: Final = 130

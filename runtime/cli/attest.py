@@ -25,6 +25,8 @@ from transport.errors import ConfigurationError
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run_root", "run_verify", "build_report", "EXIT_CODES"]
+
 #: Exit status per failed step (0 = verified; 2 stays argparse's usage error).
 EXIT_CODES: Final = {"parse": 3, "chain": 4, "signature": 5, "policy": 6}
 #: Largest DOC file read (bytes): base64 of the largest acceptable document with slack.

@@ -25,6 +25,8 @@ from runtime.errors import MissingArgumentError, UsageError
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "MAX_INPUT_FILE_SIZE"]
+
 
 def register(subparsers: SubParsers) -> None:
     """Add ``build-enclave``."""

@@ -24,6 +24,8 @@ from runtime.state import StateDir
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "stream_console"]
+
 _E44 = (
     "The enclave was not started with the debug flag set, include '--debug-mode' in the "
     "run-enclave command"

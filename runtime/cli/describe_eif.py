@@ -12,6 +12,8 @@ from runtime.eif import read_eif
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run"]
+
 
 def register(subparsers: SubParsers) -> None:
     """Add ``describe-eif``."""

@@ -16,6 +16,8 @@ from runtime.records import EnclaveState
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run"]
+
 
 def register(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(

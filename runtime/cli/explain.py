@@ -15,6 +15,8 @@ from runtime.errors import ERROR_NAMES, error_classes
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "explanation", "DESCRIPTIONS"]
+
 #: Descriptions, after nitro-cli's document_errors.rs, for the codes this runtime raises.
 DESCRIPTIONS: dict[str, str] = {
     "E00": "Unspecified error. This is used as a catch-all error and should not be used in the "

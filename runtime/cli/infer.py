@@ -50,6 +50,18 @@ if TYPE_CHECKING:
     from models.client import InferenceClient, ModelInfo
     from runtime.cli import SubParsers
 
+__all__ = [
+    "register",
+    "run",
+    "read_texts",
+    "check_texts_given",
+    "read_arrays",
+    "model_inputs",
+    "DEFAULT_TIMEOUT_S",
+    "TENSOR_SUFFIXES",
+    "MAX_TEXT_FILE_BYTES",
+]
+
 log = structlog.get_logger()
 
 #: Rows printed per output before eliding (the rest goes to --output).

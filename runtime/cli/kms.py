@@ -13,6 +13,8 @@ from transport.errors import EnclaveError
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run_enclave_policy"]
+
 
 def register(subparsers: SubParsers) -> None:
     from kms.cli import (

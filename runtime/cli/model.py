@@ -29,6 +29,16 @@ if TYPE_CHECKING:
     from kms.client import Credentials
     from runtime.cli import SubParsers
 
+__all__ = [
+    "register",
+    "run_seal",
+    "run_store",
+    "run_inspect",
+    "credentials_from_env",
+    "kms_endpoint",
+    "KMS_TIMEOUT_S",
+]
+
 log = structlog.get_logger()
 
 #: Bound on the KMS call of ``seal`` (GenerateDataKey), seconds.

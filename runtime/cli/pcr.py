@@ -27,6 +27,8 @@ from runtime.errors import HasherError
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "PCR_SIZE", "MAX_INPUT_FILE_SIZE"]
+
 
 def register(subparsers: SubParsers) -> None:
     """Add ``pcr``."""

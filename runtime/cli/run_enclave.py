@@ -40,6 +40,15 @@ if TYPE_CHECKING:
     from runtime.cli import SubParsers
     from runtime.host import HostReply
 
+__all__ = [
+    "register",
+    "run",
+    "request_from_args",
+    "BOOT_TIMEOUT_S",
+    "MAX_BOOT_TIMEOUT_S",
+    "DEFAULT_WAIT_READY_S",
+]
+
 #: Boot deadline of the CLI path (a fresh interpreter importing the stack takes ~1 s here;
 #: Nitro allows >= 180 s for real VMs).
 BOOT_TIMEOUT_S: Final = 60.0

@@ -14,6 +14,8 @@ from runtime.errors import MissingArgumentError
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run"]
+
 
 def register(subparsers: SubParsers) -> None:
     """Add ``sign-eif``."""

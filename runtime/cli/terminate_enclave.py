@@ -21,6 +21,8 @@ from runtime.state import StateDir
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["register", "run", "TERMINATE_TIMEOUT_S"]
+
 #: Bound on one terminate round trip (grace period + kill + cleanup).
 TERMINATE_TIMEOUT_S = 30.0
 

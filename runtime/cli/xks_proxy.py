@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
 
+__all__ = ["add_subcommand", "run"]
+
 
 def add_subcommand(kms_subparsers: SubParsers) -> None:
     """Add ``xks-proxy`` to the ``enclave kms`` subcommands."""

@@ -5,3 +5,5 @@ Layers: ``_format`` (EIF v4 container, CRC, PCRs; pure), ``_cpio`` (newc archive
 reads the project tree, the app dir and the installed distributions), ``_unpack`` (extraction
 and verification of an unpacked tree; filesystem).
 """
+
+__all__ = []
