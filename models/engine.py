@@ -22,6 +22,12 @@ only under load (others queued, or requests arriving back to back); at low load 
 so an idle server adds no latency. Batching applies only when every input and output has a
 dynamic first dimension.
 :func:`plan_batch`, :func:`concat_inputs` and :func:`split_outputs` are the pure parts.
+
+Why not :class:`transport.sync.LeaderFollower` (issue 11 asked for one primitive): the run slot
+admits ``max_parallel_runs`` leaders at once (each with its own batch, on its own worker thread),
+and a request leads only for its own batch, then leaves; ``LeaderFollower`` has exactly one
+leader, who keeps stepping until its own condition holds. Serialising the runs through it would
+cost the parallel runs their point, so the slot stays a ``CapacityLimiter``.
 """
 
 from __future__ import annotations
