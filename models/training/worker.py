@@ -1,0 +1,486 @@
+"""The training worker: what the training image runs inside each enclave (``python -m
+models.training``).
+
+Life of a worker:
+
+1. read the measured ``train.toml``; open the NSM; build the peer identity (attester, and a
+   verifier for "same PCR0, not debug": :func:`attest.peer.enclave_peer_identity`);
+2. serve ring links on ``peer_port`` (mutually attested channels, ``serve_peer_channels``;
+   with ``allow_unprotected`` only, plaintext vsock on ``plain_port`` too), report READY;
+3. ask the host's coordinator for a plan (``join``), until it says stop; for each plan:
+
+   * **load**: fetch the owned shards from the host store and unseal them (the data key is
+     released by KMS through Recipient to this image only); worker 0 the test set too; a
+     resumed plan fetches and unseals the checkpoint it names;
+   * **form the ring**: open a channel to the right neighbour through the parent's relay (it
+     must be the member the plan names: its verified module id), accept the left one's; both
+     send a hello (the plan's digest and their rank), which the other checks;
+   * **steps**: gradient on the owned part of the global batch, ring all-reduce, SGD; every
+     ``checkpoint_every`` steps and at the end, worker 0 seals the state under the image's key
+     and puts it on the host;
+   * report the result (accuracy, phase times) to the coordinator. A lost member aborts the
+     step (nothing of it is applied): the worker reports ``failed`` and asks for a new plan.
+
+Nothing secret reaches the host: shards, gradients and weights exist in plaintext only inside
+the workers; the host sees sealed files, the relay sees channel records, the coordinator sees
+accuracy, timings and error kinds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import numpy as np
+import structlog
+import trio
+
+from models.errors import ModelError
+from models.training.allreduce import ring_allreduce
+from models.training.checkpoint import checkpoint_name, decode_checkpoint, encode_checkpoint
+from models.training.config import TrainConfig
+from models.training.data import Shard, decode_shard, owned_shards
+from models.training.errors import (
+    CheckpointError,
+    MemberLost,
+    RingProtocolError,
+    TrainingError,
+    UnprotectedRefused,
+)
+from models.training.mlp import LocalData, Mlp
+from models.training.plan import Plan
+
+if TYPE_CHECKING:
+    from attest.peer import PeerIdentity
+    from kms.client import AttestedKmsClient
+    from models.store import StoreClient
+    from transport.rpc import RpcClient
+
+__all__ = ["main", "run_worker", "SHARD_CONTENT", "shard_name", "TEST_SET"]
+
+log = structlog.get_logger()
+
+#: The content marker of a sealed training shard in its encryption context.
+SHARD_CONTENT: Final = "training-data"
+#: The host-store name of the test set (a shard of its own).
+TEST_SET: Final = "test"
+#: The ring hello: the plan's digest and the sender's rank.
+_HELLO: Final = struct.Struct(">32sI")
+#: Pause between two ``join`` polls while the host has no plan (seconds).
+_POLL_S: Final = 0.1
+
+
+def shard_name(index: int | str, *, protected: bool = True) -> str:
+    """The host-store name of shard ``index`` (or of the test set)."""
+    return f"{'shard' if protected else 'plain-shard'}-{index}"
+
+
+@dataclass
+class Phases:
+    """Seconds spent per phase in one run (this worker)."""
+
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    exchange_s: float = 0.0
+    checkpoint_s: float = 0.0
+    exchanged_bytes: int = 0
+
+    def to_json(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Inbound:
+    """Links from left neighbours, as they arrive (held open until their run ends)."""
+
+    send: trio.MemorySendChannel[tuple[bytes, trio.abc.Stream, str | None, trio.Event]]
+    receive: trio.MemoryReceiveChannel[tuple[bytes, trio.abc.Stream, str | None, trio.Event]]
+    released: list[trio.Event] = field(default_factory=list)
+
+
+async def _receive_exact(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        piece = await stream.receive_some(n - len(data))
+        if not piece:
+            raise MemberLost("a neighbour closed its link during the ring hello")
+        data += piece
+    return data
+
+
+class Worker:
+    """One enclave's worker (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        identity: PeerIdentity,
+        store: StoreClient,
+        kms: AttestedKmsClient,
+        coordinator: RpcClient,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.kms = kms
+        self.coordinator = coordinator
+        send, receive = trio.open_memory_channel[
+            tuple[bytes, trio.abc.Stream, str | None, trio.Event]
+        ](16)
+        self.inbound = _Inbound(send, receive)
+
+    # --- links -------------------------------------------------------------------------------
+
+    async def _take_link(self, stream: trio.abc.Stream, peer: str | None) -> None:
+        """A left neighbour connected: read its hello, queue the link, hold it for the run."""
+        with trio.move_on_after(self.config.ring_timeout_s):
+            hello = await _receive_exact(stream, _HELLO.size)
+        released = trio.Event()
+        await self.inbound.send.send((hello, stream, peer, released))
+        await released.wait()
+
+    async def serve_links(self, nursery: trio.Nursery) -> None:
+        from transport.peers import serve_peer_channels
+
+        async def attested(channel: Any) -> None:
+            await self._take_link(channel, channel.peer.module_id)
+
+        await nursery.start(
+            lambda task_status: serve_peer_channels(
+                self.config.peer_port,
+                attested,
+                attester=self.identity.attester,
+                peer_verifier=self.identity.verifier,
+                task_status=task_status,
+            )
+        )
+        if self.config.allow_unprotected:
+            from transport.vsock import open_vsock_listener
+
+            listener = await open_vsock_listener(self.config.plain_port)
+
+            async def plain(stream: trio.abc.Stream) -> None:
+                async with stream:
+                    await self._take_link(stream, None)
+
+            nursery.start_soon(trio.serve_listeners, plain, [listener])
+
+    async def _connect_right(self, plan: Plan) -> trio.abc.Stream:
+        from transport.errors import PeerUnreachable
+        from transport.peers import open_peer_channel, open_relayed_stream
+
+        right = plan.members[(plan.rank + 1) % plan.world]
+        deadline = trio.current_time() + self.config.ring_timeout_s
+        while True:
+            try:
+                if plan.protected:
+                    channel = await open_peer_channel(
+                        right.cid,
+                        self.config.peer_port,
+                        verifier=self.identity.verifier,
+                        attester=self.identity.attester,
+                    )
+                    if channel.peer is None or channel.peer.module_id != right.module_id:
+                        await channel.aclose()
+                        raise RingProtocolError(
+                            f"CID {right.cid} attested as another enclave than the plan names"
+                        )
+                    stream: trio.abc.Stream = channel
+                else:
+                    stream, _cid = await open_relayed_stream(right.cid, self.config.plain_port)
+                break
+            except PeerUnreachable:  # not listening yet: it is still starting its links
+                if trio.current_time() > deadline:
+                    raise MemberLost(
+                        f"the right neighbour (CID {right.cid}) never answered"
+                    ) from None
+                await trio.sleep(0.2)
+        await stream.send_all(_HELLO.pack(plan.digest(), plan.rank))
+        return stream
+
+    async def _accept_left(self, plan: Plan) -> tuple[trio.abc.Stream, trio.Event]:
+        left = plan.members[(plan.rank - 1) % plan.world]
+        want = _HELLO.pack(plan.digest(), (plan.rank - 1) % plan.world)
+        with trio.move_on_after(self.config.ring_timeout_s):
+            while True:
+                hello, stream, peer, released = await self.inbound.receive.receive()
+                if hello != want:  # a link of an older run, or of a confused member
+                    log.info("ring_link_refused", reason="another plan or rank", peer=peer)
+                    released.set()
+                    continue
+                if plan.protected and peer != left.module_id:
+                    log.info("ring_link_refused", reason="not the plan's left member", peer=peer)
+                    released.set()
+                    continue
+                return stream, released
+        raise MemberLost(f"the left neighbour (CID {left.cid}) never connected")
+
+    # --- data ------------------------------------------------------------------------------
+
+    async def _fetch_plain(self, name: str) -> bytes:
+        return await self.store.fetch(name)
+
+    async def _fetch_sealed(self, name: str, content: str) -> bytearray:
+        from models.enclave_seal import unseal_output
+        from models.sealing import CONTENT_CONTEXT_KEY, unseal_model
+
+        async with self.store.open_fetch(name) as pieces:
+            if content == SHARD_CONTENT:
+                header, plaintext = await unseal_model(pieces, kms=self.kms, expected_name=name)
+                if header.encryption_context.get(CONTENT_CONTEXT_KEY) != SHARD_CONTENT:
+                    raise TrainingError(f"{name!r} is not a sealed training shard")
+                return plaintext
+            return await unseal_output(pieces, kms=self.kms, name=name)
+
+    async def _load_shard(self, index: int | str, protected: bool) -> Shard:
+        name = shard_name(index, protected=protected)
+        if protected:
+            raw: bytes | bytearray = await self._fetch_sealed(name, SHARD_CONTENT)
+        else:
+            raw = await self._fetch_plain(name)
+        data = self.config.data
+        return await trio.to_thread.run_sync(
+            lambda: decode_shard(raw, features=data.features, classes=data.classes)
+        )
+
+    async def _load(self, plan: Plan) -> tuple[Mlp, LocalData, Shard | None]:
+        config = self.config
+        shards = [
+            await self._load_shard(s, plan.protected)
+            for s in owned_shards(plan.rank, plan.world, config.shards)
+        ]
+        test = await self._load_shard(TEST_SET, plan.protected) if plan.rank == 0 else None
+        model = Mlp.initial(config.sizes, config.data.seed)
+        if plan.start_step:
+            name = checkpoint_name(plan.start_step, protected=plan.protected)
+            if plan.protected:
+                raw: bytes | bytearray = await self._fetch_sealed(name, "output")
+            else:
+                raw = await self._fetch_plain(name)
+            ckpt = decode_checkpoint(raw, fingerprint=config.fingerprint(), size=len(model.params))
+            if ckpt.step != plan.start_step:
+                raise CheckpointError(
+                    f"checkpoint {name!r} holds step {ckpt.step}, not {plan.start_step}"
+                )
+            model.params[...] = ckpt.params
+        return model, LocalData(shards), test
+
+    async def _checkpoint(self, plan: Plan, model: Mlp, step: int) -> None:
+        from models.enclave_seal import seal_output
+
+        name = checkpoint_name(step, protected=plan.protected)
+        data = encode_checkpoint(step, model.params, self.config.fingerprint())
+        if plan.protected:
+            data = await seal_output(data, kms=self.kms, key_id=self.config.key_id, name=name)
+        await self.store.put(name, data)
+
+    # --- one run -----------------------------------------------------------------------------
+
+    async def run_plan(self, plan: Plan) -> dict[str, Any]:
+        """Load, form the ring, train; return the result report."""
+        from models.training.data import batch_indices
+
+        config = self.config
+        if not plan.protected and not config.allow_unprotected:
+            raise UnprotectedRefused(
+                "this image trains only on sealed data over attested links (the unprotected "
+                "baseline is reachable from `enclave bench training` only)"
+            )
+        phases = Phases()
+        t0 = time.perf_counter()
+        model, local, test = await self._load(plan)
+        phases.load_s = time.perf_counter() - t0
+        released: trio.Event | None = None
+        right: trio.abc.Stream | None = None
+        left: trio.abc.Stream | None = None
+        try:
+            if plan.world > 1:
+                async with trio.open_nursery() as nursery:
+                    got: dict[str, Any] = {}
+
+                    async def connect() -> None:
+                        got["right"] = await self._connect_right(plan)
+
+                    async def accept() -> None:
+                        got["left"], got["released"] = await self._accept_left(plan)
+
+                    nursery.start_soon(connect)
+                    nursery.start_soon(accept)
+                right, left, released = got["right"], got["left"], got["released"]
+            grad = np.empty_like(model.params)
+            d = config.data
+            for step in range(plan.start_step, plan.steps):
+                t = time.perf_counter()
+                idx = batch_indices(d.seed, step, d.train, config.batch)
+                x, y = local.select(idx)
+                model.gradient(x, y, config.batch, grad)
+                t1 = time.perf_counter()
+                if right is not None and left is not None:
+                    stats = await ring_allreduce(
+                        grad,
+                        rank=plan.rank,
+                        world=plan.world,
+                        send=right,
+                        receive=left,
+                        round_id=step,
+                        timeout_s=config.step_timeout_s,
+                        chunk_bytes=config.chunk_bytes,
+                    )
+                    phases.exchanged_bytes += stats.sent
+                t2 = time.perf_counter()
+                model.sgd(grad, config.lr)
+                t3 = time.perf_counter()
+                phases.compute_s += (t1 - t) + (t3 - t2)
+                phases.exchange_s += t2 - t1
+                done = step + 1
+                if plan.rank == 0 and (done % config.checkpoint_every == 0 or done == plan.steps):
+                    await self._checkpoint(plan, model, done)
+                    phases.checkpoint_s += time.perf_counter() - t3
+        except BaseExceptionGroup as group:
+            leaf = _first_typed(group)
+            if leaf is None:
+                raise
+            raise leaf from None
+        finally:
+            if right is not None:
+                await trio.aclose_forcefully(right)
+            if released is not None:
+                released.set()
+        accuracy = model.accuracy(test.x, test.y) if test is not None else None
+        return {
+            "rank": plan.rank,
+            "generation": plan.generation,
+            "steps": plan.steps,
+            "accuracy": accuracy,
+            "phases": phases.to_json(),
+            "wall_s": time.perf_counter() - t0,
+        }
+
+    async def serve(self) -> int:
+        """Ask for plans until the host says stop; returns an exit status."""
+        while True:
+            raw = await self.coordinator.call("join", {"module_id": self.identity.module_id})
+            if raw is None:
+                await trio.sleep(_POLL_S)
+                continue
+            plan = Plan.from_json(raw, shards=self.config.shards)
+            if plan.stop is not None:
+                log.info("training_stopped", reason=plan.stop)
+                return 0
+            try:
+                result = await self.run_plan(plan)
+            except (TrainingError, ModelError) as exc:
+                log.warning("training_run_failed", error=type(exc).__name__, detail=str(exc))
+                await self.coordinator.call(
+                    "failed",
+                    {
+                        "generation": plan.generation,
+                        "rank": plan.rank,
+                        "error": type(exc).__name__,
+                        "detail": str(exc)[:300],
+                    },
+                )
+                continue
+            except Exception as exc:  # a KMS refusal, a store failure: reported, not fatal
+                log.warning("training_run_failed", error=type(exc).__name__, detail=str(exc))
+                await self.coordinator.call(
+                    "failed",
+                    {
+                        "generation": plan.generation,
+                        "rank": plan.rank,
+                        "error": type(exc).__name__,
+                        "detail": " ".join(str(exc).split())[:300],
+                    },
+                )
+                continue
+            await self.coordinator.call("result", result)
+
+
+def _first_typed(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        elif isinstance(exc, Exception):
+            return exc
+    return None
+
+
+@asynccontextmanager
+async def _rpc_to_parent(port: int) -> AsyncIterator[RpcClient]:
+    from transport.rpc import open_rpc_client
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr, open_vsock_stream
+
+    stream = await open_vsock_stream(VsockAddr(VMADDR_CID_PARENT, port))
+    async with stream, open_rpc_client(stream) as rpc:
+        yield rpc
+
+
+async def run_worker(config: TrainConfig) -> int:
+    """The worker's whole life in the enclave (see the module docstring)."""
+    from attest.nsm.client import NsmClient
+    from attest.peer import enclave_peer_identity
+    from kms.client import AttestedKmsClient, Credentials, KmsClient
+    from models.store import StoreClient
+    from transport.app_status import AppState, AppStatus, report_app_status
+    from transport.vsock import VMADDR_CID_PARENT, VsockAddr
+
+    nsm = await NsmClient.open()
+    identity = await enclave_peer_identity(nsm)
+    async with (
+        _rpc_to_parent(config.host_port) as store_rpc,
+        _rpc_to_parent(config.coordinator_port) as coordinator,
+    ):
+        store = StoreClient(store_rpc)
+        creds = await store.credentials()
+        kms = AttestedKmsClient(
+            KmsClient(
+                vsock=VsockAddr(VMADDR_CID_PARENT, config.kms_proxy_port),
+                credentials=Credentials(
+                    creds.access_key_id, creds.secret_access_key, creds.session_token
+                ),
+                region=creds.region,
+            ),
+            nsm,
+        )
+        kms.prepare()
+        worker = Worker(config, identity, store, kms, coordinator)
+        try:
+            async with trio.open_nursery() as nursery:
+                await worker.serve_links(nursery)
+                await report_app_status(
+                    AppStatus(AppState.READY, "training worker", (config.peer_port,))
+                )
+                status = await worker.serve()
+                nursery.cancel_scope.cancel()
+        finally:
+            await kms.aclose()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point inside the enclave: ``python -m models.training [--config train.toml]``."""
+    from transport.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="models.training", allow_abbrev=False)
+    parser.add_argument("--config", type=Path, default=Path("train.toml"))
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        config = TrainConfig.from_file(args.config)
+    except TrainingError as exc:
+        log.error("training_config_refused", detail=str(exc))
+        return 2
+    return trio.run(run_worker, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
