@@ -16,6 +16,7 @@ __all__ = [
     "TooFewWorkers",
     "UnprotectedRefused",
     "CheckpointError",
+    "RunAborted",
 ]
 
 
@@ -45,3 +46,8 @@ class UnprotectedRefused(TrainingError):
 
 class CheckpointError(TrainingError):
     """A checkpoint could not be read: malformed, for another plan, or refused by its seal."""
+
+
+class RunAborted(TrainingError):
+    """The host's coordinator aborted the run this worker was in (another member failed or
+    ended): the worker drops the run, nothing of the step in progress is applied."""

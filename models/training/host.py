@@ -47,6 +47,7 @@ from models.training.errors import (
     CheckpointError,
     MemberLost,
     RingProtocolError,
+    RunAborted,
     TooFewWorkers,
     TrainingError,
     UnprotectedRefused,
@@ -84,7 +85,13 @@ GROUP: Final = "train"
 #: the runtime the rest.
 WORKER_MEMORY_MIB: Final = 384
 #: Errors of a run that a resume with the remaining members can cure.
-_RESUMABLE: Final = (MemberLost.__name__, RingProtocolError.__name__)
+_RESUMABLE: Final = (
+    MemberLost.__name__,
+    RingProtocolError.__name__,
+    RunAborted.__name__,
+    "exited",
+    "silent",
+)
 _TYPED: Final = {
     cls.__name__: cls
     for cls in (UnprotectedRefused, CheckpointError, MemberLost, RingProtocolError, TrainingError)
@@ -170,6 +177,7 @@ class _Generation:
     handed: set[str] = field(default_factory=set)
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
     failures: dict[int, dict[str, Any]] = field(default_factory=dict)
+    aborted: bool = False
 
 
 class Coordinator:
@@ -187,6 +195,7 @@ class Coordinator:
                 "join": unary_inline(self._join),
                 "result": unary_inline(self._result),
                 "failed": unary_inline(self._failed),
+                "status": unary_inline(self._status),
             }
         )
 
@@ -205,6 +214,12 @@ class Coordinator:
             return None
         gen.handed.add(module_id)
         return gen.plans[module_id]
+
+    def _status(self, request: object, _stream: RpcStream) -> dict[str, Any]:
+        number = request.get("generation") if isinstance(request, dict) else None
+        gen = self.current
+        current = gen is not None and gen.number == number and not gen.aborted
+        return {"aborted": not current or self.stopping is not None}
 
     def _report(self, report: object, into: str) -> dict[str, Any]:
         gen = self.current
@@ -337,11 +352,17 @@ class Training:
                         f for f in gen.failures.values() if f.get("error") not in _RESUMABLE
                     )
                     cls = _TYPED.get(str(first.get("error")), TrainingError)
-                    raise cls(f"worker {first.get('rank')}: {first.get('detail')}")
+                    detail = "; ".join(
+                        f"worker {f.get('rank')}: {f.get('error')}: {f.get('detail', '')}"
+                        for _, f in sorted(gen.failures.items())
+                    )
+                    raise cls(f"the training run failed: {detail}")
+                alive = {i.enclave_id for i in self.alive()}
                 ring = [
                     info
                     for rank, info in enumerate(ring)
-                    if rank in gen.failures and info in self.alive()
+                    if info.enclave_id in alive
+                    and gen.failures.get(rank, {}).get("error") not in ("exited", "silent")
                 ]
                 start_step = self.latest_checkpoint(steps, protected=protected)
                 resumes.append(
@@ -392,23 +413,27 @@ class Training:
         return gen
 
     async def _wait(self, gen: _Generation, ring: Sequence[EnclaveInfo]) -> bool:
-        """Wait for the generation's end; True if it failed. After the first failure, waits
-        for every member to report or end (a member still silent after the step timeout
-        counts as lost)."""
+        """Wait for the generation's end; True if it failed. At the first failure (a report,
+        or a member's enclave ending) the run is aborted (the survivors' ``status`` polls say
+        so) and every member's report awaited, for at most the step timeout: a member still
+        silent then counts as lost."""
         grace: float | None = None
+        everyone = set(range(len(ring)))
         while True:
-            reported = set(gen.results) | set(gen.failures)
-            gone = {r for r, info in enumerate(ring) if info not in self.alive()}
+            alive = {i.enclave_id for i in self.alive()}
+            gone = {r for r, info in enumerate(ring) if info.enclave_id not in alive}
             if len(gen.results) == len(ring):
                 return False
             if (gen.failures or gone) and grace is None:
-                grace = trio.current_time() + self.config.step_timeout_s + 10
-            if grace is not None and (
-                reported | gone >= set(range(len(ring))) or trio.current_time() > grace
-            ):
-                for rank in gone - set(gen.failures):
-                    gen.failures.setdefault(rank, {"rank": rank, "error": "exited"})
-                return True
+                gen.aborted = True
+                grace = trio.current_time() + self.config.step_timeout_s
+            if grace is not None:
+                settled = set(gen.failures) | set(gen.results) | gone
+                if settled >= everyone or trio.current_time() > grace:
+                    for rank in everyone - set(gen.failures) - set(gen.results):
+                        lost = "exited" if rank in gone else "silent"
+                        gen.failures[rank] = {"rank": rank, "error": lost}
+                    return True
             with trio.move_on_after(0.5):  # also polls the enclaves' ends
                 await self.coordinator.changed.wait()
 

@@ -51,6 +51,7 @@ from models.training.errors import (
     CheckpointError,
     MemberLost,
     RingProtocolError,
+    RunAborted,
     TrainingError,
     UnprotectedRefused,
 )
@@ -75,6 +76,9 @@ TEST_SET: Final = "test"
 _HELLO: Final = struct.Struct(">32sI")
 #: Pause between two ``join`` polls while the host has no plan (seconds).
 _POLL_S: Final = 0.1
+#: Pause between two ``status`` polls during a run (seconds): how soon a worker stuck on a lost
+#: neighbour learns that the host aborted the run.
+_STATUS_POLL_S: Final = 0.25
 
 
 def shard_name(index: int | str, *, protected: bool = True) -> str:
@@ -363,6 +367,33 @@ class Worker:
             "wall_s": time.perf_counter() - t0,
         }
 
+    async def _run_watched(self, plan: Plan) -> dict[str, Any]:
+        """:meth:`run_plan`, cancelled if the host aborts the run meanwhile."""
+        result: dict[str, Any] | None = None
+
+        async def watch(scope: trio.CancelScope) -> None:
+            while True:
+                await trio.sleep(_STATUS_POLL_S)
+                status = await self.coordinator.call("status", {"generation": plan.generation})
+                if not isinstance(status, dict) or status.get("aborted") is not False:
+                    scope.cancel()
+                    return
+
+        try:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch, scope)
+                    result = await self.run_plan(plan)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            leaf = _first_typed(group)
+            if leaf is None:
+                raise
+            raise leaf from None
+        if result is None:
+            raise RunAborted(f"the host aborted run {plan.generation}")
+        return result
+
     async def serve(self) -> int:
         """Ask for plans until the host says stop; returns an exit status."""
         while True:
@@ -375,7 +406,7 @@ class Worker:
                 log.info("training_stopped", reason=plan.stop)
                 return 0
             try:
-                result = await self.run_plan(plan)
+                result = await self._run_watched(plan)
             except (TrainingError, ModelError) as exc:
                 log.warning("training_run_failed", error=type(exc).__name__, detail=str(exc))
                 await self.coordinator.call(
