@@ -55,8 +55,8 @@ class DataSpec:
     """Shape of the synthetic data set (all of it is measured with the plan)."""
 
     seed: int = 20250121
-    train: int = 8192
-    test: int = 2048
+    train: int = 32768
+    test: int = 4096
     features: int = 64
     classes: int = 10
     latent: int = 16

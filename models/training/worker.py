@@ -61,6 +61,7 @@ from models.training.plan import Plan
 if TYPE_CHECKING:
     from attest.peer import PeerIdentity
     from kms.client import AttestedKmsClient
+    from models.enclave_seal import OutputSealer
     from models.store import StoreClient
     from transport.rpc import RpcClient
 
@@ -139,6 +140,7 @@ class Worker:
             tuple[bytes, trio.abc.Stream, str | None, trio.Event]
         ](16)
         self.inbound = _Inbound(send, receive)
+        self._sealer: OutputSealer | None = None
 
     # --- links -------------------------------------------------------------------------------
 
@@ -256,11 +258,22 @@ class Worker:
 
     async def _load(self, plan: Plan) -> tuple[Mlp, LocalData, Shard | None]:
         config = self.config
-        shards = [
-            await self._load_shard(s, plan.protected)
-            for s in owned_shards(plan.rank, plan.world, config.shards)
-        ]
-        test = await self._load_shard(TEST_SET, plan.protected) if plan.rank == 0 else None
+        wanted: list[int | str] = list(owned_shards(plan.rank, plan.world, config.shards))
+        if plan.rank == 0:
+            wanted.append(TEST_SET)
+        loaded: dict[int | str, Shard] = {}
+
+        async def load(index: int | str) -> None:
+            loaded[index] = await self._load_shard(index, plan.protected)
+
+        # Concurrently: each shard's fetch and key release overlap the others' unsealing.
+        async with trio.open_nursery() as nursery:
+            for index in wanted:
+                nursery.start_soon(load, index)
+            if plan.rank == 0 and plan.protected:
+                nursery.start_soon(self._open_sealer, plan)
+        shards = [loaded[i] for i in wanted if i != TEST_SET]
+        test = loaded.get(TEST_SET)
         model = Mlp.initial(config.sizes, config.data.seed)
         if plan.start_step:
             name = checkpoint_name(plan.start_step, protected=plan.protected)
@@ -276,13 +289,20 @@ class Worker:
             model.params[...] = ckpt.params
         return model, LocalData(shards), test
 
-    async def _checkpoint(self, plan: Plan, model: Mlp, step: int) -> None:
-        from models.enclave_seal import seal_output
+    async def _open_sealer(self, plan: Plan) -> None:
+        """The run's checkpoint data key (one KMS call per run, during the load)."""
+        from models.enclave_seal import OutputSealer
 
+        self._sealer = await OutputSealer.open(
+            kms=self.kms, key_id=self.config.key_id, series=f"checkpoints-{plan.generation}"
+        )
+
+    async def _checkpoint(self, plan: Plan, model: Mlp, step: int) -> None:
         name = checkpoint_name(step, protected=plan.protected)
         data = encode_checkpoint(step, model.params, self.config.fingerprint())
         if plan.protected:
-            data = await seal_output(data, kms=self.kms, key_id=self.config.key_id, name=name)
+            assert self._sealer is not None  # opened by _load for rank 0
+            data = await self._sealer.seal(data, name=name)
         await self.store.put(name, data)
 
     # --- one run -----------------------------------------------------------------------------
