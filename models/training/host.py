@@ -25,11 +25,12 @@ every image but the benchmark's (its measured ``train.toml`` says ``allow_unprot
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ import structlog
 import trio
 
 from models import sealed
-from models.sealing import CONTENT_CONTEXT_KEY, MODEL_CONTEXT_KEY
+from models.sealing import CONTENT_CONTEXT_KEY
 from models.training.checkpoint import checkpoint_name
 from models.training.config import TrainConfig
 from models.training.data import encode_shard, make_dataset, split_shards
@@ -53,7 +54,7 @@ from models.training.errors import (
     UnprotectedRefused,
 )
 from models.training.plan import MAX_WORKERS
-from models.training.worker import SHARD_CONTENT, TEST_SET, shard_name
+from models.training.worker import DATASET_CONTEXT_KEY, SHARD_CONTENT, TEST_SET, shard_name
 
 if TYPE_CHECKING:
     from runtime.api import EnclaveInfo
@@ -146,28 +147,36 @@ async def _create_key(stack: Stack, pcr0_hex: str, alias: str) -> str:
     return arn
 
 
-async def _seal_as_owner(stack: Stack, key_id: str, name: str, data: bytes, out: Path) -> None:
-    """Seal training data as the data owner (plain ``GenerateDataKey``: the owner may create
-    data keys, never Decrypt)."""
-    context = {MODEL_CONTEXT_KEY: name, CONTENT_CONTEXT_KEY: SHARD_CONTENT}
+async def _seal_as_owner(
+    stack: Stack, key_id: str, parts: Mapping[str, bytes], out_dir: Path
+) -> dict[str, Path]:
+    """Seal the data set's parts as the data owner (plain ``GenerateDataKey``: the owner may
+    create data keys, never Decrypt), all under one data key: a worker then needs one key
+    release for all its shards. Each part still gets its own file key (a fresh salt) and its
+    name in its authenticated header."""
+    context = {DATASET_CONTEXT_KEY: "synthetic", CONTENT_CONTEXT_KEY: SHARD_CONTENT}
     async with stack.owner_kms() as kms:
         answer = await kms.call(
             "GenerateDataKey", {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context}
         )
     data_key = base64.b64decode(answer["Plaintext"], validate=True)
     blob = base64.b64decode(answer["CiphertextBlob"], validate=True)
-    header = sealed.new_header(
-        key_id=key_id,
-        encrypted_data_key=blob,
-        model_name=name,
-        model_sha384=sealed.sha384_file(io.BytesIO(data))[0],
-        total_size=len(data),
-        encryption_context=context,
-    )
-    out_buf = io.BytesIO()
-    sealed.seal_stream(io.BytesIO(data), out_buf, data_key=data_key, header=header)
+    paths = {}
+    for name, data in parts.items():
+        header = sealed.new_header(
+            key_id=key_id,
+            encrypted_data_key=blob,
+            model_name=name,
+            model_sha384=hashlib.sha384(data).digest(),
+            total_size=len(data),
+            encryption_context=context,
+        )
+        out_buf = io.BytesIO()
+        sealed.seal_stream(io.BytesIO(data), out_buf, data_key=data_key, header=header)
+        paths[name] = out_dir / name
+        await trio.Path(paths[name]).write_bytes(out_buf.getvalue())
     del data_key
-    await trio.Path(out).write_bytes(out_buf.getvalue())
+    return paths
 
 
 @dataclass
@@ -492,11 +501,12 @@ async def open_training(
 
     parts[TEST_SET] = encode_shard(Shard(-1, 0, dataset.x_test, dataset.y_test))
     store_models = stack.store.models
-    for index, raw in parts.items():
-        name = shard_name(index)
-        await _seal_as_owner(stack, key_id, name, raw, data_dir / name)
-        store_models[name] = data_dir / name
-        if config.allow_unprotected:  # the benchmark's image: its baseline reads plaintext
+    sealed_parts = await _seal_as_owner(
+        stack, key_id, {shard_name(i): raw for i, raw in parts.items()}, data_dir
+    )
+    store_models.update(sealed_parts)
+    if config.allow_unprotected:  # the benchmark's image: its baseline reads plaintext
+        for index, raw in parts.items():
             plain = shard_name(index, protected=False)
             await trio.Path(data_dir / plain).write_bytes(raw)
             store_models[plain] = data_dir / plain

@@ -32,7 +32,7 @@ import argparse
 import struct
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ import structlog
 import trio
 
 from models.errors import ModelError
+from models.sealing import DataKeyDecrypter
 from models.training.allreduce import ring_allreduce
 from models.training.checkpoint import checkpoint_name, decode_checkpoint, encode_checkpoint
 from models.training.config import TrainConfig
@@ -65,12 +66,14 @@ if TYPE_CHECKING:
     from models.store import StoreClient
     from transport.rpc import RpcClient
 
-__all__ = ["main", "run_worker", "SHARD_CONTENT", "shard_name", "TEST_SET"]
+__all__ = ["main", "run_worker", "SHARD_CONTENT", "DATASET_CONTEXT_KEY", "shard_name", "TEST_SET"]
 
 log = structlog.get_logger()
 
 #: The content marker of a sealed training shard in its encryption context.
 SHARD_CONTENT: Final = "training-data"
+#: The encryption-context key naming the data set its shards belong to (one data key for all).
+DATASET_CONTEXT_KEY: Final = "enclave-runtime:dataset"
 #: The host-store name of the test set (a shard of its own).
 TEST_SET: Final = "test"
 #: The ring hello: the plan's digest and the sender's rank.
@@ -95,6 +98,10 @@ class Phases:
     compute_s: float = 0.0
     exchange_s: float = 0.0
     checkpoint_s: float = 0.0
+    #: Of ``load_s``: waiting for KMS to release the data set's key.
+    key_release_s: float = 0.0
+    #: Of ``load_s``: forming the ring (relayed connections, attested handshakes, hellos).
+    ring_s: float = 0.0
     exchanged_bytes: int = 0
 
     def to_json(self) -> dict[str, float | int]:
@@ -118,6 +125,37 @@ async def _receive_exact(stream: trio.abc.ReceiveStream, n: int) -> bytes:
             raise MemberLost("a neighbour closed its link during the ring hello")
         data += piece
     return data
+
+
+class _RunKeys:
+    """Data keys released during one run, by their KMS ciphertext: the shards of a data set
+    share one data key (each has its own file key), so the run asks KMS once. Concurrent
+    loads of shards under one key wait for the first release instead of each asking. Dropped
+    with the run."""
+
+    def __init__(self, kms: DataKeyDecrypter) -> None:
+        self._kms = kms
+        self._keys: dict[bytes, bytes] = {}
+        self._locks: dict[bytes, trio.Lock] = {}
+        #: Seconds spent waiting for KMS (part of the load phase).
+        self.waited_s = 0.0
+
+    async def decrypt(
+        self,
+        ciphertext_blob: bytes,
+        *,
+        key_id: str | None = None,
+        encryption_context: Mapping[str, str] | None = None,
+    ) -> bytes:
+        lock = self._locks.setdefault(ciphertext_blob, trio.Lock())
+        async with lock:
+            if ciphertext_blob not in self._keys:
+                t0 = time.perf_counter()
+                self._keys[ciphertext_blob] = await self._kms.decrypt(
+                    ciphertext_blob, key_id=key_id, encryption_context=encryption_context
+                )
+                self.waited_s += time.perf_counter() - t0
+        return self._keys[ciphertext_blob]
 
 
 class Worker:
@@ -233,22 +271,22 @@ class Worker:
     async def _fetch_plain(self, name: str) -> bytes:
         return await self.store.fetch(name)
 
-    async def _fetch_sealed(self, name: str, content: str) -> bytearray:
+    async def _fetch_sealed(self, name: str, content: str, keys: _RunKeys) -> bytearray:
         from models.enclave_seal import unseal_output
         from models.sealing import CONTENT_CONTEXT_KEY, unseal_model
 
         async with self.store.open_fetch(name) as pieces:
             if content == SHARD_CONTENT:
-                header, plaintext = await unseal_model(pieces, kms=self.kms, expected_name=name)
+                header, plaintext = await unseal_model(pieces, kms=keys, expected_name=name)
                 if header.encryption_context.get(CONTENT_CONTEXT_KEY) != SHARD_CONTENT:
                     raise TrainingError(f"{name!r} is not a sealed training shard")
                 return plaintext
             return await unseal_output(pieces, kms=self.kms, name=name)
 
-    async def _load_shard(self, index: int | str, protected: bool) -> Shard:
+    async def _load_shard(self, index: int | str, protected: bool, keys: _RunKeys) -> Shard:
         name = shard_name(index, protected=protected)
         if protected:
-            raw: bytes | bytearray = await self._fetch_sealed(name, SHARD_CONTENT)
+            raw: bytes | bytearray = await self._fetch_sealed(name, SHARD_CONTENT, keys)
         else:
             raw = await self._fetch_plain(name)
         data = self.config.data
@@ -256,15 +294,16 @@ class Worker:
             lambda: decode_shard(raw, features=data.features, classes=data.classes)
         )
 
-    async def _load(self, plan: Plan) -> tuple[Mlp, LocalData, Shard | None]:
+    async def _load(self, plan: Plan, phases: Phases) -> tuple[Mlp, LocalData, Shard | None]:
         config = self.config
         wanted: list[int | str] = list(owned_shards(plan.rank, plan.world, config.shards))
         if plan.rank == 0:
             wanted.append(TEST_SET)
         loaded: dict[int | str, Shard] = {}
+        keys = _RunKeys(self.kms)
 
         async def load(index: int | str) -> None:
-            loaded[index] = await self._load_shard(index, plan.protected)
+            loaded[index] = await self._load_shard(index, plan.protected, keys)
 
         # Concurrently: each shard's fetch and key release overlap the others' unsealing.
         async with trio.open_nursery() as nursery:
@@ -278,7 +317,7 @@ class Worker:
         if plan.start_step:
             name = checkpoint_name(plan.start_step, protected=plan.protected)
             if plan.protected:
-                raw: bytes | bytearray = await self._fetch_sealed(name, "output")
+                raw: bytes | bytearray = await self._fetch_sealed(name, "output", keys)
             else:
                 raw = await self._fetch_plain(name)
             ckpt = decode_checkpoint(raw, fingerprint=config.fingerprint(), size=len(model.params))
@@ -287,6 +326,7 @@ class Worker:
                     f"checkpoint {name!r} holds step {ckpt.step}, not {plan.start_step}"
                 )
             model.params[...] = ckpt.params
+        phases.key_release_s = keys.waited_s
         return model, LocalData(shards), test
 
     async def _open_sealer(self, plan: Plan) -> None:
@@ -319,13 +359,14 @@ class Worker:
             )
         phases = Phases()
         t0 = time.perf_counter()
-        model, local, test = await self._load(plan)
+        model, local, test = await self._load(plan, phases)
         phases.load_s = time.perf_counter() - t0
         released: trio.Event | None = None
         right: trio.abc.Stream | None = None
         left: trio.abc.Stream | None = None
         try:
             if plan.world > 1:
+                t_ring = time.perf_counter()
                 async with trio.open_nursery() as nursery:
                     got: dict[str, Any] = {}
 
@@ -338,6 +379,9 @@ class Worker:
                     nursery.start_soon(connect)
                     nursery.start_soon(accept)
                 right, left, released = got["right"], got["left"], got["released"]
+                # Forming the links is part of the exchange's cost (attested handshakes).
+                phases.ring_s = time.perf_counter() - t_ring
+                phases.exchange_s += phases.ring_s
             grad = np.empty_like(model.params)
             d = config.data
             for step in range(plan.start_step, plan.steps):

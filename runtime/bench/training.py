@@ -97,6 +97,11 @@ async def _phases(reps: int, steps: int, training: Any, members: list[Any]) -> d
         figures[f"{name}_ratio"] = figures[phase] / max(figures[f"{phase}_unprotected"], 1e-9)
         figures[f"{name}_ratio_min"] = min(ratios) if ratios else None
         figures[f"{name}_ratio_max"] = max(ratios) if ratios else None
+    for extra in ("key_release_s", "ring_s"):
+        figures[extra] = statistics.median(float(r.reports[0]["phases"][extra]) for r in runs[True])
+        figures[f"{extra}_unprotected"] = statistics.median(
+            float(r.reports[0]["phases"][extra]) for r in runs[False]
+        )
     figures["accuracy_protected"] = runs[True][-1].accuracy
     figures["accuracy_unprotected"] = runs[False][-1].accuracy
     figures["weights_identical"] = int(len({r.final_sha384 for r in runs[True] + runs[False]}) == 1)
