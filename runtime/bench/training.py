@@ -185,8 +185,10 @@ def run(*, quick: bool) -> dict[str, float | int | str | None]:
         configure_logging("error")
     figures = trio.run(
         lambda: measure(
-            reps=3 if quick else 7,
-            steps=40 if quick else 100,
+            # A run long enough that its one-time costs (key release, ring handshakes) weigh
+            # as they would in a real run's first minutes, not dominate a toy one.
+            reps=3 if quick else 5,
+            steps=60 if quick else 300,
             scaling_steps=10 if quick else 30,
             scaling_reps=1 if quick else 3,
         )
