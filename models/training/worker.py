@@ -184,8 +184,15 @@ class Worker:
 
     async def _take_link(self, stream: trio.abc.Stream, peer: str | None) -> None:
         """A left neighbour connected: read its hello, queue the link, hold it for the run."""
+        hello = b""
         with trio.move_on_after(self.config.ring_timeout_s):
-            hello = await _receive_exact(stream, _HELLO.size)
+            try:
+                hello = await _receive_exact(stream, _HELLO.size)
+            except MemberLost:
+                hello = b""
+        if len(hello) != _HELLO.size:
+            log.info("ring_link_refused", reason="no hello in time", peer=peer)
+            return
         released = trio.Event()
         await self.inbound.send.send((hello, stream, peer, released))
         await released.wait()
