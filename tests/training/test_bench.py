@@ -18,6 +18,7 @@ async def test_a_short_training_bench_measures_every_figure() -> None:
     for phase in ("load", "compute", "exchange", "checkpoint", "total"):
         assert figures[f"{phase}_s"] > 0
         assert figures[f"{phase}_s_unprotected"] > 0
+        # one repetition: the median of one pair is that pair's ratio
         assert figures[f"{phase}_ratio"] == pytest.approx(
             figures[f"{phase}_s"] / figures[f"{phase}_s_unprotected"]
         )
