@@ -307,14 +307,14 @@ class Training:
     pcr0: bytes
     _generation: int = 0
 
+    def running(self, info: EnclaveInfo) -> bool:
+        """Whether ``info``'s enclave (started by this stack's runtime) still runs."""
+        sup = self.stack.runtime.supervisor(info.enclave_id)
+        return sup is not None and sup.exit_reason is None
+
     def alive(self) -> list[EnclaveInfo]:
         """Workers whose enclave still runs."""
-        out = []
-        for info in self.workers:
-            sup = self.stack.runtime.supervisor(info.enclave_id)
-            if sup is not None and sup.exit_reason is None:
-                out.append(info)
-        return out
+        return [info for info in self.workers if self.running(info)]
 
     def latest_checkpoint(self, at_most: int, *, protected: bool = True) -> int:
         """The step of the newest checkpoint on the host (0: none)."""
@@ -369,11 +369,10 @@ class Training:
                         for _, f in sorted(gen.failures.items())
                     )
                     raise cls(f"the training run failed: {detail}")
-                alive = {i.enclave_id for i in self.alive()}
                 ring = [
                     info
                     for rank, info in enumerate(ring)
-                    if info.enclave_id in alive
+                    if self.running(info)
                     and gen.failures.get(rank, {}).get("error") not in ("exited", "silent")
                 ]
                 start_step = self.latest_checkpoint(steps, protected=protected)
@@ -432,8 +431,7 @@ class Training:
         grace: float | None = None
         everyone = set(range(len(ring)))
         while True:
-            alive = {i.enclave_id for i in self.alive()}
-            gone = {r for r, info in enumerate(ring) if info.enclave_id not in alive}
+            gone = {r for r, info in enumerate(ring) if not self.running(info)}
             if len(gen.results) == len(ring):
                 return False
             if (gen.failures or gone) and grace is None:
