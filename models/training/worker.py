@@ -9,12 +9,12 @@ Life of a worker:
    with ``allow_unprotected`` only, plaintext vsock on ``plain_port`` too), report READY;
 3. ask the host's coordinator for a plan (``join``), until it says stop; for each plan:
 
-   * **load**: fetch the owned shards from the host store and unseal them (the data key is
-     released by KMS through Recipient to this image only); worker 0 the test set too; a
-     resumed plan fetches and unseals the checkpoint it names;
    * **form the ring**: open a channel to the right neighbour through the parent's relay (it
      must be the member the plan names: its verified module id), accept the left one's; both
      send a hello (the plan's digest and their rank), which the other checks;
+   * **load**: fetch the owned shards from the host store and unseal them (the data key is
+     released by KMS through Recipient to this image only); worker 0 the test set too; a
+     resumed plan fetches and unseals the checkpoint it names;
    * **steps**: gradient on the owned part of the global batch, ring all-reduce, SGD; every
      ``checkpoint_every`` steps and at the end, worker 0 seals the state under the image's key
      and puts it on the host;
@@ -179,6 +179,7 @@ class Worker:
         ](16)
         self.inbound = _Inbound(send, receive)
         self._sealer: OutputSealer | None = None
+        self._sealer_generation = -1
 
     # --- links -------------------------------------------------------------------------------
 
@@ -312,12 +313,10 @@ class Worker:
         async def load(index: int | str) -> None:
             loaded[index] = await self._load_shard(index, plan.protected, keys)
 
-        # Concurrently: each shard's fetch and key release overlap the others' unsealing.
+        # Concurrently: each shard's fetch overlaps the others' unsealing (one key release).
         async with trio.open_nursery() as nursery:
             for index in wanted:
                 nursery.start_soon(load, index)
-            if plan.rank == 0 and plan.protected:
-                nursery.start_soon(self._open_sealer, plan)
         shards = [loaded[i] for i in wanted if i != TEST_SET]
         test = loaded.get(TEST_SET)
         model = Mlp.initial(config.sizes, config.data.seed)
@@ -336,19 +335,20 @@ class Worker:
         phases.key_release_s = keys.waited_s
         return model, LocalData(shards), test
 
-    async def _open_sealer(self, plan: Plan) -> None:
-        """The run's checkpoint data key (one KMS call per run, during the load)."""
+    async def _checkpoint(self, plan: Plan, model: Mlp, step: int) -> None:
         from models.enclave_seal import OutputSealer
 
-        self._sealer = await OutputSealer.open(
-            kms=self.kms, key_id=self.config.key_id, series=f"checkpoints-{plan.generation}"
-        )
-
-    async def _checkpoint(self, plan: Plan, model: Mlp, step: int) -> None:
         name = checkpoint_name(step, protected=plan.protected)
         data = encode_checkpoint(step, model.params, self.config.fingerprint())
         if plan.protected:
-            assert self._sealer is not None  # opened by _load for rank 0
+            if self._sealer is None or self._sealer_generation != plan.generation:
+                # The run's checkpoint data key: one KMS call per run, at its first checkpoint.
+                self._sealer = await OutputSealer.open(
+                    kms=self.kms,
+                    key_id=self.config.key_id,
+                    series=f"checkpoints-{plan.generation}",
+                )
+                self._sealer_generation = plan.generation
             data = await self._sealer.seal(data, name=name)
         await self.store.put(name, data)
 
@@ -366,8 +366,6 @@ class Worker:
             )
         phases = Phases()
         t0 = time.perf_counter()
-        model, local, test = await self._load(plan, phases)
-        phases.load_s = time.perf_counter() - t0
         released: trio.Event | None = None
         right: trio.abc.Stream | None = None
         left: trio.abc.Stream | None = None
@@ -389,6 +387,11 @@ class Worker:
                 # Forming the links is part of the exchange's cost (attested handshakes).
                 phases.ring_s = time.perf_counter() - t_ring
                 phases.exchange_s += phases.ring_s
+            # The ring first: no member asks KMS for the data before every member has
+            # verified its neighbours.
+            t_load = time.perf_counter()
+            model, local, test = await self._load(plan, phases)
+            phases.load_s = time.perf_counter() - t_load
             grad = np.empty_like(model.params)
             d = config.data
             for step in range(plan.start_step, plan.steps):

@@ -101,6 +101,7 @@ async def _scenarios(root: Path) -> dict[str, Any]:
         ckpt.write_bytes(original)
 
         await attempt("intruder", t.run(4, members=[w0, intruder]))
+        await attempt("intruder_alone", t.run(4, members=[intruder]))
         out["audit"] = read_audit(stack.kms_state_dir)
         await attempt("unprotected", t.run(4, members=[w0, w1], protected=False))
 
@@ -175,14 +176,23 @@ def test_a_worker_with_another_pcr0_is_kept_out(outcome: dict[str, Any]) -> None
     assert outcome["intruder_pcr0"] != outcome["pcr0"]
     error = outcome["intruder"]
     assert isinstance(error, TrainingError)
-    assert "worker 0: AuthenticationFailed" in str(error)  # the ring refused it
-    denied = [
+    # The ring's handshakes refuse it on both sides (the first failure is one of them; the
+    # other side may have been aborted first), before anyone asks KMS for the data.
+    assert "AuthenticationFailed" in str(error)
+    assert "KmsApiError" not in str(error)
+
+
+def test_and_kms_refuses_it_the_data_key(outcome: dict[str, Any]) -> None:
+    error = outcome["intruder_alone"]
+    assert isinstance(error, TrainingError)
+    assert "AccessDenied" in str(error)
+    asked = [
         r
         for r in outcome["audit"]
         if (r.get("recipient") or {}).get("module_id") == outcome["intruder_id"]
     ]
-    assert denied
-    assert all(r["decision"] != "allow" for r in denied)  # and KMS gave it no data key
+    assert asked
+    assert all(r["decision"] != "allow" for r in asked)
 
 
 def test_the_unprotected_baseline_is_refused_by_the_product_image(
