@@ -316,15 +316,27 @@ class Training:
         """Workers whose enclave still runs."""
         return [info for info in self.workers if self.running(info)]
 
-    def latest_checkpoint(self, at_most: int, *, protected: bool = True) -> int:
-        """The step of the newest checkpoint on the host (0: none)."""
+    def checkpoints(self, *, protected: bool = True) -> dict[int, int]:
+        """Checkpoints on the host: step -> the file's modification time (ns)."""
         prefix = "" if protected else "plain-"
-        steps = [
-            int(m.group(1))
-            for p in self.outputs_dir.glob(f"{prefix}ckpt-*")
-            if (m := _CKPT.fullmatch(p.name[len(prefix) :]))
+        found = {}
+        for p in self.outputs_dir.glob(f"{prefix}ckpt-*"):
+            if m := _CKPT.fullmatch(p.name[len(prefix) :]):
+                found[int(m.group(1))] = p.stat().st_mtime_ns
+        return found
+
+    def _resume_point(
+        self, before: dict[int, int], start_step: int, steps: int, protected: bool
+    ) -> int:
+        """The newest checkpoint of this run: written since it began (or the one it began
+        from), at most ``steps``; a checkpoint another run left behind is not this run's."""
+        now = self.checkpoints(protected=protected)
+        ours = [
+            step
+            for step, mtime in now.items()
+            if step <= steps and (step == start_step or before.get(step) != mtime)
         ]
-        return max([s for s in steps if s <= at_most], default=0)
+        return max(ours, default=0)
 
     async def run(
         self,
@@ -347,6 +359,7 @@ class Training:
         """
         t0 = trio.current_time()
         ring = list(members if members is not None else self.alive())
+        before = self.checkpoints(protected=protected)
         resumes: list[dict[str, Any]] = []
         with trio.fail_after(timeout_s):
             while True:
@@ -375,7 +388,7 @@ class Training:
                     if self.running(info)
                     and gen.failures.get(rank, {}).get("error") not in ("exited", "silent")
                 ]
-                start_step = self.latest_checkpoint(steps, protected=protected)
+                start_step = self._resume_point(before, start_step, steps, protected)
                 resumes.append(
                     {
                         "generation": gen.number,

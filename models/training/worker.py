@@ -47,7 +47,7 @@ from models.sealing import DataKeyDecrypter
 from models.training.allreduce import ring_allreduce
 from models.training.checkpoint import checkpoint_name, decode_checkpoint, encode_checkpoint
 from models.training.config import TrainConfig
-from models.training.data import Shard, decode_shard, owned_shards
+from models.training.data import MAX_SHARD_BYTES, Shard, decode_shard, owned_shards
 from models.training.errors import (
     CheckpointError,
     MemberLost,
@@ -281,15 +281,82 @@ class Worker:
 
     async def _fetch_sealed(self, name: str, content: str, keys: _RunKeys) -> bytearray:
         from models.enclave_seal import unseal_output
-        from models.sealing import CONTENT_CONTEXT_KEY, unseal_model
 
+        if content == SHARD_CONTENT:
+            return await self._fetch_shard(name, keys)
         async with self.store.open_fetch(name) as pieces:
-            if content == SHARD_CONTENT:
-                header, plaintext = await unseal_model(pieces, kms=keys, expected_name=name)
-                if header.encryption_context.get(CONTENT_CONTEXT_KEY) != SHARD_CONTENT:
-                    raise TrainingError(f"{name!r} is not a sealed training shard")
-                return plaintext
             return await unseal_output(pieces, kms=self.kms, name=name)
+
+    async def _fetch_shard(self, name: str, keys: _RunKeys) -> bytearray:
+        """Fetch and unseal a shard, its key release overlapping the transfer: the header
+        (the first bytes) names the data key, whose release starts at once while the rest
+        of the file keeps arriving (held until the key is there, at most one sealed shard:
+        the store's size is bounded); then every piece is unsealed as it comes."""
+        from models import sealed
+        from models.sealing import CONTENT_CONTEXT_KEY
+
+        unsealer = sealed.Unsealer()
+        held: list[bytes | memoryview] = []
+        released = trio.Event()
+        key: list[bytes] = []
+
+        async def release(header: sealed.SealedHeader) -> None:
+            key.append(
+                await keys.decrypt(
+                    header.encrypted_data_key,
+                    key_id=header.key_id,
+                    encryption_context=header.encryption_context,
+                )
+            )
+            released.set()
+
+        def check(header: sealed.SealedHeader) -> None:
+            if header.model_name != name:
+                raise TrainingError(f"the host sent {header.model_name!r} for {name!r}")
+            if header.encryption_context.get(CONTENT_CONTEXT_KEY) != SHARD_CONTENT:
+                raise TrainingError(f"{name!r} is not a sealed training shard")
+
+        try:
+            async with (
+                trio.open_nursery() as nursery,
+                self.store.open_fetch(name, max_size=MAX_SHARD_BYTES + (1 << 20)) as pieces,
+            ):
+                async for piece in pieces:
+                    if unsealer.header is None:
+                        rest = unsealer.feed_header(piece)
+                        if rest is None:
+                            continue
+                        assert unsealer.header is not None
+                        check(unsealer.header)
+                        nursery.start_soon(release, unsealer.header)
+                        piece = bytes(rest)
+                    if not released.is_set():
+                        held.append(piece)
+                        continue
+                    if held:
+                        await self._start_unseal(unsealer, key, held)
+                    unsealer.feed(piece)
+                    await trio.lowlevel.checkpoint()
+                if unsealer.header is None:
+                    raise TrainingError(f"the host sent a truncated {name!r}")
+                await released.wait()
+                await self._start_unseal(unsealer, key, held)
+            return unsealer.finish()[1]
+        except BaseException:
+            unsealer.abort()
+            raise
+
+    @staticmethod
+    async def _start_unseal(
+        unsealer: Any, key: list[bytes], held: list[bytes | memoryview]
+    ) -> None:
+        """Start unsealing once (the key is there), then feed what was held meanwhile."""
+        if key:
+            unsealer.start(key.pop())
+        for piece in held:
+            unsealer.feed(piece)
+            await trio.lowlevel.checkpoint()
+        held.clear()
 
     async def _load_shard(self, index: int | str, protected: bool, keys: _RunKeys) -> Shard:
         name = shard_name(index, protected=protected)
