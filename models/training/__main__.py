@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from models.training.worker import main
+if __name__ == "__main__":  # importable (the package's export checks import every module)
+    from models.training.worker import main
 
-sys.exit(main())
+    sys.exit(main())
