@@ -26,8 +26,8 @@ class TrainConfig:
 
     data: DataSpec = field(default_factory=DataSpec)
     hidden: tuple[int, ...] = (256, 256)
-    batch: int = 256
-    lr: float = 0.05
+    batch: int = 1024
+    lr: float = 0.2
     shards: int = 4
     checkpoint_every: int = 10
     chunk_bytes: int = 64 << 10
