@@ -276,14 +276,13 @@ class Worker:
 
     # --- data ------------------------------------------------------------------------------
 
-    async def _fetch_plain(self, name: str) -> bytes:
-        return await self.store.fetch(name)
-
-    async def _fetch_sealed(self, name: str, content: str, keys: _RunKeys) -> bytearray:
+    async def _fetch_checkpoint(self, name: str, protected: bool) -> bytes | bytearray:
+        """A checkpoint from the host: unsealed (only this image's enclaves get its key), or
+        as it is in the baseline."""
         from models.enclave_seal import unseal_output
 
-        if content == SHARD_CONTENT:
-            return await self._fetch_shard(name, keys)
+        if not protected:
+            return await self.store.fetch(name)
         async with self.store.open_fetch(name) as pieces:
             return await unseal_output(pieces, kms=self.kms, name=name)
 
@@ -360,10 +359,8 @@ class Worker:
 
     async def _load_shard(self, index: int | str, protected: bool, keys: _RunKeys) -> Shard:
         name = shard_name(index, protected=protected)
-        if protected:
-            raw: bytes | bytearray = await self._fetch_sealed(name, SHARD_CONTENT, keys)
-        else:
-            raw = await self._fetch_plain(name)
+        raw: bytes | bytearray
+        raw = await self._fetch_shard(name, keys) if protected else await self.store.fetch(name)
         data = self.config.data
         return await trio.to_thread.run_sync(
             lambda: decode_shard(raw, features=data.features, classes=data.classes)
@@ -389,10 +386,7 @@ class Worker:
         model = Mlp.initial(config.sizes, config.data.seed)
         if plan.start_step:
             name = checkpoint_name(plan.start_step, protected=plan.protected)
-            if plan.protected:
-                raw: bytes | bytearray = await self._fetch_sealed(name, "output", keys)
-            else:
-                raw = await self._fetch_plain(name)
+            raw = await self._fetch_checkpoint(name, plan.protected)
             ckpt = decode_checkpoint(raw, fingerprint=config.fingerprint(), size=len(model.params))
             if ckpt.step != plan.start_step:
                 raise CheckpointError(
