@@ -13,6 +13,12 @@ untrusted, so nothing it provides is trusted either:
 ``fetch`` (streaming; metadata ``{"name": NAME}``) -> ``{"size": N}`` then ``{"chunk": bytes}``...
     The sealed file of a model. Its integrity is the sealed format's business (AEAD bound to the
     header, the digest, the model name in the KMS encryption context), not the host's.
+``put`` (streaming; metadata ``{"name": NAME, "size": N}``) ``{"chunk": bytes}``...
+-> ``{"stored": N}``
+    An enclave's sealed output (``models.enclave_seal``: a checkpoint...), kept on the host
+    under ``outputs_dir`` and fetched back by name with ``fetch``. Only with an ``outputs_dir``;
+    names are plain (``[A-Za-z0-9._-]``, no leading dot) and never those of provisioned models;
+    the size is bounded before anything is written. The host holds ciphertext only.
 ``ready`` (unary) ``{"port": P, "models": [{"name", "available", "digest", "reason"}],
 "error": None | str}`` -> ``{}``
     The server reports that it is listening (or, with ``error`` set, that it cannot serve and
@@ -22,6 +28,7 @@ untrusted, so nothing it provides is trusted either:
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -57,6 +64,8 @@ __all__ = [
 
 log = structlog.get_logger()
 
+#: Names ``put`` accepts: plain file names (no path, no leading dot).
+_OUTPUT_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 #: Bytes per ``fetch`` message (well under the RPC's 4 MiB message cap).
 FETCH_CHUNK: Final = 1 << 20
 
@@ -89,8 +98,14 @@ class ModelStore:
         *,
         credentials: HostCredentials | None,
         on_ready: Callable[[dict[str, Any]], None] | None = None,
+        outputs_dir: Path | None = None,
+        max_output_bytes: int = MAX_MODEL_SIZE,
     ) -> None:
         self.models = {name: Path(p) for name, p in models.items()}
+        #: Where enclaves' ``put`` outputs go (None: ``put`` is refused).
+        self.outputs_dir = Path(outputs_dir) if outputs_dir is not None else None
+        self.max_output_bytes = max_output_bytes
+        self._outputs: set[str] = set()
         self.credentials = credentials
         self.on_ready = on_ready
         self.ready_reports: list[dict[str, Any]] = []
@@ -100,6 +115,7 @@ class ModelStore:
             {
                 "credentials": unary_inline(self._credentials),
                 "fetch": self._fetch,
+                "put": self._put,
                 "ready": unary_inline(self._ready),
             }
         )
@@ -121,6 +137,40 @@ class ModelStore:
         if path is None:
             raise RpcError("not_found", f"the host store has no model {str(name)[:128]!r}")
         await self._send_file(stream, path)
+
+    async def _put(self, stream: RpcStream) -> None:
+        name, size = stream.metadata.get("name"), stream.metadata.get("size")
+        if self.outputs_dir is None:
+            raise RpcError("permission_denied", "this host keeps no enclave outputs")
+        if not isinstance(name, str) or not _OUTPUT_NAME.fullmatch(name):
+            raise RpcError("invalid_argument", "an output name is 1-128 of [A-Za-z0-9._-]")
+        if name in self.models and name not in self._outputs:
+            raise RpcError("permission_denied", f"{name!r} is a provisioned model")
+        if type(size) is not int or not 0 <= size <= self.max_output_bytes:
+            raise RpcError("invalid_argument", f"an output is 0-{self.max_output_bytes} bytes")
+        self.outputs_dir.mkdir(parents=True, exist_ok=True)
+        final = self.outputs_dir / name
+        tmp = self.outputs_dir / f".{name}.part"
+        f = await trio.open_file(tmp, "wb")
+        try:
+            async with f:
+                written = 0
+                async for msg in stream:
+                    piece = msg.get("chunk") if isinstance(msg, dict) else None
+                    if not isinstance(piece, bytes) or written + len(piece) > size:
+                        raise RpcError("invalid_argument", "malformed or oversized output")
+                    await f.write(piece)
+                    written += len(piece)
+                if written != size:
+                    raise RpcError("invalid_argument", f"{written} of {size} bytes arrived")
+            await trio.Path(tmp).replace(final)
+        except BaseException:
+            await trio.Path(tmp).unlink(missing_ok=True)
+            raise
+        self._outputs.add(name)
+        self.models[name] = final
+        log.info("enclave_output_stored", name=name, size=size)
+        await stream.send({"stored": size})
 
     def _ready(self, report: object, _stream: RpcStream) -> dict[str, object]:
         if not isinstance(report, dict):
@@ -230,6 +280,22 @@ class StoreClient:
             if type(size) is not int or not 0 <= size <= max_size:
                 raise ModelLoadError(f"host store announced a bad size for {name!r}")
             yield FetchPieces(st, name, size)
+
+    async def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Keep ``data`` (an enclave's sealed output) on the host under ``name``; fetch it
+        back with :meth:`fetch` / :meth:`open_fetch`.
+
+        Raises:
+            RpcError: the host refused (no outputs kept, a bad or provisioned name, too big).
+        """
+        view = memoryview(data)
+        async with self._rpc.open_stream("put", {"name": name, "size": len(view)}) as st:
+            for at in range(0, len(view), FETCH_CHUNK):
+                await st.send({"chunk": bytes(view[at : at + FETCH_CHUNK])})
+            await st.send_end()
+            answer = await st.receive()
+        if not isinstance(answer, dict) or answer.get("stored") != len(view):
+            raise ModelLoadError(f"host store did not confirm output {name!r}")
 
     async def ready(self, report: Mapping[str, Any]) -> None:
         """Tell the host how the start-up went (non-secret facts only)."""

@@ -32,6 +32,7 @@ SUITES: dict[str, str] = {
     "inference": "runtime.bench.inference",
     "fleet": "runtime.bench.fleet",
     "minilm": "runtime.bench.minilm",
+    "training": "runtime.bench.training",
 }
 
 BenchResult = dict[str, float | int | str | None]

@@ -258,6 +258,9 @@ CASES = [
     Case("demo-unknown-flag", ("demo", "--nope"), ("--nope",)),
     Case("demo-bad-replicas", ("demo", "--replicas", "0"), ("--replicas",)),
     Case("bench-unknown-suite", ("bench", "nosuch"), ("nosuch",)),
+    Case("train-bad-workers", ("train", "--workers", "9"), ("--workers", "1..4")),
+    Case("train-bad-steps", ("train", "--steps", "0"), ("--steps",)),
+    Case("train-no-unprotected-flag", ("train", "--unprotected"), ("--unprotected",)),
 ]  # fmt: skip
 
 
