@@ -414,10 +414,7 @@ class InferenceClient:
                             await st.send_end()
                     if not pending:
                         break
-                    try:
-                        answer = await _bounded(st.receive(), "stream output", limit)
-                    except trio.EndOfChannel:
-                        raise InferenceError("server ended the stream early") from None
+                    answer = await _next_answer(st, limit)
                     count = pending.popleft()
                     if count == 0:
                         yield _outputs(answer)
@@ -427,11 +424,7 @@ class InferenceClient:
                         raise InferenceError("malformed batch answer from the server")
                     for outputs in batch:
                         yield _outputs({"outputs": outputs})
-                try:
-                    extra = await _bounded(st.receive(), "end of stream", limit)
-                except trio.EndOfChannel:
-                    return
-                raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
+                await _end_of_stream(st, limit)
             except RpcError as exc:
                 raise _map_error(exc) from None
 
@@ -511,18 +504,28 @@ class InferenceClient:
                         pending.append(len(message["texts"]))
                     if not pending:
                         break
-                    try:
-                        answer = await _bounded(st.receive(), "stream output", limit)
-                    except trio.EndOfChannel:
-                        raise InferenceError("server ended the stream early") from None
+                    answer = await _next_answer(st, limit)
                     yield decode_answer(answer, texts=pending.popleft())
-                try:
-                    extra = await _bounded(st.receive(), "end of stream", limit)
-                except trio.EndOfChannel:
-                    return
-                raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
+                await _end_of_stream(st, limit)
             except RpcError as exc:
                 raise _map_error(exc) from None
+
+
+async def _next_answer(st: RpcStream, limit: float) -> Any:
+    """The server's next answer on a stream that still owes some."""
+    try:
+        return await _bounded(st.receive(), "stream output", limit)
+    except trio.EndOfChannel:
+        raise InferenceError("server ended the stream early") from None
+
+
+async def _end_of_stream(st: RpcStream, limit: float) -> None:
+    """Wait for the server to end a stream whose answers all came; anything more is an error."""
+    try:
+        extra = await _bounded(st.receive(), "end of stream", limit)
+    except trio.EndOfChannel:
+        return
+    raise InferenceError(f"server sent an unexpected extra message: {type(extra)}")
 
 
 async def _bounded(operation: Awaitable[_T], what: str, timeout_s: float) -> _T:

@@ -60,7 +60,7 @@ method is ``invalid_argument``. Text engines run a task of their own: start them
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -421,6 +421,34 @@ class InferenceService:
             send_us=round((time.perf_counter() - t1) * 1e6, 1),
         )
 
+    def _with_waiting(
+        self,
+        conn: _ConnectionBudget,
+        stream: ServerStream,
+        lease: Lease,
+        first: Any,
+        cost: Callable[[Any], int],
+    ) -> list[Any]:
+        """``first`` and the messages already waiting behind it on ``stream``, to run together.
+
+        Takes them while this stream's batch and every budget above it have room, charging
+        each to ``lease`` at ``cost(message)``: the RPC layer returns credit as we take
+        messages, so we take only what we will run now.
+        """
+        batch = [first]
+        while (
+            lease.bytes < self.limits.stream_buffer_bytes
+            and len(batch) < MAX_MESSAGES_PER_RUN
+            and conn.budget.has_room()
+        ):
+            try:
+                message = stream.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            lease.charge(cost(message))
+            batch.append(message)
+        return batch
+
     async def _stream(self, conn: _ConnectionBudget, stream: ServerStream) -> None:
         engine = self._engine(stream.metadata.get("model"))
         t0 = time.perf_counter()
@@ -434,22 +462,8 @@ class InferenceService:
             lease = conn.budget.lease()
             try:
                 await lease.acquire(message_bytes(first))
-                batch = [first]
+                batch = self._with_waiting(conn, stream, lease, first, message_bytes)
                 del first
-                # Run what is already waiting with it, while this stream's batch and every
-                # budget above it have room: the RPC layer returns credit as we take messages,
-                # so we take only what we will run now.
-                while (
-                    lease.bytes < self.limits.stream_buffer_bytes
-                    and len(batch) < MAX_MESSAGES_PER_RUN
-                    and conn.budget.has_room()
-                ):
-                    try:
-                        message = stream.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    lease.charge(message_bytes(message))
-                    batch.append(message)
                 tb = time.perf_counter()
                 index = await self._run_stream_batch(stream, engine, batch, index, lease)
                 busy += time.perf_counter() - tb
@@ -586,21 +600,15 @@ class InferenceService:
             try:
                 await lease.acquire(message_bytes(first))
                 await lease.acquire(_answer_bytes(engine, first))  # as in _embed
-                batch = [first]
+                # Each message is counted with the answer it will get.
+                batch = self._with_waiting(
+                    conn,
+                    stream,
+                    lease,
+                    first,
+                    lambda message: message_bytes(message) + _answer_bytes(engine, message),
+                )
                 del first
-                # As _stream: run what already waits with it, within every budget, each
-                # message counted with the answer it will get.
-                while (
-                    lease.bytes < self.limits.stream_buffer_bytes
-                    and len(batch) < MAX_MESSAGES_PER_RUN
-                    and conn.budget.has_room()
-                ):
-                    try:
-                        message = stream.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    lease.charge(message_bytes(message) + _answer_bytes(engine, message))
-                    batch.append(message)
                 index = await self._run_text_batch(stream, engine, batch, index, lease)
             finally:
                 lease.release()

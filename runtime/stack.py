@@ -382,21 +382,27 @@ async def create_model_key(
         kms.errors.KmsError: the KMS refused (e.g. the alias exists).
     """
     async with stack.owner_kms() as kms:
-        answer = await kms.call(
-            "CreateKey",
+        return await _create_key(
+            kms,
             {
                 "Description": "sealed ONNX models for the confidential inference server",
                 "KeySpec": "SYMMETRIC_DEFAULT",
                 "KeyUsage": "ENCRYPT_DECRYPT",
                 "Policy": json.dumps(key_policy_for_image(pcr0_hex)),
             },
+            alias,
         )
-        metadata = answer["KeyMetadata"]
-        if not isinstance(metadata, Mapping):
-            raise StackError(f"CreateKey answered without KeyMetadata: {answer!r}")
-        arn = str(metadata["Arn"])
-        if alias:
-            await kms.call("CreateAlias", {"AliasName": alias, "TargetKeyId": arn})
+
+
+async def _create_key(kms: KmsClient, params: JsonObject, alias: str | None) -> str:
+    """CreateKey with ``params``, then CreateAlias ``alias`` (if any) for it; its ARN."""
+    answer = await kms.call("CreateKey", params)
+    metadata = answer["KeyMetadata"]
+    if not isinstance(metadata, Mapping):
+        raise StackError(f"CreateKey answered without KeyMetadata: {answer!r}")
+    arn = str(metadata["Arn"])
+    if alias:
+        await kms.call("CreateAlias", {"AliasName": alias, "TargetKeyId": arn})
     return arn
 
 
@@ -976,8 +982,8 @@ async def create_xks_model_key(
         entry = entries[0] if isinstance(entries, list) and entries else {}
         if not isinstance(entry, Mapping) or entry.get("ConnectionState") != "CONNECTED":
             raise StackError(f"the external key store did not connect: {entry!r}")
-        answer = await kms.call(
-            "CreateKey",
+        arn = await _create_key(
+            kms,
             {
                 "Description": "sealed ONNX models, the owner's key held in its XKS proxy",
                 "Origin": "EXTERNAL_KEY_STORE",
@@ -985,11 +991,6 @@ async def create_xks_model_key(
                 "XksKeyId": XKS_KEY_ID,
                 "Policy": json.dumps(key_policy_for_image(pcr0_hex)),
             },
+            alias,
         )
-        metadata = answer["KeyMetadata"]
-        if not isinstance(metadata, Mapping):
-            raise StackError(f"CreateKey answered without KeyMetadata: {answer!r}")
-        arn = str(metadata["Arn"])
-        if alias:
-            await kms.call("CreateAlias", {"AliasName": alias, "TargetKeyId": arn})
     return arn, store_id

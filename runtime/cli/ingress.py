@@ -47,6 +47,7 @@ __all__ = [
     "run_until_signal",
     "one_line_errors",
     "parse_count",
+    "parse_vsock_number",
     "usable_fabric_dir",
 ]
 
@@ -82,12 +83,14 @@ def parse_count(value: str, flag: str) -> int:
     return int(text)
 
 
-def _vsock_number(value: str | None, flag: str) -> int:
+def parse_vsock_number(value: str | None, flag: str, *, maximum: int = 0xFFFF_FFFF) -> int:
+    """A vsock CID or port flag value (0 … ``maximum``), or a ConfigurationError naming the
+    flag (also when it is missing)."""
     if value is None:
         raise ConfigurationError(f"{flag} is required")
     text = value.strip()
-    if not text.isascii() or not text.isdigit() or int(text) > 0xFFFF_FFFF:
-        raise ConfigurationError(f"{flag} {value!r}: expected a number 0 … 4294967295")
+    if not text.isascii() or not text.isdigit() or int(text) > maximum:
+        raise ConfigurationError(f"{flag} {value!r}: expected a number 0 … {maximum}")
     return int(text)
 
 
@@ -147,7 +150,9 @@ def _parse_target(text: str) -> VsockAddr:
     cid, sep, port = text.rpartition(":")
     if not sep:
         raise ConfigurationError(f"--target {text!r}: expected CID:PORT (e.g. 16:5005)")
-    addr = VsockAddr(_vsock_number(cid, "--target CID"), _vsock_number(port, "--target PORT"))
+    addr = VsockAddr(
+        parse_vsock_number(cid, "--target CID"), parse_vsock_number(port, "--target PORT")
+    )
     if not is_enclave_cid(addr.cid):
         raise ConfigurationError(f"--target {text!r}: {addr.cid} is not an enclave CID (4 …)")
     return addr
@@ -163,12 +168,14 @@ def _targets(args: argparse.Namespace) -> VsockAddr | TargetPool:
         )
     if args.cid is not None:
         # VsockError (one error line) if out of range
-        return VsockAddr(_vsock_number(args.cid, "--cid"), _vsock_number(args.port, "--port"))
+        return VsockAddr(
+            parse_vsock_number(args.cid, "--cid"), parse_vsock_number(args.port, "--port")
+        )
     from runtime.cli._common import open_state_dir
     from runtime.targets import RuntimeTargets
 
     if args.target_name is not None:
-        port = _vsock_number(args.port, "--port")
+        port = parse_vsock_number(args.port, "--port")
         source = RuntimeTargets(open_state_dir(), name=args.target_name, port=port)
         return TargetPool(fabric_dir=args.fabric_dir, source=source)
     if args.port is not None:

@@ -23,6 +23,7 @@ import trio
 from runtime.cli.ingress import (
     one_line_errors,
     parse_count,
+    parse_vsock_number,
     run_until_signal,
     usable_fabric_dir,
 )
@@ -33,6 +34,7 @@ from transport.peers import (
     DEFAULT_RELAY_PORT,
     RelayPolicy,
 )
+from transport.vsock import VMADDR_PORT_ANY
 
 if TYPE_CHECKING:
     from runtime.cli import SubParsers
@@ -85,13 +87,6 @@ def register(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
-def _port(text: str) -> int:
-    value = text.strip()
-    if not value.isascii() or not value.isdigit() or int(value) >= 0xFFFF_FFFF:
-        raise ConfigurationError(f"--port {text!r}: expected a number 0 … 4294967294")
-    return int(value)
-
-
 def run(args: argparse.Namespace) -> int:
     """Serve the relay until SIGINT/SIGTERM."""
     from runtime.cli._common import open_state_dir
@@ -102,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             "relay: give at least one --allow FROM=TO:PORT rule (nothing is relayed otherwise)"
         )
     policy = RelayPolicy(args.allow)  # a malformed rule: one error line naming it
-    port = _port(args.port)
+    port = parse_vsock_number(args.port, "--port", maximum=VMADDR_PORT_ANY - 1)  # a real port
     max_connections = parse_count(args.max_connections, "--max-connections")
     max_per_source = parse_count(args.max_per_source, "--max-per-source")
     if args.fabric_dir is not None:

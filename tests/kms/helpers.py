@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,10 @@ import trio
 from attest.ca import LocalCA
 from attest.nsm.device import EnclaveIdentity, NsmDevice
 from attest.nsm.local import InProcessNsm
+from kms.app import KmsApp
 from kms.config import CredentialEntry, KmsConfig
 from kms.daemon import serve_kms
+from kms.sigv4 import sign_headers
 
 ACCOUNT = "111122223333"
 ADMIN = CredentialEntry("AKIDADMIN", "admin-secret", f"arn:aws:iam::{ACCOUNT}:user/admin")
@@ -257,3 +260,29 @@ def openssl(*args: str, data: bytes | None = None) -> tuple[int, bytes, bytes]:
         pytest.skip("openssl is not installed")
     proc = subprocess.run([exe, *args], input=data, capture_output=True, timeout=60, check=False)
     return proc.returncode, proc.stdout, proc.stderr
+
+
+async def app_call(
+    app: KmsApp, env: dict[str, str], operation: str, payload: dict[str, Any]
+) -> tuple[int, Any]:
+    """``TrentService.<operation>`` straight to ``app`` (no HTTP), signed with the credentials
+    of ``env`` (``ENCLAVE_KMS_ACCESS_KEY_ID``/``_SECRET_ACCESS_KEY``); (status, JSON body)."""
+    body = json.dumps(payload).encode()
+    headers = sign_headers(
+        method="POST",
+        host="kms.local",
+        path="/",
+        headers={
+            "Content-Type": "application/x-amz-json-1.1",
+            "X-Amz-Target": f"TrentService.{operation}",
+        },
+        body=body,
+        access_key_id=env["ENCLAVE_KMS_ACCESS_KEY_ID"],
+        secret_access_key=env["ENCLAVE_KMS_SECRET_ACCESS_KEY"],
+        session_token=None,
+        region="us-east-1",
+        service="kms",
+        now=datetime.now(UTC),
+    )
+    reply = await app.handle("POST", "/", list(headers.items()), body)
+    return reply.status, json.loads(reply.body)

@@ -3,8 +3,6 @@ processes would), so the cross-process writer lock and the shared generation are
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,32 +12,14 @@ import trio.testing
 
 from kms.app import KmsApp
 from kms.coherence import ConnectionShare, SharedGeneration
-from kms.sigv4 import sign_headers
 
 from .conftest import COHERENCE_ENV as ENV
+from .helpers import app_call
 
 
 async def call(app: KmsApp, operation: str, payload: dict[str, Any]) -> dict[str, Any]:
-    body = json.dumps(payload).encode()
-    headers = sign_headers(
-        method="POST",
-        host="kms.local",
-        path="/",
-        headers={
-            "Content-Type": "application/x-amz-json-1.1",
-            "X-Amz-Target": f"TrentService.{operation}",
-        },
-        body=body,
-        access_key_id=ENV["ENCLAVE_KMS_ACCESS_KEY_ID"],
-        secret_access_key=ENV["ENCLAVE_KMS_SECRET_ACCESS_KEY"],
-        session_token=None,
-        region="us-east-1",
-        service="kms",
-        now=datetime.now(UTC),
-    )
-    reply = await app.handle("POST", "/", list(headers.items()), body)
-    answer: dict[str, Any] = json.loads(reply.body)
-    if reply.status != 200:
+    status, answer = await app_call(app, ENV, operation, payload)
+    if status != 200:
         raise AssertionError(answer)
     return answer
 

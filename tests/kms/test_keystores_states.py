@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import json
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,8 +18,8 @@ from hypothesis import strategies as st
 
 from kms.app import KmsApp, build_app
 from kms.config import KmsConfig
-from kms.sigv4 import sign_headers
 
+from .helpers import app_call
 from .xks_helpers import CRED, CRED2, URI_PATH, key_file, running_proxy, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -36,25 +35,7 @@ _OPS = ("connect", "disconnect", "rename", "good_cred", "rotated_cred", "bad_cre
 
 
 async def _call(app: KmsApp, operation: str, payload: dict[str, Any]) -> tuple[int, Any]:
-    body = json.dumps(payload).encode()
-    headers = sign_headers(
-        method="POST",
-        host="kms.local",
-        path="/",
-        headers={
-            "Content-Type": "application/x-amz-json-1.1",
-            "X-Amz-Target": f"TrentService.{operation}",
-        },
-        body=body,
-        access_key_id=_ENV["ENCLAVE_KMS_ACCESS_KEY_ID"],
-        secret_access_key=_ENV["ENCLAVE_KMS_SECRET_ACCESS_KEY"],
-        session_token=None,
-        region="us-east-1",
-        service="kms",
-        now=datetime.now(UTC),
-    )
-    reply = await app.handle("POST", "/", list(headers.items()), body)
-    return reply.status, json.loads(reply.body)
+    return await app_call(app, _ENV, operation, payload)
 
 
 @dataclass
@@ -216,4 +197,3 @@ def test_store_state_machine(tmp_path_factory: pytest.TempPathFactory, ops: list
             app.close()
 
     trio.run(main)
-

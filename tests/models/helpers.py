@@ -1,8 +1,21 @@
-"""Model builders for tests (onnx.helper, no downloads)."""
+"""Model builders for tests (onnx.helper, no downloads), and in-memory connections to a
+service."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
 import numpy as np
+import trio
+import trio.testing
+
+from models.client import InferenceClient
+from transport.rpc import RpcClient, open_rpc_client, serve_rpc
+
+if TYPE_CHECKING:
+    from models.service import InferenceService
 
 
 def slow_model(nodes: int = 300, width: int = 512) -> bytes:
@@ -69,3 +82,22 @@ def gather_model(rows: int = 4) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return bytes(model.SerializeToString())
+
+
+@asynccontextmanager
+async def raw_connection(service: InferenceService) -> AsyncIterator[RpcClient]:
+    """An RPC client on its own in-memory connection to ``service`` (no channel; for clients
+    that misbehave)."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_rpc, server_stream, service.connection_handler())
+        async with open_rpc_client(client_stream) as rpc:
+            yield rpc
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def connected(service: InferenceService) -> AsyncIterator[InferenceClient]:
+    """An :class:`InferenceClient` on its own in-memory connection to ``service``."""
+    async with raw_connection(service) as rpc:
+        yield InferenceClient(rpc, channel=None)

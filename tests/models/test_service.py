@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 import trio
 import trio.testing
 
-from models.client import InferenceClient
 from models.digits import MODEL_PATH, load_test_split
 from models.engine import EngineConfig, ModelEngine, create_session
 from models.errors import (
@@ -28,7 +25,8 @@ from models.service import (
     message_bytes,
 )
 from models.tensors import encode_tensor, encode_tensors
-from transport.rpc import RpcClient, RpcError, RpcStream, open_rpc_client, serve_rpc
+from tests.models.helpers import connected, raw_connection
+from transport.rpc import RpcError, RpcStream
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +42,6 @@ def service_models() -> dict[str, ModelEntry]:
         ),
         "secret": ModelEntry("secret", reason="AccessDeniedException: attestation mismatch"),
     }
-
-
-@asynccontextmanager
-async def connected(service: InferenceService) -> AsyncIterator[InferenceClient]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_rpc, server_stream, service.connection_handler())
-        async with open_rpc_client(client_stream) as rpc:
-            yield InferenceClient(rpc, channel=None)
-        nursery.cancel_scope.cancel()
 
 
 async def test_catalog(service_models: dict[str, ModelEntry]) -> None:
@@ -256,17 +244,6 @@ def _inline_models(service_models: dict[str, ModelEntry]) -> dict[str, ModelEntr
     data = MODEL_PATH.read_bytes()
     engine = ModelEngine("digits", create_session(data), config=EngineConfig(execution="inline"))
     return {"digits": ModelEntry("digits", digest=hashlib.sha384(data).digest(), engine=engine)}
-
-
-@asynccontextmanager
-async def raw_connection(service: InferenceService) -> AsyncIterator[RpcClient]:
-    """An RPC client on its own connection to ``service`` (for clients that misbehave)."""
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_rpc, server_stream, service.connection_handler())
-        async with open_rpc_client(client_stream) as rpc:
-            yield rpc
-        nursery.cancel_scope.cancel()
 
 
 async def _drain(st: RpcStream) -> None:

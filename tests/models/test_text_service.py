@@ -13,7 +13,6 @@ import pytest
 import trio
 import trio.testing
 
-from models.client import InferenceClient
 from models.digits import MODEL_PATH
 from models.engine import ModelEngine, create_session
 from models.errors import (
@@ -37,8 +36,9 @@ from models.text.errors import (
 )
 from models.text.limits import TextLimits
 from models.text.wire import decode_answer, encode_texts
+from tests.models.helpers import connected, raw_connection
 from tests.models.minilm_support import minilm_bundle, minilm_embedder
-from transport.rpc import RpcClient, RpcError, open_rpc_client, serve_rpc
+from transport.rpc import RpcError
 
 TEXTS = [
     "The patient reports chest pain after climbing stairs.",
@@ -77,26 +77,6 @@ async def serving(service: InferenceService) -> AsyncIterator[trio.Nursery]:
     async with trio.open_nursery() as nursery:
         await nursery.start(service.run)
         yield nursery
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def connected(service: InferenceService) -> AsyncIterator[InferenceClient]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_rpc, server_stream, service.connection_handler())
-        async with open_rpc_client(client_stream) as rpc:
-            yield InferenceClient(rpc, channel=None)
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def raw(service: InferenceService) -> AsyncIterator[RpcClient]:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_rpc, server_stream, service.connection_handler())
-        async with open_rpc_client(client_stream) as rpc:
-            yield rpc
         nursery.cancel_scope.cancel()
 
 
@@ -270,7 +250,11 @@ async def test_a_client_that_never_reads_is_held_to_the_byte_budgets() -> None:
     size = message_bytes(message) + 200 * 384 * 4 + 202 * 64
     sent = 0
     with trio.fail_after(60):
-        async with serving(service), raw(service) as attacker, connected(service) as other:
+        async with (
+            serving(service),
+            raw_connection(service) as attacker,
+            connected(service) as other,
+        ):
 
             async def flood() -> None:
                 nonlocal sent

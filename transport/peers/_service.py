@@ -24,6 +24,7 @@ Connection slots are bounded overall and per source enclave; a full relay refuse
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -148,7 +149,11 @@ class _Relay:
                 status=refusal.status.name,
                 reason=refusal.reason,
             )
-            with trio.move_on_after(1), _suppress_transport():
+            # A refused enclave that already went away is not told.
+            with (
+                trio.move_on_after(1),
+                suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+            ):
                 await conn.send_all(encode_reply(refusal.status))
             raise RouteRefused(refusal.reason) from None
 
@@ -196,18 +201,6 @@ class _Relay:
             self.active[cid] = left
         else:
             self.active.pop(cid, None)
-
-
-class _suppress_transport:
-    """Ignore a refused enclave that already went away."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> bool:
-        return exc_type is not None and issubclass(
-            exc_type, trio.BrokenResourceError | trio.ClosedResourceError | OSError
-        )
 
 
 async def _read_request(conn: trio.abc.Stream) -> RelayRequest:
