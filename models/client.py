@@ -471,6 +471,8 @@ class InferenceClient:
         Raises:
             the errors of :meth:`embed`; a batch that breaks a limit ends the stream after the
             batches before it were answered.
+            StreamInterrupted: the connection broke; ``acknowledged`` batches were answered
+                (streams are not retried; the next call reconnects, as for :meth:`stream`).
         """
         limit = self.timeout_s if timeout_s is None else timeout_s
         if not 1 <= in_flight <= 16:
@@ -478,7 +480,31 @@ class InferenceClient:
         source: Iterator[Sequence[str | bytes]] | AsyncIterator[Sequence[str | bytes]] = (
             aiter(batches) if isinstance(batches, AsyncIterable) else iter(batches)
         )
-        async with self._rpc.open_stream(EMBED_STREAM, {"model": model}) as st:
+        rpc = await self._live_rpc()  # a fresh connection if the last one broke
+        acknowledged = 0
+        try:
+            async with aclosing(self._embed_stream_on(rpc, model, source, in_flight, limit)) as it:
+                async for embeddings in it:
+                    acknowledged += 1
+                    yield embeddings
+        except _CONNECTION_ERRORS as exc:
+            if not rpc.closed:
+                raise
+            raise StreamInterrupted(
+                f"the connection broke during the stream after {acknowledged} answered "
+                f"batch(es) ({type(exc).__name__}: {exc}); resume with the remaining batches",
+                acknowledged=acknowledged,
+            ) from exc
+
+    async def _embed_stream_on(
+        self,
+        rpc: RpcClient,
+        model: str,
+        source: Iterator[Sequence[str | bytes]] | AsyncIterator[Sequence[str | bytes]],
+        in_flight: int,
+        limit: float,
+    ) -> AsyncGenerator[Embeddings, None]:
+        async with rpc.open_stream(EMBED_STREAM, {"model": model}) as st:
             pending: deque[int] = deque()  # texts per outstanding message
             exhausted = False
             try:

@@ -22,6 +22,8 @@ import trio
 
 from models.client import InferenceClient, StreamInterrupted, open_inference_client
 from models.tensors import decode_tensors, encode_tensors
+from models.text.embeddings import Embeddings
+from models.text.wire import EMBED_STREAM, encode_answer
 from transport.channel import accept_channel
 from transport.channel.testing import TestAuthority, default_pcrs
 from transport.errors import AuthenticationFailed
@@ -77,6 +79,17 @@ class Fleet:
                 )
             }
 
+        async def embed_stream_handler(st: RpcStream) -> None:
+            async for message in st:
+                if replica.die_after is not None and replica.answered >= replica.die_after:
+                    died.set()
+                    await trio.sleep_forever()
+                replica.answered += 1
+                n = len(message["texts"])
+                vectors = np.full((n, 4), replica.answered, dtype=np.float32)
+                await st.send(encode_answer(Embeddings(vectors, (False,) * n)))
+            await st.send_end()
+
         async def stream_handler(st: RpcStream) -> None:
             async for message in st:
                 if replica.die_after is not None and replica.answered >= replica.die_after:
@@ -103,6 +116,7 @@ class Fleet:
                             "infer": unary(infer),
                             "catalog": unary(lambda r, s: _catalog()),
                             "stream": stream_handler,
+                            EMBED_STREAM: embed_stream_handler,
                         }
                     ),
                 )
@@ -203,6 +217,27 @@ async def test_a_stream_says_how_many_inputs_were_answered() -> None:
                     int(o["x"][0]) async for o in client.stream("m", inputs[5:], coalesce_bytes=0)
                 ]
                 assert rest == list(range(5, 20))  # resumed on a fresh connection
+                assert client.failovers == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_text_stream_says_how_many_batches_were_answered_and_the_next_reconnects() -> None:
+    """Regression: ``embed_stream`` opened its stream on the connection as it was (a broken one
+    after a failure) and let the break out untyped; it now behaves as :meth:`stream` does."""
+    fleet = Fleet(current=Replica("a", IMAGE, die_after=3))
+    batches = [[f"text {i}"] for i in range(8)]
+    with trio.fail_after(TIMEOUT_S):
+        async with trio.open_nursery() as nursery:
+            endpoint = await _start(nursery, fleet)
+            async with open_inference_client(endpoint, verifier=_verifier(fleet)) as client:
+                got = []
+                with pytest.raises(StreamInterrupted) as info:  # noqa: PT012
+                    async for e in client.embed_stream("m", batches):
+                        got.append(int(e.vectors[0, 0]))
+                assert info.value.acknowledged == len(got) == 3
+                fleet.current = Replica("b", IMAGE)
+                rest = [int(e.vectors[0, 0]) async for e in client.embed_stream("m", batches[3:])]
+                assert rest == [1, 2, 3, 4, 5]  # answered by replica b, on a fresh connection
                 assert client.failovers == 1
             nursery.cancel_scope.cancel()
 
