@@ -224,25 +224,36 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError(_BUSY_SENDING)
         self._sending = True
         try:
-            self._check_send()
+            conn = self._conn
+            if self._closed or conn.our_closed:  # (_check_send, inlined: per-message path)
+                raise trio.ClosedResourceError("the channel is closed for sending")
+            if self._send_broken:
+                raise trio.BrokenResourceError("the channel is broken")
             await trio.lowlevel.checkpoint_if_cancelled()
             view = data if type(data) is bytes else memoryview(data).cast("B")
             if not view:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return
             n = len(view)
-            if -(-n // self._max_record) > self._conn.data_records_left:
-                # Checked before sealing anything: the channel can still be closed cleanly.
-                log.warning("channel_record_limit", role=self._role)
-                raise LocalProtocolError("record limit for this key reached; open a new channel")
             if n <= self._max_record:  # one record: skip the coalescing buffer
-                record = self._conn.seal_record(view)
+                try:
+                    # The sealer refuses a record past the limit before sealing anything (the
+                    # close keeps its reserved slot), so no separate check is needed here.
+                    record = conn.seal_record(view)
+                except LocalProtocolError:
+                    if conn.data_records_left < 1:
+                        log.warning("channel_record_limit", role=self._role)
+                    raise
                 try:
                     await self._send_transport(record)
                 except BaseException:
                     self._send_broken = True
                     raise
                 return
+            if -(-n // self._max_record) > conn.data_records_left:
+                # Checked before sealing anything: the channel can still be closed cleanly.
+                log.warning("channel_record_limit", role=self._role)
+                raise LocalProtocolError("record limit for this key reached; open a new channel")
             if not self._out:
                 per_record = HEADER_SIZE + self._max_record + TAG_SIZE
                 self._out = bytearray(_RECORDS_PER_WRITE * per_record)
@@ -289,12 +300,6 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             if exc.errno in _CLOSED_SOCKET_ERRNOS:
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
-
-    def _check_send(self) -> None:
-        if self._closed or self._conn.our_closed:
-            raise trio.ClosedResourceError("the channel is closed for sending")
-        if self._send_broken:
-            raise trio.BrokenResourceError("the channel is broken")
 
     async def send_eof(self) -> None:
         """Send the authenticated close record; idempotent. Receiving stays possible."""
