@@ -186,7 +186,10 @@ class LeaderFollower:
                                 while not ready() and not self._closed:
                                     await self._step()
                     else:
+                        # The loop condition was just checked: step first (one ready() call
+                        # fewer per lead, which is one per RPC call).
                         step = self._step
+                        await step()
                         while not ready() and not self._closed:
                             await step()
                 finally:

@@ -18,6 +18,12 @@ All figures come from one run on this machine (``reference/perf-baseline.md`` §
   ``channel_rtt_ratio`` = channel_rtt_us / pingpong_us; ``tls_rtt_us``: the same through TLS;
 * ``rpc_rtt_us``: p50 of one small unary call through channel + ``enclave-rpc/1``;
 * ``rpc_ratio`` = rpc_rtt_us / pingpong_us (budget ≤ 1.5 for now, goal 1.3);
+* ``pingpong_calls``, ``channel_calls``, ``rpc_calls`` (diagnostics): Python calls this
+  process makes per round trip of the ping-pong, of the channel round trip and of one RPC
+  call (function calls, C calls and coroutine resumptions, trio's scheduler included; counted
+  with ``sys.setprofile`` over a separate block, after the timed ones). Unlike the times they
+  hardly move with the load of a shared machine: the figure to compare when cutting work from
+  the client side of the hot paths (the peer's side is not counted);
 * ``grpc_rtt_us``: p50 of a plaintext grpcio unary echo of the same request over a Unix
   socket (server in a second process), the RPC a user would otherwise pick; ``rpc_vs_grpc``
   = rpc_rtt_us / grpc_rtt_us (budget ≤ 0.6). None when grpcio is not installed (``pip install
@@ -42,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -287,6 +293,14 @@ async def _echo_rounds(stream: trio.abc.Stream, rounds: int) -> list[float]:
     return samples
 
 
+async def _echo_once(stream: trio.abc.Stream, message: bytes) -> None:
+    """One round of :func:`_echo_rounds` without its clock (for the call counts)."""
+    await stream.send_all(message)
+    got = 0
+    while got < len(message):
+        got += len(await stream.receive_some(RECORD_SIZE))
+
+
 _GrpcCall = Callable[[bytes], bytes]
 
 
@@ -335,10 +349,35 @@ async def _latencies(
                     if keep:
                         samples["grpc"].append(time.perf_counter() - start)
                 await trio.lowlevel.checkpoint()
+        p50 = {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+        message = os.urandom(SMALL)
+        p50["pingpong_calls"] = await _calls_per_round(lambda: _echo_once(plain, message), block)
+        p50["channel_calls"] = await _calls_per_round(lambda: _echo_once(channel, message), block)
+        p50["rpc_calls"] = await _calls_per_round(lambda: rpc.call("echo", request), block)
     await plain.aclose()
     await channel.aclose()
     await trio.aclose_forcefully(tls_stream)
-    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
+    return p50
+
+
+async def _calls_per_round(one_round: Callable[[], Awaitable[object]], rounds: int) -> float:
+    """Python calls this process makes per ``one_round()`` (calls, C calls and coroutine
+    resumptions, the scheduler's included), counted with ``sys.setprofile``."""
+    count = 0
+
+    def profile(_frame: object, event: str, _arg: object) -> None:
+        nonlocal count
+        if event == "call" or event == "c_call":
+            count += 1
+
+    await one_round()  # warm (caches, the first lead)
+    sys.setprofile(profile)
+    try:
+        for _ in range(rounds):
+            await one_round()
+    finally:
+        sys.setprofile(None)
+    return count / rounds
 
 
 async def _client_main(
@@ -387,6 +426,9 @@ async def _measure(
         "tls_rtt_us": p50["tls"],
         "rpc_rtt_us": p50["rpc"],
         "grpc_rtt_us": p50.get("grpc"),
+        "pingpong_calls": p50["pingpong_calls"],
+        "channel_calls": p50["channel_calls"],
+        "rpc_calls": p50["rpc_calls"],
     }
 
 
@@ -570,6 +612,9 @@ def _result(aead: float, figures: dict[str, float | str | None]) -> BenchResult:
         "grpc_rtt_us": None if not isinstance(grpc, float) else round(grpc, 1),
         "rpc_vs_grpc": None if not isinstance(grpc, float) else round(rpc / grpc, 3),
         "rpc_vs_grpc_budget": RPC_VS_GRPC_BUDGET,
+        "pingpong_calls": round(_num(figures, "pingpong_calls"), 1),
+        "channel_calls": round(_num(figures, "channel_calls"), 1),
+        "rpc_calls": round(_num(figures, "rpc_calls"), 1),
         "record_bytes": RECORD_SIZE,
         "transport": "vsock fabric (host backend, AF_UNIX); gRPC: Unix socket",
     }

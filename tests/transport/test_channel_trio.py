@@ -475,3 +475,46 @@ async def test_over_the_vsock_fabric(tmp_path: Path) -> None:
                 assert await channel.receive_some() == b"detsetta"
                 await channel.send_eof()
                 assert await channel.receive_some() == b""
+
+
+@pytest.mark.parametrize("pair", [memory_pair, socketpair_pair])
+async def test_record_limit_is_logged_for_one_record_and_for_many(
+    pair: Callable[..., Awaitable[tuple[SecureChannel, SecureChannel]]],
+) -> None:
+    """One-record sends leave the limit to the sealer (it refuses before sealing), multi-record
+    sends check it up front: both refuse, log it, and keep the close's reserved slot; on a
+    socket (written directly) as on any other stream."""
+    with structlog.testing.capture_logs() as logs, trio.fail_after(TIMEOUT_S):
+        client, server = await pair(max_records=4, max_record_size=8)
+        await client.send_all(b"1")
+        with pytest.raises(LocalProtocolError, match="record limit"):
+            await client.send_all(b"x" * 24)  # three records: two are left
+        await client.send_all(b"2" * 16)  # two records: fits exactly
+        with pytest.raises(LocalProtocolError, match="record limit"):
+            await client.send_all(b"3")
+        await client.send_eof()  # the reserved slot
+        received = b""
+        while chunk := await server.receive_some():
+            received += chunk
+        assert received == b"1" + b"2" * 16
+        await client.aclose()
+        await server.aclose()
+    assert [e["event"] for e in logs].count("channel_record_limit") == 2
+
+
+async def test_send_to_a_closed_socket_peer_is_broken_not_oserror() -> None:
+    """The direct socket write maps OSError as SocketStream does: the peer's end gone is a
+    BrokenResourceError, and the channel stays broken."""
+    with trio.fail_after(TIMEOUT_S):
+        client, server = await socketpair_pair()
+        await server.transport_stream.aclose()
+
+        async def send_until_it_fails() -> None:
+            for _ in range(10_000):  # until the kernel reports the peer's end
+                await client.send_all(b"x" * 1024)
+
+        with pytest.raises(trio.BrokenResourceError):
+            await send_until_it_fails()
+        with pytest.raises(trio.BrokenResourceError):
+            await client.send_all(b"x")
+        await client.aclose()

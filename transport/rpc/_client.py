@@ -300,7 +300,8 @@ class RpcClient:
         if limit is not None:
             call.limit = limit
             call.deadline = deadline = conn.clock() + limit
-            conn.arm(deadline)
+            if deadline < conn.watchdog_next:  # conn.arm(deadline), inlined (per-call path)
+                conn.watchdog_parker.unpark()
         try:
             await conn.send(data)
             await conn.wait_until(call.done, call.parker)
