@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import KmsApiError
+from .keyspecs import CMK_SPECS
 
 __all__ = [
     "OPERATIONS",
@@ -70,8 +71,8 @@ KEY_SPECS = (
     "ML_KEM_768",
     "ML_KEM_1024",
 )
-#: The deprecated CustomerMasterKeySpec keeps its older, shorter list.
-_CMK_SPECS = KEY_SPECS[:13]
+#: The deprecated CustomerMasterKeySpec keeps its older, shorter list (kms.keyspecs owns it).
+_CMK_SPECS = tuple(spec for spec in KEY_SPECS if spec in CMK_SPECS)
 _KEY_USAGES = (
     "SIGN_VERIFY",
     "ENCRYPT_DECRYPT",
