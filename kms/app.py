@@ -27,6 +27,7 @@ import structlog
 from transport.errors import ConfigurationError
 
 from . import _wrap
+from ._http import HttpReply
 from .api import parse_request
 from .audit import AuditLog, AuditSink, is_legacy_audit_log, verify_legacy_audit_log
 from .coherence import ConnectionShare, SharedGeneration, StoreCoherence, WriteSection
@@ -59,17 +60,6 @@ MASTER_KEY_FILE = "master.key"
 DB_FILE = "kms.sqlite3"
 AUDIT_FILE = "audit.jsonl"
 CONTENT_TYPE = "application/x-amz-json-1.1"
-
-
-@dataclass(frozen=True, slots=True)
-class HttpReply:
-    """A complete reply: status, headers, body."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-    #: The request passed SigV4 (the connection may be kept alive).
-    authenticated: bool = False
 
 
 def load_master_key(state_dir: Path, env: Mapping[str, str]) -> bytes:
@@ -259,7 +249,6 @@ class KmsApp:
             [
                 ("Content-Type", CONTENT_TYPE),
                 ("x-amzn-RequestId", request_id),
-                ("Content-Length", str(len(payload))),
             ],
             payload,
             authenticated,
