@@ -31,7 +31,7 @@ from runtime.stack import StackError
 if TYPE_CHECKING:
     from models.client import InferenceClient
     from models.text.embedder import Embedder
-    from runtime.demo import Console
+    from runtime.demo.narration import Console
 
 __all__ = ["DOCUMENTS", "QUERIES", "TextAct", "text_act", "LATENCY_SAMPLES"]
 
