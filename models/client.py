@@ -150,7 +150,7 @@ class ModelInfo:
     #: "tensor" (infer/stream) or "text-embedding" (embed/embed_stream); "" when unavailable.
     kind: str = ""
     #: For a text model: its token cap, embedding width, pooling and request limits.
-    text: Mapping[str, Any] | None = None
+    text: Mapping[str, object] | None = None
 
     @classmethod
     def from_wire(cls, obj: object) -> ModelInfo:

@@ -3,7 +3,9 @@
 A tensor travels as the msgpack map ``{"dtype": "float32", "shape": [N, 64], "data": <bytes>}``
 with ``data`` the raw little-endian C-order bytes. Decoding is zero-copy (``np.frombuffer``) and
 every field is checked before use: known dtype name, bounded rank, non-negative dimensions, a byte
-length that matches ``prod(shape) * itemsize``, and an overall size cap.
+length that matches ``prod(shape) * itemsize``, and an overall size cap. The shapes on the wire are
+typed (:class:`WireTensor`, :class:`WireSignature`); a decoder takes whatever the peer sent
+(``object``) and checks it.
 
 A :class:`ModelSignature` is what onnxruntime reports for a session's inputs and outputs; its
 :meth:`ModelSignature.validate` checks a request (names, dtypes, ranks, fixed dimensions, size
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +31,10 @@ __all__ = [
     "ORT_TYPES",
     "MAX_RANK",
     "DEFAULT_MAX_TENSOR_BYTES",
+    "Array",
+    "WireTensor",
+    "WireTensorSpec",
+    "WireSignature",
     "TensorSpec",
     "ModelSignature",
     "encode_tensor",
@@ -38,7 +44,7 @@ __all__ = [
 ]
 
 #: Wire dtype names -> numpy dtypes (little-endian; bool is one byte).
-DTYPES: Final[dict[str, np.dtype[Any]]] = {
+DTYPES: Final[dict[str, np.dtype[np.generic]]] = {
     name: np.dtype(name).newbyteorder("<") if np.dtype(name).itemsize > 1 else np.dtype(name)
     for name in (
         "float16",
@@ -56,7 +62,7 @@ DTYPES: Final[dict[str, np.dtype[Any]]] = {
     )
 }
 #: numpy dtype -> wire name (a dict lookup is ~50x cheaper than ``dtype.name`` in numpy 2).
-_NAME_OF: Final[dict[np.dtype[Any], str]] = {dt: name for name, dt in DTYPES.items()}
+_NAME_OF: Final[dict[np.dtype[np.generic], str]] = {dt: name for name, dt in DTYPES.items()}
 #: onnxruntime type strings -> wire dtype names.
 ORT_TYPES: Final[dict[str, str]] = {
     "tensor(float16)": "float16",
@@ -80,7 +86,31 @@ DEFAULT_MAX_TENSOR_BYTES: Final = 16 << 20
 MAX_TENSORS: Final = 64
 MAX_NAME_LEN: Final = 256
 
-Array = npt.NDArray[Any]
+#: An array of any dtype (what the wire carries; a model's signature says which dtype).
+Array = npt.NDArray[np.generic]
+
+
+class WireTensor(TypedDict):
+    """A tensor on the wire: ``data`` is the raw little-endian C-order bytes of ``shape``."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class WireTensorSpec(TypedDict):
+    """One input or output of a model in a catalog answer (``None``/str = dynamic dimension)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+
+
+class WireSignature(TypedDict):
+    """A model's signature in a catalog answer."""
+
+    inputs: list[WireTensorSpec]
+    outputs: list[WireTensorSpec]
 
 
 class NodeArg(Protocol):
@@ -107,11 +137,11 @@ class Session(Protocol):
         self,
         output_names: Sequence[str] | None,
         input_feed: Mapping[str, Array],
-        run_options: Any = None,
+        run_options: object = None,
     ) -> Sequence[Array]: ...
 
 
-def encode_tensor(array: npt.ArrayLike) -> dict[str, Any]:
+def encode_tensor(array: npt.ArrayLike) -> WireTensor:
     """The wire form of an array (converted to little-endian C order if needed)."""
     arr = np.asarray(array)
     name = _NAME_OF.get(arr.dtype)
@@ -126,7 +156,7 @@ def encode_tensor(array: npt.ArrayLike) -> dict[str, Any]:
 
 
 def decode_tensor(
-    obj: Any, *, what: str = "tensor", max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    obj: object, *, what: str = "tensor", max_bytes: int = DEFAULT_MAX_TENSOR_BYTES
 ) -> Array:
     """Check and decode a wire tensor (zero-copy, read-only view over the message bytes).
 
@@ -157,13 +187,13 @@ def decode_tensor(
     return np.frombuffer(data, dtype=dtype, count=count).reshape(tuple(shape))
 
 
-def encode_tensors(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, Any]:
+def encode_tensors(arrays: Mapping[str, npt.ArrayLike]) -> dict[str, WireTensor]:
     """Wire form of a name -> array map."""
     return {name: encode_tensor(a) for name, a in arrays.items()}
 
 
 def decode_tensors(
-    obj: Any, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, what: str = "inputs"
+    obj: object, *, max_bytes: int = DEFAULT_MAX_TENSOR_BYTES, what: str = "inputs"
 ) -> dict[str, Array]:
     """Decode a name -> wire tensor map, with the total size bounded by ``max_bytes``."""
     if not isinstance(obj, Mapping) or not 0 < len(obj) <= MAX_TENSORS:
@@ -190,7 +220,8 @@ class TensorSpec:
     dtype: str
     shape: tuple[Dim, ...]
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> WireTensorSpec:
+        """The spec as a catalog answer carries it."""
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
@@ -287,7 +318,8 @@ class ModelSignature:
             raise InvalidInputError(f"batch of {n} exceeds the limit of {max_batch}")
         return n
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> WireSignature:
+        """The signature as a catalog answer carries it."""
         return {
             "inputs": [s.to_wire() for s in self.inputs],
             "outputs": [s.to_wire() for s in self.outputs],

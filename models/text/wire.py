@@ -19,18 +19,20 @@ accepts strings too. The answer's tensor is the ordinary wire tensor of :mod:`mo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Final, TypedDict
 
 import numpy as np
 
 from models.errors import InferenceError, InvalidInputError
-from models.tensors import decode_tensor, encode_tensor
+from models.tensors import WireTensor, decode_tensor, encode_tensor
 from models.text.embeddings import Embeddings
 from models.text.errors import InvalidUtf8Error, TextInputError
 
 __all__ = [
     "EMBED",
     "EMBED_STREAM",
+    "EmbedRequest",
+    "EmbedAnswer",
     "encode_texts",
     "embed_request",
     "request_texts",
@@ -43,6 +45,21 @@ EMBED: Final = "embed"
 EMBED_STREAM: Final = "embed_stream"
 #: Largest answer decoded by a client: 1024 texts of 4096 dimensions (float32).
 MAX_ANSWER_BYTES: Final = 16 << 20
+
+
+class EmbedRequest(TypedDict):
+    """The ``embed`` request: the model's name and its texts as UTF-8 bytes."""
+
+    model: str
+    texts: list[bytes]
+
+
+class EmbedAnswer(TypedDict):
+    """The answer to one request or stream message: float32 ``[N, dim]`` rows and, per text,
+    whether it was cut at the model's token cap."""
+
+    embeddings: WireTensor
+    truncated: list[bool]
 
 
 def encode_texts(texts: Sequence[str | bytes]) -> list[bytes]:
@@ -72,14 +89,14 @@ def encode_texts(texts: Sequence[str | bytes]) -> list[bytes]:
     return out
 
 
-def embed_request(model: str, texts: Sequence[str | bytes]) -> dict[str, Any]:
+def embed_request(model: str, texts: Sequence[str | bytes]) -> EmbedRequest:
     """The ``embed`` request."""
     return {"model": model, "texts": encode_texts(texts)}
 
 
-def request_texts(message: object) -> list[Any]:
-    """The ``texts`` list of a request or stream message (its items are checked later, by the
-    model's limits).
+def request_texts(message: object) -> list[object]:
+    """The ``texts`` list of a request or stream message, as the peer sent it (its items are
+    unchecked: the model's limits check them).
 
     Raises:
         TextInputError: no ``texts`` list.
@@ -90,7 +107,7 @@ def request_texts(message: object) -> list[Any]:
     return texts
 
 
-def encode_answer(embeddings: Embeddings) -> dict[str, Any]:
+def encode_answer(embeddings: Embeddings) -> EmbedAnswer:
     """The answer to one request (or stream message)."""
     return {
         "embeddings": encode_tensor(embeddings.vectors),
@@ -123,4 +140,5 @@ def decode_answer(answer: object, *, texts: int) -> Embeddings:
             f"malformed answer from the server: expected {texts} float32 rows and flags, got "
             f"{vectors.dtype} {list(vectors.shape)}"
         )
-    return Embeddings(vectors=vectors, truncated=tuple(truncated))
+    # The dtype is checked above: astype returns the same array, typed float32.
+    return Embeddings(vectors=vectors.astype(np.float32, copy=False), truncated=tuple(truncated))
