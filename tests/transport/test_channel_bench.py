@@ -28,15 +28,16 @@ def test_quick_bench_measures_every_figure() -> None:
         assert isinstance(value, float), key
         assert value > 0, key
     # Diagnostics: Python calls per round trip in the client process (sys.setprofile). RPC adds
-    # work on top of the channel. The channel makes *fewer* calls than the plain trio stream: it
-    # does its socket I/O itself and skips the scheduler pass trio's socket wrapper makes after
-    # every operation (SecureChannel._send_transport), which the ping-pong anchor pays twice.
+    # work on top of the channel. (The channel is not compared with the plain ping-pong: doing
+    # its socket I/O itself it may make fewer calls than trio's SocketStream, how many fewer
+    # depending on whether the answer is already there when it reads.)
     calls: list[float] = []
     for key in ("pingpong_calls", "channel_calls", "rpc_calls"):
         value = figures[key]
         assert isinstance(value, float), key
         calls.append(value)
-    assert 0 < calls[1] < calls[0] < calls[2]
+    assert all(c > 0 for c in calls)
+    assert calls[1] < calls[2]
     assert figures["tls_cipher"] == "TLSv1.3 TLS_AES_256_GCM_SHA384"
     # Ratios are the figures' quotients (rounded to 3 decimals, hence the tolerance).
     for ratio, num, den in (
