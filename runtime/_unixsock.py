@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["short_path", "SUN_PATH_MAX"]
+__all__ = ["bind_private", "short_path", "SUN_PATH_MAX"]
 
 #: sizeof(sockaddr_un.sun_path) minus the terminating NUL.
 SUN_PATH_MAX = 107
@@ -31,3 +32,26 @@ def short_path(path: Path | str) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}/{name}"
     finally:
         os.close(fd)
+
+
+def bind_private(path: Path | str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A new AF_UNIX socket bound at ``path`` with mode 0600 (not yet listening).
+
+    The socket file's mode comes from the process umask at ``bind``, so the umask is narrowed
+    around it, synchronously: no other task can run (and create files under the narrowed
+    umask, or narrow it again and restore the wrong value) in between. Doing this around an
+    ``await`` leaked umask 0177 to the whole process when two binds overlapped (two enclaves'
+    control sockets started together), after which new directories came out 0600.
+    """
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        old = os.umask(0o177)
+        try:
+            with short_path(path) as bindable:
+                sock.bind(bindable)
+        finally:
+            os.umask(old)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

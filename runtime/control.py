@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 import structlog
 import trio
 
-from runtime._unixsock import short_path
+from runtime._unixsock import bind_private, short_path
 from runtime.errors import (
     ConsoleConnectionError,
     EnclaveProcessConnectionError,
@@ -88,13 +86,7 @@ class ControlServer:
         """Bind (mode 0600) and serve until :meth:`stop` (then drain) or cancellation."""
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            with short_path(self.path) as bindable:
-                await sock.bind(bindable)
-        finally:
-            os.umask(old)
+        sock = trio.socket.from_stdlib_socket(bind_private(self.path))
         sock.listen(16)
         listener = trio.SocketListener(sock)
         async with trio.open_nursery() as handlers:

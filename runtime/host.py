@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 import structlog
 import trio
 
-from runtime._unixsock import short_path
+from runtime._unixsock import bind_private, short_path
 from runtime.errors import (
     EnclaveProcessConnectionError,
     InvalidCommandError,
@@ -115,15 +115,9 @@ async def serve_host(
 
     path = state.path / _SOCKET_NAME
     async with open_runtime(state.path, zygote=True) as rt:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        old = os.umask(0o177)
-        try:
-            with short_path(path) as bindable:
-                await sock.bind(bindable)
-        finally:
-            os.umask(old)
+        sock = trio.socket.from_stdlib_socket(bind_private(path))
         sock.listen(MAX_CLIENTS)
         listener = trio.SocketListener(sock)
         clients = _Clients()

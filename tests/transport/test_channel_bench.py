@@ -27,14 +27,17 @@ def test_quick_bench_measures_every_figure() -> None:
         value = figures[key]
         assert isinstance(value, float), key
         assert value > 0, key
-    # Diagnostics: Python calls per round trip in the client process (sys.setprofile). Each
-    # layer adds work on top of the one below it, so the counts must say so.
+    # Diagnostics: Python calls per round trip in the client process (sys.setprofile). RPC adds
+    # work on top of the channel. (The channel is not compared with the plain ping-pong: doing
+    # its socket I/O itself it may make fewer calls than trio's SocketStream, how many fewer
+    # depending on whether the answer is already there when it reads.)
     calls: list[float] = []
     for key in ("pingpong_calls", "channel_calls", "rpc_calls"):
         value = figures[key]
         assert isinstance(value, float), key
         calls.append(value)
-    assert 0 < calls[0] < calls[1] < calls[2]
+    assert all(c > 0 for c in calls)
+    assert calls[1] < calls[2]
     assert figures["tls_cipher"] == "TLSv1.3 TLS_AES_256_GCM_SHA384"
     # Ratios are the figures' quotients (rounded to 3 decimals, hence the tolerance).
     for ratio, num, den in (

@@ -303,7 +303,7 @@ class RpcClient:
             if deadline < conn.watchdog_next:  # conn.arm(deadline), inlined (per-call path)
                 conn.watchdog_parker.unpark()
         try:
-            await conn.send(data)
+            await conn.send(data, then_wait=True)
             await conn.wait_until(call.done, call.parker)
         finally:
             call.deadline = None

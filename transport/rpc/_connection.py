@@ -29,7 +29,7 @@ operation, each time a fresh instance chained to the cause.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, NoReturn, cast
 
@@ -138,6 +138,11 @@ class Connection:
 
     def __init__(self, transport: trio.abc.Stream, core: RpcConnection) -> None:
         self.transport = transport
+        # A SecureChannel can skip the scheduler pass after a write it did at once
+        # (SecureChannel.send_all_eagerly); used only where the writer blocks right after.
+        self.send_eagerly: Callable[[bytes], Awaitable[None]] = getattr(
+            transport, "send_all_eagerly", transport.send_all
+        )
         self.core = core
         self.streams: dict[int, StreamEndpoint] = {}
         self.outbox: list[bytes] = []
@@ -213,8 +218,11 @@ class Connection:
 
     # ------------------------------------------------------------ sending
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, *, then_wait: bool = False) -> None:
         """Queue ``data`` and write everything queued.
+
+        ``then_wait``: the caller blocks right after (a unary call waits for its answer), so a
+        write the transport takes at once needs no scheduler pass of its own.
 
         Raises the connection's error if it is dead before the data could be written.
         """
@@ -222,7 +230,7 @@ class Connection:
             raise self.error()
         self.outbox.append(data)
         if self.writer is None:
-            await self._write_outbox()
+            await self._write_outbox(then_wait)
         else:
             await self._wait_written()
 
@@ -273,7 +281,7 @@ class Connection:
         elif self.failure is not None:
             raise self.error()
 
-    async def _write_outbox(self) -> None:
+    async def _write_outbox(self, then_wait: bool = False) -> None:
         """Become the writer: write *everything* queued with as few ``send_all`` as possible,
         looping until the outbox is empty, so frames queued by other tasks meanwhile go out
         in the same or the next batch. Cancellation is checked before a batch is taken from
@@ -296,7 +304,10 @@ class Connection:
                 self.write_started = now()
                 try:
                     if len(batch) <= UNSHIELDED_WRITE_SIZE:
-                        await self.transport.send_all(batch)
+                        if then_wait:
+                            await self.send_eagerly(batch)
+                        else:
+                            await self.transport.send_all(batch)
                     else:
                         await self._send_all_shielded(batch)
                 except TRANSPORT_ERRORS as exc:

@@ -1165,13 +1165,19 @@ class RpcConnection:
             decoded = self._decode(payload, self._control_limits, "OPEN payload")
             if not (isinstance(decoded, list) and len(decoded) == 2):
                 self._fail("OPEN payload must be [method, metadata]")
-            method, metadata = decoded
-            if not isinstance(method, str) or not 1 <= len(method.encode()) <= MAX_METHOD_LENGTH:
+            # Checked while still untyped (Any): compiled (transport/accel.py), a typed name
+            # checks its type on assignment, which would raise TypeError, not our error.
+            peer_method, peer_metadata = decoded
+            if (
+                not isinstance(peer_method, str)
+                or not 1 <= len(peer_method.encode()) <= MAX_METHOD_LENGTH
+            ):
                 self._fail("OPEN method must be a string of 1 to 256 UTF-8 bytes")
-            if not isinstance(metadata, dict) or not all(
-                isinstance(k, str) and isinstance(v, _SCALARS) for k, v in metadata.items()
+            if not isinstance(peer_metadata, dict) or not all(
+                isinstance(k, str) and isinstance(v, _SCALARS) for k, v in peer_metadata.items()
             ):
                 self._fail("OPEN metadata must map strings to scalar values")
+            method, metadata = peer_method, peer_metadata
             if not metadata and len(self._open_decoded) < _OPEN_CACHE_SIZE:
                 self._open_decoded[raw] = method
         self._last_stream_id = stream_id

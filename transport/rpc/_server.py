@@ -336,7 +336,7 @@ class _ServerConnection(Connection):
                 if self.outbox or core.has_data_to_send():
                     try:  # self.flush(), inlined: one coroutine fewer per answer
                         if self.writer is None:
-                            await self._write_outbox()
+                            await self._write_outbox(then_wait=True)  # then: read again
                         else:
                             await self._wait_written()
                     except TransportError:
