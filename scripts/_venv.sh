@@ -41,7 +41,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 # The compiled sans-IO cores (transport/accel.py): quick when current; without a C compiler it
 # says so and the interpreted cores are used.
-"$venv/bin/python" "$root/scripts/build_accel.py"
+"$venv/bin/python" "$root/scripts/build_accel.py" ||
+    echo "note: the compiled cores were not built (see above); the interpreted ones are used" >&2
 export PATH="$venv/bin:$PATH"
 # Byte-compiled modules make enclave start-up fast (the machine may set PYTHONDONTWRITEBYTECODE).
 unset PYTHONDONTWRITEBYTECODE
