@@ -15,6 +15,7 @@ from .client import KmsClient as KmsClient
 from .cms import build_enveloped_data as build_enveloped_data
 from .cms import open_enveloped_data as open_enveloped_data
 from .config import KmsConfig as KmsConfig
+from .config import KmsConfigChanges as KmsConfigChanges
 from .daemon import serve_kms as serve_kms
 from .errors import KmsApiError as KmsApiError
 from .errors import KmsError as KmsError
@@ -24,6 +25,7 @@ __all__ = [
     "KmsClient",
     "AttestedKmsClient",
     "KmsConfig",
+    "KmsConfigChanges",
     "KmsError",
     "KmsApiError",
     "build_enveloped_data",

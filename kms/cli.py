@@ -15,14 +15,21 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from transport.errors import ConfigurationError, EnclaveError
 from transport.hostport import parse_host_port
 from transport.logs import configure_logging
 
 from .audit import is_legacy_audit_log, verify_audit_log, verify_legacy_audit_log
-from .config import DEFAULT_HOST, DEFAULT_PORT, MASTER_KEY_ENV, MAX_WORKERS, KmsConfig
+from .config import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    MASTER_KEY_ENV,
+    MAX_WORKERS,
+    KmsConfig,
+    KmsConfigChanges,
+)
 from .errors import AuditChainError
 
 __all__ = [
@@ -139,7 +146,7 @@ def add_audit_verify_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> KmsConfig:
     """The config file (if any) with the flags that were given applied on top."""
     config = KmsConfig.from_toml(args.config) if args.config else KmsConfig()
-    changes: dict[str, Any] = {}
+    changes: KmsConfigChanges = {}
     if args.listen:
         changes["host"], changes["port"] = parse_host_port(
             args.listen, default_host=DEFAULT_HOST, allow_port_zero=True, what="--listen"

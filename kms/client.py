@@ -16,7 +16,7 @@ import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -179,11 +179,12 @@ class KmsClient:
         """The SigV4 region requests are signed for."""
         return self._region
 
-    async def call(self, operation: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+    async def call(self, operation: str, payload: Mapping[str, object]) -> dict[str, object]:
         """Call ``TrentService.<operation>`` with a JSON payload (binary fields base64 strings).
 
         Returns:
-            The decoded JSON answer.
+            The decoded JSON answer: an object, its members as the peer sent them (check each
+            member's type before use; the typed helpers of :class:`AttestedKmsClient` do).
 
         Raises:
             KmsApiError: the service answered with an error (``type_name`` = AWS ``__type``).
@@ -349,7 +350,7 @@ class AttestedKmsClient:
         }
 
     @staticmethod
-    def _open(answer: Mapping[str, Any], private_key: rsa.RSAPrivateKey) -> bytes:
+    def _open(answer: Mapping[str, object], private_key: rsa.RSAPrivateKey) -> bytes:
         if answer.get("Plaintext"):
             raise KmsError("KMS returned a plaintext to a Recipient request")
         blob = answer.get("CiphertextForRecipient")
@@ -370,7 +371,7 @@ class AttestedKmsClient:
     ) -> bytes:
         """Decrypt a CiphertextBlob; the plaintext is released only to this enclave."""
         private_key, recipient = await self._recipient()
-        payload: dict[str, Any] = {
+        payload: dict[str, object] = {
             "CiphertextBlob": base64.b64encode(ciphertext_blob).decode(),
             "Recipient": recipient,
         }
@@ -389,14 +390,14 @@ class AttestedKmsClient:
     ) -> tuple[bytes, bytes]:
         """A fresh data key: ``(plaintext, ciphertext_blob)``."""
         private_key, recipient = await self._recipient()
-        payload: dict[str, Any] = {"KeyId": key_id, "KeySpec": key_spec, "Recipient": recipient}
+        payload: dict[str, object] = {"KeyId": key_id, "KeySpec": key_spec, "Recipient": recipient}
         if encryption_context:
             payload["EncryptionContext"] = dict(encryption_context)
         answer = await self._client.call("GenerateDataKey", payload)
         plaintext = self._open(answer, private_key)
         try:
-            blob = base64.b64decode(answer["CiphertextBlob"], validate=True)
-        except (KeyError, TypeError, ValueError) as exc:
+            blob = _base64_member(answer, "CiphertextBlob")
+        except ValueError as exc:
             raise KmsError("GenerateDataKey answer lacks a valid CiphertextBlob") from exc
         return plaintext, blob
 
@@ -410,7 +411,7 @@ class AttestedKmsClient:
         """A fresh data key pair: ``(private key PKCS#8 DER, public key SPKI DER,
         private key ciphertext blob)``; the private key is released to this enclave only."""
         private_key, recipient = await self._recipient()
-        payload: dict[str, Any] = {
+        payload: dict[str, object] = {
             "KeyId": key_id,
             "KeyPairSpec": key_pair_spec,
             "Recipient": recipient,
@@ -422,9 +423,9 @@ class AttestedKmsClient:
             raise KmsError("KMS returned a plaintext private key to a Recipient request")
         private_der = self._open(answer, private_key)
         try:
-            public_der = base64.b64decode(answer["PublicKey"], validate=True)
-            blob = base64.b64decode(answer["PrivateKeyCiphertextBlob"], validate=True)
-        except (KeyError, TypeError, ValueError) as exc:
+            public_der = _base64_member(answer, "PublicKey")
+            blob = _base64_member(answer, "PrivateKeyCiphertextBlob")
+        except ValueError as exc:
             raise KmsError("GenerateDataKeyPair answer is incomplete") from exc
         return private_der, public_der, blob
 
@@ -439,3 +440,15 @@ class AttestedKmsClient:
     async def aclose(self) -> None:
         """Close the underlying client's connection."""
         await self._client.aclose()
+
+
+def _base64_member(answer: Mapping[str, object], name: str) -> bytes:
+    """The binary member ``name`` of an answer, decoded.
+
+    Raises:
+        ValueError: absent, not a string, or not Base64.
+    """
+    value = answer.get(name)
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is absent or not a string")
+    return base64.b64decode(value, validate=True)

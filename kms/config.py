@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 from urllib.parse import urlsplit, urlunsplit
 
 from transport.errors import ConfigurationError
@@ -47,6 +47,7 @@ __all__ = [
     "MAX_WORKERS",
     "CredentialEntry",
     "KmsConfig",
+    "KmsConfigChanges",
     "POSTGRES_SCHEMES",
     "redact_url",
 ]
@@ -121,6 +122,31 @@ class CredentialEntry:
             raise ConfigurationError("credentials need access_key_id and secret_access_key")
         if not _PRINCIPAL_RE.match(self.principal_arn):
             raise ConfigurationError(f"principal_arn {self.principal_arn!r} is not an IAM ARN")
+
+
+class KmsConfigChanges(TypedDict, total=False):
+    """The fields of :class:`KmsConfig` that :meth:`KmsConfig.with_overrides` replaces (any
+    subset; each with its field's type)."""
+
+    host: str
+    port: int
+    state_dir: Path | None
+    credentials: tuple[CredentialEntry, ...]
+    trust_roots: tuple[str, ...]
+    max_document_age_s: float
+    seed_file: Path | None
+    region: str
+    account_id: str
+    max_body_bytes: int
+    graceful_timeout_s: float
+    keep_alive_timeout_s: float
+    request_timeout_s: float
+    max_connections_per_source: int
+    audit_fsync: bool
+    clock_skew_s: float
+    start_despite_broken_audit_chain: bool
+    workers: int | None
+    storage: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +300,9 @@ class KmsConfig:
             ),
         )
 
-    def with_overrides(self, **changes: Any) -> KmsConfig:
-        """A copy with the given fields replaced (CLI flags override file values)."""
+    def with_overrides(self, **changes: Unpack[KmsConfigChanges]) -> KmsConfig:
+        """A copy with the given fields replaced (CLI flags override file values); the new
+        values are checked as at construction."""
         return replace(self, **changes)
 
     @classmethod
@@ -290,8 +317,15 @@ class KmsConfig:
         return cls.from_mapping(data, base_dir=Path(path).resolve().parent)
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any], *, base_dir: Path | None = None) -> KmsConfig:
-        """Build from a mapping with the TOML layout above. Unknown keys are refused."""
+    def from_mapping(cls, m: Mapping[str, object], *, base_dir: Path | None = None) -> KmsConfig:
+        """Build from a mapping with the TOML layout above (a document read from a file: every
+        value's type is checked). Unknown keys are refused.
+
+        Raises:
+            ConfigurationError: an unknown key, a value of the wrong type, or an invalid value.
+        """
+        if not isinstance(m, Mapping):
+            raise ConfigurationError(f"a KMS config is a table, got {type(m).__name__}")
         allowed = {
             "listen",
             "host",
@@ -317,7 +351,7 @@ class KmsConfig:
         if unknown:
             raise ConfigurationError(f"unknown KMS config keys: {sorted(unknown)}")
 
-        def path_of(v: Any) -> Path:
+        def path_of(v: object) -> Path:
             if not isinstance(v, str | Path):
                 raise ConfigurationError(f"expected a path, got {v!r}")
             p = Path(v).expanduser()
@@ -348,9 +382,10 @@ class KmsConfig:
             "clock_skew_s",
         ):
             if name in m:
-                if not isinstance(m[name], int | float) or isinstance(m[name], bool):
+                seconds = m[name]
+                if not isinstance(seconds, int | float) or isinstance(seconds, bool):
                     raise ConfigurationError(f"{name} must be a number of seconds")
-                kw[name] = float(m[name])
+                kw[name] = float(seconds)
         if "audit_fsync" in m:
             if not isinstance(m["audit_fsync"], bool):
                 raise ConfigurationError("audit_fsync must be true or false")
@@ -386,21 +421,21 @@ class KmsConfig:
                 }
                 if extra:
                     raise ConfigurationError(f"unknown credentials keys: {sorted(extra)}")
+                for name in ("access_key_id", "secret_access_key"):
+                    if name not in c:
+                        raise ConfigurationError(f"credentials entry lacks {name}")
+                # Strings only: a number or a list is a mistake in the file, never a key id.
+                wrong = sorted(name for name, value in c.items() if not isinstance(value, str))
+                if wrong:
+                    raise ConfigurationError(f"credentials {wrong} must be strings")
                 account = kw.get("account_id", DEFAULT_ACCOUNT_ID)
-                try:
-                    entries.append(
-                        CredentialEntry(
-                            access_key_id=str(c["access_key_id"]),
-                            secret_access_key=str(c["secret_access_key"]),
-                            principal_arn=str(
-                                c.get("principal_arn", f"arn:aws:iam::{account}:user/local")
-                            ),
-                            session_token=(
-                                str(c["session_token"]) if "session_token" in c else None
-                            ),
-                        )
+                entries.append(
+                    CredentialEntry(
+                        access_key_id=c["access_key_id"],
+                        secret_access_key=c["secret_access_key"],
+                        principal_arn=c.get("principal_arn", f"arn:aws:iam::{account}:user/local"),
+                        session_token=c.get("session_token"),
                     )
-                except KeyError as exc:
-                    raise ConfigurationError(f"credentials entry lacks {exc.args[0]}") from None
+                )
             kw["credentials"] = tuple(entries)
         return cls(**kw)

@@ -22,10 +22,14 @@ from .record import DISCONNECTING as DISCONNECTING
 from .record import EXTERNAL_KEY_STORE as EXTERNAL_KEY_STORE
 from .record import EXTERNAL_KEY_STORE_ORIGIN as EXTERNAL_KEY_STORE_ORIGIN
 from .record import FAILED as FAILED
+from .record import CustomKeyStoresListEntry as CustomKeyStoresListEntry
 from .record import KeyStore as KeyStore
+from .record import XksProxyConfiguration as XksProxyConfiguration
 
 __all__ = [
     "KeyStore",
+    "CustomKeyStoresListEntry",
+    "XksProxyConfiguration",
     "XksBlob",
     "ProxyClients",
     "ProxySettings",

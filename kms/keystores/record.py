@@ -32,7 +32,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Final, TypedDict
 from urllib.parse import urlsplit
 
 from ..errors import KmsError
@@ -50,6 +50,8 @@ __all__ = [
     "MAX_KEY_STORES",
     "STORE_ID_PREFIX",
     "KeyStore",
+    "CustomKeyStoresListEntry",
+    "XksProxyConfiguration",
     "EndpointError",
     "new_store_id",
     "validate_endpoint",
@@ -118,6 +120,35 @@ def validate_endpoint(endpoint: str) -> str:
             "XksProxyUriEndpoint must begin with https:// (plain http:// only to a loopback host)"
         )
     return endpoint
+
+
+class XksProxyConfiguration(TypedDict):
+    """The ``XksProxyConfiguration`` of a store as DescribeCustomKeyStores shows it (botocore's
+    ``XksProxyConfigurationType``; never the credential's secret)."""
+
+    Connectivity: str
+    AccessKeyId: str
+    UriEndpoint: str
+    UriPath: str
+
+
+class _ListEntryRequired(TypedDict):
+    CustomKeyStoreId: str
+    CustomKeyStoreName: str
+    ConnectionState: str
+    CreationDate: float
+    CustomKeyStoreType: str
+    XksProxyConfiguration: XksProxyConfiguration
+
+
+# The optional field by inheritance, not NotRequired[]: under ``from __future__ import
+# annotations`` Python 3.11 counts NotRequired fields among ``__required_keys__``.
+class CustomKeyStoresListEntry(_ListEntryRequired, total=False):
+    """One entry of DescribeCustomKeyStores's ``CustomKeyStores`` (botocore's
+    ``CustomKeyStoresListEntry``, the fields an external key store has here)."""
+
+    #: Only in the FAILED state.
+    ConnectionErrorCode: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +234,9 @@ class KeyStore:
         """The proxy's host name (for messages)."""
         return urlsplit(self.endpoint).hostname or self.endpoint
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> CustomKeyStoresListEntry:
         """The ``CustomKeyStoresListEntry`` of DescribeCustomKeyStores (no secret)."""
-        out: dict[str, Any] = {
+        out: CustomKeyStoresListEntry = {
             "CustomKeyStoreId": self.store_id,
             "CustomKeyStoreName": self.name,
             "ConnectionState": self.state,

@@ -620,7 +620,7 @@ class KmsService:
         *,
         context: Mapping[str, str] | None = None,
         recipient: RecipientInfo | None = None,
-        params: Params | None = None,
+        params: Mapping[str, object] | None = None,
         extra: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         """Allow ``caller`` to perform ``kms:<action>`` on ``key`` or raise AccessDenied.
@@ -628,7 +628,8 @@ class KmsService:
         The one authorization point of every operation. As AWS evaluates: an explicit Deny in
         the key policy refuses; otherwise an Allow of the policy, or a grant on the key for the
         caller (with the action among its operations and its encryption-context constraint
-        met), allows; otherwise the implicit deny refuses.
+        met), allows; otherwise the implicit deny refuses. ``params`` (the request's validated
+        members) gives the condition keys of its members (kms:KeySpec of CreateKey...).
         """
         outcome.key_arn = key.arn
         cond = self.conditions(caller, context, recipient)
@@ -719,9 +720,18 @@ class KmsService:
         return cond
 
     def verify_recipient(
-        self, rec: Mapping[str, Any], request: Request, action: str
+        self, rec: Mapping[str, object], request: Request, action: str
     ) -> RecipientInfo:
-        """Verify a Recipient's attestation document (fail closed without trust roots)."""
+        """Verify a Recipient's attestation document (fail closed without trust roots).
+
+        ``rec`` is the request's validated ``Recipient`` member (:mod:`kms.api`: its
+        ``AttestationDocument`` decoded to bytes).
+
+        Raises:
+            KmsApiError: UnsupportedOperationException without trust roots; ValidationException
+                for a Recipient without a document or a malformed one; AccessDeniedException
+                for a document that does not verify.
+        """
         out, caller = request.outcome, request.caller
         if self._verify_recipient is None:
             out.decision = "deny"
@@ -737,7 +747,10 @@ class KmsService:
             # (thread hand-off and wake-ups) and lower throughput on this 2-core machine, where
             # the load generator needs the other core; a single client would also pay the
             # hand-off in latency.
-            info = self._verify_recipient(rec["AttestationDocument"], out)
+            document = rec.get("AttestationDocument")
+            if not isinstance(document, bytes):
+                raise RecipientRejected("Recipient without an attestation document", malformed=True)
+            info = self._verify_recipient(document, out)
         except RecipientRejected as exc:
             out.decision, out.reason = "deny", exc.reason
             if exc.malformed:

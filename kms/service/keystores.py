@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -45,6 +45,7 @@ from ..keystores.record import (
     FAILED,
     MAX_KEY_STORES,
     PUBLIC_ENDPOINT,
+    CustomKeyStoresListEntry,
     EndpointError,
     KeyStore,
     new_store_id,
@@ -385,7 +386,7 @@ async def _describe(svc: KmsService, r: Request) -> Answer:
         if not stores:
             raise _not_found(p["CustomKeyStoreName"])
     chunk, more = page(stores, p, 1000)
-    entries: list[dict[str, Any]] = [s.describe() for s in chunk]
+    entries: list[CustomKeyStoresListEntry] = [s.describe() for s in chunk]
     return {"CustomKeyStores": entries, **more}
 
 

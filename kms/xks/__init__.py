@@ -11,13 +11,18 @@ re-exports.
 from __future__ import annotations
 
 from .client import XksProxyClient as XksProxyClient
+from .codec import EkmDetailsJson as EkmDetailsJson
 from .codec import EncryptResult as EncryptResult
+from .codec import EncryptResultJson as EncryptResultJson
 from .codec import HealthStatus as HealthStatus
+from .codec import HealthStatusJson as HealthStatusJson
 from .codec import KeyMetadata as KeyMetadata
+from .codec import KeyMetadataJson as KeyMetadataJson
 from .codec import RequestMetadata as RequestMetadata
 from .config import KeyOperations as KeyOperations
 from .config import XksCredential as XksCredential
 from .config import XksProxyConfig as XksProxyConfig
+from .config import XksProxyConfigChanges as XksProxyConfigChanges
 from .errors import XksApiError as XksApiError
 from .errors import XksError as XksError
 from .errors import XksProxyError as XksProxyError
@@ -29,6 +34,7 @@ from .server import serve_xks_proxy as serve_xks_proxy
 
 __all__ = [
     "XksProxyConfig",
+    "XksProxyConfigChanges",
     "XksCredential",
     "KeyOperations",
     "serve_xks_proxy",
@@ -39,6 +45,10 @@ __all__ = [
     "KeyMetadata",
     "EncryptResult",
     "HealthStatus",
+    "KeyMetadataJson",
+    "EncryptResultJson",
+    "HealthStatusJson",
+    "EkmDetailsJson",
     "XksCallContext",
     "XksFailure",
     "XksError",

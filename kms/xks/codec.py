@@ -41,7 +41,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from .errors import (
     InvalidUriPathError,
@@ -73,6 +73,10 @@ __all__ = [
     "EncryptResult",
     "EkmDetails",
     "HealthStatus",
+    "KeyMetadataJson",
+    "EncryptResultJson",
+    "EkmDetailsJson",
+    "HealthStatusJson",
     "validate_uri_path",
     "validate_key_id",
     "route",
@@ -472,6 +476,48 @@ def encode_request(metadata: RequestMetadata, **fields: bytes | str | None) -> b
 # -- responses -------------------------------------------------------------------------------
 
 
+class KeyMetadataJson(TypedDict):
+    """GetKeyMetadata's answer on the wire (spec: GetKeyMetadata, response payload)."""
+
+    keySpec: str
+    keyUsage: list[str]
+    keyStatus: str
+
+
+class _EncryptResultRequired(TypedDict):
+    ciphertext: str
+    initializationVector: str
+    authenticationTag: str
+
+
+# The optional fields by inheritance, not NotRequired[]: under ``from __future__ import
+# annotations`` Python 3.11 counts NotRequired fields among ``__required_keys__``.
+class EncryptResultJson(_EncryptResultRequired, total=False):
+    """Encrypt's answer on the wire, binary fields in Base64 (spec: Encrypt, response
+    payload); the optional fields are absent, never null."""
+
+    ciphertextMetadata: str
+    ciphertextDataIntegrityValue: str
+
+
+class EkmDetailsJson(TypedDict):
+    """One ``ekmFleetDetails`` entry on the wire."""
+
+    id: str
+    model: str
+    healthStatus: str
+
+
+class HealthStatusJson(TypedDict):
+    """GetHealthStatus's answer on the wire (spec: GetHealthStatus, response payload)."""
+
+    xksProxyFleetSize: int
+    xksProxyVendor: str
+    xksProxyModel: str
+    ekmVendor: str
+    ekmFleetDetails: list[EkmDetailsJson]
+
+
 @dataclass(frozen=True, slots=True)
 class KeyMetadata:
     """GetKeyMetadata's answer."""
@@ -480,7 +526,8 @@ class KeyMetadata:
     key_usage: tuple[str, ...]
     key_status: str
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> KeyMetadataJson:
+        """The wire object."""
         return {
             "keySpec": self.key_spec,
             "keyUsage": list(self.key_usage),
@@ -498,8 +545,9 @@ class EncryptResult:
     ciphertext_metadata: bytes = b""
     cdiv: bytes | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        out = {
+    def to_json(self) -> EncryptResultJson:
+        """The wire object (Base64; ``ciphertextMetadata`` only when not empty)."""
+        out: EncryptResultJson = {
             "ciphertext": b64(self.ciphertext),
             "initializationVector": b64(self.iv),
             "authenticationTag": b64(self.tag),
@@ -519,7 +567,8 @@ class EkmDetails:
     model: str
     health_status: str
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> EkmDetailsJson:
+        """The wire object."""
         return {"id": self.id, "model": self.model, "healthStatus": self.health_status}
 
 
@@ -533,7 +582,8 @@ class HealthStatus:
     ekm_vendor: str
     ekm_fleet_details: tuple[EkmDetails, ...]
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> HealthStatusJson:
+        """The wire object."""
         return {
             "xksProxyFleetSize": self.xks_proxy_fleet_size,
             "xksProxyVendor": self.xks_proxy_vendor,

@@ -44,7 +44,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from transport.errors import ConfigurationError
 from transport.hostport import parse_host_port
@@ -64,6 +64,7 @@ __all__ = [
     "XksKeyConfig",
     "TlsConfig",
     "XksProxyConfig",
+    "XksProxyConfigChanges",
 ]
 
 DEFAULT_HOST = "127.0.0.1"
@@ -165,6 +166,30 @@ class TlsConfig:
             raise ConfigurationError("tls.client_subject needs tls.client_ca")
 
 
+class XksProxyConfigChanges(TypedDict, total=False):
+    """The fields of :class:`XksProxyConfig` that :meth:`XksProxyConfig.with_overrides` replaces
+    (any subset; each with its field's type)."""
+
+    credentials: tuple[XksCredential, ...]
+    keys: tuple[XksKeyConfig, ...]
+    host: str
+    port: int
+    uri_path: str
+    region: str
+    tls: TlsConfig | None
+    disconnected: bool
+    max_body_bytes: int
+    request_timeout_s: float
+    keep_alive_timeout_s: float
+    max_connections: int
+    max_connections_per_source: int
+    graceful_timeout_s: float
+    dependency_timeout_s: float
+    health_cache_s: float
+    clock_skew_s: float
+    source: Path | None
+
+
 @dataclass(frozen=True, slots=True)
 class XksProxyConfig:
     """Configuration of one XKS proxy process.
@@ -250,8 +275,9 @@ class XksProxyConfig:
         """The key with this id, if configured."""
         return next((k for k in self.keys if k.key_id == key_id), None)
 
-    def with_overrides(self, **changes: Any) -> XksProxyConfig:
-        """A copy with the given fields replaced (CLI flags override file values)."""
+    def with_overrides(self, **changes: Unpack[XksProxyConfigChanges]) -> XksProxyConfig:
+        """A copy with the given fields replaced (CLI flags override file values); the new
+        values are checked as at construction."""
         return replace(self, **changes)
 
     @classmethod
@@ -283,12 +309,13 @@ class XksProxyConfig:
     @classmethod
     def from_mapping(
         cls,
-        m: Mapping[str, Any],
+        m: Mapping[str, object],
         *,
         base_dir: Path | None = None,
         inline_secrets_ok: bool = True,
     ) -> XksProxyConfig:
-        """Build from a mapping with the TOML layout above. Unknown keys are refused.
+        """Build from a mapping with the TOML layout above (a document read from a file: every
+        value's type is checked). Unknown keys are refused.
 
         Args:
             inline_secrets_ok: whether secrets may appear inline (False when the file they
@@ -346,7 +373,7 @@ _TOP_KEYS = frozenset(
 )
 
 
-def _known(m: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+def _known(m: Mapping[str, object], allowed: frozenset[str], where: str) -> None:
     unknown = set(m) - allowed
     if unknown:
         place = f" in {where}" if where else ""
@@ -360,41 +387,41 @@ class _Reader:
         self.base_dir = base_dir
         self.inline_secrets_ok = inline_secrets_ok
 
-    def string(self, m: Mapping[str, Any], name: str, where: str = "") -> str:
+    def string(self, m: Mapping[str, object], name: str, where: str = "") -> str:
         value = m.get(name)
         if not isinstance(value, str) or not value:
             raise ConfigurationError(f"{where}{name} must be a non-empty string")
         return value
 
-    def boolean(self, m: Mapping[str, Any], name: str, where: str = "") -> bool:
+    def boolean(self, m: Mapping[str, object], name: str, where: str = "") -> bool:
         value = m.get(name)
         if not isinstance(value, bool):
             raise ConfigurationError(f"{where}{name} must be true or false")
         return value
 
-    def integer(self, m: Mapping[str, Any], name: str) -> int:
+    def integer(self, m: Mapping[str, object], name: str) -> int:
         value = m.get(name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigurationError(f"{name} must be an integer")
         return value
 
-    def seconds(self, m: Mapping[str, Any], name: str) -> float:
+    def seconds(self, m: Mapping[str, object], name: str) -> float:
         value = m.get(name)
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise ConfigurationError(f"{name} must be a number of seconds")
         return float(value)
 
-    def path(self, m: Mapping[str, Any], name: str, where: str) -> Path:
+    def path(self, m: Mapping[str, object], name: str, where: str) -> Path:
         p = Path(self.string(m, name, where)).expanduser()
         return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
 
-    def tables(self, m: Mapping[str, Any], name: str) -> list[Mapping[str, Any]]:
+    def tables(self, m: Mapping[str, object], name: str) -> list[Mapping[str, object]]:
         value = m.get(name, [])
         if not isinstance(value, list) or not all(isinstance(t, Mapping) for t in value):
             raise ConfigurationError(f"{name} must be a list of tables ([[{name}]])")
         return value
 
-    def secret(self, m: Mapping[str, Any], name: str, where: str) -> str:
+    def secret(self, m: Mapping[str, object], name: str, where: str) -> str:
         """``name`` inline or ``name_file``: exactly one of them."""
         inline, file_key = m.get(name), f"{name}_file"
         if (inline is None) == (file_key not in m):
@@ -408,7 +435,7 @@ class _Reader:
             return self.string(m, name, where)
         return read_secret_file(self.path(m, file_key, where), f"{where}{file_key}")
 
-    def credential(self, c: Mapping[str, Any], index: int) -> XksCredential:
+    def credential(self, c: Mapping[str, object], index: int) -> XksCredential:
         where = f"credentials[{index}]."
         _known(c, frozenset({"access_key_id", "secret_access_key", "secret_access_key_file"}),
                f"credentials[{index}]")  # fmt: skip
@@ -417,7 +444,7 @@ class _Reader:
             secret_access_key=self.secret(c, "secret_access_key", where),
         )
 
-    def key(self, k: Mapping[str, Any], index: int) -> XksKeyConfig:
+    def key(self, k: Mapping[str, object], index: int) -> XksKeyConfig:
         where = f"keys[{index}]."
         _known(k, frozenset({"id", "operations", "enabled", "backing"}), f"keys[{index}]")
         operations = KeyOperations.BOTH
@@ -440,7 +467,7 @@ class _Reader:
             enabled=enabled,
         )
 
-    def backing(self, b: Mapping[str, Any], where: str) -> FileBackingSpec | Pkcs11BackingSpec:
+    def backing(self, b: Mapping[str, object], where: str) -> FileBackingSpec | Pkcs11BackingSpec:
         kind = b.get("type")
         if kind == "file":
             _known(b, frozenset({"type", "path"}), where.rstrip("."))
@@ -459,7 +486,7 @@ class _Reader:
             )
         raise ConfigurationError(f'{where}type must be "file" or "pkcs11", got {kind!r}')
 
-    def tls(self, t: Any) -> TlsConfig:
+    def tls(self, t: object) -> TlsConfig:
         if not isinstance(t, Mapping):
             raise ConfigurationError("tls must be a table")
         _known(t, frozenset({"certificate", "private_key", "client_ca", "client_subject"}), "tls")

@@ -142,7 +142,10 @@ async def _create_key(stack: Stack, pcr0_hex: str, alias: str) -> str:
                 "Policy": json.dumps(training_key_policy(pcr0_hex)),
             },
         )
-        arn = str(answer["KeyMetadata"]["Arn"])
+        metadata = answer.get("KeyMetadata")
+        if not isinstance(metadata, Mapping):
+            raise TrainingError("CreateKey answered without KeyMetadata")
+        arn = str(metadata["Arn"])
         await kms.call("CreateAlias", {"AliasName": alias, "TargetKeyId": arn})
     return arn
 
@@ -159,8 +162,11 @@ async def _seal_as_owner(
         answer = await kms.call(
             "GenerateDataKey", {"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context}
         )
-    data_key = base64.b64decode(answer["Plaintext"], validate=True)
-    blob = base64.b64decode(answer["CiphertextBlob"], validate=True)
+    plaintext_b64, blob_b64 = answer.get("Plaintext"), answer.get("CiphertextBlob")
+    if not isinstance(plaintext_b64, str) or not isinstance(blob_b64, str):
+        raise TrainingError("GenerateDataKey answered without Plaintext or CiphertextBlob")
+    data_key = base64.b64decode(plaintext_b64, validate=True)
+    blob = base64.b64decode(blob_b64, validate=True)
     paths = {}
     for name, data in parts.items():
         header = sealed.new_header(

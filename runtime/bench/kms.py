@@ -74,6 +74,7 @@ from attest.ca import LocalCA
 from attest.nsm.local import InProcessNsm
 from kms import _wrap
 from kms.client import AttestedKmsClient, Credentials, KmsClient
+from kms.errors import KmsError
 from kms.sigv4 import sign_headers
 
 __all__ = ["run", "es384_verify_rate"]
@@ -385,7 +386,10 @@ async def _make_key(endpoint: str, pcr0: bytes) -> tuple[str, str]:
     admin = KmsClient(endpoint=endpoint, credentials=_CREDS)
     try:
         made = await admin.call("CreateKey", {"Policy": json.dumps(policy)})
-        key_id = str(made["KeyMetadata"]["KeyId"])
+        metadata = made.get("KeyMetadata")
+        if not isinstance(metadata, dict):
+            raise KmsError("CreateKey answered without KeyMetadata")
+        key_id = str(metadata["KeyId"])
         encrypted = await admin.call("Encrypt", {"KeyId": key_id, "Plaintext": "AAAA" * 8})
         return key_id, str(encrypted["CiphertextBlob"])
     finally:
