@@ -31,7 +31,7 @@ REQUEST: ForkRequest = {
 
 def test_the_shapes_are_on_the_sandbox_face() -> None:
     assert {"ForkRequest", "ForkSandbox"} <= set(sandbox.__all__)
-    assert typing.get_args(sandbox.SpareFactory)[0] is ForkRequest
+    assert typing.get_args(sandbox.SpareFactory)[0] == [ForkRequest, list[int]]
 
 
 def test_fork_sandbox_names_sandbox_spec_fields() -> None:
