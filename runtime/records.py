@@ -38,25 +38,21 @@ class RecordError(EnclaveError, ValueError):
     """A record (a state file, a peer's reply) does not have the shape of its ``TypedDict``."""
 
 
-def _field(m: Mapping[str, object], key: str, kinds: type | tuple[type, ...], what: str) -> Any:
-    """``m[key]`` if it is of ``kinds`` (``bool`` is never taken for ``int``)."""
+def _field(m: Mapping[str, object], key: str, kind: type, what: str) -> Any:
+    """``m[key]`` if it is a ``kind`` (a ``bool`` is never taken for an ``int``)."""
     if key not in m:
         raise RecordError(f"{what}: missing {key!r}")
     value = m[key]
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise RecordError(f"{what}: {key!r} has the wrong type")
-    if not isinstance(value, kinds):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise RecordError(f"{what}: {key!r} has the wrong type")
     return value
 
 
-def _optional(
-    m: Mapping[str, object], key: str, kinds: type | tuple[type, ...], what: str, default: object
-) -> Any:
-    """``m[key]`` if present and not None (then of ``kinds``), else ``default``."""
+def _optional(m: Mapping[str, object], key: str, kind: type, what: str, default: object) -> Any:
+    """``m[key]`` if present and not None (then a ``kind``), else ``default``."""
     if m.get(key) is None:
         return default
-    return _field(m, key, kinds, what)
+    return _field(m, key, kind, what)
 
 
 def _int_list(value: object, what: str) -> list[int]:
