@@ -9,6 +9,7 @@ COSE_Sign1); pcrs (the one PCR extend). This face only re-exports.
 
 from __future__ import annotations
 
+from attest.ca import CAOptions as CAOptions
 from attest.ca import LocalCA as LocalCA
 from attest.ca import prepare_state_dir as prepare_state_dir
 from attest.document import AttestationDocument as AttestationDocument
@@ -18,6 +19,7 @@ from attest.errors import VerificationError as VerificationError
 from attest.nsm import EnclaveIdentity as EnclaveIdentity
 from attest.nsm import InProcessNsm as InProcessNsm
 from attest.nsm import NsmClient as NsmClient
+from attest.nsm import NsmDescription as NsmDescription
 from attest.nsm import NsmDevice as NsmDevice
 from attest.nsm import serve_nsm as serve_nsm
 from attest.pcrs import PCR_SIZE as PCR_SIZE
@@ -30,6 +32,7 @@ from attest.verify import VerifiedDocument as VerifiedDocument
 from attest.verify import Verifier as Verifier
 
 __all__ = [
+    "CAOptions",
     "LocalCA",
     "prepare_state_dir",
     "AttestationDocument",
@@ -39,6 +42,7 @@ __all__ = [
     "EnclaveIdentity",
     "InProcessNsm",
     "NsmClient",
+    "NsmDescription",
     "NsmDevice",
     "serve_nsm",
     "PCR_SIZE",

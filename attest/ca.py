@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypedDict, Unpack
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,6 +44,7 @@ from transport.paths import ensure_private_dir
 
 __all__ = [
     "CAConfig",
+    "CAOptions",
     "LocalCA",
     "ROOT_KEY_FILE",
     "ROOT_CERT_FILE",
@@ -154,6 +155,25 @@ class CAConfig:
         if unknown:
             raise ConfigurationError(f"unknown CA settings: {sorted(unknown)}")
         return cls(**dict(m))
+
+
+class CAOptions(TypedDict, total=False):
+    """:class:`CAConfig`'s fields as keyword options (:meth:`LocalCA.load_or_create`'s
+    ``**config``); each one left out takes the :class:`CAConfig` default."""
+
+    region: str
+    domain: str
+    root_common_name: str
+    organization: str
+    organizational_unit: str
+    country: str
+    root_validity_s: float
+    regional_validity_s: float
+    zonal_validity_s: float
+    instance_validity_s: float
+    leaf_validity_s: float
+    backdate_s: float
+    clock: Callable[[], float]
 
 
 def _name(config: CAConfig, cn: str, *, locality: bool = False) -> x509.Name:
@@ -278,7 +298,7 @@ class LocalCA:
     # --- persistence -----------------------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, directory: Path, **config: Any) -> LocalCA:
+    def load_or_create(cls, directory: Path, **config: Unpack[CAOptions]) -> LocalCA:
         """Load the CA kept in ``directory``, creating its root on first use.
 
         Args:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Final
 
 from attest.document import AttestationDocument
 from transport.errors import ConfigurationError
@@ -61,7 +61,7 @@ class PolicyCheck:
     detail: str
 
 
-def _parse_time(value: Any, what: str) -> datetime | None:
+def _parse_time(value: object, what: str) -> datetime | None:
     if value is None:
         return None
     if isinstance(value, datetime):
@@ -78,7 +78,7 @@ def _parse_time(value: Any, what: str) -> datetime | None:
     return dt
 
 
-def _parse_hex(value: Any, what: str) -> bytes:
+def _parse_hex(value: object, what: str) -> bytes:
     if isinstance(value, bytes):
         return value
     if not isinstance(value, str):
@@ -89,7 +89,7 @@ def _parse_hex(value: Any, what: str) -> bytes:
         raise ConfigurationError(f"{what}: not valid hex") from exc
 
 
-def _parse_index(key: Any) -> int:
+def _parse_index(key: object) -> int:
     text = str(key)
     if text.upper().startswith("PCR"):
         text = text[3:]
@@ -127,14 +127,21 @@ class MeasurementSet:
             raise ConfigurationError("measurement set not_before is after not_after")
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any]) -> MeasurementSet:
+    def from_mapping(cls, m: Mapping[str, object]) -> MeasurementSet:
+        """Build from the policy file format's map (``pcrs``: index or ``"PCRn"`` -> hex;
+        optional ISO 8601 ``not_before``/``not_after``); bad input is a ConfigurationError."""
         unknown = set(m) - {"pcrs", "not_before", "not_after"}
         if unknown:
             raise ConfigurationError(f"unknown measurement set keys: {sorted(unknown)}")
         pcrs = m.get("pcrs")
         if not isinstance(pcrs, Mapping):
             raise ConfigurationError("measurement set needs a 'pcrs' map")
-        return cls(pcrs, m.get("not_before"), m.get("not_after"))
+        # __post_init__ parses the keys and hex values and checks their lengths
+        return cls(
+            pcrs,
+            _parse_time(m.get("not_before"), "not_before"),
+            _parse_time(m.get("not_after"), "not_after"),
+        )
 
     def mismatch(self, doc: AttestationDocument, at: datetime) -> str | None:
         """Why this set does not match ``doc`` at ``at``, or None if it matches."""
@@ -175,7 +182,7 @@ class Policy:
             raise ConfigurationError("max_age_s must be a positive number of seconds")
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any]) -> Policy:
+    def from_mapping(cls, m: Mapping[str, object]) -> Policy:
         """Build from the file format's mapping; unknown keys are a ConfigurationError."""
         known = {"measurements", "allow_debug", "max_age_s", "nonce", "any_measurement"}
         unknown = set(m) - known
@@ -200,10 +207,10 @@ class Policy:
         nonce = m.get("nonce")
         return cls(
             measurements=sets,
-            allow_debug=m.get("allow_debug", False),
+            allow_debug=m.get("allow_debug", False) is True,
             max_age_s=None if max_age is None else float(max_age),
             nonce=None if nonce is None else _parse_hex(nonce, "nonce"),
-            any_measurement=m.get("any_measurement", False),
+            any_measurement=m.get("any_measurement", False) is True,
         )
 
     @classmethod

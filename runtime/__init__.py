@@ -15,7 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from runtime.api import (
+        AppStatusRecord as AppStatusRecord,
+    )
+    from runtime.api import (
+        EnclaveDescribeInfo as EnclaveDescribeInfo,
+    )
+    from runtime.api import (
         EnclaveInfo as EnclaveInfo,
+    )
+    from runtime.api import (
+        EnclaveRecord as EnclaveRecord,
+    )
+    from runtime.api import (
+        EnclaveRunInfo as EnclaveRunInfo,
     )
     from runtime.api import (
         ExitKind as ExitKind,
@@ -24,7 +36,13 @@ if TYPE_CHECKING:
         ExitReason as ExitReason,
     )
     from runtime.api import (
+        ExitReasonRecord as ExitReasonRecord,
+    )
+    from runtime.api import (
         IsolationReport as IsolationReport,
+    )
+    from runtime.api import (
+        RecordError as RecordError,
     )
     from runtime.api import (
         Runtime as Runtime,
@@ -33,7 +51,20 @@ if TYPE_CHECKING:
         open_runtime as open_runtime,
     )
 
-__all__ = ["open_runtime", "Runtime", "EnclaveInfo", "ExitReason", "ExitKind", "IsolationReport"]
+__all__ = [
+    "open_runtime",
+    "Runtime",
+    "EnclaveInfo",
+    "ExitReason",
+    "ExitKind",
+    "IsolationReport",
+    "EnclaveRunInfo",
+    "EnclaveDescribeInfo",
+    "EnclaveRecord",
+    "ExitReasonRecord",
+    "AppStatusRecord",
+    "RecordError",
+]
 
 
 def __getattr__(name: str) -> Any:

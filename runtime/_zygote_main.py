@@ -14,7 +14,10 @@ import socket
 import sys
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the type checker only: at run time ``runtime`` is the bootstrap's stub
+    from runtime.sandbox import ForkRequest
 
 #: Modules the zygote imports before serving (missing ones are skipped).
 PREIMPORT = (
@@ -87,7 +90,7 @@ def serve(sock_path: str, bootstrap: str, sandbox_path: str) -> None:  # pragma:
     listener.settimeout(0.5)  # wake up to reap exited relays
     state: dict[str, Any] = {"spare": None, "n": 0}
 
-    def factory(req: dict[str, Any], fds: list[int]) -> tuple[Any, Any]:
+    def factory(req: ForkRequest, fds: list[int]) -> tuple[Any, Any]:
         return _build(sb, req, fds, bootstrap)
 
     def prepare() -> None:
@@ -151,7 +154,7 @@ def _reap() -> None:
 
 
 def _build(
-    sb: Any, req: dict[str, Any], fds: list[int], zygote_bootstrap: str
+    sb: Any, req: ForkRequest, fds: list[int], zygote_bootstrap: str
 ) -> tuple[Any, Any]:  # pragma: no cover
     """The enclave's SandboxSpec and in-process child entry from a fork request."""
     fabric, nsm, init = fds[0], fds[1], fds[2]

@@ -37,11 +37,17 @@ from runtime.image._cache import ImageCache
 from runtime.launch import MAX_BOOT_TIMEOUT_S, LaunchRequest, reserve_launch
 from runtime.records import (
     DEFAULT_MAX_TASKS,
+    AppStatusRecord,
+    EnclaveDescribeInfo,
     EnclaveInfo,
+    EnclaveRecord,
+    EnclaveRunInfo,
     EnclaveState,
     ExitKind,
     ExitReason,
+    ExitReasonRecord,
     IsolationReport,
+    RecordError,
 )
 from runtime.spawners import FreshSpawner, Spawner
 from runtime.state import StateDir
@@ -55,6 +61,12 @@ __all__ = [
     "ExitReason",
     "ExitKind",
     "IsolationReport",
+    "EnclaveRunInfo",
+    "EnclaveDescribeInfo",
+    "EnclaveRecord",
+    "ExitReasonRecord",
+    "AppStatusRecord",
+    "RecordError",
     "LaunchRequest",
     "DEFAULT_BOOT_TIMEOUT_S",
     "DEFAULT_TERMINATE_GRACE_S",

@@ -6,9 +6,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
+
+from transport.errors import EnclaveError
 
 __all__ = [
+    "AppStatusRecord",
+    "EnclaveDescribeInfo",
+    "EnclaveRecord",
+    "EnclaveRunInfo",
+    "ExitReasonRecord",
+    "RecordError",
     "EnclaveInfo",
     "EnclaveState",
     "ExitKind",
@@ -24,6 +32,123 @@ HASH_ALGORITHM = "Sha384 { ... }"
 #: Tasks (processes + threads) an enclave may have at once by default (the sandbox's pids
 #: limit): far more than an inference server uses, far less than the host's pid_max.
 DEFAULT_MAX_TASKS = 512
+
+
+class RecordError(EnclaveError, ValueError):
+    """A record (a state file, a peer's reply) does not have the shape of its ``TypedDict``."""
+
+
+def _field(m: Mapping[str, object], key: str, kind: type, what: str) -> Any:
+    """``m[key]`` if it is a ``kind`` (a ``bool`` is never taken for an ``int``)."""
+    if key not in m:
+        raise RecordError(f"{what}: missing {key!r}")
+    value = m[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise RecordError(f"{what}: {key!r} has the wrong type")
+    return value
+
+
+def _optional(m: Mapping[str, object], key: str, kind: type, what: str, default: object) -> Any:
+    """``m[key]`` if present and not None (then a ``kind``), else ``default``."""
+    if m.get(key) is None:
+        return default
+    return _field(m, key, kind, what)
+
+
+def _int_list(value: object, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise RecordError(f"{what}: not a list of integers")
+    return list(value)
+
+
+def _str_map(value: object, what: str) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise RecordError(f"{what}: not a map of strings")
+    return dict(value)
+
+
+class ExitReasonRecord(TypedDict):
+    """:class:`ExitReason` as JSON (state records, control replies, ``enclave_gone`` events)."""
+
+    kind: str
+    code: int | None
+    signal: int | None
+    detail: str
+
+
+class AppStatusRecord(TypedDict):
+    """The app's first status report as recorded (``describe-enclaves --metadata``'s
+    ``AppStatus``): its state upper-cased, its own words, the vsock ports it serves."""
+
+    State: str
+    Detail: str
+    Ports: list[int]
+
+
+class EnclaveRunInfo(TypedDict):
+    """nitro-cli's ``EnclaveRunInfo``: what ``run-enclave`` prints (nitro.md §1.3 key order)."""
+
+    EnclaveName: str
+    EnclaveID: str
+    ProcessID: int
+    EnclaveCID: int
+    NumberOfCPUs: int
+    CPUIDs: list[int]
+    MemoryMiB: int
+
+
+class _EnclaveDescribeKeys(EnclaveRunInfo):
+    State: str
+    Flags: str
+    #: ``HashAlgorithm`` then PCR0, PCR1, PCR2 (and PCR8 for a signed image): hex
+    Measurements: dict[str, str]
+
+
+# total=False rather than NotRequired[]: under ``from __future__ import annotations`` Python
+# 3.11 cannot see NotRequired in a string annotation (``__required_keys__`` would be wrong).
+class EnclaveDescribeInfo(_EnclaveDescribeKeys, total=False):
+    """nitro-cli's ``EnclaveDescribeInfo`` (``describe-enclaves``); the keys after
+    ``Measurements`` come only with ``--metadata``."""
+
+    ImageName: str | None
+    ImageVersion: str | None
+    #: the image's build metadata, DockerInfo and custom keys, flattened (any JSON values)
+    Metadata: dict[str, object]
+    Isolation: dict[str, str]
+    AppStatus: AppStatusRecord | None
+
+
+class _EnclaveRecordKeys(TypedDict):
+    enclave_name: str
+    enclave_id: str
+    process_id: int
+    enclave_cid: int
+    cpu_ids: list[int]
+    memory_mib: int
+    state: str
+    debug: bool
+    measurements: dict[str, str]
+    image_name: str | None
+    image_version: str | None
+    metadata: dict[str, object] | None
+    isolation: dict[str, str]
+    app_pid: int | None
+    eif_path: str
+    exit_reason: ExitReasonRecord | None
+    outside_uid: int | None
+    app_status: AppStatusRecord | None
+
+
+class EnclaveRecord(_EnclaveRecordKeys, total=False):
+    """One enclave's state record (``<state dir>/enclaves/<id>.json``, the host daemon's
+    reply): :meth:`EnclaveInfo.to_record`'s fields, plus ``owner_pid`` in the state file."""
+
+    #: the supervising process that owns the record (written by ``StateDir.write_record``)
+    owner_pid: int
 
 
 class EnclaveState(enum.StrEnum):
@@ -54,7 +179,8 @@ class ExitReason:
     signal: int | None = None
     detail: str = ""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> ExitReasonRecord:
+        """The JSON form (:class:`ExitReasonRecord`)."""
         return {
             "kind": self.kind.value,
             "code": self.code,
@@ -63,8 +189,19 @@ class ExitReason:
         }
 
     @classmethod
-    def from_json(cls, m: Mapping[str, Any]) -> ExitReason:
-        return cls(ExitKind(m["kind"]), m.get("code"), m.get("signal"), str(m.get("detail", "")))
+    def from_json(cls, m: Mapping[str, object]) -> ExitReason:
+        """Parse the JSON form (from a file or a peer). Raises :class:`RecordError`."""
+        what = "exit reason"
+        try:
+            kind = ExitKind(_field(m, "kind", str, what))
+        except ValueError as exc:
+            raise RecordError(f"{what}: unknown kind {m.get('kind')!r}") from exc
+        return cls(
+            kind,
+            _optional(m, "code", int, what, None),
+            _optional(m, "signal", int, what, None),
+            _optional(m, "detail", str, what, ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -164,16 +301,16 @@ class EnclaveInfo:
     measurements: Mapping[str, str] = field(default_factory=dict)
     image_name: str | None = None
     image_version: str | None = None
-    metadata: Mapping[str, Any] | None = None
+    #: the image's metadata as ``describe-enclaves --metadata`` shows it (any JSON values)
+    metadata: Mapping[str, object] | None = None
     isolation: IsolationReport = field(default_factory=IsolationReport)
     app_pid: int | None = None
     eif_path: str = ""
     exit_reason: ExitReason | None = None
     #: the host uid the enclave's root maps to (None in records of older runtimes)
     outside_uid: int | None = None
-    #: the app's first status report (``transport.app_status``): ``{"state", "detail",
-    #: "ports"}``, None until it reports
-    app_status: Mapping[str, Any] | None = None
+    #: the app's first status report (``transport.app_status``), None until it reports
+    app_status: AppStatusRecord | None = None
 
     @property
     def number_of_cpus(self) -> int:
@@ -183,7 +320,7 @@ class EnclaveInfo:
     def flags(self) -> str:
         return "DEBUG_MODE" if self.debug else "NONE"
 
-    def run_json(self) -> dict[str, Any]:
+    def run_json(self) -> EnclaveRunInfo:
         """``EnclaveRunInfo``: what ``run-enclave`` prints."""
         return {
             "EnclaveName": self.enclave_name,
@@ -195,27 +332,36 @@ class EnclaveInfo:
             "MemoryMiB": self.memory_mib,
         }
 
-    def describe_json(self, *, metadata: bool = False) -> dict[str, Any]:
+    def describe_json(self, *, metadata: bool = False) -> EnclaveDescribeInfo:
         """``EnclaveDescribeInfo``. Our additions come only with ``--metadata``, after nitro-cli's
         keys (``Isolation``: the sandbox layers; ``AppStatus``: the app's report, None until it
         reports), so the default shape stays byte-compatible with nitro-cli."""
-        out = self.run_json()
-        out["State"] = self.state
-        out["Flags"] = self.flags
         meas: dict[str, str] = {"HashAlgorithm": HASH_ALGORITHM}
         for k in sorted(self.measurements):
             if k in ("PCR0", "PCR1", "PCR2", "PCR8"):
                 meas[k] = self.measurements[k]
-        out["Measurements"] = meas
+        out: EnclaveDescribeInfo = {  # run_json's keys, then describe's (nitro-cli order)
+            "EnclaveName": self.enclave_name,
+            "EnclaveID": self.enclave_id,
+            "ProcessID": self.process_id,
+            "EnclaveCID": self.enclave_cid,
+            "NumberOfCPUs": self.number_of_cpus,
+            "CPUIDs": list(self.cpu_ids),
+            "MemoryMiB": self.memory_mib,
+            "State": self.state,
+            "Flags": self.flags,
+            "Measurements": meas,
+        }
         if metadata:
             out["ImageName"] = self.image_name
             out["ImageVersion"] = self.image_version
             out["Metadata"] = dict(self.metadata or {})
             out["Isolation"] = self.isolation.to_json()
-            out["AppStatus"] = None if self.app_status is None else dict(self.app_status)
+            out["AppStatus"] = None if self.app_status is None else _copy_status(self.app_status)
         return out
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self) -> EnclaveRecord:
+        """The state record (:class:`EnclaveRecord`, without ``owner_pid``)."""
         return {
             "enclave_name": self.enclave_name,
             "enclave_id": self.enclave_id,
@@ -234,29 +380,52 @@ class EnclaveInfo:
             "eif_path": self.eif_path,
             "exit_reason": None if self.exit_reason is None else self.exit_reason.to_json(),
             "outside_uid": self.outside_uid,
-            "app_status": None if self.app_status is None else dict(self.app_status),
+            "app_status": None if self.app_status is None else _copy_status(self.app_status),
         }
 
     @classmethod
-    def from_record(cls, m: Mapping[str, Any]) -> EnclaveInfo:
+    def from_record(cls, m: Mapping[str, object]) -> EnclaveInfo:
+        """Parse a state record (from a file or the host daemon). Raises :class:`RecordError`
+        when a field is missing or of the wrong type."""
+        what = "enclave record"
         er = m.get("exit_reason")
+        if er is not None and not isinstance(er, Mapping):
+            raise RecordError(f"{what}: 'exit_reason' has the wrong type")
+        metadata = _optional(m, "metadata", Mapping, what, None)
+        if metadata is not None and not all(isinstance(k, str) for k in metadata):
+            raise RecordError(f"{what}: 'metadata' keys must be strings")
+        raw_status = m.get("app_status")
         return cls(
-            enclave_name=str(m["enclave_name"]),
-            enclave_id=str(m["enclave_id"]),
-            process_id=int(m["process_id"]),
-            enclave_cid=int(m["enclave_cid"]),
-            cpu_ids=tuple(int(c) for c in m["cpu_ids"]),
-            memory_mib=int(m["memory_mib"]),
-            state=str(m.get("state", "RUNNING")),
-            debug=bool(m.get("debug", False)),
-            measurements=dict(m.get("measurements") or {}),
-            image_name=m.get("image_name"),
-            image_version=m.get("image_version"),
-            metadata=m.get("metadata"),
-            isolation=IsolationReport(dict(m.get("isolation") or {})),
-            app_pid=m.get("app_pid"),
-            eif_path=str(m.get("eif_path", "")),
+            enclave_name=_field(m, "enclave_name", str, what),
+            enclave_id=_field(m, "enclave_id", str, what),
+            process_id=_field(m, "process_id", int, what),
+            enclave_cid=_field(m, "enclave_cid", int, what),
+            cpu_ids=tuple(_int_list(_field(m, "cpu_ids", list, what), f"{what}: cpu_ids")),
+            memory_mib=_field(m, "memory_mib", int, what),
+            state=_optional(m, "state", str, what, "RUNNING"),
+            debug=_optional(m, "debug", bool, what, False),
+            measurements=_str_map(m.get("measurements") or {}, f"{what}: measurements"),
+            image_name=_optional(m, "image_name", str, what, None),
+            image_version=_optional(m, "image_version", str, what, None),
+            metadata=None if metadata is None else dict(metadata),
+            isolation=IsolationReport(_str_map(m.get("isolation") or {}, f"{what}: isolation")),
+            app_pid=_optional(m, "app_pid", int, what, None),
+            eif_path=_optional(m, "eif_path", str, what, ""),
             exit_reason=None if er is None else ExitReason.from_json(er),
-            outside_uid=None if m.get("outside_uid") is None else int(m["outside_uid"]),
-            app_status=m.get("app_status") if isinstance(m.get("app_status"), dict) else None,
+            outside_uid=_optional(m, "outside_uid", int, what, None),
+            # a record of a runtime before app status reports holds something else (or none)
+            app_status=_app_status(raw_status) if isinstance(raw_status, dict) else None,
         )
+
+
+def _copy_status(status: AppStatusRecord) -> AppStatusRecord:
+    return {"State": status["State"], "Detail": status["Detail"], "Ports": list(status["Ports"])}
+
+
+def _app_status(m: Mapping[str, object]) -> AppStatusRecord:
+    what = "app status"
+    return {
+        "State": _field(m, "State", str, what),
+        "Detail": _field(m, "Detail", str, what),
+        "Ports": _int_list(_field(m, "Ports", list, what), f"{what}: Ports"),
+    }

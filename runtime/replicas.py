@@ -21,7 +21,7 @@ import trio
 
 from runtime.errors import InvalidArgumentError
 from runtime.launch import LaunchRequest
-from runtime.records import EnclaveInfo, EnclaveState
+from runtime.records import EnclaveInfo, EnclaveRunInfo, EnclaveState
 from transport.peers import in_group
 
 if TYPE_CHECKING:
@@ -101,6 +101,6 @@ def group_members(state: StateDir, name: str) -> list[EnclaveInfo]:
     ]
 
 
-def describe_group(members: Sequence[EnclaveInfo]) -> list[dict[str, object]]:
+def describe_group(members: Sequence[EnclaveInfo]) -> list[EnclaveRunInfo]:
     """``run-enclave --replicas`` output: nitro-cli's run JSON of each member."""
     return [m.run_json() for m in members]

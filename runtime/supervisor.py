@@ -69,6 +69,7 @@ from runtime.state import StateDir
 if TYPE_CHECKING:
     from attest.nsm.device import NsmDevice
     from runtime.eif import EifFile, UnpackedImage
+    from runtime.enclave_init import LaunchParameters
     from transport.app_status import AppStatus
 
 __all__ = ["EnclaveSupervisor", "CONSOLE_HISTORY_BYTES"]
@@ -288,7 +289,8 @@ class EnclaveSupervisor:
             fab_p, fab_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             nsm_p, nsm_c = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             socks += [fab_p, fab_c, nsm_p, nsm_c]
-            init_fd = _memfd_json({"cmd": image.cmd, "cwd": str(image.app_dir)})
+            params: LaunchParameters = {"cmd": image.cmd, "cwd": str(image.app_dir)}
+            init_fd = _memfd_json(params)
             console_r = console_w = -1
             if self.spec.debug:
                 console_r, console_w = os.pipe2(os.O_CLOEXEC)

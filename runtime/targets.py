@@ -37,8 +37,8 @@ def healthy(info: EnclaveInfo) -> bool:
     """RUNNING, and its app did not report FAILED."""
     if info.state != EnclaveState.RUNNING:
         return False
-    status = info.app_status or {}
-    return str(status.get("State", "READY")).upper() != "FAILED"
+    status = info.app_status  # None until the app reports
+    return status is None or status["State"].upper() != "FAILED"
 
 
 class RuntimeTargets:

@@ -239,7 +239,7 @@ class ZygotePool:
         fds = [s.fds[3], s.fds[4], s.fds[5]]
         if s.console_fd is not None:
             fds.append(s.console_fd)
-        req = {
+        req: sandbox.ForkRequest = {
             "sandbox": {
                 "enclave_id": s.enclave_id,
                 "cpu_ids": list(s.cpu_ids),

@@ -8,9 +8,17 @@ local: :class:`InProcessNsm`, a client answered by a device in this process (ben
 from __future__ import annotations
 
 from attest.nsm.client import NsmClient as NsmClient
+from attest.nsm.client import NsmDescription as NsmDescription
 from attest.nsm.device import EnclaveIdentity as EnclaveIdentity
 from attest.nsm.device import NsmDevice as NsmDevice
 from attest.nsm.local import InProcessNsm as InProcessNsm
 from attest.nsm.server import serve_nsm as serve_nsm
 
-__all__ = ["NsmClient", "EnclaveIdentity", "NsmDevice", "InProcessNsm", "serve_nsm"]
+__all__ = [
+    "NsmClient",
+    "NsmDescription",
+    "EnclaveIdentity",
+    "NsmDevice",
+    "InProcessNsm",
+    "serve_nsm",
+]

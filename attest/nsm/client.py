@@ -24,7 +24,7 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypedDict
 
 import trio
 
@@ -60,6 +60,7 @@ __all__ = [
     "NSM_DEVICE_PATH",
     "NSM_IOCTL_REQUEST",
     "NsmClient",
+    "NsmDescription",
     "NsmTransport",
     "SocketTransport",
     "StreamTransport",
@@ -94,6 +95,20 @@ def _iowr(magic: int, nr: int, size: int) -> int:
 NSM_IOCTL_REQUEST: Final = _iowr(_NSM_IOCTL_MAGIC, 0, ctypes.sizeof(_NsmMessage))
 
 IoctlFn = Callable[[int, int, Any, bool], int]
+
+
+class NsmDescription(TypedDict):
+    """:meth:`NsmClient.describe_nsm`'s answer: the NSM's DescribeNSM fields (nsm-api's
+    ``Response::DescribeNSM``), ``locked_pcrs`` as a sorted list."""
+
+    version_major: int
+    version_minor: int
+    version_patch: int
+    module_id: str
+    max_pcrs: int
+    locked_pcrs: list[int]
+    #: the PCR bank's hash ("SHA384")
+    digest: str
 
 
 def nsm_ioctl(fd: int, request: bytes, *, ioctl: IoctlFn = fcntl.ioctl) -> bytes:
@@ -346,8 +361,8 @@ class NsmClient:
         """Lock PCRs ``[0, range_)``."""
         await self._expect(LockPCRs(range_), LockPCRsResponse)
 
-    async def describe_nsm(self) -> dict[str, Any]:
-        """Return DescribeNSM's fields as a dict (``locked_pcrs`` as a sorted list)."""
+    async def describe_nsm(self) -> NsmDescription:
+        """Return DescribeNSM's fields (``locked_pcrs`` as a sorted list)."""
         r: DescribeNSMResponse = await self._expect(DescribeNSM(), DescribeNSMResponse)
         return {
             "version_major": r.version_major,

@@ -20,7 +20,14 @@ Embedder``).
 from __future__ import annotations
 
 from models.text.batching import Batch, naive_batches, pad_batch, padding_waste, plan_batches
-from models.text.bundle import BundleConfig, ModelBundle, decode_bundle, encode_bundle, read_bundle
+from models.text.bundle import (
+    BundleConfig,
+    BundleConfigMap,
+    ModelBundle,
+    decode_bundle,
+    encode_bundle,
+    read_bundle,
+)
 from models.text.errors import (
     BundleFormatError,
     EmptyInputError,
@@ -56,6 +63,7 @@ __all__ = [
     "pad_batch",
     # bundle
     "BundleConfig",
+    "BundleConfigMap",
     "ModelBundle",
     "encode_bundle",
     "decode_bundle",

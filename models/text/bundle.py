@@ -35,7 +35,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, TypedDict
 
 import cbor2
 
@@ -51,6 +51,7 @@ __all__ = [
     "MAX_TOKENIZER_SIZE",
     "MAX_BUNDLE_SIZE",
     "BundleConfig",
+    "BundleConfigMap",
     "ModelBundle",
     "encode_bundle",
     "decode_bundle",
@@ -86,6 +87,18 @@ _CONFIG_KEYS: Final = frozenset(
 )
 
 
+class BundleConfigMap(TypedDict):
+    """:class:`BundleConfig` in the bundle header's CBOR (and ``enclave model`` JSON) form."""
+
+    kind: str
+    model_name: str
+    max_seq_length: int
+    embedding_dim: int
+    vocab_size: int
+    pooling: str
+    normalize: bool
+
+
 @dataclass(frozen=True, slots=True)
 class BundleConfig:
     """How to run the bundled model: what it is, its token cap, pooling and output width."""
@@ -119,7 +132,7 @@ class BundleConfig:
             if type(value) is not int or not 2 <= value <= top:
                 raise bad(name)
 
-    def to_map(self) -> dict[str, Any]:
+    def to_map(self) -> BundleConfigMap:
         """The CBOR/JSON form."""
         return {
             "kind": self.kind,
@@ -232,7 +245,7 @@ def read_bundle(path: Path, *, max_size: int = MAX_BUNDLE_SIZE) -> ModelBundle:
     return decode_bundle(buf)
 
 
-def _encode_header(config: BundleConfig, entries: list[list[Any]]) -> bytes:
+def _encode_header(config: BundleConfig, entries: list[list[str | int | bytes]]) -> bytes:
     return cbor2.dumps(
         {"magic": MAGIC, "version": FORMAT_VERSION, "config": config.to_map(), "members": entries},
         canonical=True,

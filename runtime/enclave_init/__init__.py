@@ -19,8 +19,9 @@ The app's exit ends the enclave. A ``MemoryError`` escaping the app exits with
 OOM killer (cgroup mode) is seen by the runtime directly.
 
 The launch parameters arrive on an inherited pipe (``ENCLAVE_INIT_FD``, removed from the
-environment before the app starts): JSON ``{"cmd": [...], "cwd": "...", "env": {...}}``;
-without ``env`` the inherited environment is kept.
+environment before the app starts): JSON ``{"cmd": [...], "cwd": "...", "env": {...}}``
+(:class:`LaunchParameters`, checked before use); without ``env`` the inherited environment is
+kept.
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ import os
 import runpy
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import NoReturn, TypedDict
 
-__all__ = ["main", "run", "HEARTBEAT", "READY", "HEARTBEAT_PORT", "EXIT_OOM", "INIT_FD_ENV"]
+__all__ = [
+    "main",
+    "run",
+    "LaunchParameters",
+    "HEARTBEAT",
+    "READY",
+    "HEARTBEAT_PORT",
+    "EXIT_OOM",
+    "INIT_FD_ENV",
+]
 
 #: Nitro's boot heartbeat byte and port (BOOT init.c: HEART_BEAT 0xB7, VSOCK_PORT 9000).
 HEARTBEAT = 0xB7
@@ -52,7 +62,47 @@ _PR_SET_DUMPABLE = 4
 _PYTHON_NAMES = frozenset({"python", "python3", os.path.basename(sys.executable)})
 
 
-def _read_spec(fd: int) -> dict[str, Any]:
+class _LaunchCommand(TypedDict):
+    cmd: list[str]
+
+
+# total=False on a subclass rather than NotRequired[]: Python 3.11 cannot see NotRequired in
+# a string annotation (``from __future__ import annotations``).
+class LaunchParameters(_LaunchCommand, total=False):
+    """What to run (the JSON on ``ENCLAVE_INIT_FD``): ``cmd`` (argv), ``cwd`` (default ``/``)
+    and ``env`` (the app's whole environment; absent or null: the inherited one)."""
+
+    cwd: str
+    env: dict[str, str]
+
+
+def _parameters(obj: object) -> LaunchParameters:
+    """Check the decoded launch parameters' shape. Raises ValueError."""
+    if not isinstance(obj, dict):
+        raise ValueError("launch parameters must be an object")
+    unknown = set(obj) - {"cmd", "cwd", "env"}
+    if unknown:
+        raise ValueError(f"unknown launch parameters: {sorted(map(str, unknown))}")
+    cmd = obj.get("cmd")
+    if not isinstance(cmd, list) or not all(isinstance(a, str) for a in cmd):
+        raise ValueError("launch parameter 'cmd' must be a list of strings")
+    out: LaunchParameters = {"cmd": list(cmd)}
+    cwd = obj.get("cwd")
+    if cwd is not None:
+        if not isinstance(cwd, str):
+            raise ValueError("launch parameter 'cwd' must be a string")
+        out["cwd"] = cwd
+    env = obj.get("env")
+    if env is not None:
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise ValueError("launch parameter 'env' must map strings to strings")
+        out["env"] = dict(env)
+    return out
+
+
+def _read_spec(fd: int) -> LaunchParameters:
     chunks: list[bytes] = []
     total = 0
     while True:
@@ -64,10 +114,7 @@ def _read_spec(fd: int) -> dict[str, Any]:
             raise ValueError("launch parameters too large")
         chunks.append(b)
     os.close(fd)
-    spec = json.loads(b"".join(chunks))
-    if not isinstance(spec, dict):
-        raise ValueError("launch parameters must be an object")
-    return spec
+    return _parameters(json.loads(b"".join(chunks)))
 
 
 #: Bound on each step of the boot handshake (the parent answers at once).
@@ -146,7 +193,7 @@ def _run_python(argv: Sequence[str]) -> int:
     return 0
 
 
-def run(spec: Mapping[str, Any], *, heartbeat: bool = True) -> NoReturn:
+def run(spec: LaunchParameters, *, heartbeat: bool = True) -> NoReturn:
     """Heartbeat, then run the app of ``spec`` with its environment; never returns."""
     _not_dumpable()
     signal.signal(signal.SIGTERM, _on_sigterm)

@@ -37,6 +37,8 @@ from ._spawn import spawn as spawn
 from ._spec import DEFAULT_MAX_TASKS as DEFAULT_MAX_TASKS
 from ._spec import NOBODY_UID as NOBODY_UID
 from ._spec import ChildMain as ChildMain
+from ._spec import ForkRequest as ForkRequest
+from ._spec import ForkSandbox as ForkSandbox
 from ._spec import SandboxSpec as SandboxSpec
 from ._spec import Spawned as Spawned
 from ._spec import decode_status as decode_status
@@ -46,6 +48,8 @@ __all__ = [
     "SandboxSpec",
     "Spawned",
     "ChildMain",
+    "ForkRequest",
+    "ForkSandbox",
     "spawn",
     "detect",
     "oom_killed",

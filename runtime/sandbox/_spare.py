@@ -20,7 +20,6 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import _sys
 from ._cgroups import (
@@ -35,7 +34,7 @@ from ._cgroups import (
 )
 from ._mounts import mount_point, private_root_then_userns, ro_paths
 from ._spawn import handshake, run_app, unshare_rest
-from ._spec import ChildMain, SandboxSpec, Spawned
+from ._spec import ChildMain, ForkRequest, SandboxSpec, Spawned
 from ._util import (
     CLONE_NEWIPC,
     CLONE_NEWNET,
@@ -59,7 +58,7 @@ def _spare_cgroup(root: Path, name: str) -> str | None:
 
 
 #: Builds the enclave's sandbox spec and child entry from a claim request and its fds.
-SpareFactory = Callable[[dict[str, Any], list[int]], tuple[SandboxSpec, ChildMain]]
+SpareFactory = Callable[[ForkRequest, list[int]], tuple[SandboxSpec, ChildMain]]
 
 
 @dataclass

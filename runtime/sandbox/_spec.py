@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NoReturn, TypedDict
 
 __all__ = [
     "SandboxSpec",
     "Spawned",
     "ChildMain",
+    "ForkRequest",
+    "ForkSandbox",
     "NOBODY_UID",
     "DEFAULT_MAX_TASKS",
     "decode_status",
@@ -27,6 +29,35 @@ DEFAULT_MAX_TASKS = 512
 
 #: The child entry: runs in the sandboxed process (exec an interpreter, or run in-process).
 ChildMain = Callable[[], NoReturn]
+
+
+class ForkSandbox(TypedDict):
+    """A :class:`SandboxSpec`'s JSON-carried fields in a :class:`ForkRequest` (the fds travel
+    as SCM_RIGHTS beside it)."""
+
+    enclave_id: str
+    cpu_ids: list[int]
+    memory_mib: int
+    image_root: str
+    strict: bool
+    cwd: str
+    outside_uid: int
+    max_tasks: int
+
+
+class ForkRequest(TypedDict):
+    """The runtime's request to its zygote for one enclave (JSON on the zygote's socket), what
+    a spare's :data:`~._spare.SpareFactory` receives at its claim."""
+
+    sandbox: ForkSandbox
+    #: the enclave's environment
+    env: dict[str, str]
+    #: the enclave's own verified bootstrap tree
+    bootstrap_dir: str
+    #: whether a console fd follows the fabric, NSM and init fds
+    console: bool
+    #: whether the zygote attaches the cgroup (False: the supervisor does, while it boots)
+    attach_cgroup: bool
 
 
 @dataclass(frozen=True)
