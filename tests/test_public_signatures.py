@@ -84,33 +84,12 @@ HONEST_ANY: dict[str, str] = {
 #: Signatures that still say ``Any`` where a precise type exists, in files other branches own
 #: this round (not changed here so as not to collide): ``"module.name[.member]"`` -> where.
 KNOWN_DEBT: dict[str, str] = {
-    # attest/: the NSM's DescribeNSM answer is a fixed map (a TypedDict); a policy or CA config
-    # read from a file is Mapping[str, object], checked; the CA's options are CAConfig's fields.
-    "attest.InProcessNsm.describe_nsm": "attest/nsm/client.py: -> a DescribeNsm TypedDict",
-    "attest.NsmClient.describe_nsm": "attest/nsm/client.py: -> a DescribeNsm TypedDict",
-    "attest.nsm.InProcessNsm.describe_nsm": "attest/nsm/client.py (same as attest.InProcessNsm)",
-    "attest.nsm.NsmClient.describe_nsm": "attest/nsm/client.py (same as attest.NsmClient)",
-    "attest.LocalCA.load_or_create": "attest/ca.py: **config: Unpack[a CAConfig TypedDict]",
-    "attest.MeasurementSet.from_mapping": "attest/policy.py: m: Mapping[str, object]",
-    "attest.Policy.from_mapping": "attest/policy.py: m: Mapping[str, object]",
     # kms/: the validated request (Params) is read ~174 times across the operations, and the
     # authenticated key record (Key.meta) ~98 times: per-operation request TypedDicts and a key
     # record TypedDict with its migration are a change of their own.
     "kms.service.KmsService.handle": "kms/service/_core.py: params and answer per operation",
     "kms.service.KmsService.save": "kms/service/_core.py: meta: the key record's TypedDict",
     "kms.service.Operation.__init__": "kms/service/_model.py: Params = dict[str, Any]",
-    # models/text/bundle.py: the bundle's config map has a fixed shape.
-    "models.text.BundleConfig.to_map": "models/text/bundle.py: -> a TypedDict",
-    # runtime/: nitro-cli's JSON answers and the state records have fixed shapes.
-    "runtime.EnclaveInfo.__init__": "runtime/records.py: metadata/app_status TypedDicts",
-    "runtime.EnclaveInfo.describe_json": "runtime/records.py: -> nitro-cli's JSON TypedDict",
-    "runtime.EnclaveInfo.run_json": "runtime/records.py: -> nitro-cli's JSON TypedDict",
-    "runtime.EnclaveInfo.to_record": "runtime/records.py: -> the state record's TypedDict",
-    "runtime.EnclaveInfo.from_record": "runtime/records.py: m: Mapping[str, object]",
-    "runtime.ExitReason.to_json": "runtime/records.py: -> a TypedDict",
-    "runtime.ExitReason.from_json": "runtime/records.py: m: Mapping[str, object]",
-    "runtime.enclave_init.run": "runtime/enclave_init: spec: the launch spec's TypedDict",
-    "runtime.sandbox.prefork_spare": "runtime/sandbox/_spare.py: SpareFactory's dict[str, Any]",
 }
 
 
