@@ -381,7 +381,15 @@ class Connection:
             )
             with trio.move_on_after(self.profile.reply_timeout_s or float("inf")) as send_scope:
                 await self._reply(reply, close=close)
-            if send_scope.cancelled_caught or close or self.conn.our_state is h11.MUST_CLOSE:
+            if send_scope.cancelled_caught:
+                # A client that does not read its answers holds no task for longer than this.
+                log.info(
+                    f"{self.profile.name}_reply_timeout",
+                    source=self.source,
+                    timeout_s=self.profile.reply_timeout_s,
+                )
+                return
+            if close or self.conn.our_state is h11.MUST_CLOSE:
                 return
             try:
                 self.conn.start_next_cycle()

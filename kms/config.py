@@ -166,7 +166,8 @@ class KmsConfig:
         graceful_timeout_s: SIGTERM grace for in-flight requests.
         keep_alive_timeout_s: idle timeout of connections that have authenticated.
         request_timeout_s: time for a whole request from its first byte (and for a fresh
-            connection's first request from accept).
+            connection's first request from accept), and for the client to take a reply (an
+            answer left unread that long closes the connection).
         max_connections_per_source: connections one peer address may hold at once.
         audit_fsync: an audit line is on disk (``fdatasync``) before the request's reply is
             sent; concurrent requests share syncs (group commit). False: written to the OS only,

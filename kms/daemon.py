@@ -22,6 +22,7 @@ parent handles signals and tells the workers to drain.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -56,10 +57,18 @@ log = structlog.get_logger()
 #: Connections served at once. Bounds memory and descriptors against connection floods; past it
 #: the oldest unproven connection makes room (see :mod:`kms._http`).
 MAX_CONNECTIONS = 1024
-#: The daemon's profile: a slow request is answered 408 (RequestTimeoutException); a normal
-#: reply has no send bound of its own (as before the layer was shared; the proxy's has 5 s);
-#: after an error reply at most 1 MiB is discarded (an SDK may be mid-way through a big body).
+#: The daemon's profile: a slow request is answered 408 (RequestTimeoutException); after an
+#: error reply at most 1 MiB is discarded (an SDK may be mid-way through a big body). Its
+#: ``reply_timeout_s`` is each daemon's ``request_timeout_s`` (:func:`_profile`).
 PROFILE = HttpProfile(name="kms", answer_slow=True, reply_timeout_s=None, linger_max_bytes=1 << 20)
+
+
+def _profile(config: KmsConfig) -> HttpProfile:
+    """:data:`PROFILE` for ``config``: a reply the client leaves unread for
+    ``request_timeout_s`` closes the connection (``kms_reply_timeout``), as a request that does
+    not arrive in that time does, so a client that never reads holds no task or slot."""
+    return dataclasses.replace(PROFILE, reply_timeout_s=config.request_timeout_s)
+
 
 #: The names the in-process tests serve one stream with: ``_Connection(stream, app, _Shutdown())``.
 _Shutdown = Shutdown
@@ -110,7 +119,9 @@ class _Connection(Connection):
         shutdown: Shutdown,
         admission: Admission | None = None,
     ) -> None:
-        super().__init__(stream, _KmsHttp(app), _limits(app.config), PROFILE, shutdown, admission)
+        super().__init__(
+            stream, _KmsHttp(app), _limits(app.config), _profile(app.config), shutdown, admission
+        )
 
 
 async def serve_kms(
@@ -170,7 +181,7 @@ async def serve_kms(
             _KmsHttp(app),
             listeners,
             _limits(config),
-            PROFILE,
+            _profile(config),
             share=app.connection_share,
             shutdown=shutdown,
             on_ready=ready,

@@ -131,3 +131,83 @@ def test_request_that_starts_must_finish_in_time(tmp_path: Path) -> None:
             s.sendall(b"POST / HTTP/1.1\r\nHost: kms\r\nContent-Length: 100\r\n\r\n{")
             reply = _read_reply(s)  # the body never completes: the daemon answers and closes
         assert reply.startswith(b"HTTP/1.1 408 ")
+
+
+def _signed_request(endpoint: str, target: str, payload: dict[str, object]) -> bytes:
+    """One SigV4-signed KMS request as raw HTTP/1.1 bytes (botocore's own signer)."""
+    import json
+
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    body = json.dumps(payload).encode()
+    request = AWSRequest(
+        method="POST",
+        url=endpoint + "/",
+        data=body,
+        headers={
+            "X-Amz-Target": f"TrentService.{target}",
+            "Content-Type": "application/x-amz-json-1.1",
+        },
+    )
+    SigV4Auth(
+        Credentials(ADMIN.access_key_id, ADMIN.secret_access_key), "kms", "us-east-1"
+    ).add_auth(request)
+    host = endpoint.split("://", 1)[1]
+    head = ["POST / HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in request.headers.items() if k.lower() != "host"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+#: Pipelined requests of the client that never reads (one signed request, replayed).
+ATTACK_REQUESTS = 20_000
+
+
+def test_a_client_that_never_reads_its_replies_loses_its_connection(tmp_path: Path) -> None:
+    """Before: a normal reply had no send bound, so an authenticated client that pipelined
+    requests and never read held a connection task (and a slot) for as long as it liked. Now
+    a reply left unread for request_timeout_s closes the connection; other callers are
+    served meanwhile."""
+    config = KmsConfig(
+        host="127.0.0.1",
+        port=0,
+        state_dir=tmp_path / "state",
+        credentials=(ADMIN,),
+        request_timeout_s=0.5,
+        audit_fsync=False,  # (speed: many requests)
+    )
+    with DaemonThread(config) as d:
+        assert d.address is not None
+        request = _signed_request(d.endpoint, "GenerateRandom", {"NumberOfBytes": 1024})
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills fast
+        s.settimeout(10)
+        s.connect(d.address)
+        sent = 0
+        try:
+            # ~1.4 KB per answer, 28 MB in all: far more than the socket buffers hold (the
+            # daemon's grows to 4 MiB on loopback). The daemon stops
+            # reading requests while it is blocked on an answer, so our sends block too; a
+            # send that fails (the daemon gave up and closed) ends the attack early.
+            s.settimeout(2)
+            for _ in range(ATTACK_REQUESTS):
+                s.sendall(request)
+                sent += 1
+        except (TimeoutError, BrokenPipeError, ConnectionResetError):
+            pass
+        # Meanwhile other callers are served.
+        kms = boto_client(d.endpoint, ADMIN, connect_timeout=10, read_timeout=10)
+        assert len(kms.generate_random(NumberOfBytes=16)["Plaintext"]) == 16
+        # Now read: what was buffered arrives, then the end of the connection (before the fix
+        # the daemon went on answering and kept the connection: this read timed out).
+        s.settimeout(10)
+        received = b""
+        try:
+            while chunk := s.recv(1 << 16):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        s.close()
+        answers = received.count(b"HTTP/1.1 200 ")
+        assert 0 < answers < sent
