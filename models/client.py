@@ -154,27 +154,60 @@ class ModelInfo:
 
     @classmethod
     def from_wire(cls, obj: object) -> ModelInfo:
-        """Parse one catalog entry of the server's answer."""
+        """Parse one catalog entry of the server's answer, checking every field's type.
+
+        Raises:
+            InferenceError: the entry is not a map, or a field has the wrong type (named in the
+                message; the value is not echoed).
+        """
         if not isinstance(obj, Mapping):
             raise InferenceError("malformed catalog entry")
+        name = obj.get("name")
+        if not isinstance(name, str):
+            raise InferenceError("malformed catalog entry: name")
+        digest = _optional_field(obj, "digest", str)
+        size = _optional_field(obj, "size", int)
+        reason = _optional_field(obj, "reason", str)
+        kind = _optional_field(obj, "kind", str) or ""
         text = obj.get("text")
+        if text is not None and not isinstance(text, Mapping):
+            raise InferenceError("malformed catalog entry: text")
+        specs: dict[str, tuple[TensorSpec, ...]] = {}
+        for field_name in ("inputs", "outputs"):
+            value = obj.get(field_name) or ()
+            if not isinstance(value, list | tuple):
+                raise InferenceError(f"malformed catalog entry: {field_name}")
+            specs[field_name] = tuple(TensorSpec.from_wire(s) for s in value)
         return cls(
-            name=str(obj.get("name")),
-            available=bool(obj.get("available")),
-            digest=obj.get("digest"),
-            size=obj.get("size"),
-            inputs=tuple(TensorSpec.from_wire(s) for s in obj.get("inputs") or ()),
-            outputs=tuple(TensorSpec.from_wire(s) for s in obj.get("outputs") or ()),
-            batchable=bool(obj.get("batchable")),
-            reason=obj.get("reason"),
-            kind=str(obj.get("kind") or ""),
-            text=dict(text) if isinstance(text, Mapping) else None,
+            name=name,
+            available=obj.get("available") is True,
+            digest=digest,
+            size=size,
+            inputs=specs["inputs"],
+            outputs=specs["outputs"],
+            batchable=obj.get("batchable") is True,
+            reason=reason,
+            kind=kind,
+            text=dict(text) if text is not None else None,
         )
 
     @property
     def is_text(self) -> bool:
         """Whether the model takes texts (:meth:`InferenceClient.embed`)."""
         return self.kind == "text-embedding"
+
+
+_F = TypeVar("_F", str, int)
+
+
+def _optional_field(entry: Mapping[object, object], key: str, kind: type[_F]) -> _F | None:
+    """``entry[key]`` if absent/None or of ``kind`` (a bool is not an int), else InferenceError."""
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise InferenceError(f"malformed catalog entry: {key}")
+    return value
 
 
 def _map_error(exc: RpcError) -> ModelError:
