@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypedDict, Unpack
+from typing import Final, TypedDict, Unpack, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -99,6 +99,11 @@ def prepare_state_dir(path: Path) -> Path:
     return path
 
 
+def _is_number(value: object) -> bool:
+    """An int or a float, not a bool (``True`` is not one second)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _make_private_dirs(path: Path) -> None:
     """mkdir -p with mode 0700 for every directory created (umask cannot widen it)."""
     missing: list[Path] = []
@@ -132,29 +137,41 @@ class CAConfig:
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
     def __post_init__(self) -> None:
+        # Every field is checked here, so a mapping read from a file (from_mapping) can give
+        # any value: a wrong type is a ConfigurationError, not a crash later in x509.
         for f in dataclasses.fields(self):
             if f.name.endswith("_validity_s"):
                 value = getattr(self, f.name)
-                if not isinstance(value, int | float) or value <= 0:
+                if not _is_number(value) or value <= 0:
                     raise ConfigurationError(f"CA {f.name} must be a positive number of seconds")
-        if self.backdate_s < 0:
-            raise ConfigurationError("CA backdate_s must be >= 0")
+        if not _is_number(self.backdate_s) or self.backdate_s < 0:
+            raise ConfigurationError("CA backdate_s must be a number of seconds >= 0")
         if self.leaf_validity_s > self.instance_validity_s:
             raise ConfigurationError("CA leaf_validity_s must not exceed instance_validity_s")
-        for name in ("region", "domain", "root_common_name", "organization", "country"):
+        for name in (
+            "region",
+            "domain",
+            "root_common_name",
+            "organization",
+            "organizational_unit",
+            "country",
+        ):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigurationError(f"CA {name} must be a non-empty string")
         if len(self.country) != 2:
             raise ConfigurationError("CA country must be a two-letter code")
+        if not callable(self.clock):
+            raise ConfigurationError("CA clock must be a callable returning seconds")
 
     @classmethod
-    def from_mapping(cls, m: Mapping[str, Any]) -> CAConfig:
-        """Build from keyword settings; unknown keys are a :class:`ConfigurationError`."""
+    def from_mapping(cls, m: Mapping[str, object]) -> CAConfig:
+        """Build from keyword settings (checked by the constructor); unknown keys are a
+        :class:`ConfigurationError`."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(m) - known
         if unknown:
             raise ConfigurationError(f"unknown CA settings: {sorted(unknown)}")
-        return cls(**dict(m))
+        return cls(**cast("CAOptions", dict(m)))  # every value is checked in __post_init__
 
 
 class CAOptions(TypedDict, total=False):

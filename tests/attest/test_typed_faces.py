@@ -112,3 +112,27 @@ def test_policy_flags_come_through() -> None:
     assert policy.any_measurement is True
     assert policy.max_age_s == 30.0
     assert Policy.from_mapping({}).allow_debug is False
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"organizational_unit": 5},  # was accepted, then failed inside x509
+        {"organizational_unit": ""},
+        {"backdate_s": "60"},  # was a TypeError from the comparison
+        {"backdate_s": -1.0},
+        {"root_validity_s": True},  # a bool is not one second
+        {"leaf_validity_s": None},
+        {"clock": 5},
+        {"region": ["local-1"]},
+        {"no_such_setting": 1},
+    ],
+)
+def test_ca_config_from_mapping_refuses_wrong_values(settings: dict[str, object]) -> None:
+    with pytest.raises(ConfigurationError):
+        CAConfig.from_mapping(settings)
+
+
+def test_ca_config_from_mapping_takes_good_values() -> None:
+    config = CAConfig.from_mapping({"region": "eu-test-1", "backdate_s": 0, "leaf_validity_s": 60})
+    assert (config.region, config.backdate_s, config.leaf_validity_s) == ("eu-test-1", 0, 60)
