@@ -5,16 +5,10 @@ their stamp holds its digest)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.interpreted import run_pytest_interpreted
 from transport import accel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(
@@ -22,22 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
     reason="the cores are interpreted here: test_public_signatures.py ran in this process",
 )
 def test_public_signatures_on_the_interpreted_source() -> None:
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/test_public_signatures.py",
-        ],
-        env=dict(os.environ, **{accel.DISABLE_ENV: "1"}),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_pytest_interpreted("tests/test_public_signatures.py")
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
     assert "skipped" not in run.stdout

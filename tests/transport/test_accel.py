@@ -13,6 +13,7 @@ import pytest
 
 import transport.channel._connection
 import transport.rpc._core
+from tests.interpreted import run_pytest_interpreted
 from transport import accel
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,22 +100,8 @@ def test_the_interpreted_cores_pass_the_core_tests() -> None:
         timeout=60,
     )
     assert check.stdout.strip().endswith("_core.py"), check.stderr
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/transport/test_rpc_core.py",
-            "tests/transport/test_channel_core.py",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = run_pytest_interpreted(
+        "tests/transport/test_rpc_core.py", "tests/transport/test_channel_core.py"
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout
