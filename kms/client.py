@@ -77,10 +77,22 @@ class _Connection:
         resp_headers: dict[str, str] = {}
         chunks: list[bytes] = []
         size = 0
+        closed = False
         while True:
-            event = self.conn.next_event()
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                # h11 reports an EOF before the answer ended as a protocol error; that is a
+                # transport failure (the server died or dropped us), not a malformed answer.
+                if closed:
+                    raise trio.BrokenResourceError(
+                        "KMS closed the connection before it answered"
+                    ) from exc
+                raise KmsError(f"KMS answer is not valid HTTP/1.1: {exc}") from exc
             if event is h11.NEED_DATA:
-                self.conn.receive_data(bytes(await self.stream.receive_some(_RECEIVE_SIZE)))
+                data = bytes(await self.stream.receive_some(_RECEIVE_SIZE))
+                closed = not data
+                self.conn.receive_data(data)
                 continue
             if isinstance(event, h11.Response):
                 status = event.status_code
@@ -188,7 +200,7 @@ class KmsClient:
 
         Raises:
             KmsApiError: the service answered with an error (``type_name`` = AWS ``__type``).
-            KmsError: the answer was not a KMS answer (bad JSON, too large).
+            KmsError: the answer was not a KMS answer (not HTTP/1.1, bad JSON, too large).
             OSError / trio.BrokenResourceError: the transport failed.
         """
         body = json.dumps(payload, separators=(",", ":")).encode()
@@ -235,12 +247,7 @@ class KmsClient:
             except _NotReusable as nr:
                 await self._drop()
                 return nr.result
-            except (
-                trio.BrokenResourceError,
-                trio.ClosedResourceError,
-                h11.RemoteProtocolError,
-                OSError,
-            ):
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 await self._drop()
                 if not reused or attempt:
                     raise
