@@ -27,6 +27,13 @@ cryptography; this module only moves bytes and maps failures:
   once, for callers that block right after (the RPC layer's unary calls and its reader). On
   the project's 2-vCPU VM this cut a channel round trip's CPU by ~15 µs per side
   (``enclave bench channel``: ``channel_calls`` 170 → 113, ``rpc_calls`` 254 → 198).
+* **Cancellation mid-send** (on a ``trio.SocketStream``): a ``send_all`` cancelled while the
+  socket is full raises ``Cancelled`` but does *not* break the channel: the records it had
+  sealed stay with the :class:`~transport._sockwrite.SocketWriter` and go out first on the next
+  ``send_all``/``send_eof``/:meth:`SecureChannel.flush`/``aclose``, so the record stream stays
+  whole (as trio allows, some or all of the cancelled call's data is delivered; what it had not
+  sealed is not). Any other transport cannot resume a write: the channel breaks there, as
+  trio's ``SSLStream`` does.
 * **Failures**: anything the peer did wrong (bad tag, rejected document, truncation, malformed
   or oversized frames) is logged here with its reason and raised as
   :class:`~transport.errors.AuthenticationFailed`, whose message says nothing more (also a
@@ -45,7 +52,6 @@ cryptography; this module only moves bytes and maps failures:
 
 from __future__ import annotations
 
-import errno
 import operator
 import socket
 import time
@@ -57,6 +63,7 @@ from typing import Final
 import structlog
 import trio
 
+from transport._sockwrite import SocketWriter, stdlib_socket
 from transport.channel._connection import (
     MAX_FRAME_SIZE,
     NEED_DATA,
@@ -112,22 +119,6 @@ _RECORDS_PER_WRITE = 4
 _RECEIVE_SIZE = 64 * 1024
 _BUSY_SENDING: Final = "another task is sending on this channel"
 _BUSY_RECEIVING: Final = "another task is receiving on this channel"
-#: errnos that mean "our own socket was closed" (as trio's SocketStream maps them)
-_CLOSED_SOCKET_ERRNOS: Final = frozenset({errno.EBADF, errno.ENOTSOCK})
-
-
-def _stdlib_socket(sock: trio.socket.SocketType) -> socket.socket | None:
-    """The standard-library socket inside a trio socket, for the direct I/O path; None if
-    this trio keeps it elsewhere (then the channel goes through ``SocketStream``).
-
-    trio has no public accessor (``trio.socket.from_stdlib_socket`` only goes the other way).
-    The same object, not a ``dup``: closing the trio socket closes it (and wakes our waiters
-    through ``notify_closing``), so a closed channel cannot write to a reused descriptor. A
-    trio that renames the attribute silently loses only speed; tests/transport/
-    test_channel_socket_path.py fails then, so it does not go unnoticed.
-    """
-    raw = getattr(sock, "_sock", None)
-    return raw if isinstance(raw, socket.socket) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +216,15 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         self._closed = False
         self._send_broken = False
         self._recv_failed = False
-        self._sock: trio.socket.SocketType | None = None
-        self._raw: socket.socket | None = None
-        if isinstance(transport_stream, trio.SocketStream):
-            self._sock = transport_stream.socket
-            self._raw = _stdlib_socket(self._sock)
-            if self._sock.family == socket.AF_UNIX:
-                _enlarge_socket_buffers(self._sock)
+        # On a trio socket the channel does its own socket I/O (one scheduler pass per
+        # operation; a cancelled send keeps its unwritten rest instead of breaking the stream).
+        self._raw = stdlib_socket(transport_stream)
+        self._writer = None if self._raw is None else SocketWriter(self._raw)
+        if (
+            isinstance(transport_stream, trio.SocketStream)
+            and transport_stream.socket.family == socket.AF_UNIX
+        ):
+            _enlarge_socket_buffers(transport_stream.socket)
 
     # ------------------------------------------------------------------ send side
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -285,8 +278,8 @@ class SecureChannel(trio.abc.HalfCloseableStream):
                     raise
                 try:
                     await self._send_transport(record, fair)
-                except BaseException:
-                    self._send_broken = True
+                except BaseException as exc:
+                    self._send_broken = self._broken_by(exc)
                     raise
                 return
             if -(-n // self._max_record) > conn.data_records_left:
@@ -306,10 +299,11 @@ class SecureChannel(trio.abc.HalfCloseableStream):
                     view = view[consumed:]
                     try:
                         await self._send_transport(out[:written], fair)
-                    except BaseException:
+                    except BaseException as exc:
                         # Records were sealed (counters advanced) but maybe not all sent: the
-                        # stream cannot continue consistently.
-                        self._send_broken = True
+                        # stream continues only if the writer kept the rest (a cancellation on
+                        # a socket); what was not sealed yet is simply not sent.
+                        self._send_broken = self._broken_by(exc)
                         raise
             finally:
                 out.release()
@@ -319,37 +313,53 @@ class SecureChannel(trio.abc.HalfCloseableStream):
     async def _send_transport(self, data: bytes | memoryview, fair: bool = True) -> None:
         """Write all of ``data`` to the transport (the caller checked for cancellation).
 
-        On a trio socket this writes to the standard-library socket itself, as the receive side
-        reads from it: what ``SocketStream.send_all`` does (same errors; a schedule point after
-        a write done at once, unless ``fair`` is False; ``wait_writable`` while the socket is
-        full), without its conflict detector (ours covers it), its per-call wrapper and its
-        memoryviews, which cost a few µs per small record.
+        On a trio socket through :class:`~transport._sockwrite.SocketWriter`: one scheduler
+        pass (none if ``fair`` is False), and a cancellation while the socket is full keeps the
+        sealed rest for the next write instead of breaking the record stream.
         """
-        raw = self._raw
-        if raw is None:
+        writer = self._writer
+        if writer is None:
             await self.transport_stream.send_all(data)
-            return
+        else:
+            await writer.send_all(data, fair=fair)
+
+    @property
+    def resumes_sends(self) -> bool:
+        """True if a cancelled send leaves the channel usable (on a socket; see
+        :meth:`flush`), False if it breaks it (any other transport)."""
+        return self._writer is not None
+
+    def _broken_by(self, exc: BaseException) -> bool:
+        """Whether a send that raised ``exc`` left the record stream unusable: yes, unless it
+        was cancelled with its sealed bytes kept by the writer (they go out first next time)."""
+        return self._writer is None or not isinstance(exc, trio.Cancelled)
+
+    async def flush(self) -> None:
+        """Write what a cancelled ``send_all``/``send_eof`` left unwritten (records it had
+        sealed); only a checkpoint if nothing is left. The next ``send_all`` does it too.
+
+        Raises:
+            as :meth:`send_all`.
+        """
+        if self._sending:
+            raise trio.BusyResourceError(_BUSY_SENDING)
+        self._sending = True
         try:
-            try:
-                sent = raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            if sent == len(data):
-                if fair:
-                    await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._closed:
+                raise trio.ClosedResourceError("the channel is closed")
+            if self._send_broken:
+                raise trio.BrokenResourceError("the channel is broken")
+            if self._writer is None or not self._writer.unsent:
+                await trio.lowlevel.checkpoint()
                 return
-            with memoryview(data) as view:
-                while sent < len(view):
-                    await trio.lowlevel.wait_writable(raw)
-                    try:
-                        with view[sent:] as remaining:
-                            sent += raw.send(remaining)
-                    except BlockingIOError:
-                        pass
-        except OSError as exc:  # as SocketStream maps them
-            if exc.errno in _CLOSED_SOCKET_ERRNOS:
-                raise trio.ClosedResourceError("this socket was already closed") from None
-            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                await self._writer.flush()
+            except BaseException as exc:
+                self._send_broken = self._broken_by(exc)
+                raise
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """Send the authenticated close record; idempotent. Receiving stays possible."""
@@ -368,8 +378,8 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             record = self._conn.send(Close())
             try:
                 await self._send_transport(record)
-            except BaseException:
-                self._send_broken = True
+            except BaseException as exc:
+                self._send_broken = self._broken_by(exc)
                 raise
         finally:
             self._sending = False
@@ -558,17 +568,22 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         try:
-            if not (
-                self._sending or self._send_broken or self._conn.our_closed or self._recv_failed
-            ):
-                try:
-                    record = self._conn.send(Close())
-                except LocalProtocolError:
-                    record = b""
-                if record:
+            if not (self._sending or self._send_broken or self._recv_failed):
+                record = b""
+                if not self._conn.our_closed:
+                    try:
+                        record = self._conn.send(Close())
+                    except LocalProtocolError:
+                        pass
+                unsent = self._writer is not None and self._writer.unsent
+                if record or unsent:
                     with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        # A cancelled aclose sends nothing (the writer's first try is no
+                        # cancel point): a forceful close is a truncation for the peer.
+                        await trio.lowlevel.checkpoint_if_cancelled()
                         try:
-                            await self.transport_stream.send_all(record)
+                            # (what a cancelled send left goes first: the writer keeps order)
+                            await self._send_transport(record, False)
                         except (trio.BrokenResourceError, trio.ClosedResourceError):
                             pass
         finally:

@@ -8,12 +8,16 @@ needed, commit to the core (pure), then :meth:`Connection.send`, which appends t
 outbox and, under a :class:`trio.StrictFIFOLock`, writes *everything* queued with one
 ``send_all``: frames queued by other tasks while a write was in progress go out together
 (coalescing). Cancellation is checked before a batch leaves the outbox, so it can only
-interrupt a write that blocked part-way, which would leave half a frame on the wire and fail
-the connection. Hence: writes over :data:`UNSHIELDED_WRITE_SIZE` are shielded (with a
-deadline); a server never cancels a handler in the middle of its own write (the cancel waits,
-see ``_server.py``); small writes stay unshielded on the hot path (a shield costs ~15 µs per
-round trip here) and only block when the peer stopped reading. Cleanup writes (CANCEL, ERROR)
-are shielded with a deadline (:data:`CLOSE_TIMEOUT_S`).
+interrupt a write that blocked part-way (the peer is slow to read). On a socket (a
+``SecureChannel`` on one, or a ``trio.SocketStream``, written through
+:class:`~transport._sockwrite.SocketWriter`) the transport keeps the rest of such a write:
+the connection notes it owes a write, a background flush (or the next writer, which sends the
+rest first) completes it, and every other stream carries on. On any other transport half a
+frame would be left on the wire, so the connection fails. Writes over
+:data:`UNSHIELDED_WRITE_SIZE` are shielded anyway (with a deadline); a server never cancels a
+handler in the middle of its own write (the cancel waits, see ``_server.py``); small writes
+stay unshielded on the hot path (a shield costs ~15 µs per round trip here). Cleanup writes
+(CANCEL, ERROR) are shielded with a deadline (:data:`CLOSE_TIMEOUT_S`).
 
 **Dispatch (receiving).** Whoever reads (the server's reader task, or a client caller through
 leader/follower, ``_client.py``) feeds the core and takes its events one at a time
@@ -36,6 +40,7 @@ from typing import Final, NoReturn, cast
 import structlog
 import trio
 
+from transport._sockwrite import SocketWriter, stdlib_socket
 from transport.errors import ChannelClosed, PeerTimeout, RemoteProtocolError, TransportError
 from transport.rpc._core import RpcConnection
 from transport.rpc._errors import RpcError
@@ -138,11 +143,10 @@ class Connection:
 
     def __init__(self, transport: trio.abc.Stream, core: RpcConnection) -> None:
         self.transport = transport
-        # A SecureChannel can skip the scheduler pass after a write it did at once
-        # (SecureChannel.send_all_eagerly); used only where the writer blocks right after.
-        self.send_eagerly: Callable[[bytes], Awaitable[None]] = getattr(
-            transport, "send_all_eagerly", transport.send_all
-        )
+        self.write, self.send_eagerly, self.resume_write = _writers(transport)
+        #: A write of ours was cancelled part-way and its rest waits in the transport
+        #: (self.resume_write completes it; any later write sends it first).
+        self.write_owed = False
         self.core = core
         self.streams: dict[int, StreamEndpoint] = {}
         self.outbox: list[bytes] = []
@@ -276,7 +280,7 @@ class Connection:
         finally:
             if parker in self.write_waiters:
                 self.write_waiters.remove(parker)
-        if self.writer is None and self.outbox and self.failure is None:
+        if self.writer is None and (self.outbox or self.write_owed) and self.failure is None:
             await self._write_outbox()
         elif self.failure is not None:
             raise self.error()
@@ -296,25 +300,36 @@ class Connection:
             while self.failure is None:
                 if core.has_data_to_send():
                     outbox.append(core.data_to_send())
-                if not outbox:
+                if not outbox and not self.write_owed:
                     break
                 await trio.lowlevel.checkpoint_if_cancelled()  # raises with nothing taken
                 batch = outbox[0] if len(outbox) == 1 else b"".join(outbox)
                 outbox.clear()
+                self.write_owed = False  # whatever write comes next sends the kept rest first
                 self.write_started = now()
                 try:
-                    if len(batch) <= UNSHIELDED_WRITE_SIZE:
+                    if not batch:
+                        await self.resume_write()
+                    elif len(batch) <= UNSHIELDED_WRITE_SIZE:
                         if then_wait:
                             await self.send_eagerly(batch)
                         else:
-                            await self.transport.send_all(batch)
+                            await self.write(batch)
                     else:
                         await self._send_all_shielded(batch)
                 except TRANSPORT_ERRORS as exc:
                     self.fail(ChannelClosed, f"RPC connection lost while sending: {exc}", exc)
                     raise self.error()  # noqa: B904 (error() chains the cause itself)
                 except trio.Cancelled:
-                    self.fail(ChannelClosed, "RPC connection failed: a write was cancelled", None)
+                    if self.resume_write is _cannot_resume:
+                        # Part of a frame may be on the wire and the rest is lost.
+                        self.fail(
+                            ChannelClosed, "RPC connection failed: a write was cancelled", None
+                        )
+                    else:
+                        # The transport kept the rest of the batch: a background flush (or
+                        # the next writer) completes it, and the connection lives on.
+                        self.write_owed = True
                     raise
                 finally:
                     self.last_sent = self.write_started  # (when it began: close enough)
@@ -326,7 +341,9 @@ class Connection:
                 for parker in self.write_waiters:
                     parker.unpark()
             elif (
-                outbox and self.failure is None and trio.lowlevel.current_task() is not self.flusher
+                (outbox or self.write_owed)
+                and self.failure is None
+                and trio.lowlevel.current_task() is not self.flusher
             ):
                 # We stopped (cancelled) with frames queued: a background flush writes them.
                 # Not when we *are* that flush: only the connection's end cancels it, and a new
@@ -345,7 +362,7 @@ class Connection:
         """A large write, shielded from the caller's cancellation (see flush) with a deadline."""
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + LARGE_WRITE_TIMEOUT_S
-            await self.transport.send_all(batch)
+            await self.write(batch)
         if scope.cancelled_caught:
             self.fail(
                 PeerTimeout,
@@ -526,3 +543,38 @@ def unwrap_group(eg: BaseExceptionGroup[BaseException]) -> NoReturn:
         exc = eg.exceptions[0]
         raise exc from exc.__cause__
     raise eg
+
+
+_Write = Callable[[bytes], Awaitable[None]]
+
+
+async def _cannot_resume() -> None:
+    raise AssertionError("this transport keeps nothing from a cancelled write")
+
+
+def _writers(transport: trio.abc.Stream) -> tuple[_Write, _Write, Callable[[], Awaitable[None]]]:
+    """How the connection writes to ``transport``: (write, write eagerly, resume).
+
+    * a :class:`~transport.channel.SecureChannel` on a socket: its ``send_all``,
+      ``send_all_eagerly`` (no scheduler pass after a write taken at once; only for a writer
+      that blocks right after) and ``flush`` (a cancelled write keeps its sealed rest);
+    * a ``trio.SocketStream``: a :class:`~transport._sockwrite.SocketWriter` on its socket,
+      for the same two properties;
+    * anything else: its ``send_all``; a cancelled write there fails the connection.
+    """
+    eager = getattr(transport, "send_all_eagerly", None)
+    flush = getattr(transport, "flush", None)
+    if eager is not None and flush is not None and getattr(transport, "resumes_sends", False):
+        return transport.send_all, eager, flush
+    raw = stdlib_socket(transport)
+    if raw is not None:
+        writer = SocketWriter(raw)
+
+        async def write(data: bytes) -> None:
+            await writer.send_all(data)
+
+        async def write_eagerly(data: bytes) -> None:
+            await writer.send_all(data, fair=False)
+
+        return write, write_eagerly, writer.flush
+    return transport.send_all, eager or transport.send_all, _cannot_resume
