@@ -196,6 +196,9 @@ class EngineStats:
     samples: int = 0
     threaded_runs: int = 0
     timeouts: int = 0
+    #: threaded runs onnxruntime stopped early (``RunOptions.terminate``, after a timeout or a
+    #: cancellation): the worker thread is free again
+    terminated_runs: int = 0
     largest_batch: int = 0
     per_sample_s: float = 0.0
     fixed_s: float = 0.0
@@ -276,6 +279,7 @@ class ModelEngine:
             samples=s.samples,
             threaded_runs=s.threaded_runs,
             timeouts=s.timeouts,
+            terminated_runs=s.terminated_runs,
             largest_batch=s.largest_batch,
             per_sample_s=self._per_sample_s,
             fixed_s=self._fixed_s,
@@ -296,6 +300,7 @@ class ModelEngine:
             values = self.session.run(self._output_names, dict(feeds), options)
         except Exception as exc:  # onnxruntime's exceptions are untyped
             if options is not None and options.terminate:
+                self._stats.terminated_runs += 1  # (only this worker thread writes it)
                 raise InferenceTimeoutError("inference terminated") from exc
             if type(exc).__name__ == "InvalidArgument":
                 # The inputs passed the signature check but a kernel refused their values (an
