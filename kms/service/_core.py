@@ -960,9 +960,12 @@ class KmsService:
     # ---------------------------------------------------------------- dispatch
 
     async def handle(
-        self, operation: str, params: Params, caller: Caller, outcome: Outcome
+        self, operation: str, params: Mapping[str, object], caller: Caller, outcome: Outcome
     ) -> Answer:
         """Run one validated operation (its name is one of :data:`OPERATIONS`).
+
+        ``params`` is :func:`kms.api.validate`'s result: the operations read it through the
+        typed accessors of :class:`~kms.service._model.Params`.
 
         Raises:
             KmsApiError: the AWS error to answer with.
@@ -974,4 +977,4 @@ class KmsService:
         op = OPERATIONS.get(operation)
         if op is None:  # kms.api validated the name: a table out of step with it is our bug
             raise KmsApiError("UnknownOperationException", "", status=400)
-        return await run_operation(self, op, Request(params, caller, outcome))
+        return await run_operation(self, op, Request(Params(params), caller, outcome))

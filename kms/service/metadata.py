@@ -23,8 +23,8 @@ _TAGS_PAGE = 50
 async def _tag_resource(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     tags = {t["TagKey"]: t["TagValue"] for t in key.meta.get("Tags", [])}
-    check_tags(r.params["Tags"])
-    for t in r.params["Tags"]:  # an existing key gets the new value (AWS)
+    check_tags(r.params.tags("Tags"))
+    for t in r.params.tags("Tags"):  # an existing key gets the new value (AWS)
         tags[t["TagKey"]] = t["TagValue"]
     merged = [{"TagKey": k, "TagValue": v} for k, v in tags.items()]
     check_tags(merged)
@@ -34,23 +34,21 @@ async def _tag_resource(svc: KmsService, r: Request) -> Answer:
 
 async def _untag_resource(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    drop = set(r.params["TagKeys"])
+    drop = set(r.params.text_list("TagKeys"))
     kept = [t for t in key.meta.get("Tags", []) if t["TagKey"] not in drop]
     await svc.save(key, dict(key.meta, Tags=kept))
     return {}
 
 
 async def _list_resource_tags(svc: KmsService, r: Request) -> Answer:
-    params = dict(r.params)
-    params["Limit"] = min(int(params.get("Limit", _TAGS_PAGE)), _TAGS_PAGE)
     tags = sorted(r.key().meta.get("Tags", []), key=lambda t: t["TagKey"])
-    items, more = page(tags, params, _TAGS_PAGE)
+    items, more = page(tags, r.params, _TAGS_PAGE, max_limit=_TAGS_PAGE)
     return {"Tags": items, **more}
 
 
 async def _update_description(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    await svc.save(key, dict(key.meta, Description=r.params["Description"]))
+    await svc.save(key, dict(key.meta, Description=r.params.text("Description")))
     return {}
 
 
@@ -85,7 +83,7 @@ async def _list_key_rotations(svc: KmsService, r: Request) -> Answer:
             "UnsupportedOperationException",
             f"ListKeyRotations: {key.arn} is a {key.meta['KeySpec']} key, which does not rotate.",
         )
-    everything = r.params.get("IncludeKeyMaterial") == "ALL_KEY_MATERIAL"
+    everything = r.params.opt_text("IncludeKeyMaterial") == "ALL_KEY_MATERIAL"
     materials = sorted(key.materials().items(), key=lambda kv: int(kv[0]))
     # ROTATIONS_ONLY (the default): materials that a rotation made current, not the first one
     # nor imported material waiting for its rotation.
