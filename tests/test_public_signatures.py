@@ -83,11 +83,7 @@ HONEST_ANY: dict[str, str] = {
 
 #: Signatures that still say ``Any`` where a precise type exists, in files other branches own
 #: this round (not changed here so as not to collide): ``"module.name[.member]"`` -> where.
-KNOWN_DEBT: dict[str, str] = {
-    # kms/: the authenticated key record (Key.meta) is read ~98 times: a key record TypedDict
-    # is a change of its own.
-    "kms.service.KmsService.save": "kms/service/_core.py: meta: the key record's TypedDict",
-}
+KNOWN_DEBT: dict[str, str] = {}
 
 
 def _faces() -> list[str]:

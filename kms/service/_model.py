@@ -12,6 +12,7 @@ from .. import _asym, _wrap
 from ..errors import KmsError
 from ..keyspecs import SpecInfo, spec_info
 from ..policy import KeyPolicy
+from ._record import KeyRecord, MaterialRecord
 
 __all__ = [
     "Caller",
@@ -21,6 +22,8 @@ __all__ = [
     "RecipientVerifier",
     "SeedKey",
     "Key",
+    "KeyRecord",
+    "MaterialRecord",
     "Grant",
     "Params",
     "GrantConstraints",
@@ -393,7 +396,8 @@ class Grant:
 class Key:
     """One KMS key in memory: metadata, parsed policy, its material ready to use, its grants.
 
-    ``meta`` is the JSON-able record stored (and authenticated) as the key's row; the policy is
+    ``meta`` is the record stored (and authenticated) as the key's row (:class:`KeyRecord`, read
+    back by :func:`~kms.service._record.parse_key_record`); the policy is
     kept parsed, with its text, so evaluation never re-parses. ``meta["Materials"]`` describes
     every key material by version (id, rotation, import state), whether or not the material is
     present: symmetric material lives in ``versions`` (one reusable AEAD each), an asymmetric
@@ -403,7 +407,7 @@ class Key:
 
     key_id: str
     arn: str
-    meta: dict[str, Any]
+    meta: KeyRecord
     policy: KeyPolicy
     versions: dict[int, _wrap.Aead] = field(default_factory=dict)
     asymmetric: _asym.AsymmetricKey | None = None
@@ -438,10 +442,10 @@ class Key:
         """``AWS_KMS`` or ``EXTERNAL``."""
         return str(self.meta["Origin"])
 
-    def materials(self) -> dict[str, dict[str, Any]]:
+    def materials(self) -> dict[str, MaterialRecord]:
         """A copy of version (as a string: a JSON key) → the description of that material
         (edit the copy, then save new metadata: ``meta`` is the authenticated record)."""
-        return {k: dict(v) for k, v in self.meta.get("Materials", {}).items()}
+        return {k: v.copy() for k, v in self.meta.get("Materials", {}).items()}
 
     def material_id(self, version: int) -> str | None:
         """The KeyMaterialId of material ``version`` (None if unknown)."""

@@ -42,7 +42,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import cms
 from ..errors import KmsApiError
@@ -145,7 +145,7 @@ class Request:
     recipient: RecipientInfo | None = None
     version: int | None = None
     operation: str = ""
-    pending: tuple[Key, XksBlob, dict[str, Any] | None] | None = None
+    pending: tuple[Key, XksBlob, dict[str, str] | None] | None = None
 
     def key(self, index: int = 0) -> Key:
         """The key of step ``index`` (it must have been located)."""

@@ -59,7 +59,7 @@ async def _put_key_policy(svc: KmsService, r: Request) -> Answer:
     _check_policy_name(p)
     policy = parse_policy(p.text("Policy"))
     lockout_check(svc, policy, r.caller, key.arn, p.flag("BypassPolicyLockoutSafetyCheck"))
-    await svc.save(key, dict(key.meta), policy)
+    await svc.save(key, key.meta.copy(), policy)
     return {}
 
 

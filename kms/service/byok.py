@@ -22,7 +22,7 @@ RotateKeyOnDemand makes it current.
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -32,7 +32,7 @@ from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import ImportToken
 from ..keyspecs import HMAC_MAX_BYTES
 from ..storage import VersionRow
-from ._model import DAY_S, Answer, Key, Params
+from ._model import DAY_S, Answer, Key, KeyRecord, MaterialRecord, Params
 from ._scaffold import KeyStep, Operation, Request, Require
 from .lifecycle import import_state
 
@@ -204,7 +204,7 @@ async def _import(svc: KmsService, r: Request) -> Answer:
                 "with the KMS key.",
             )
         version = max([int(v) for v in materials], default=0) + 1
-        entry: dict[str, Any] = {
+        entry: MaterialRecord = {
             "Id": material_id,
             "State": "CURRENT" if not materials else "PENDING_ROTATION",
         }
@@ -223,7 +223,7 @@ async def _import(svc: KmsService, r: Request) -> Answer:
     if p.opt_text("KeyMaterialDescription") is not None:
         entry["Description"] = p.text("KeyMaterialDescription")
     materials[str(version)] = entry
-    meta = dict(key.meta, Materials=materials)
+    meta: KeyRecord = {**key.meta, "Materials": materials}
     if entry["State"] == "CURRENT":
         meta["CurrentVersion"] = version
     if key.state == "PendingImport":
@@ -261,7 +261,7 @@ async def delete_material(svc: KmsService, key: Key, version: int, *, reason: st
         entry["ImportState"] = "PENDING_IMPORT"
         entry.pop("ExpirationModel", None)
         entry.pop("ValidTo", None)
-    meta = dict(key.meta, Materials=materials)
+    meta: KeyRecord = {**key.meta, "Materials": materials}
     if key.state != "PendingDeletion":
         meta["KeyState"] = import_state(meta)
     new = Key(key.key_id, key.arn, meta, key.policy)
@@ -313,14 +313,16 @@ async def rotate_to_pending(svc: KmsService, key: Key) -> None:
     for entry in materials.values():
         if entry["State"] == "CURRENT":
             entry["State"] = "NON_CURRENT"
-    materials[str(version)].update(State="CURRENT", RotationDate=now, RotationType="ON_DEMAND")
-    meta = dict(
-        key.meta,
-        Materials=materials,
-        CurrentVersion=version,
-        LastRotationDate=now,
-        OnDemandRotations=int(key.meta.get("OnDemandRotations", 0)) + 1,
+    materials[str(version)].update(
+        {"State": "CURRENT", "RotationDate": now, "RotationType": "ON_DEMAND"}
     )
+    meta: KeyRecord = {
+        **key.meta,
+        "Materials": materials,
+        "CurrentVersion": version,
+        "LastRotationDate": now,
+        "OnDemandRotations": int(key.meta.get("OnDemandRotations", 0)) + 1,
+    }
     await svc.save(key, meta)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,9 +28,11 @@ from ._model import (
     DEFAULT_ROTATION_DAYS,
     Answer,
     Key,
+    KeyRecord,
+    MaterialRecord,
     Params,
 )
-from ._scaffold import KeyStep, Locate, Operation, Request, Require
+from ._scaffold import KeyStep, Locate, Operation, Request, Require, Run
 from .authorization import lockout_check, parse_policy
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ def new_meta(
     spec: str = SYMMETRIC,
     usage: str = "ENCRYPT_DECRYPT",
     origin: str = "AWS_KMS",
-) -> dict[str, Any]:
+) -> KeyRecord:
     """The metadata record of a fresh key (symmetric AWS_KMS unless told otherwise)."""
     pending = origin == "EXTERNAL"
     return {
@@ -78,11 +80,13 @@ def new_meta(
     }
 
 
-def describe_materials(key_id: str, materials: Sequence[bytes], now: float) -> dict[str, Any]:
+def describe_materials(
+    key_id: str, materials: Sequence[bytes], now: float
+) -> dict[str, MaterialRecord]:
     """The material descriptions of versions 1..n generated here (the last one current)."""
-    out: dict[str, Any] = {}
+    out: dict[str, MaterialRecord] = {}
     for version, material in enumerate(materials, start=1):
-        entry: dict[str, Any] = {
+        entry: MaterialRecord = {
             "Id": _asym.material_id(key_id, material),
             "State": "CURRENT" if version == len(materials) else "NON_CURRENT",
         }
@@ -92,7 +96,7 @@ def describe_materials(key_id: str, materials: Sequence[bytes], now: float) -> d
     return out
 
 
-def import_state(meta: dict[str, Any]) -> str:
+def import_state(meta: KeyRecord) -> str:
     """The KeyState an EXTERNAL key's materials give it (PendingDeletion aside): PendingImport
     while any material it uses is not imported, else Enabled/Disabled by its Enabled flag."""
     used = [e for e in meta.get("Materials", {}).values() if e.get("State") != "PENDING_ROTATION"]
@@ -327,10 +331,12 @@ async def _list_keys(svc: KmsService, r: Request) -> Answer:
     return {"Keys": [{"KeyId": k, "KeyArn": arn} for k, arn in items], **more}
 
 
-def _set_enabled(on: bool) -> Any:
+def _set_enabled(on: bool) -> Run:
     async def run(svc: KmsService, r: Request) -> Answer:
         key = r.key()
-        await svc.save(key, dict(key.meta, Enabled=on, KeyState="Enabled" if on else "Disabled"))
+        await svc.save(
+            key, {**key.meta, "Enabled": on, "KeyState": "Enabled" if on else "Disabled"}
+        )
         return {}
 
     return run
@@ -340,13 +346,13 @@ async def _schedule_deletion(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     days = r.params.opt_int("PendingWindowInDays", DEFAULT_PENDING_WINDOW_DAYS)
     when = svc.clock() + days * DAY_S
-    meta = dict(
-        key.meta,
-        Enabled=False,
-        KeyState="PendingDeletion",
-        DeletionDate=when,
-        PendingWindowInDays=days,
-    )
+    meta: KeyRecord = {
+        **key.meta,
+        "Enabled": False,
+        "KeyState": "PendingDeletion",
+        "DeletionDate": when,
+        "PendingWindowInDays": days,
+    }
     await svc.save(key, meta)
     return {
         "KeyId": key.arn,
@@ -358,7 +364,7 @@ async def _schedule_deletion(svc: KmsService, r: Request) -> Answer:
 
 async def _cancel_deletion(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    meta = dict(key.meta, KeyState="Disabled", Enabled=False)
+    meta: KeyRecord = {**key.meta, "KeyState": "Disabled", "Enabled": False}
     meta.pop("DeletionDate", None)
     meta.pop("PendingWindowInDays", None)
     if key.origin == "EXTERNAL":  # back to PendingImport if its material is gone meanwhile

@@ -6,7 +6,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import KmsApiError
-from ._model import DAY_S, DEFAULT_ROTATION_DAYS, MAX_ON_DEMAND_ROTATIONS, Answer, Key, Params
+from ._model import (
+    DAY_S,
+    DEFAULT_ROTATION_DAYS,
+    MAX_ON_DEMAND_ROTATIONS,
+    Answer,
+    Key,
+    KeyRecord,
+    Params,
+)
 from ._scaffold import KeyStep, Locate, Operation, Request, Require
 
 if TYPE_CHECKING:
@@ -130,12 +138,12 @@ async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
         if requested is not None
         else int(key.meta.get("RotationPeriodInDays", DEFAULT_ROTATION_DAYS))
     )
-    meta = dict(
-        key.meta,
-        RotationEnabled=True,
-        RotationPeriodInDays=period,
-        NextRotationDate=svc.clock() + period * DAY_S,
-    )
+    meta: KeyRecord = {
+        **key.meta,
+        "RotationEnabled": True,
+        "RotationPeriodInDays": period,
+        "NextRotationDate": svc.clock() + period * DAY_S,
+    }
     await svc.save(key, meta)
     return {}
 
@@ -143,7 +151,7 @@ async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
 async def _disable_rotation(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     _check_rotatable(key, "DisableKeyRotation", automatic=True)
-    meta = dict(key.meta, RotationEnabled=False)
+    meta: KeyRecord = {**key.meta, "RotationEnabled": False}
     meta.pop("NextRotationDate", None)
     await svc.save(key, meta)
     return {}

@@ -3,10 +3,10 @@ ListKeyPolicies, ListKeyRotations."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
-from ._model import Answer
+from ._model import Answer, MaterialRecord
 from ._scaffold import KeyStep, Operation, Request, Require
 from .lifecycle import check_tags
 from .management import page
@@ -28,7 +28,7 @@ async def _tag_resource(svc: KmsService, r: Request) -> Answer:
         tags[t["TagKey"]] = t["TagValue"]
     merged = [{"TagKey": k, "TagValue": v} for k, v in tags.items()]
     check_tags(merged)
-    await svc.save(key, dict(key.meta, Tags=merged))
+    await svc.save(key, {**key.meta, "Tags": merged})
     return {}
 
 
@@ -36,7 +36,7 @@ async def _untag_resource(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     drop = set(r.params.text_list("TagKeys"))
     kept = [t for t in key.meta.get("Tags", []) if t["TagKey"] not in drop]
-    await svc.save(key, dict(key.meta, Tags=kept))
+    await svc.save(key, {**key.meta, "Tags": kept})
     return {}
 
 
@@ -48,7 +48,7 @@ async def _list_resource_tags(svc: KmsService, r: Request) -> Answer:
 
 async def _update_description(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    await svc.save(key, dict(key.meta, Description=r.params.text("Description")))
+    await svc.save(key, {**key.meta, "Description": r.params.text("Description")})
     return {}
 
 
@@ -57,7 +57,7 @@ async def _list_key_policies(svc: KmsService, r: Request) -> Answer:
     return {"PolicyNames": items, **more}
 
 
-def _rotation_entry(key_arn: str, origin: str, entry: dict[str, Any]) -> Answer:
+def _rotation_entry(key_arn: str, origin: str, entry: MaterialRecord) -> Answer:
     out: Answer = {
         "KeyId": key_arn,
         "KeyMaterialId": entry["Id"],
@@ -68,9 +68,10 @@ def _rotation_entry(key_arn: str, origin: str, entry: dict[str, Any]) -> Answer:
             out[name] = entry[name]
     if origin == "EXTERNAL":
         out["ImportState"] = entry.get("ImportState", "PENDING_IMPORT")
-        for name in ("ExpirationModel", "ValidTo"):
-            if entry.get(name) is not None:
-                out[name] = entry[name]
+        if entry.get("ExpirationModel") is not None:
+            out["ExpirationModel"] = entry["ExpirationModel"]
+        if entry.get("ValidTo") is not None:
+            out["ValidTo"] = entry["ValidTo"]
         if entry.get("Description"):
             out["KeyMaterialDescription"] = entry["Description"]
     return out
