@@ -83,14 +83,7 @@ HONEST_ANY: dict[str, str] = {
 
 #: Signatures that still say ``Any`` where a precise type exists, in files other branches own
 #: this round (not changed here so as not to collide): ``"module.name[.member]"`` -> where.
-KNOWN_DEBT: dict[str, str] = {
-    # kms/: the validated request (Params) is read ~174 times across the operations, and the
-    # authenticated key record (Key.meta) ~98 times: per-operation request TypedDicts and a key
-    # record TypedDict with its migration are a change of their own.
-    "kms.service.KmsService.handle": "kms/service/_core.py: params and answer per operation",
-    "kms.service.KmsService.save": "kms/service/_core.py: meta: the key record's TypedDict",
-    "kms.service.Operation.__init__": "kms/service/_model.py: Params = dict[str, Any]",
-}
+KNOWN_DEBT: dict[str, str] = {}
 
 
 def _faces() -> list[str]:

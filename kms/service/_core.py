@@ -31,12 +31,11 @@ fails its tag is quarantined like a key: its keys cannot be used.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import structlog
 import trio
@@ -69,6 +68,8 @@ from ._model import (
     Caller,
     Grant,
     Key,
+    KeyRecord,
+    MaterialRecord,
     Outcome,
     Params,
     RecipientInfo,
@@ -76,6 +77,7 @@ from ._model import (
     RecipientVerifier,
     SeedKey,
 )
+from ._record import parse_key_record
 from ._scaffold import Operation, Request, run_operation
 
 __all__ = ["KmsService", "OPERATIONS"]
@@ -253,9 +255,9 @@ class KmsService:
                 self._quarantine(row.key_id, "key record (metadata or policy) fails its tag")
                 continue
             try:
-                meta = json.loads(row.meta)
+                meta = parse_key_record(row.meta)
                 policy = KeyPolicy.parse(row.policy)
-                spec_info(str(meta["KeySpec"]))
+                spec_info(meta["KeySpec"])
             except (ValueError, KeyError, KmsApiError) as exc:  # authentic but unreadable: a bug
                 self._quarantine(row.key_id, f"key record does not parse: {exc}")
                 continue
@@ -277,7 +279,7 @@ class KmsService:
                 legacy[(v.key_id, v.version)] = (_asym.material_id(v.key_id, material), v.created)
         for key in self._keys.values():
             if "Materials" not in key.meta:  # a schema-2 record: describe its materials now
-                key.meta = dict(key.meta, Materials=self._describe_legacy(key, legacy))
+                key.meta = {**key.meta, "Materials": self._describe_legacy(key, legacy)}
         for a in snap.aliases:
             if not m.alias_ok(a.name, a.key_id, a.created, a.updated, a.mac):
                 self._quarantine(a.name, "alias row fails its tag")
@@ -325,16 +327,16 @@ class KmsService:
     @staticmethod
     def _describe_legacy(
         key: Key, legacy: Mapping[tuple[str, int], tuple[str, float]]
-    ) -> dict[str, Any]:
+    ) -> dict[str, MaterialRecord]:
         """Material descriptions of a key stored before they existed (symmetric AWS_KMS keys,
         every version present). They are written with the key's next change. Rotation dates are
         the versions' creation times; whether a rotation was automatic or on demand was not
         recorded, so RotationType stays absent."""
-        out: dict[str, Any] = {}
+        out: dict[str, MaterialRecord] = {}
         current = key.current_version
         for version in sorted(key.versions):
             material_id, created = legacy[(key.key_id, version)]
-            entry: dict[str, Any] = {
+            entry: MaterialRecord = {
                 "Id": material_id,
                 "State": "CURRENT" if version == current else "NON_CURRENT",
             }
@@ -516,7 +518,7 @@ class KmsService:
         """Run one storage call in the storage thread (durable when it returns)."""
         return await trio.to_thread.run_sync(fn, limiter=self._limiter)
 
-    async def save(self, key: Key, meta: dict[str, Any], policy: KeyPolicy | None = None) -> None:
+    async def save(self, key: Key, meta: KeyRecord, policy: KeyPolicy | None = None) -> None:
         """Persist new metadata/policy for ``key``, then apply it in memory."""
         new = Key(key.key_id, key.arn, meta, policy or key.policy, key.versions)
         row = self.key_row(new)
@@ -868,8 +870,9 @@ class KmsService:
                 deadline = min(deadline, float(meta.get("NextRotationDate", deadline)))
             if meta["Origin"] == "EXTERNAL":
                 for entry in meta.get("Materials", {}).values():
-                    if entry.get("ValidTo") is not None and entry.get("ImportState") == "IMPORTED":
-                        deadline = min(deadline, float(entry["ValidTo"]))
+                    valid_to = entry.get("ValidTo")
+                    if valid_to is not None and entry.get("ImportState") == "IMPORTED":
+                        deadline = min(deadline, float(valid_to))
         self._next_deadline = deadline
 
     def recompute_deadline(self) -> None:
@@ -910,7 +913,7 @@ class KmsService:
         materials = key.materials()
         version = max([int(v) for v in materials] + list(key.versions)) + 1
         material = _wrap.random_bytes(_wrap.AES_KEY_BYTES)
-        meta = dict(key.meta)
+        meta = key.meta.copy()
         meta["CurrentVersion"] = version
         meta["LastRotationDate"] = now
         if on_demand:
@@ -960,9 +963,12 @@ class KmsService:
     # ---------------------------------------------------------------- dispatch
 
     async def handle(
-        self, operation: str, params: Params, caller: Caller, outcome: Outcome
+        self, operation: str, params: Mapping[str, object], caller: Caller, outcome: Outcome
     ) -> Answer:
         """Run one validated operation (its name is one of :data:`OPERATIONS`).
+
+        ``params`` is :func:`kms.api.validate`'s result: the operations read it through the
+        typed accessors of :class:`~kms.service._model.Params`.
 
         Raises:
             KmsApiError: the AWS error to answer with.
@@ -974,4 +980,4 @@ class KmsService:
         op = OPERATIONS.get(operation)
         if op is None:  # kms.api validated the name: a table out of step with it is our bug
             raise KmsApiError("UnknownOperationException", "", status=400)
-        return await run_operation(self, op, Request(params, caller, outcome))
+        return await run_operation(self, op, Request(Params(params), caller, outcome))

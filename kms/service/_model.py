@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, overload
 
 from .. import _asym, _wrap
 from ..errors import KmsError
 from ..keyspecs import SpecInfo, spec_info
 from ..policy import KeyPolicy
+from ._record import KeyRecord, MaterialRecord
 
 __all__ = [
     "Caller",
@@ -21,8 +22,11 @@ __all__ = [
     "RecipientVerifier",
     "SeedKey",
     "Key",
+    "KeyRecord",
+    "MaterialRecord",
     "Grant",
     "Params",
+    "GrantConstraints",
     "Answer",
     "DAY_S",
     "DEFAULT_PENDING_WINDOW_DAYS",
@@ -30,9 +34,8 @@ __all__ = [
     "MAX_ON_DEMAND_ROTATIONS",
 ]
 
-#: A validated request's members (kms.api) and an operation's JSON answer.
-Params = dict[str, Any]
-Answer = dict[str, Any]
+#: An operation's JSON answer (what ``json.dumps`` sends).
+Answer = dict[str, object]
 DAY_S = 86400.0
 #: Default deletion window (days) when ScheduleKeyDeletion gives none (AWS).
 DEFAULT_PENDING_WINDOW_DAYS = 30
@@ -41,6 +44,213 @@ DEFAULT_ROTATION_DAYS = 365
 #: AWS allows at most 25 on-demand rotations per key (RotateKeyOnDemand's documentation; the
 #: quota was 10 when the operation was introduced).
 MAX_ON_DEMAND_ROTATIONS = 25
+
+
+class GrantConstraints(TypedDict, total=False):
+    """CreateGrant's validated ``Constraints`` member (kms.api: ``_constraints``)."""
+
+    EncryptionContextEquals: dict[str, str]
+    EncryptionContextSubset: dict[str, str]
+    SourceArn: str
+
+
+def _is_str_map(value: object) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+class Params(Mapping[str, object]):
+    """A validated request (:func:`kms.api.validate`), read-only, with typed accessors.
+
+    The validator has already checked every member against the AWS shape (and decoded blobs to
+    bytes), so each accessor only confirms the type it promises: a member of another type, or a
+    required one that is absent, is an internal error (:class:`KmsError` naming the member,
+    answered as KMSInternalException), never a silent conversion. ``opt_*`` accessors answer
+    None (or the ``default`` given) for an absent member. As a ``Mapping[str, object]`` it also
+    iterates its members and answers ``"X" in params``.
+    """
+
+    __slots__ = ("_members",)
+    _members: dict[str, object]
+
+    def __init__(self, members: Mapping[str, object] | None = None) -> None:
+        object.__setattr__(self, "_members", dict(members or {}))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Params is read-only")
+
+    # Mapping -----------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> object:
+        return self._members[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._members)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __repr__(self) -> str:
+        return f"Params({sorted(self._members)})"  # names only: members may be secrets
+
+    # the one check -----------------------------------------------------------------------------
+    def _member(self, name: str, ok: bool, what: str) -> None:
+        if not ok:
+            got = type(self._members.get(name)).__name__
+            raise KmsError(f"request member {name} is not {what} (got {got})")
+
+    def _required(self, name: str) -> object:
+        value = self._members.get(name)
+        if value is None:
+            raise KmsError(f"request member {name} is missing")
+        return value
+
+    # strings -----------------------------------------------------------------------------------
+    def text(self, name: str) -> str:
+        """A required string member."""
+        value = self._required(name)
+        self._member(name, isinstance(value, str), "a string")
+        assert isinstance(value, str)
+        return value
+
+    @overload
+    def opt_text(self, name: str) -> str | None: ...
+    @overload
+    def opt_text(self, name: str, default: str) -> str: ...
+    def opt_text(self, name: str, default: str | None = None) -> str | None:
+        """An optional string member (``default`` when absent)."""
+        return self.text(name) if self._members.get(name) is not None else default
+
+    # bytes (base64 on the wire, decoded by the validator) -------------------------------------
+    def blob(self, name: str) -> bytes:
+        """A required blob member, as bytes."""
+        value = self._required(name)
+        self._member(name, isinstance(value, bytes), "bytes")
+        assert isinstance(value, bytes)
+        return value
+
+    def opt_blob(self, name: str) -> bytes | None:
+        """An optional blob member, as bytes."""
+        return self.blob(name) if self._members.get(name) is not None else None
+
+    # numbers and flags -------------------------------------------------------------------------
+    def integer(self, name: str) -> int:
+        """A required integer member (a bool is not one)."""
+        value = self._required(name)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        self._member(name, ok, "an integer")
+        assert isinstance(value, int)
+        return value
+
+    @overload
+    def opt_int(self, name: str) -> int | None: ...
+    @overload
+    def opt_int(self, name: str, default: int) -> int: ...
+    def opt_int(self, name: str, default: int | None = None) -> int | None:
+        """An optional integer member (``default`` when absent)."""
+        return self.integer(name) if self._members.get(name) is not None else default
+
+    def opt_bool(self, name: str) -> bool | None:
+        """An optional boolean member."""
+        value = self._members.get(name)
+        if value is None:
+            return None
+        self._member(name, isinstance(value, bool), "a boolean")
+        assert isinstance(value, bool)
+        return value
+
+    def flag(self, name: str) -> bool:
+        """A boolean member, False when absent."""
+        return self.opt_bool(name) is True
+
+    def opt_timestamp(self, name: str) -> float | None:
+        """An optional timestamp member (epoch seconds, a float after validation)."""
+        value = self._members.get(name)
+        if value is None:
+            return None
+        self._member(name, isinstance(value, float), "a timestamp")
+        assert isinstance(value, float)
+        return value
+
+    # containers --------------------------------------------------------------------------------
+    def text_list(self, name: str) -> list[str]:
+        """A required list-of-strings member (a copy)."""
+        value = self._required(name)
+        self._member(name, _is_str_list(value), "a list of strings")
+        assert isinstance(value, list)
+        return list(value)
+
+    @overload
+    def opt_text_list(self, name: str) -> list[str] | None: ...
+    @overload
+    def opt_text_list(self, name: str, default: list[str]) -> list[str]: ...
+    def opt_text_list(self, name: str, default: list[str] | None = None) -> list[str] | None:
+        """An optional list-of-strings member (``default`` when absent)."""
+        return self.text_list(name) if self._members.get(name) is not None else default
+
+    def mapping(self, name: str) -> dict[str, str]:
+        """A required string-to-string map member (EncryptionContext...; a copy)."""
+        value = self._required(name)
+        self._member(name, _is_str_map(value), "a map of strings")
+        assert isinstance(value, dict)
+        return dict(value)
+
+    def opt_mapping(self, name: str) -> dict[str, str] | None:
+        """An optional string-to-string map member."""
+        return self.mapping(name) if self._members.get(name) is not None else None
+
+    def tags(self, name: str) -> list[dict[str, str]]:
+        """A required ``Tags`` member: TagKey/TagValue pairs (copies)."""
+        value = self._required(name)
+        ok = isinstance(value, list) and all(_is_str_map(t) for t in value)
+        self._member(name, ok, "a list of tags")
+        assert isinstance(value, list)
+        return [dict(t) for t in value]
+
+    @overload
+    def opt_tags(self, name: str) -> list[dict[str, str]] | None: ...
+    @overload
+    def opt_tags(self, name: str, default: list[dict[str, str]]) -> list[dict[str, str]]: ...
+    def opt_tags(
+        self, name: str, default: list[dict[str, str]] | None = None
+    ) -> list[dict[str, str]] | None:
+        """An optional ``Tags`` member (``default`` when absent)."""
+        return self.tags(name) if self._members.get(name) is not None else default
+
+    def opt_record(self, name: str) -> Mapping[str, object] | None:
+        """An optional structure member (``Recipient``), its members still to be read."""
+        value = self._members.get(name)
+        if value is None:
+            return None
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        self._member(name, ok, "a structure")
+        assert isinstance(value, dict)
+        return dict(value)
+
+    def opt_constraints(self, name: str) -> GrantConstraints | None:
+        """CreateGrant's optional ``Constraints`` member."""
+        value = self._members.get(name)
+        if value is None:
+            return None
+        ok = isinstance(value, dict) and all(
+            (k in ("EncryptionContextEquals", "EncryptionContextSubset") and _is_str_map(v))
+            or (k == "SourceArn" and isinstance(v, str))
+            for k, v in value.items()
+        )
+        self._member(name, ok, "grant constraints")
+        assert isinstance(value, dict)
+        out: GrantConstraints = {}
+        if "EncryptionContextEquals" in value:
+            out["EncryptionContextEquals"] = dict(value["EncryptionContextEquals"])
+        if "EncryptionContextSubset" in value:
+            out["EncryptionContextSubset"] = dict(value["EncryptionContextSubset"])
+        if "SourceArn" in value:
+            out["SourceArn"] = value["SourceArn"]
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +396,8 @@ class Grant:
 class Key:
     """One KMS key in memory: metadata, parsed policy, its material ready to use, its grants.
 
-    ``meta`` is the JSON-able record stored (and authenticated) as the key's row; the policy is
+    ``meta`` is the record stored (and authenticated) as the key's row (:class:`KeyRecord`, read
+    back by :func:`~kms.service._record.parse_key_record`); the policy is
     kept parsed, with its text, so evaluation never re-parses. ``meta["Materials"]`` describes
     every key material by version (id, rotation, import state), whether or not the material is
     present: symmetric material lives in ``versions`` (one reusable AEAD each), an asymmetric
@@ -196,7 +407,7 @@ class Key:
 
     key_id: str
     arn: str
-    meta: dict[str, Any]
+    meta: KeyRecord
     policy: KeyPolicy
     versions: dict[int, _wrap.Aead] = field(default_factory=dict)
     asymmetric: _asym.AsymmetricKey | None = None
@@ -231,10 +442,10 @@ class Key:
         """``AWS_KMS`` or ``EXTERNAL``."""
         return str(self.meta["Origin"])
 
-    def materials(self) -> dict[str, dict[str, Any]]:
+    def materials(self) -> dict[str, MaterialRecord]:
         """A copy of version (as a string: a JSON key) → the description of that material
         (edit the copy, then save new metadata: ``meta`` is the authenticated record)."""
-        return {k: dict(v) for k, v in self.meta.get("Materials", {}).items()}
+        return {k: v.copy() for k, v in self.meta.get("Materials", {}).items()}
 
     def material_id(self, version: int) -> str | None:
         """The KeyMaterialId of material ``version`` (None if unknown)."""

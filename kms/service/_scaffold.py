@@ -42,7 +42,7 @@ import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .. import cms
 from ..errors import KmsApiError
@@ -145,7 +145,7 @@ class Request:
     recipient: RecipientInfo | None = None
     version: int | None = None
     operation: str = ""
-    pending: tuple[Key, XksBlob, dict[str, Any] | None] | None = None
+    pending: tuple[Key, XksBlob, dict[str, str] | None] | None = None
 
     def key(self, index: int = 0) -> Key:
         """The key of step ``index`` (it must have been located)."""
@@ -203,11 +203,12 @@ async def run_operation(svc: KmsService, op: Operation, request: Request) -> Ans
     request.operation = op.name
     if op.check is not None:
         op.check(params)
-    tokens = params.get("GrantTokens")
+    tokens = params.opt_text_list("GrantTokens")
     if tokens:
         svc.check_grant_tokens(tokens)
-    if op.recipient and params.get("Recipient") is not None:
-        request.recipient = svc.verify_recipient(params["Recipient"], request, op.name)
+    recipient = params.opt_record("Recipient") if op.recipient else None
+    if recipient is not None:
+        request.recipient = svc.verify_recipient(recipient, request, op.name)
     if op.writes:
         async with svc.write_lock:
             _locate_and_authorize(svc, op, request)
@@ -242,7 +243,7 @@ async def _open_pending(svc: KmsService, request: Request) -> None:
 
 
 def _dry_run(op: Operation, params: Params) -> bool:
-    return op.dry_run and bool(params.get("DryRun"))
+    return op.dry_run and params.flag("DryRun")
 
 
 def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> None:
@@ -254,18 +255,20 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
         if step.optional and step.param not in params:
             request.keys.append(None)
             continue
-        context: dict[str, Any] | None = params.get(step.context) if step.context else None
+        context = params.opt_mapping(step.context) if step.context else None
         locate = step.locate
         header = None
         asymmetric = None
         if locate is Locate.KEY_ID or locate is Locate.KEY_ID_NO_ALIAS:  # the common case first
-            key = svc.resolve(params[step.param], allow_alias=locate is Locate.KEY_ID)
+            key = svc.resolve(params.text(step.param), allow_alias=locate is Locate.KEY_ID)
         elif locate is Locate.CIPHERTEXT:
-            key_id = params.get(step.key_id_param) if step.key_id_param else None
+            key_id = params.opt_text(step.key_id_param) if step.key_id_param else None
             algorithm = (
-                params.get(step.algorithm_param, SYMMETRIC) if step.algorithm_param else (SYMMETRIC)
+                params.opt_text(step.algorithm_param, SYMMETRIC)
+                if step.algorithm_param
+                else SYMMETRIC
             )
-            ignore = dry_run and "IGNORE_CIPHERTEXT" in params.get("DryRunModifiers", ())
+            ignore = dry_run and "IGNORE_CIPHERTEXT" in params.opt_text_list("DryRunModifiers", [])
             if not ignore and step.param not in params:
                 raise KmsApiError(
                     "ValidationException",
@@ -281,9 +284,11 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
                 key = svc.resolve(key_id)
                 asymmetric = None if ignore else algorithm
             else:
-                key, header = svc.locate_ciphertext(params[step.param], key_id, request.outcome)
+                key, header = svc.locate_ciphertext(
+                    params.blob(step.param), key_id, request.outcome
+                )
         else:
-            key = svc.alias_target(params[step.param])
+            key = svc.alias_target(params.text(step.param))
         svc.authorize(
             request.outcome,
             request.caller,
@@ -296,10 +301,7 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
         )
         if step.require is not Require.ANY:
             _require(key, step.require)
-            if (
-                step.require is Require.USABLE
-                and key.meta["Origin"] == EXTERNAL_KEY_STORE_ORIGIN
-            ):
+            if step.require is Require.USABLE and key.meta["Origin"] == EXTERNAL_KEY_STORE_ORIGIN:
                 external.require_connected(svc, key, request.outcome)
         usage = step.usage
         if (usage is not None and key.meta["KeyUsage"] != usage) or step.symmetric:
@@ -317,7 +319,7 @@ def _locate_and_authorize(svc: KmsService, op: Operation, request: Request) -> N
                     "EncryptionContext is not supported with asymmetric KMS keys.",
                 )
             request.plaintext = svc.open_asymmetric(
-                key, asymmetric, params[step.param], request.outcome
+                key, asymmetric, params.blob(step.param), request.outcome
             )
         request.keys.append(key)
     if dry_run:

@@ -34,7 +34,7 @@ def _b64(data: bytes) -> str:
 
 
 def _check_signing(p: Params) -> None:
-    alg, kind = p["SigningAlgorithm"], p.get("MessageType", "RAW")
+    alg, kind = p.text("SigningAlgorithm"), p.opt_text("MessageType", "RAW")
     if alg == ML_DSA_SIGNING:
         # AWS: ML-DSA signs RAW messages (up to 4096 bytes, the model's bound) or a 64-byte
         # external mu (FIPS 204 §6.2); there is no DIGEST (HashML-DSA is not offered).
@@ -43,11 +43,11 @@ def _check_signing(p: Params) -> None:
                 "ValidationException",
                 f"{ML_DSA_SIGNING} requires MessageType RAW or EXTERNAL_MU, not DIGEST.",
             )
-        if kind == "EXTERNAL_MU" and len(p["Message"]) != ML_DSA_MU_BYTES:
+        if kind == "EXTERNAL_MU" and len(p.blob("Message")) != ML_DSA_MU_BYTES:
             raise KmsApiError(
                 "ValidationException",
                 f"A Message of MessageType EXTERNAL_MU must be {ML_DSA_MU_BYTES} bytes "
-                f"(got {len(p['Message'])}).",
+                f"(got {len(p.blob('Message'))}).",
             )
     elif kind == "EXTERNAL_MU":
         raise KmsApiError(
@@ -75,40 +75,44 @@ def _signer(key: Key, algorithm: str) -> _asym.AsymmetricKey:
 
 async def _sign(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    signer = _signer(key, p["SigningAlgorithm"])
+    signer = _signer(key, p.text("SigningAlgorithm"))
     try:
         signature = signer.sign(
-            p["SigningAlgorithm"],
-            p["Message"],
-            digest=p.get("MessageType") == "DIGEST",
-            mu=p.get("MessageType") == "EXTERNAL_MU",
+            p.text("SigningAlgorithm"),
+            p.blob("Message"),
+            digest=p.opt_text("MessageType") == "DIGEST",
+            mu=p.opt_text("MessageType") == "EXTERNAL_MU",
         )
     except ValueError as exc:  # a DIGEST or an external mu of the wrong length
         raise KmsApiError("ValidationException", str(exc)) from None
     return {
         "KeyId": key.arn,
         "Signature": _b64(signature),
-        "SigningAlgorithm": p["SigningAlgorithm"],
+        "SigningAlgorithm": p.text("SigningAlgorithm"),
     }
 
 
 async def _verify(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    signer = _signer(key, p["SigningAlgorithm"])
+    signer = _signer(key, p.text("SigningAlgorithm"))
     try:
         valid = signer.verify(
-            p["SigningAlgorithm"],
-            p["Message"],
-            p["Signature"],
-            digest=p.get("MessageType") == "DIGEST",
-            mu=p.get("MessageType") == "EXTERNAL_MU",
+            p.text("SigningAlgorithm"),
+            p.blob("Message"),
+            p.blob("Signature"),
+            digest=p.opt_text("MessageType") == "DIGEST",
+            mu=p.opt_text("MessageType") == "EXTERNAL_MU",
         )
     except ValueError as exc:
         raise KmsApiError("ValidationException", str(exc)) from None
     if not valid:  # AWS answers an error, never SignatureValid=false
         r.outcome.reason = "signature does not verify"
         raise KmsApiError("KMSInvalidSignatureException", "")
-    return {"KeyId": key.arn, "SignatureValid": True, "SigningAlgorithm": p["SigningAlgorithm"]}
+    return {
+        "KeyId": key.arn,
+        "SignatureValid": True,
+        "SigningAlgorithm": p.text("SigningAlgorithm"),
+    }
 
 
 async def _get_public_key(svc: KmsService, r: Request) -> Answer:
@@ -148,29 +152,29 @@ def _mac_key(key: Key, algorithm: str) -> _asym.HmacKey:
 
 async def _generate_mac(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    tag = _mac_key(key, p["MacAlgorithm"]).mac(p["Message"])
-    return {"Mac": _b64(tag), "MacAlgorithm": p["MacAlgorithm"], "KeyId": key.arn}
+    tag = _mac_key(key, p.text("MacAlgorithm")).mac(p.blob("Message"))
+    return {"Mac": _b64(tag), "MacAlgorithm": p.text("MacAlgorithm"), "KeyId": key.arn}
 
 
 async def _verify_mac(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    if not _mac_key(key, p["MacAlgorithm"]).verify(p["Message"], p["Mac"]):
+    if not _mac_key(key, p.text("MacAlgorithm")).verify(p.blob("Message"), p.blob("Mac")):
         r.outcome.reason = "MAC does not verify"
         raise KmsApiError("KMSInvalidMacException", "")
-    return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": p["MacAlgorithm"]}
+    return {"KeyId": key.arn, "MacValid": True, "MacAlgorithm": p.text("MacAlgorithm")}
 
 
 async def _derive_shared_secret(svc: KmsService, r: Request) -> Release:
     key, p = r.key(), r.params
-    if p["KeyAgreementAlgorithm"] not in key.spec.agreement:
+    if p.text("KeyAgreementAlgorithm") not in key.spec.agreement:
         raise KmsApiError(
             "InvalidKeyUsageException",
-            f"{p['KeyAgreementAlgorithm']} is not compatible with {key.arn}.",
+            f"{p.text('KeyAgreementAlgorithm')} is not compatible with {key.arn}.",
         )
     asym = key.asymmetric
     assert asym is not None, "an Enabled key agreement key has its material"
     try:
-        secret = asym.derive_shared_secret(p["PublicKey"])
+        secret = asym.derive_shared_secret(p.blob("PublicKey"))
     except ValueError as exc:
         raise KmsApiError("ValidationException", str(exc)) from None
     return Release(
@@ -194,13 +198,13 @@ def _encapsulation_key(key: Key, algorithm: str) -> _asym.AsymmetricKey:
 
 async def _encapsulate(svc: KmsService, r: Request) -> Release:
     key, p = r.key(), r.params
-    secret, ciphertext = _encapsulation_key(key, p["EncapsulationAlgorithm"]).encapsulate()
+    secret, ciphertext = _encapsulation_key(key, p.text("EncapsulationAlgorithm")).encapsulate()
     return Release(
         secret,
         {
             "KeyId": key.arn,
             "SharedSecretCiphertextBlob": _b64(ciphertext),
-            "EncapsulationAlgorithm": p["EncapsulationAlgorithm"],
+            "EncapsulationAlgorithm": p.text("EncapsulationAlgorithm"),
         },
         field="SharedSecret",
     )
@@ -208,9 +212,9 @@ async def _encapsulate(svc: KmsService, r: Request) -> Release:
 
 async def _decapsulate(svc: KmsService, r: Request) -> Release:
     key, p = r.key(), r.params
-    asym = _encapsulation_key(key, p["EncapsulationAlgorithm"])
+    asym = _encapsulation_key(key, p.text("EncapsulationAlgorithm"))
     try:
-        secret = asym.decapsulate(p["SharedSecretCiphertextBlob"])
+        secret = asym.decapsulate(p.blob("SharedSecretCiphertextBlob"))
     except CiphertextFormatError as exc:
         # Only a length that does not fit the key spec is refused (AWS); any other ciphertext
         # yields a pseudo-random secret (implicit rejection), so no oracle is offered.
@@ -221,7 +225,7 @@ async def _decapsulate(svc: KmsService, r: Request) -> Release:
         ) from None
     return Release(
         secret,
-        {"KeyId": key.arn, "EncapsulationAlgorithm": p["EncapsulationAlgorithm"]},
+        {"KeyId": key.arn, "EncapsulationAlgorithm": p.text("EncapsulationAlgorithm")},
         field="SharedSecret",
     )
 

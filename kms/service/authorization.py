@@ -45,7 +45,7 @@ def lockout_check(
 
 
 def _check_policy_name(p: Params) -> None:
-    if p.get("PolicyName", "default") != "default":
+    if p.opt_text("PolicyName", "default") != "default":
         raise KmsApiError("NotFoundException", "No such policy exists")
 
 
@@ -57,9 +57,9 @@ async def _get_key_policy(svc: KmsService, r: Request) -> Answer:
 async def _put_key_policy(svc: KmsService, r: Request) -> Answer:
     p, key = r.params, r.key()
     _check_policy_name(p)
-    policy = parse_policy(p["Policy"])
-    lockout_check(svc, policy, r.caller, key.arn, bool(p.get("BypassPolicyLockoutSafetyCheck")))
-    await svc.save(key, dict(key.meta), policy)
+    policy = parse_policy(p.text("Policy"))
+    lockout_check(svc, policy, r.caller, key.arn, p.flag("BypassPolicyLockoutSafetyCheck"))
+    await svc.save(key, key.meta.copy(), policy)
     return {}
 
 

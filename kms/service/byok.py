@@ -22,7 +22,7 @@ RotateKeyOnDemand makes it current.
 from __future__ import annotations
 
 import base64
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 import trio
@@ -32,7 +32,7 @@ from ..errors import CiphertextFormatError, KmsApiError
 from ..integrity import ImportToken
 from ..keyspecs import HMAC_MAX_BYTES
 from ..storage import VersionRow
-from ._model import DAY_S, Answer, Key, Params
+from ._model import DAY_S, Answer, Key, KeyRecord, MaterialRecord, Params
 from ._scaffold import KeyStep, Operation, Request, Require
 from .lifecycle import import_state
 
@@ -75,7 +75,7 @@ def _require_external(key: Key, operation: str) -> None:
 
 
 def _check_parameters(p: Params) -> None:
-    alg, spec = p["WrappingAlgorithm"], p["WrappingKeySpec"]
+    alg, spec = p.text("WrappingAlgorithm"), p.text("WrappingKeySpec")
     if spec == "SM2" or alg == "SM2PKE":
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -92,19 +92,19 @@ def _check_parameters(p: Params) -> None:
 async def _get_parameters(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
     _require_external(key, "GetParametersForImport")
-    alg = p["WrappingAlgorithm"]
+    alg = p.text("WrappingAlgorithm")
     if key.spec.asymmetric and not alg.startswith("RSA_AES_KEY_WRAP_"):
         raise KmsApiError(
             "ValidationException",
             f"{key.meta['KeySpec']} private keys are too large for {alg}: use "
             "RSA_AES_KEY_WRAP_SHA_256.",
         )
-    bits = _WRAPPING_BITS[p["WrappingKeySpec"]]
+    bits = _WRAPPING_BITS[p.text("WrappingKeySpec")]
     # RSA-4096 generation takes up to a second: off the event loop.
     private_der = await trio.to_thread.run_sync(_asym.generate_wrapping_key, bits)
     valid_to = svc.clock() + IMPORT_PARAMETERS_VALID_S
     token = svc.master.seal_import_token(
-        ImportToken(key.key_id, alg, p["WrappingKeySpec"], valid_to, private_der)
+        ImportToken(key.key_id, alg, p.text("WrappingKeySpec"), valid_to, private_der)
     )
     return {
         "KeyId": key.arn,
@@ -115,18 +115,18 @@ async def _get_parameters(svc: KmsService, r: Request) -> Answer:
 
 
 def _check_import(p: Params) -> None:
-    model = p.get("ExpirationModel", "KEY_MATERIAL_EXPIRES")
-    if model == "KEY_MATERIAL_EXPIRES" and p.get("ValidTo") is None:
+    model = p.opt_text("ExpirationModel", "KEY_MATERIAL_EXPIRES")
+    if model == "KEY_MATERIAL_EXPIRES" and p.opt_timestamp("ValidTo") is None:
         raise KmsApiError(
             "ValidationException",
             "ValidTo is required when ExpirationModel is KEY_MATERIAL_EXPIRES.",
         )
-    if model == "KEY_MATERIAL_DOES_NOT_EXPIRE" and p.get("ValidTo") is not None:
+    if model == "KEY_MATERIAL_DOES_NOT_EXPIRE" and p.opt_timestamp("ValidTo") is not None:
         raise KmsApiError(
             "ValidationException",
             "ValidTo is not valid when ExpirationModel is KEY_MATERIAL_DOES_NOT_EXPIRE.",
         )
-    if p.get("ImportType") == "NEW_KEY_MATERIAL" and p.get("KeyMaterialId") is not None:
+    if p.opt_text("ImportType") == "NEW_KEY_MATERIAL" and p.opt_text("KeyMaterialId") is not None:
         raise KmsApiError(
             "ValidationException", "KeyMaterialId cannot be given with ImportType NEW_KEY_MATERIAL."
         )
@@ -162,7 +162,7 @@ async def _import(svc: KmsService, r: Request) -> Answer:
     _require_external(key, "ImportKeyMaterial")
     now = svc.clock()
     try:
-        token = svc.master.open_import_token(p["ImportToken"])
+        token = svc.master.open_import_token(p.blob("ImportToken"))
     except CiphertextFormatError:
         raise KmsApiError("InvalidImportTokenException", "The import token is not valid.") from None
     if token.key_id != key.key_id:
@@ -171,14 +171,14 @@ async def _import(svc: KmsService, r: Request) -> Answer:
         )
     if now >= token.valid_to:
         raise KmsApiError("ExpiredImportTokenException", "The import token has expired.")
-    valid_to = p.get("ValidTo")
+    valid_to = p.opt_timestamp("ValidTo")
     if valid_to is not None and not now < valid_to <= now + MAX_VALID_TO_S:
         raise KmsApiError(
             "ValidationException", "ValidTo must be in the future and at most 365 days away."
         )
     try:
         material = _asym.unwrap_import(
-            token.private_der, token.algorithm, p["EncryptedKeyMaterial"]
+            token.private_der, token.algorithm, p.blob("EncryptedKeyMaterial")
         )
     except CiphertextFormatError:
         r.outcome.reason = "imported key material does not unwrap"
@@ -187,7 +187,9 @@ async def _import(svc: KmsService, r: Request) -> Answer:
     material_id = _asym.material_id(key.key_id, material)
     materials = key.materials()
     by_id = {e["Id"]: int(v) for v, e in materials.items()}
-    kind = p.get("ImportType") or ("NEW_KEY_MATERIAL" if not materials else "EXISTING_KEY_MATERIAL")
+    kind = p.opt_text("ImportType") or (
+        "NEW_KEY_MATERIAL" if not materials else "EXISTING_KEY_MATERIAL"
+    )
     if kind == "NEW_KEY_MATERIAL":
         if materials and key.spec.kind != "symmetric":
             raise KmsApiError(
@@ -202,12 +204,12 @@ async def _import(svc: KmsService, r: Request) -> Answer:
                 "with the KMS key.",
             )
         version = max([int(v) for v in materials], default=0) + 1
-        entry: dict[str, Any] = {
+        entry: MaterialRecord = {
             "Id": material_id,
             "State": "CURRENT" if not materials else "PENDING_ROTATION",
         }
     else:
-        wanted = p.get("KeyMaterialId")
+        wanted = p.opt_text("KeyMaterialId")
         if material_id not in by_id or (wanted is not None and wanted != material_id):
             raise KmsApiError(
                 "IncorrectKeyMaterialException",
@@ -216,12 +218,12 @@ async def _import(svc: KmsService, r: Request) -> Answer:
         version = by_id[material_id]
         entry = materials[str(version)]
     entry["ImportState"] = "IMPORTED"
-    entry["ExpirationModel"] = p.get("ExpirationModel", "KEY_MATERIAL_EXPIRES")
+    entry["ExpirationModel"] = p.opt_text("ExpirationModel", "KEY_MATERIAL_EXPIRES")
     entry["ValidTo"] = valid_to
-    if p.get("KeyMaterialDescription") is not None:
-        entry["Description"] = p["KeyMaterialDescription"]
+    if p.opt_text("KeyMaterialDescription") is not None:
+        entry["Description"] = p.text("KeyMaterialDescription")
     materials[str(version)] = entry
-    meta = dict(key.meta, Materials=materials)
+    meta: KeyRecord = {**key.meta, "Materials": materials}
     if entry["State"] == "CURRENT":
         meta["CurrentVersion"] = version
     if key.state == "PendingImport":
@@ -259,7 +261,7 @@ async def delete_material(svc: KmsService, key: Key, version: int, *, reason: st
         entry["ImportState"] = "PENDING_IMPORT"
         entry.pop("ExpirationModel", None)
         entry.pop("ValidTo", None)
-    meta = dict(key.meta, Materials=materials)
+    meta: KeyRecord = {**key.meta, "Materials": materials}
     if key.state != "PendingDeletion":
         meta["KeyState"] = import_state(meta)
     new = Key(key.key_id, key.arn, meta, key.policy)
@@ -278,7 +280,7 @@ async def _delete_imported(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     _require_external(key, "DeleteImportedKeyMaterial")
     materials = key.materials()
-    wanted = r.params.get("KeyMaterialId")
+    wanted = r.params.opt_text("KeyMaterialId")
     if wanted is None:
         version = key.current_version
     else:
@@ -311,14 +313,16 @@ async def rotate_to_pending(svc: KmsService, key: Key) -> None:
     for entry in materials.values():
         if entry["State"] == "CURRENT":
             entry["State"] = "NON_CURRENT"
-    materials[str(version)].update(State="CURRENT", RotationDate=now, RotationType="ON_DEMAND")
-    meta = dict(
-        key.meta,
-        Materials=materials,
-        CurrentVersion=version,
-        LastRotationDate=now,
-        OnDemandRotations=int(key.meta.get("OnDemandRotations", 0)) + 1,
+    materials[str(version)].update(
+        {"State": "CURRENT", "RotationDate": now, "RotationType": "ON_DEMAND"}
     )
+    meta: KeyRecord = {
+        **key.meta,
+        "Materials": materials,
+        "CurrentVersion": version,
+        "LastRotationDate": now,
+        "OnDemandRotations": int(key.meta.get("OnDemandRotations", 0)) + 1,
+    }
     await svc.save(key, meta)
 
 

@@ -47,12 +47,12 @@ def _check_algorithm(alg: str | None) -> None:
 
 
 def _check_encrypt(p: Params) -> None:
-    _check_algorithm(p.get("EncryptionAlgorithm"))
+    _check_algorithm(p.opt_text("EncryptionAlgorithm"))
 
 
 def _check_reencrypt(p: Params) -> None:
-    _check_algorithm(p.get("SourceEncryptionAlgorithm"))
-    _check_algorithm(p.get("DestinationEncryptionAlgorithm"))
+    _check_algorithm(p.opt_text("SourceEncryptionAlgorithm"))
+    _check_algorithm(p.opt_text("DestinationEncryptionAlgorithm"))
 
 
 def encrypt_with(
@@ -125,9 +125,9 @@ async def _encrypt(svc: KmsService, r: Request) -> Answer:
     blob, alg = await encrypt_for(
         svc,
         key,
-        r.params.get("EncryptionAlgorithm"),
-        r.params["Plaintext"],
-        r.params.get("EncryptionContext"),
+        r.params.opt_text("EncryptionAlgorithm"),
+        r.params.blob("Plaintext"),
+        r.params.opt_mapping("EncryptionContext"),
         r,
     )
     return {"CiphertextBlob": _b64(blob), "KeyId": key.arn, "EncryptionAlgorithm": alg}
@@ -146,7 +146,7 @@ def _material(answer: Answer, name: str, key: Key, version: int | None) -> Answe
 async def _decrypt(svc: KmsService, r: Request) -> Release:
     assert r.plaintext is not None
     key = r.key()
-    alg = r.params.get("EncryptionAlgorithm", _SYMMETRIC)
+    alg = r.params.opt_text("EncryptionAlgorithm", _SYMMETRIC)
     answer: Answer = {"KeyId": key.arn, "EncryptionAlgorithm": alg}
     if r.recipient is None:  # AWS omits KeyMaterialId from a Recipient answer
         _material(answer, "KeyMaterialId", key, r.version)
@@ -160,16 +160,16 @@ async def _reencrypt(svc: KmsService, r: Request) -> Answer:
     blob, alg = await encrypt_for(
         svc,
         dst,
-        p.get("DestinationEncryptionAlgorithm"),
+        p.opt_text("DestinationEncryptionAlgorithm"),
         r.plaintext,
-        p.get("DestinationEncryptionContext"),
+        p.opt_mapping("DestinationEncryptionContext"),
         r,
     )
     answer: Answer = {
         "CiphertextBlob": _b64(blob),
         "SourceKeyId": src.arn,
         "KeyId": dst.arn,
-        "SourceEncryptionAlgorithm": p.get("SourceEncryptionAlgorithm", _SYMMETRIC),
+        "SourceEncryptionAlgorithm": p.opt_text("SourceEncryptionAlgorithm", _SYMMETRIC),
         "DestinationEncryptionAlgorithm": alg,
     }
     _material(answer, "SourceKeyMaterialId", src, r.version)
@@ -183,7 +183,9 @@ def _data_key_size(p: Params) -> int:
         raise KmsApiError(
             "ValidationException", "Please specify either number of bytes or key spec."
         )
-    return int(p["NumberOfBytes"]) if "NumberOfBytes" in p else _DATA_KEY_BYTES[p["KeySpec"]]
+    return (
+        p.integer("NumberOfBytes") if "NumberOfBytes" in p else _DATA_KEY_BYTES[p.text("KeySpec")]
+    )
 
 
 def _check_data_key(p: Params) -> None:
@@ -191,7 +193,7 @@ def _check_data_key(p: Params) -> None:
 
 
 def _check_key_pair(p: Params) -> None:
-    spec = p["KeyPairSpec"]
+    spec = p.text("KeyPairSpec")
     if spec not in _asym.DATA_KEY_PAIR_SPECS:
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -201,28 +203,28 @@ def _check_key_pair(p: Params) -> None:
 
 
 def _check_random(p: Params) -> None:
-    if p.get("NumberOfBytes") is None:
+    if p.opt_int("NumberOfBytes") is None:
         raise KmsApiError("ValidationException", "NumberOfBytes is required.")
 
 
 async def _generate_data_key(svc: KmsService, r: Request) -> Release:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
-    blob = await _seal(svc, key, data_key, r.params.get("EncryptionContext"), r)
-    answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
+    blob = await _seal(svc, key, data_key, r.params.opt_mapping("EncryptionContext"), r)
+    answer: Answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
     return Release(data_key, _material(answer, "KeyMaterialId", key, key.current_version))
 
 
 async def _generate_data_key_without_plaintext(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     data_key = _wrap.random_bytes(_data_key_size(r.params))
-    blob = await _seal(svc, key, data_key, r.params.get("EncryptionContext"), r)
-    answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
+    blob = await _seal(svc, key, data_key, r.params.opt_mapping("EncryptionContext"), r)
+    answer: Answer = {"CiphertextBlob": _b64(blob), "KeyId": key.arn}
     return _material(answer, "KeyMaterialId", key, key.current_version)
 
 
 async def _key_pair(svc: KmsService, r: Request) -> tuple[bytes, Answer]:
-    key, spec = r.key(), r.params["KeyPairSpec"]
+    key, spec = r.key(), r.params.text("KeyPairSpec")
     if external.is_external(key):
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -231,9 +233,9 @@ async def _key_pair(svc: KmsService, r: Request) -> tuple[bytes, Answer]:
         )
     # RSA-3072/4096 generation takes up to a second: keep it off the event loop.
     private_der, public_der = await trio.to_thread.run_sync(_asym.generate_data_key_pair, spec)
-    answer = {
+    answer: Answer = {
         "PrivateKeyCiphertextBlob": _b64(
-            svc.seal(key, private_der, r.params.get("EncryptionContext"))
+            svc.seal(key, private_der, r.params.opt_mapping("EncryptionContext"))
         ),
         "PublicKey": _b64(public_der),
         "KeyId": key.arn,
@@ -252,7 +254,7 @@ async def _generate_data_key_pair_without_plaintext(svc: KmsService, r: Request)
 
 
 async def _generate_random(svc: KmsService, r: Request) -> Release:
-    store_id = r.params.get("CustomKeyStoreId")
+    store_id = r.params.opt_text("CustomKeyStoreId")
     if store_id is not None:
         # Only CloudHSM key stores generate random bytes, and there are none here.
         if store_id in svc.key_stores:
@@ -266,7 +268,7 @@ async def _generate_random(svc: KmsService, r: Request) -> Release:
             f"Custom key store {store_id[:64]} does not exist "
             f"(ids look like {STORE_ID_PREFIX}...).",
         )
-    return Release(_wrap.random_bytes(int(r.params["NumberOfBytes"])), {})
+    return Release(_wrap.random_bytes(r.params.integer("NumberOfBytes")), {})
 
 
 _ENCRYPT_DECRYPT = "ENCRYPT_DECRYPT"

@@ -81,21 +81,22 @@ def _principal(value: str, member: str) -> str:
 
 
 def _check_create(p: Params) -> None:
-    if p.get("GranteePrincipal") is None and p.get("GranteeServicePrincipal") is None:
+    if p.opt_text("GranteePrincipal") is None and p.opt_text("GranteeServicePrincipal") is None:
         raise KmsApiError(
             "ValidationException", "Either GranteePrincipal or GranteeServicePrincipal is required."
         )
     for member in ("GranteePrincipal", "RetiringPrincipal"):
-        if p.get(member) is not None:
-            _principal(p[member], member)
-    if not p["Operations"]:
+        value = p.opt_text(member)
+        if value is not None:
+            _principal(value, member)
+    if not p.text_list("Operations"):
         raise KmsApiError("ValidationException", "Operations must name at least one operation.")
-    constraints = p.get("Constraints") or {}
+    constraints = p.opt_constraints("Constraints") or {}
     has_context = any(
         k in constraints for k in ("EncryptionContextEquals", "EncryptionContextSubset")
     )
     if has_context:
-        bad = sorted(set(p["Operations"]) - _WITH_CONTEXT - _CONTEXTLESS_OK)
+        bad = sorted(set(p.text_list("Operations")) - _WITH_CONTEXT - _CONTEXTLESS_OK)
         if bad:
             raise KmsApiError(
                 "ValidationException",
@@ -106,12 +107,12 @@ def _check_create(p: Params) -> None:
 
 def _conditions(p: Params) -> dict[str, tuple[str, ...]]:
     """CreateGrant's condition keys (kms:GrantOperations, kms:GranteePrincipal...)."""
-    out: dict[str, tuple[str, ...]] = {"kms:grantoperations": tuple(p["Operations"])}
-    if p.get("GranteePrincipal"):
-        out["kms:granteeprincipal"] = (p["GranteePrincipal"],)
-    if p.get("RetiringPrincipal"):
-        out["kms:retiringprincipal"] = (p["RetiringPrincipal"],)
-    constraints = p.get("Constraints") or {}
+    out: dict[str, tuple[str, ...]] = {"kms:grantoperations": tuple(p.text_list("Operations"))}
+    if p.opt_text("GranteePrincipal"):
+        out["kms:granteeprincipal"] = (p.text("GranteePrincipal"),)
+    if p.opt_text("RetiringPrincipal"):
+        out["kms:retiringprincipal"] = (p.text("RetiringPrincipal"),)
+    constraints = p.opt_constraints("Constraints") or {}
     kinds = tuple(
         k for k in ("EncryptionContextEquals", "EncryptionContextSubset") if k in constraints
     )
@@ -137,24 +138,25 @@ def _at_least_as_strict(parent: Grant, new: Mapping[str, Any]) -> bool:
 
 def _same_request(grant: Grant, p: Params, constraints: Mapping[str, object]) -> bool:
     return (
-        grant.grantee == p.get("GranteePrincipal")
-        and grant.retiring == p.get("RetiringPrincipal")
-        and grant.operations == frozenset(p["Operations"])
+        grant.grantee == p.opt_text("GranteePrincipal")
+        and grant.retiring == p.opt_text("RetiringPrincipal")
+        and grant.operations == frozenset(p.text_list("Operations"))
         and dict(grant.constraints) == constraints
-        and grant.grantee_service == p.get("GranteeServicePrincipal")
-        and grant.retiring_service == p.get("RetiringServicePrincipal")
+        and grant.grantee_service == p.opt_text("GranteeServicePrincipal")
+        and grant.retiring_service == p.opt_text("RetiringServicePrincipal")
     )
 
 
 async def _create_grant(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
     constraints = {
-        k: dict(v) if isinstance(v, Mapping) else v for k, v in (p.get("Constraints") or {}).items()
+        k: dict(v) if isinstance(v, Mapping) else v
+        for k, v in (p.opt_constraints("Constraints") or {}).items()
     }
     if r.outcome.grant_id is not None:  # authorized by a grant, not by the key policy
         parent = key.grants.get(r.outcome.grant_id)
         if parent is not None:
-            if not set(p["Operations"]) <= parent.operations:
+            if not set(p.text_list("Operations")) <= parent.operations:
                 raise KmsApiError(
                     "AccessDeniedException",
                     f"User: {r.caller.principal_arn} is not authorized to grant operations "
@@ -166,7 +168,7 @@ async def _create_grant(svc: KmsService, r: Request) -> Answer:
                     f"User: {r.caller.principal_arn} may only create grants with an encryption "
                     "context constraint at least as strict as its own grant's.",
                 )
-    name = p.get("Name")
+    name = p.opt_text("Name")
     if name is not None:  # a retried request with the same name answers the same grant
         for grant in key.grants.values():
             if grant.name == name and _same_request(grant, p, constraints):
@@ -186,13 +188,13 @@ async def _create_grant(svc: KmsService, r: Request) -> Answer:
         key_id=key.key_id,
         name=name,
         created=svc.clock(),
-        grantee=p.get("GranteePrincipal"),
-        retiring=p.get("RetiringPrincipal"),
+        grantee=p.opt_text("GranteePrincipal"),
+        retiring=p.opt_text("RetiringPrincipal"),
         issuing_account=f"arn:aws:iam::{account}:root",
-        operations=frozenset(p["Operations"]),
+        operations=frozenset(p.text_list("Operations")),
         constraints=constraints,
-        grantee_service=p.get("GranteeServicePrincipal"),
-        retiring_service=p.get("RetiringServicePrincipal"),
+        grantee_service=p.opt_text("GranteeServicePrincipal"),
+        retiring_service=p.opt_text("RetiringServicePrincipal"),
     )
     await svc.put_grant(key, grant)
     return {"GrantToken": svc.master.grant_token(grant.grant_id), "GrantId": grant.grant_id}
@@ -209,14 +211,14 @@ def _check_grant_id(grant_id: str) -> None:
 
 async def _list_grants(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    if p.get("GrantId") is not None:
-        _check_grant_id(p["GrantId"])
+    if p.opt_text("GrantId") is not None:
+        _check_grant_id(p.text("GrantId"))
     chosen = [
         g
         for g in sorted(key.grants.values(), key=lambda g: (g.created, g.grant_id))
-        if p.get("GrantId") in (None, g.grant_id)
-        and p.get("GranteePrincipal") in (None, g.grantee)
-        and p.get("GranteeServicePrincipal") in (None, g.grantee_service)
+        if p.opt_text("GrantId") in (None, g.grant_id)
+        and p.opt_text("GranteePrincipal") in (None, g.grantee)
+        and p.opt_text("GranteeServicePrincipal") in (None, g.grantee_service)
     ]
     items, more = page(chosen, p, 50)
     return {"Grants": [_entry(key, g) for g in items], **more}
@@ -224,8 +226,8 @@ async def _list_grants(svc: KmsService, r: Request) -> Answer:
 
 async def _list_retirable_grants(svc: KmsService, r: Request) -> Answer:
     p = r.params
-    retiring = p.get("RetiringPrincipal")
-    service = p.get("RetiringServicePrincipal")
+    retiring = p.opt_text("RetiringPrincipal")
+    service = p.opt_text("RetiringServicePrincipal")
     if retiring is None and service is None:
         raise KmsApiError(
             "ValidationException",
@@ -261,7 +263,7 @@ async def _list_retirable_grants(svc: KmsService, r: Request) -> Answer:
 
 def _find(svc: KmsService, r: Request) -> tuple[Key, Grant]:
     p = r.params
-    token = p.get("GrantToken")
+    token = p.opt_text("GrantToken")
     if token is not None:
         grant_id = svc.master.grant_of_token(token)
         if grant_id is None:
@@ -269,17 +271,17 @@ def _find(svc: KmsService, r: Request) -> tuple[Key, Grant]:
         for key in svc.all_keys():
             grant = key.grants.get(grant_id)
             if grant is not None:
-                if p.get("KeyId") is not None and svc.resolve(p["KeyId"]) is not key:
+                if p.opt_text("KeyId") is not None and svc.resolve(p.text("KeyId")) is not key:
                     break
                 return key, grant
         raise KmsApiError("NotFoundException", "Grant not found.")
-    if p.get("KeyId") is None or p.get("GrantId") is None:
+    if p.opt_text("KeyId") is None or p.opt_text("GrantId") is None:
         raise KmsApiError(
             "ValidationException", "Specify a GrantToken, or both a KeyId and a GrantId."
         )
-    _check_grant_id(p["GrantId"])
-    key = svc.resolve(p["KeyId"], allow_alias=False)
-    grant = key.grants.get(p["GrantId"])
+    _check_grant_id(p.text("GrantId"))
+    key = svc.resolve(p.text("KeyId"), allow_alias=False)
+    grant = key.grants.get(p.text("GrantId"))
     if grant is None:
         raise KmsApiError("NotFoundException", "Grant not found.")
     return key, grant
@@ -310,7 +312,7 @@ async def _retire_grant(svc: KmsService, r: Request) -> Answer:
             f"User: {caller} is not authorized to perform: kms:RetireGrant on resource: {key.arn}",
         )
     out.decision, out.reason = "allow", f"RetireGrant by {why}"
-    if r.params.get("DryRun"):
+    if r.params.opt_bool("DryRun"):
         raise KmsApiError(
             "DryRunOperationException",
             "The request would have succeeded, but the DryRun option is set.",
@@ -321,10 +323,10 @@ async def _retire_grant(svc: KmsService, r: Request) -> Answer:
 
 async def _revoke_grant(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    _check_grant_id(r.params["GrantId"])
-    if r.params["GrantId"] not in key.grants:
+    _check_grant_id(r.params.text("GrantId"))
+    if r.params.text("GrantId") not in key.grants:
         raise KmsApiError("NotFoundException", "Grant not found.")
-    await svc.delete_grant(key, r.params["GrantId"])
+    await svc.delete_grant(key, r.params.text("GrantId"))
     return {}
 
 

@@ -102,7 +102,7 @@ def _check_common(p: Params, *, create: bool) -> None:
                 f"{member} is valid only for an AWS CloudHSM key store; this KMS has external "
                 "key stores only.",
             )
-    connectivity = p.get("XksProxyConnectivity")
+    connectivity = p.opt_text("XksProxyConnectivity")
     if connectivity == "VPC_ENDPOINT_SERVICE":
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -122,12 +122,12 @@ def _check_common(p: Params, *, create: bool) -> None:
             )
     if "XksProxyUriEndpoint" in p:
         try:
-            validate_endpoint(p["XksProxyUriEndpoint"])
+            validate_endpoint(p.text("XksProxyUriEndpoint"))
         except EndpointError as exc:
             raise KmsApiError("ValidationException", str(exc)) from None
     if "XksProxyUriPath" in p:
         try:
-            validate_uri_path(p["XksProxyUriPath"])
+            validate_uri_path(p.text("XksProxyUriPath"))
         except ValueError:
             raise KmsApiError(
                 "ValidationException",
@@ -137,7 +137,7 @@ def _check_common(p: Params, *, create: bool) -> None:
 
 
 def _check_create(p: Params) -> None:
-    kind = p.get("CustomKeyStoreType", "AWS_CLOUDHSM")
+    kind = p.opt_text("CustomKeyStoreType", "AWS_CLOUDHSM")
     if kind != EXTERNAL_KEY_STORE:
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -202,13 +202,13 @@ async def _health_check(
 
 async def _create(svc: KmsService, r: Request) -> Answer:
     p = r.params
-    credential = p["XksProxyAuthenticationCredential"]
+    credential = p.mapping("XksProxyAuthenticationCredential")
     store = KeyStore(
         store_id=new_store_id(),
-        name=p["CustomKeyStoreName"],
+        name=p.text("CustomKeyStoreName"),
         created=svc.clock(),
-        endpoint=p["XksProxyUriEndpoint"],
-        uri_path=p["XksProxyUriPath"],
+        endpoint=p.text("XksProxyUriEndpoint"),
+        uri_path=p.text("XksProxyUriPath"),
         access_key_id=credential["AccessKeyId"],
         connectivity=PUBLIC_ENDPOINT,
     )
@@ -239,7 +239,7 @@ async def _create(svc: KmsService, r: Request) -> Answer:
 
 
 async def _connect(svc: KmsService, r: Request) -> Answer:
-    store = _store(svc, r.params["CustomKeyStoreId"])
+    store = _store(svc, r.params.text("CustomKeyStoreId"))
     if store.state in (DISCONNECTING, FAILED):
         raise _invalid_state(
             store,
@@ -278,7 +278,7 @@ async def _connect(svc: KmsService, r: Request) -> Answer:
 
 
 async def _disconnect(svc: KmsService, r: Request) -> Answer:
-    store_id = r.params["CustomKeyStoreId"]
+    store_id = r.params.text("CustomKeyStoreId")
     async with svc.write_lock:
         store = _store(svc, store_id)
         if store.state in (DISCONNECTING, DISCONNECTED):
@@ -294,13 +294,14 @@ def _updated(store: KeyStore, p: Params) -> tuple[KeyStore, str | None]:
     new = store
     secret: str | None = None
     if "NewCustomKeyStoreName" in p:
-        new = replace(new, name=p["NewCustomKeyStoreName"])
+        new = replace(new, name=p.text("NewCustomKeyStoreName"))
     moved = False
-    for member, attr in (("XksProxyUriEndpoint", "endpoint"), ("XksProxyUriPath", "uri_path")):
-        if member in p and p[member] != getattr(store, attr):
-            new = replace(new, **{attr: p[member]})
-            moved = True
-    credential = p.get("XksProxyAuthenticationCredential")
+    endpoint, uri_path = p.opt_text("XksProxyUriEndpoint"), p.opt_text("XksProxyUriPath")
+    if endpoint is not None and endpoint != store.endpoint:
+        new, moved = replace(new, endpoint=endpoint), True
+    if uri_path is not None and uri_path != store.uri_path:
+        new, moved = replace(new, uri_path=uri_path), True
+    credential = p.opt_mapping("XksProxyAuthenticationCredential")
     if credential is not None:
         new = replace(new, access_key_id=credential["AccessKeyId"])
         secret = str(credential["RawSecretAccessKey"])
@@ -312,7 +313,7 @@ def _updated(store: KeyStore, p: Params) -> tuple[KeyStore, str | None]:
 
 async def _update(svc: KmsService, r: Request) -> Answer:
     p = r.params
-    store = _store(svc, p["CustomKeyStoreId"])
+    store = _store(svc, p.text("CustomKeyStoreId"))
     new, secret = _updated(store, p)
     if new == store and secret is None:
         return {}
@@ -351,7 +352,7 @@ async def _update(svc: KmsService, r: Request) -> Answer:
 
 
 async def _delete(svc: KmsService, r: Request) -> Answer:
-    store_id = r.params["CustomKeyStoreId"]
+    store_id = r.params.text("CustomKeyStoreId")
     async with svc.write_lock:
         store = _store(svc, store_id)
         if store.state != DISCONNECTED:
@@ -378,13 +379,13 @@ async def _describe(svc: KmsService, r: Request) -> Answer:
         )
     stores = sorted(svc.key_stores.values(), key=lambda s: (s.created, s.store_id))
     if "CustomKeyStoreId" in p:
-        stores = [s for s in stores if s.store_id == p["CustomKeyStoreId"]]
+        stores = [s for s in stores if s.store_id == p.text("CustomKeyStoreId")]
         if not stores:
-            raise _not_found(p["CustomKeyStoreId"])
+            raise _not_found(p.text("CustomKeyStoreId"))
     elif "CustomKeyStoreName" in p:
-        stores = [s for s in stores if s.name == p["CustomKeyStoreName"]]
+        stores = [s for s in stores if s.name == p.text("CustomKeyStoreName")]
         if not stores:
-            raise _not_found(p["CustomKeyStoreName"])
+            raise _not_found(p.text("CustomKeyStoreName"))
     chunk, more = page(stores, p, 1000)
     entries: list[CustomKeyStoresListEntry] = [s.describe() for s in chunk]
     return {"CustomKeyStores": entries, **more}

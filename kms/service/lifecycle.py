@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -28,9 +28,11 @@ from ._model import (
     DEFAULT_ROTATION_DAYS,
     Answer,
     Key,
+    KeyRecord,
+    MaterialRecord,
     Params,
 )
-from ._scaffold import KeyStep, Locate, Operation, Request, Require
+from ._scaffold import KeyStep, Locate, Operation, Request, Require, Run
 from .authorization import lockout_check, parse_policy
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ def new_meta(
     spec: str = SYMMETRIC,
     usage: str = "ENCRYPT_DECRYPT",
     origin: str = "AWS_KMS",
-) -> dict[str, Any]:
+) -> KeyRecord:
     """The metadata record of a fresh key (symmetric AWS_KMS unless told otherwise)."""
     pending = origin == "EXTERNAL"
     return {
@@ -78,11 +80,13 @@ def new_meta(
     }
 
 
-def describe_materials(key_id: str, materials: Sequence[bytes], now: float) -> dict[str, Any]:
+def describe_materials(
+    key_id: str, materials: Sequence[bytes], now: float
+) -> dict[str, MaterialRecord]:
     """The material descriptions of versions 1..n generated here (the last one current)."""
-    out: dict[str, Any] = {}
+    out: dict[str, MaterialRecord] = {}
     for version, material in enumerate(materials, start=1):
-        entry: dict[str, Any] = {
+        entry: MaterialRecord = {
             "Id": _asym.material_id(key_id, material),
             "State": "CURRENT" if version == len(materials) else "NON_CURRENT",
         }
@@ -92,7 +96,7 @@ def describe_materials(key_id: str, materials: Sequence[bytes], now: float) -> d
     return out
 
 
-def import_state(meta: dict[str, Any]) -> str:
+def import_state(meta: KeyRecord) -> str:
     """The KeyState an EXTERNAL key's materials give it (PendingDeletion aside): PendingImport
     while any material it uses is not imported, else Enabled/Disabled by its Enabled flag."""
     used = [e for e in meta.get("Materials", {}).values() if e.get("State") != "PENDING_ROTATION"]
@@ -169,15 +173,15 @@ def check_tags(tags: Sequence[dict[str, str]]) -> None:
 
 def _create_spec(p: Params) -> tuple[str, str]:
     """The (KeySpec, KeyUsage) a CreateKey request asks for, as AWS validates them."""
-    spec = str(p.get("KeySpec", p.get("CustomerMasterKeySpec", SYMMETRIC)))
+    spec = p.opt_text("KeySpec", p.opt_text("CustomerMasterKeySpec", SYMMETRIC))
     if (
         "KeySpec" in p
         and "CustomerMasterKeySpec" in p
-        and p["KeySpec"] != p["CustomerMasterKeySpec"]
+        and p.text("KeySpec") != p.text("CustomerMasterKeySpec")
     ):
         raise KmsApiError("ValidationException", "KeySpec and CustomerMasterKeySpec differ.")
     info = SPECS[spec]
-    usage = p.get("KeyUsage")
+    usage = p.opt_text("KeyUsage")
     if usage is None:
         if len(info.usages) > 1 and info.kind != "symmetric":
             raise KmsApiError(
@@ -201,7 +205,7 @@ def _check_create(p: Params) -> None:
             f"CreateKey: KeySpec {spec} is not supported by this KMS: "
             f"{UNSUPPORTED_SPECS.get(spec, 'not implemented yet')}.",
         )
-    origin = p.get("Origin", "AWS_KMS")
+    origin = p.opt_text("Origin", "AWS_KMS")
     if origin == "AWS_CLOUDHSM":
         raise KmsApiError(
             "UnsupportedOperationException",
@@ -220,7 +224,7 @@ def _check_create(p: Params) -> None:
                 "CreateKey: a KMS key in a custom key store must be a symmetric encryption key "
                 "(KeySpec SYMMETRIC_DEFAULT, KeyUsage ENCRYPT_DECRYPT).",
             )
-        if p.get("MultiRegion"):
+        if p.opt_bool("MultiRegion"):
             raise KmsApiError(
                 "UnsupportedOperationException",
                 "CreateKey: multi-Region keys cannot be created in a custom key store.",
@@ -235,17 +239,17 @@ def _check_create(p: Params) -> None:
             "CustomKeyStoreId names an external key store: its keys need Origin "
             "EXTERNAL_KEY_STORE and an XksKeyId.",
         )
-    if p.get("MultiRegion"):
+    if p.opt_bool("MultiRegion"):
         raise KmsApiError(
             "UnsupportedOperationException",
             "CreateKey: multi-Region keys are not supported by this KMS.",
         )
-    check_tags(p.get("Tags", []))
+    check_tags(p.opt_tags("Tags", []))
 
 
 def _external_store(svc: KmsService, p: Params) -> KeyStore:
     """The CONNECTED external key store a CreateKey names, its external key id unused in it."""
-    store_id = str(p["CustomKeyStoreId"])
+    store_id = p.text("CustomKeyStoreId")
     store = svc.key_stores.get(store_id)
     if store is None:
         raise KmsApiError(
@@ -256,7 +260,7 @@ def _external_store(svc: KmsService, p: Params) -> KeyStore:
             "CustomKeyStoreInvalidStateException",
             f"Custom key store {store_id} is {store.state}; CreateKey needs it CONNECTED.",
         )
-    xks_key_id = str(p["XksKeyId"])
+    xks_key_id = p.text("XksKeyId")
     for other in svc.keys_in_store(store_id):
         if other.meta.get("XksKeyId") == xks_key_id:
             raise KmsApiError(
@@ -271,15 +275,15 @@ async def _create_key(svc: KmsService, r: Request) -> Answer:
     p = r.params
     spec_name, usage = _create_spec(p)
     spec = SPECS[spec_name]
-    origin = p.get("Origin", "AWS_KMS")
+    origin = p.opt_text("Origin", "AWS_KMS")
     key_id = str(uuid.uuid4())
     arn = svc.arn(key_id)
-    policy = parse_policy(p.get("Policy") or default_key_policy(svc.account_id))
-    lockout_check(svc, policy, r.caller, arn, bool(p.get("BypassPolicyLockoutSafetyCheck")))
+    policy = parse_policy(p.opt_text("Policy") or default_key_policy(svc.account_id))
+    lockout_check(svc, policy, r.caller, arn, p.flag("BypassPolicyLockoutSafetyCheck"))
     r.outcome.key_arn = arn
     if origin == EXTERNAL_KEY_STORE_ORIGIN:
         store = _external_store(svc, p)
-        await external.check_external_key(svc, store, str(p["XksKeyId"]), r)
+        await external.check_external_key(svc, store, p.text("XksKeyId"), r)
     material: bytes | None = None
     # Keys in an external key store also get KMS key material: the first of the two layers.
     if origin in ("AWS_KMS", EXTERNAL_KEY_STORE_ORIGIN):
@@ -290,11 +294,11 @@ async def _create_key(svc: KmsService, r: Request) -> Answer:
         else:  # RSA-4096 generation takes up to a second: keep it off the event loop.
             material = await trio.to_thread.run_sync(_asym.generate_private_key, spec)
     now = svc.clock()
-    meta = new_meta(now, p.get("Description", ""), spec=spec_name, usage=usage, origin=origin)
-    meta["Tags"] = p.get("Tags", [])
+    meta = new_meta(now, p.opt_text("Description", ""), spec=spec_name, usage=usage, origin=origin)
+    meta["Tags"] = p.opt_tags("Tags", [])
     if origin == EXTERNAL_KEY_STORE_ORIGIN:
-        meta["CustomKeyStoreId"] = str(p["CustomKeyStoreId"])
-        meta["XksKeyId"] = str(p["XksKeyId"])
+        meta["CustomKeyStoreId"] = p.text("CustomKeyStoreId")
+        meta["XksKeyId"] = p.text("XksKeyId")
     if material is not None:
         meta["Materials"] = describe_materials(key_id, [material], now)
     key = Key(key_id, arn, meta, policy)
@@ -321,16 +325,18 @@ async def _describe_key(svc: KmsService, r: Request) -> Answer:
 async def _list_keys(svc: KmsService, r: Request) -> Answer:
     from .management import page
 
-    owners = r.params.get("ResourceOwners", ["SELF"])
+    owners = r.params.opt_text_list("ResourceOwners", ["SELF"])
     keys = svc.keys_sorted() if "SELF" in owners else []  # no keys are shared through RAM here
     items, more = page(keys, r.params, 1000)
     return {"Keys": [{"KeyId": k, "KeyArn": arn} for k, arn in items], **more}
 
 
-def _set_enabled(on: bool) -> Any:
+def _set_enabled(on: bool) -> Run:
     async def run(svc: KmsService, r: Request) -> Answer:
         key = r.key()
-        await svc.save(key, dict(key.meta, Enabled=on, KeyState="Enabled" if on else "Disabled"))
+        await svc.save(
+            key, {**key.meta, "Enabled": on, "KeyState": "Enabled" if on else "Disabled"}
+        )
         return {}
 
     return run
@@ -338,15 +344,15 @@ def _set_enabled(on: bool) -> Any:
 
 async def _schedule_deletion(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    days = int(r.params.get("PendingWindowInDays", DEFAULT_PENDING_WINDOW_DAYS))
+    days = r.params.opt_int("PendingWindowInDays", DEFAULT_PENDING_WINDOW_DAYS)
     when = svc.clock() + days * DAY_S
-    meta = dict(
-        key.meta,
-        Enabled=False,
-        KeyState="PendingDeletion",
-        DeletionDate=when,
-        PendingWindowInDays=days,
-    )
+    meta: KeyRecord = {
+        **key.meta,
+        "Enabled": False,
+        "KeyState": "PendingDeletion",
+        "DeletionDate": when,
+        "PendingWindowInDays": days,
+    }
     await svc.save(key, meta)
     return {
         "KeyId": key.arn,
@@ -358,7 +364,7 @@ async def _schedule_deletion(svc: KmsService, r: Request) -> Answer:
 
 async def _cancel_deletion(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    meta = dict(key.meta, KeyState="Disabled", Enabled=False)
+    meta: KeyRecord = {**key.meta, "KeyState": "Disabled", "Enabled": False}
     meta.pop("DeletionDate", None)
     meta.pop("PendingWindowInDays", None)
     if key.origin == "EXTERNAL":  # back to PendingImport if its material is gone meanwhile

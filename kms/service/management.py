@@ -3,11 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import KmsApiError
-from ._model import DAY_S, DEFAULT_ROTATION_DAYS, MAX_ON_DEMAND_ROTATIONS, Answer, Key, Params
+from ._model import (
+    DAY_S,
+    DEFAULT_ROTATION_DAYS,
+    MAX_ON_DEMAND_ROTATIONS,
+    Answer,
+    Key,
+    KeyRecord,
+    Params,
+)
 from ._scaffold import KeyStep, Locate, Operation, Request, Require
 
 if TYPE_CHECKING:
@@ -18,16 +25,22 @@ __all__ = ["OPERATIONS", "page"]
 _T = TypeVar("_T")
 
 
-def page(items: list[_T], p: Mapping[str, Any], default_limit: int) -> tuple[list[_T], Answer]:
-    """One page of a List* answer (``Marker`` is the index of the first item)."""
-    marker = p.get("Marker", "0")
+def page(
+    items: list[_T], p: Params, default_limit: int, *, max_limit: int | None = None
+) -> tuple[list[_T], Answer]:
+    """One page of a List* answer (``Marker`` is the index of the first item; ``max_limit``
+    caps the request's ``Limit``)."""
+    marker = p.opt_text("Marker", "0")
     if not marker.isdigit() or int(marker) > len(items):
         raise KmsApiError("InvalidMarkerException", "The marker is not valid.")
     start = int(marker)
-    limit = int(p.get("Limit", default_limit))
+    limit = p.opt_int("Limit", default_limit)
+    if max_limit is not None:
+        limit = min(limit, max_limit)
     chunk = items[start : start + limit]
-    more: Answer = {"Truncated": start + limit < len(items)}
-    if more["Truncated"]:
+    truncated = start + limit < len(items)
+    more: Answer = {"Truncated": truncated}
+    if truncated:
         more["NextMarker"] = str(start + limit)
     return chunk, more
 
@@ -36,7 +49,7 @@ def _check_alias_name(p: Params) -> None:
     """AWS's alias rules: the ``alias/`` prefix, and ``alias/aws/`` reserved for AWS managed
     keys (NotAuthorizedException, the type AWS answers for CreateAlias, UpdateAlias and
     DeleteAlias on a reserved name)."""
-    name = p["AliasName"]
+    name = p.text("AliasName")
     if not name.startswith("alias/") or len(name) <= len("alias/"):
         raise KmsApiError("ValidationException", 'Alias must start with the prefix "alias/".')
     if name.startswith("alias/aws/"):
@@ -67,7 +80,7 @@ def _check_rotatable(key: Key, operation: str, *, automatic: bool) -> None:
 
 
 async def _create_alias(svc: KmsService, r: Request) -> Answer:
-    name, key = r.params["AliasName"], r.key()
+    name, key = r.params.text("AliasName"), r.key()
     if name in svc.aliases or name in svc.quarantined:
         raise KmsApiError(
             "AlreadyExistsException", f"An alias with the name {svc.alias_arn(name)} already exists"
@@ -80,7 +93,7 @@ async def _create_alias(svc: KmsService, r: Request) -> Answer:
 
 
 async def _update_alias(svc: KmsService, r: Request) -> Answer:
-    name, key = r.params["AliasName"], r.key(1)
+    name, key = r.params.text("AliasName"), r.key(1)
     old = svc.aliases[name]
     row = svc.alias_row(name, key.key_id, old.created, svc.clock())
     await svc.write(lambda: svc.storage.put_alias(row))
@@ -89,7 +102,7 @@ async def _update_alias(svc: KmsService, r: Request) -> Answer:
 
 
 async def _delete_alias(svc: KmsService, r: Request) -> Answer:
-    name = r.params["AliasName"]
+    name = r.params.text("AliasName")
     await svc.write(lambda: svc.storage.delete_alias(name))
     del svc.aliases[name]
     return {}
@@ -119,17 +132,18 @@ async def _list_aliases(svc: KmsService, r: Request) -> Answer:
 async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     _check_rotatable(key, "EnableKeyRotation", automatic=True)
-    period = int(
-        r.params.get(
-            "RotationPeriodInDays", key.meta.get("RotationPeriodInDays", DEFAULT_ROTATION_DAYS)
-        )
+    requested = r.params.opt_int("RotationPeriodInDays")
+    period = (
+        requested
+        if requested is not None
+        else int(key.meta.get("RotationPeriodInDays", DEFAULT_ROTATION_DAYS))
     )
-    meta = dict(
-        key.meta,
-        RotationEnabled=True,
-        RotationPeriodInDays=period,
-        NextRotationDate=svc.clock() + period * DAY_S,
-    )
+    meta: KeyRecord = {
+        **key.meta,
+        "RotationEnabled": True,
+        "RotationPeriodInDays": period,
+        "NextRotationDate": svc.clock() + period * DAY_S,
+    }
     await svc.save(key, meta)
     return {}
 
@@ -137,7 +151,7 @@ async def _enable_rotation(svc: KmsService, r: Request) -> Answer:
 async def _disable_rotation(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     _check_rotatable(key, "DisableKeyRotation", automatic=True)
-    meta = dict(key.meta, RotationEnabled=False)
+    meta: KeyRecord = {**key.meta, "RotationEnabled": False}
     meta.pop("NextRotationDate", None)
     await svc.save(key, meta)
     return {}

@@ -3,10 +3,10 @@ ListKeyPolicies, ListKeyRotations."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
-from ._model import Answer
+from ._model import Answer, MaterialRecord
 from ._scaffold import KeyStep, Operation, Request, Require
 from .lifecycle import check_tags
 from .management import page
@@ -23,34 +23,32 @@ _TAGS_PAGE = 50
 async def _tag_resource(svc: KmsService, r: Request) -> Answer:
     key = r.key()
     tags = {t["TagKey"]: t["TagValue"] for t in key.meta.get("Tags", [])}
-    check_tags(r.params["Tags"])
-    for t in r.params["Tags"]:  # an existing key gets the new value (AWS)
+    check_tags(r.params.tags("Tags"))
+    for t in r.params.tags("Tags"):  # an existing key gets the new value (AWS)
         tags[t["TagKey"]] = t["TagValue"]
     merged = [{"TagKey": k, "TagValue": v} for k, v in tags.items()]
     check_tags(merged)
-    await svc.save(key, dict(key.meta, Tags=merged))
+    await svc.save(key, {**key.meta, "Tags": merged})
     return {}
 
 
 async def _untag_resource(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    drop = set(r.params["TagKeys"])
+    drop = set(r.params.text_list("TagKeys"))
     kept = [t for t in key.meta.get("Tags", []) if t["TagKey"] not in drop]
-    await svc.save(key, dict(key.meta, Tags=kept))
+    await svc.save(key, {**key.meta, "Tags": kept})
     return {}
 
 
 async def _list_resource_tags(svc: KmsService, r: Request) -> Answer:
-    params = dict(r.params)
-    params["Limit"] = min(int(params.get("Limit", _TAGS_PAGE)), _TAGS_PAGE)
     tags = sorted(r.key().meta.get("Tags", []), key=lambda t: t["TagKey"])
-    items, more = page(tags, params, _TAGS_PAGE)
+    items, more = page(tags, r.params, _TAGS_PAGE, max_limit=_TAGS_PAGE)
     return {"Tags": items, **more}
 
 
 async def _update_description(svc: KmsService, r: Request) -> Answer:
     key = r.key()
-    await svc.save(key, dict(key.meta, Description=r.params["Description"]))
+    await svc.save(key, {**key.meta, "Description": r.params.text("Description")})
     return {}
 
 
@@ -59,7 +57,7 @@ async def _list_key_policies(svc: KmsService, r: Request) -> Answer:
     return {"PolicyNames": items, **more}
 
 
-def _rotation_entry(key_arn: str, origin: str, entry: dict[str, Any]) -> Answer:
+def _rotation_entry(key_arn: str, origin: str, entry: MaterialRecord) -> Answer:
     out: Answer = {
         "KeyId": key_arn,
         "KeyMaterialId": entry["Id"],
@@ -70,9 +68,10 @@ def _rotation_entry(key_arn: str, origin: str, entry: dict[str, Any]) -> Answer:
             out[name] = entry[name]
     if origin == "EXTERNAL":
         out["ImportState"] = entry.get("ImportState", "PENDING_IMPORT")
-        for name in ("ExpirationModel", "ValidTo"):
-            if entry.get(name) is not None:
-                out[name] = entry[name]
+        if entry.get("ExpirationModel") is not None:
+            out["ExpirationModel"] = entry["ExpirationModel"]
+        if entry.get("ValidTo") is not None:
+            out["ValidTo"] = entry["ValidTo"]
         if entry.get("Description"):
             out["KeyMaterialDescription"] = entry["Description"]
     return out
@@ -85,7 +84,7 @@ async def _list_key_rotations(svc: KmsService, r: Request) -> Answer:
             "UnsupportedOperationException",
             f"ListKeyRotations: {key.arn} is a {key.meta['KeySpec']} key, which does not rotate.",
         )
-    everything = r.params.get("IncludeKeyMaterial") == "ALL_KEY_MATERIAL"
+    everything = r.params.opt_text("IncludeKeyMaterial") == "ALL_KEY_MATERIAL"
     materials = sorted(key.materials().items(), key=lambda kv: int(kv[0]))
     # ROTATIONS_ONLY (the default): materials that a rotation made current, not the first one
     # nor imported material waiting for its rotation.
