@@ -242,3 +242,21 @@ async def test_rpc_over_a_non_socket_transport_still_fails_on_a_cancelled_write(
                 await rpc.call("echo", b"x" * 12_000)  # the memory stream never drains
             with pytest.raises(ChannelClosed, match="cancelled"):
                 await rpc.call("echo", b"y")
+
+
+async def test_send_eof_again_sends_the_close_record_a_cancelled_one_left() -> None:
+    """send_eof is idempotent, but the repeat must still deliver a half-written close record:
+    the reader then ends cleanly (b""), not with a truncation."""
+    with trio.fail_after(TIMEOUT_S):
+        client, server = await _channels()
+        with trio.move_on_after(0.05):
+            await client.send_all(bytes(BIG))
+        with trio.move_on_after(0.05) as scope:
+            await client.send_eof()
+        assert scope.cancelled_caught
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_until_eof, server, got)
+            await client.send_eof()
+        assert got
+        await client.send_eof()  # and once more: nothing left, a checkpoint

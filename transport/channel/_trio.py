@@ -369,13 +369,18 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         try:
             if self._closed:
                 raise trio.ClosedResourceError("the channel is closed")
-            if self._conn.our_closed:
-                await trio.lowlevel.checkpoint()
-                return
             if self._send_broken:
                 raise trio.BrokenResourceError("the channel is broken")
             await trio.lowlevel.checkpoint_if_cancelled()
-            record = self._conn.send(Close())
+            if self._conn.our_closed:
+                # Idempotent, but a close record a cancelled send_eof left half written still
+                # has to go out (the writer sends it; nothing else to send).
+                record = b""
+                if self._writer is None or not self._writer.unsent:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    return
+            else:
+                record = self._conn.send(Close())
             try:
                 await self._send_transport(record)
             except BaseException as exc:
