@@ -56,6 +56,7 @@ __all__ = [
 COMPILED_MODULES: Final = (
     ("transport.channel._record", "transport/channel/_record.py"),
     ("transport.channel._connection", "transport/channel/_connection.py"),
+    ("transport.rpc._events", "transport/rpc/_events.py"),
     ("transport.rpc._core", "transport/rpc/_core.py"),
 )
 #: Set to a non-empty value to run the interpreted cores.

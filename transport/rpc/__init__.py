@@ -4,7 +4,7 @@ trio byte stream (normally the attested :class:`~transport.channel.SecureChannel
 Layers (wire format in transport/RPC.md):
     _core.py        sans-IO protocol: frames, per-stream state machine, credit flow control,
                     the connection's buffer budget (bytes in, events out; transport.sansio)
-    _events.py      its frozen event dataclasses;  _errors.py  RpcError and error codes
+    _events.py      its immutable event classes;   _errors.py  RpcError and error codes
     _stream.py      RpcStream (what applications use) and the endpoint interface it implements
     _connection.py  what client and server share: the coalescing outbox, failure, dispatch
     _client.py      open_rpc_client / RpcClient (leader/follower reading, deadlines)
