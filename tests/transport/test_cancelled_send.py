@@ -18,7 +18,7 @@ import trio.testing
 
 from tests.transport.channel_helpers import open_secure_pair
 from transport._sockwrite import SocketWriter, stdlib_socket
-from transport.channel import SecureChannel
+from transport.channel import MAX_RECORD_PLAINTEXT, SecureChannel
 from transport.errors import ChannelClosed
 from transport.rpc import RpcStream, open_rpc_client, route, serve_rpc, unary_inline
 
@@ -245,8 +245,8 @@ async def test_rpc_over_a_non_socket_transport_still_fails_on_a_cancelled_write(
 
 
 async def test_send_eof_again_sends_the_close_record_a_cancelled_one_left() -> None:
-    """send_eof is idempotent, but the repeat must still deliver a half-written close record:
-    the reader then ends cleanly (b""), not with a truncation."""
+    """After a cancelled send_eof, a repeat still delivers the close record (whether the
+    cancelled one had sealed it or not): the reader ends cleanly (b""), not with a truncation."""
     with trio.fail_after(TIMEOUT_S):
         client, server = await _channels()
         with trio.move_on_after(0.05):
@@ -260,3 +260,22 @@ async def test_send_eof_again_sends_the_close_record_a_cancelled_one_left() -> N
             await client.send_eof()
         assert got
         await client.send_eof()  # and once more: nothing left, a checkpoint
+
+
+async def test_retried_cancelled_sends_to_a_stalled_peer_hold_one_write_at_most() -> None:
+    """A caller that keeps retrying with short deadlines against a stalled peer must not pile
+    up sealed records: what a cancelled send kept is written before anything new is sealed."""
+    with trio.fail_after(TIMEOUT_S):
+        client, server = await _channels()
+        chunk = bytes(256 << 10)
+        for _ in range(40):  # 10 MB offered, far past the socket buffers
+            with trio.move_on_after(0.005):
+                await client.send_all(chunk)
+        held = client.statistics().bytes_unsent
+        assert held <= 4 * (MAX_RECORD_PLAINTEXT + 64)  # one write of four records
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_until_eof, server, got)
+            await client.send_eof()
+        assert client.statistics().bytes_unsent == 0
+        assert not any(got)  # whole records of the zero chunks, nothing garbled

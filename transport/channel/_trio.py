@@ -130,6 +130,8 @@ class ChannelStatistics:
         records_sent / records_received: records under the current keys, close included.
         data_records_left: data records this side may still send before its limit.
         bytes_buffered: received bytes not yet returned (ciphertext and plaintext).
+        bytes_unsent: sealed bytes a cancelled send left unwritten (they go out first on the
+            next send, :meth:`SecureChannel.flush` or ``aclose``); at most one write's records.
     """
 
     suite: str
@@ -137,6 +139,7 @@ class ChannelStatistics:
     records_received: int
     data_records_left: int
     bytes_buffered: int
+    bytes_unsent: int = 0
 
 
 def _enlarge_socket_buffers(sock: trio.socket.SocketType) -> None:
@@ -262,6 +265,9 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             if self._send_broken:
                 raise trio.BrokenResourceError("the channel is broken")
             await trio.lowlevel.checkpoint_if_cancelled()
+            writer = self._writer
+            if writer is not None and writer.unsent:
+                await self._finish_cancelled_send()
             view = data if type(data) is bytes else memoryview(data).cast("B")
             if not view:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -334,6 +340,17 @@ class SecureChannel(trio.abc.HalfCloseableStream):
         was cancelled with its sealed bytes kept by the writer (they go out first next time)."""
         return self._writer is None or not isinstance(exc, trio.Cancelled)
 
+    async def _finish_cancelled_send(self) -> None:
+        """Write what a cancelled send kept *before* sealing anything new: a caller that keeps
+        retrying with short deadlines against a peer that does not read then holds at most one
+        write's records (``_RECORDS_PER_WRITE``), not one more batch per attempt."""
+        assert self._writer is not None
+        try:
+            await self._writer.flush()
+        except BaseException as exc:
+            self._send_broken = self._broken_by(exc)
+            raise
+
     async def flush(self) -> None:
         """Write what a cancelled ``send_all``/``send_eof`` left unwritten (records it had
         sealed); only a checkpoint if nothing is left. The next ``send_all`` does it too.
@@ -353,11 +370,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                await self._writer.flush()
-            except BaseException as exc:
-                self._send_broken = self._broken_by(exc)
-                raise
+            await self._finish_cancelled_send()
         finally:
             self._sending = False
 
@@ -372,6 +385,8 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             if self._send_broken:
                 raise trio.BrokenResourceError("the channel is broken")
             await trio.lowlevel.checkpoint_if_cancelled()
+            if self._writer is not None and self._writer.unsent and not self._conn.our_closed:
+                await self._finish_cancelled_send()
             if self._conn.our_closed:
                 # Idempotent, but a close record a cancelled send_eof left half written still
                 # has to go out (the writer sends it; nothing else to send).
@@ -602,6 +617,7 @@ class SecureChannel(trio.abc.HalfCloseableStream):
             records_received=self._conn.records_received,
             data_records_left=self._conn.data_records_left,
             bytes_buffered=self._conn.buffered + sum(map(len, self._pending)),
+            bytes_unsent=0 if self._writer is None else self._writer.unsent,
         )
 
 

@@ -298,15 +298,26 @@ class Connection:
         now = self.clock
         try:
             while self.failure is None:
-                if core.has_data_to_send():
-                    outbox.append(core.data_to_send())
-                if not outbox and not self.write_owed:
-                    break
+                owed = self.write_owed
+                if not owed:
+                    if core.has_data_to_send():
+                        outbox.append(core.data_to_send())
+                    if not outbox:
+                        break
                 await trio.lowlevel.checkpoint_if_cancelled()  # raises with nothing taken
-                batch = outbox[0] if len(outbox) == 1 else b"".join(outbox)
-                outbox.clear()
-                self.write_owed = False  # whatever write comes next sends the kept rest first
-                self.write_started = now()
+                if owed:
+                    # The rest of a cancelled write goes out alone, before anything new is
+                    # taken: a caller retrying against a peer that does not read cannot pile
+                    # batches up behind it. Its clock keeps running from the first attempt
+                    # (the watchdogs' "the peer did not read our data" rule).
+                    batch = b""
+                    if self.write_started is None:
+                        self.write_started = now()
+                else:
+                    batch = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+                    outbox.clear()
+                    self.write_started = now()
+                self.write_owed = False
                 try:
                     if not batch:
                         await self.resume_write()
@@ -332,8 +343,9 @@ class Connection:
                         self.write_owed = True
                     raise
                 finally:
-                    self.last_sent = self.write_started  # (when it began: close enough)
-                    self.write_started = None
+                    if not self.write_owed:  # (a kept rest keeps its start time)
+                        self.last_sent = self.write_started  # (when it began: close enough)
+                        self.write_started = None
         finally:
             self.writer = None
             self.after_write()
