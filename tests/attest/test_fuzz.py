@@ -1,8 +1,9 @@
-"""Hypothesis over the CBOR/COSE decoders: any bytes give a typed error or a value, quickly."""
+"""Hypothesis over the CBOR/COSE decoders: any bytes give a typed error or a value, with
+memory in proportion to the input."""
 
 from __future__ import annotations
 
-import time
+import tracemalloc
 from typing import Any
 
 import cbor2
@@ -24,8 +25,12 @@ CHAIN = build_chain(tag="fuzz")
 VALID = sign_document(make_doc(CHAIN, nonce=b"n" * 40, user_data=b"u" * 40), CHAIN.leaf_key)
 VERIFIER = Verifier([CHAIN.root])
 ANY = Policy(any_measurement=True, allow_debug=True)
-#: Generous per-input bound: parsing is linear in the (capped) input; catches blow-ups only.
-MAX_SECONDS = 0.5
+#: What a parse may allocate (traced by tracemalloc): a fixed slack (cbor2 reads a long string
+#: in 64 KiB chunks, so a header claiming 2**40 bytes costs one chunk before the stream ends)
+#: plus a multiple of the input (a 3.4 KB document peaks near 12 KB). A deterministic bound in
+#: place of a wall-clock one: work that is not bounded by the input shows as allocation too.
+ALLOC_SLACK = 128 << 10
+ALLOC_PER_BYTE = 16
 
 cbor_values = st.recursive(
     st.none()
@@ -43,13 +48,38 @@ cbor_values = st.recursive(
 
 
 def _parse(data: bytes) -> AttestationDocument | None:
-    start = time.perf_counter()
+    tracemalloc.start()
     try:
         return parse_document(data)
     except DocumentFormatError:
         return None
     finally:
-        assert time.perf_counter() - start < MAX_SECONDS
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak <= ALLOC_SLACK + ALLOC_PER_BYTE * len(data), (peak, len(data))
+
+
+@pytest.mark.parametrize(
+    "claim",
+    [
+        b"\x5b" + (1 << 40).to_bytes(8, "big"),  # a byte string of 2**40 bytes
+        b"\x9b" + (1 << 40).to_bytes(8, "big"),  # an array of 2**40 items
+        b"\xbb" + (1 << 40).to_bytes(8, "big"),  # a map of 2**40 pairs
+        b"\xd2\x84\x5a" + (1 << 30).to_bytes(4, "big") + b"x" * 100,  # inside COSE_Sign1
+        b"\xd2\x84\x40\xa0\x5b" + (1 << 40).to_bytes(8, "big"),  # the payload's length
+    ],
+)
+def test_lengths_a_document_claims_are_not_allocated(claim: bytes) -> None:
+    """Every length is bounded before allocation: a header claiming terabytes is a typed
+    error after reading what is there, not an allocation of what it claims."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(DocumentFormatError):
+            parse_document(claim)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= ALLOC_SLACK, peak
 
 
 @settings(max_examples=200, deadline=None)

@@ -228,10 +228,13 @@ async def test_a_deadline_stops_the_work_and_the_model_keeps_serving() -> None:
     heavy = [LONG + f" {i}" for i in range(64)]  # 16 runs of 4 x 256 tokens: seconds
     with trio.fail_after(60):
         async with serving(service), connected(service) as client:
-            t0 = trio.current_time()
             with pytest.raises(InferenceTimeoutError, match=r"exceeded 0\.3 s"):
                 await client.embed("minilm", heavy)
-            assert trio.current_time() - t0 < 3
+            # The answer came at the deadline, not when the work ran out: most of the 16
+            # runs were not done when the client had it.
+            at_answer = engine.statistics()
+            assert at_answer.timeouts == 1
+            assert at_answer.runs < 16
             assert len(await client.embed("minilm", ["quick"])) == 1
     stats = engine.statistics()
     assert stats.timeouts == 1

@@ -107,12 +107,12 @@ async def test_heartbeat_timeout_is_e36_and_tears_down(enclave_state_dir, enclav
     with trio.fail_after(OP_TIMEOUT_S):
         async with open_runtime(enclave_state_dir, zygote=False) as rt:
             rt._spawner = _SilentSpawner()
-            t0 = trio.current_time()
+            # The silent child sleeps 120 s, past OP_TIMEOUT_S: only the 1 s boot deadline
+            # can end this wait, and the message says that it did.
             with pytest.raises(NitroCliError) as ei:
                 await rt.run_enclave(eif, cpu_count=1, memory_mib=128, boot_timeout_s=1.0)
             assert ei.value.code == "E36"
-            assert "heartbeat" in ei.value.message
-            assert trio.current_time() - t0 < 10
+            assert "no heartbeat within 1 s" in ei.value.message
             assert rt.describe() == []
             assert list((enclave_state_dir / "enclaves").iterdir()) == []
             assert fabric_cids(enclave_state_dir) == []
