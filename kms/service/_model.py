@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol, TypedDict, overload
+from typing import Protocol, TypedDict, overload
 
 from .. import _asym, _wrap
 from ..errors import KmsError
@@ -339,7 +339,7 @@ class Grant:
     retiring: str | None
     issuing_account: str
     operations: frozenset[str]
-    constraints: Mapping[str, Any]
+    constraints: GrantConstraints
     grantee_service: str | None = None
     retiring_service: str | None = None
 
@@ -347,9 +347,9 @@ class Grant:
         """The stored form (canonical JSON: the tagged bytes are reproducible)."""
         return json.dumps(self.to_json(), sort_keys=True)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> Answer:
         """ListGrants' GrantListEntry (without KeyId, which the caller adds as an ARN)."""
-        out: dict[str, Any] = {
+        out: Answer = {
             "GrantId": self.grant_id,
             "CreationDate": self.created,
             "IssuingAccount": self.issuing_account,
@@ -365,9 +365,7 @@ class Grant:
             if value is not None:
                 out[name] = value
         if self.constraints:
-            out["Constraints"] = {
-                k: dict(v) if isinstance(v, Mapping) else v for k, v in self.constraints.items()
-            }
+            out["Constraints"] = _copy_constraints(self.constraints)
         return out
 
     @classmethod
@@ -383,13 +381,48 @@ class Grant:
             retiring=d.get("RetiringPrincipal"),
             issuing_account=str(d["IssuingAccount"]),
             operations=frozenset(d["Operations"]),
-            constraints={
-                k: dict(v) if isinstance(v, dict) else str(v)
-                for k, v in d.get("Constraints", {}).items()
-            },
+            constraints=_stored_constraints(d.get("Constraints", {})),
             grantee_service=d.get("GranteeServicePrincipal"),
             retiring_service=d.get("RetiringServicePrincipal"),
         )
+
+
+def _copy_constraints(c: GrantConstraints) -> GrantConstraints:
+    """A copy that shares no dict with ``c``."""
+    out: GrantConstraints = {}
+    if "EncryptionContextEquals" in c:
+        out["EncryptionContextEquals"] = dict(c["EncryptionContextEquals"])
+    if "EncryptionContextSubset" in c:
+        out["EncryptionContextSubset"] = dict(c["EncryptionContextSubset"])
+    if "SourceArn" in c:
+        out["SourceArn"] = c["SourceArn"]
+    return out
+
+
+def _stored_pairs(name: str, value: object) -> dict[str, str]:
+    if not isinstance(value, dict) or not _is_str_map(value):
+        raise TypeError(f"grant Constraints.{name}: not a map of strings")
+    return dict(value)
+
+
+def _stored_constraints(value: object) -> GrantConstraints:
+    """A stored grant's ``Constraints``, checked member by member (TypeError if a member has
+    the wrong type, ValueError for a member CreateGrant never stores)."""
+    if not isinstance(value, dict):
+        raise TypeError("grant Constraints: not an object")
+    out: GrantConstraints = {}
+    for name, member in value.items():
+        if name == "SourceArn":
+            if not isinstance(member, str):
+                raise TypeError("grant Constraints.SourceArn: not a string")
+            out["SourceArn"] = member
+        elif name == "EncryptionContextEquals":
+            out["EncryptionContextEquals"] = _stored_pairs(name, member)
+        elif name == "EncryptionContextSubset":
+            out["EncryptionContextSubset"] = _stored_pairs(name, member)
+        else:
+            raise ValueError(f"grant Constraints: unknown member {name!r}")
+    return out
 
 
 @dataclass

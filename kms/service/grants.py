@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..errors import KmsApiError
 from ..policy import RequestContext, account_of
-from ._model import Answer, Grant, Key, Params
+from ._model import Answer, Grant, GrantConstraints, Key, Params
 from ._scaffold import KeyStep, Locate, Operation, Request, Require
 from .management import page
 
@@ -121,7 +121,7 @@ def _conditions(p: Params) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def _at_least_as_strict(parent: Grant, new: Mapping[str, Any]) -> bool:
+def _at_least_as_strict(parent: Grant, new: GrantConstraints) -> bool:
     """AWS: a grant created under a constrained grant's CreateGrant permission must be equally
     strict or stricter."""
     equals = parent.constraints.get("EncryptionContextEquals")
@@ -136,12 +136,12 @@ def _at_least_as_strict(parent: Grant, new: Mapping[str, Any]) -> bool:
     return True
 
 
-def _same_request(grant: Grant, p: Params, constraints: Mapping[str, object]) -> bool:
+def _same_request(grant: Grant, p: Params, constraints: GrantConstraints) -> bool:
     return (
         grant.grantee == p.opt_text("GranteePrincipal")
         and grant.retiring == p.opt_text("RetiringPrincipal")
         and grant.operations == frozenset(p.text_list("Operations"))
-        and dict(grant.constraints) == constraints
+        and grant.constraints == constraints
         and grant.grantee_service == p.opt_text("GranteeServicePrincipal")
         and grant.retiring_service == p.opt_text("RetiringServicePrincipal")
     )
@@ -149,10 +149,7 @@ def _same_request(grant: Grant, p: Params, constraints: Mapping[str, object]) ->
 
 async def _create_grant(svc: KmsService, r: Request) -> Answer:
     key, p = r.key(), r.params
-    constraints = {
-        k: dict(v) if isinstance(v, Mapping) else v
-        for k, v in (p.opt_constraints("Constraints") or {}).items()
-    }
+    constraints: GrantConstraints = p.opt_constraints("Constraints") or {}
     if r.outcome.grant_id is not None:  # authorized by a grant, not by the key policy
         parent = key.grants.get(r.outcome.grant_id)
         if parent is not None:

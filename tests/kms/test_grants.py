@@ -13,6 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from kms.config import KmsConfig
+from kms.service._model import Grant
 
 from .conftest import boto_client
 from .helpers import ACCOUNT, ADMIN, ALL_CREDS, ENCLAVE, OUTSIDER, DaemonThread, aws_cli
@@ -346,3 +347,52 @@ def test_source_arn_constrained_grant_allows_nothing(admin: Any, grantee: Any) -
         with pytest.raises(ClientError) as e:
             call()
         assert _code(e) == "AccessDeniedException"
+
+
+# ----------------------------------------------------------------- the stored form, unit level
+
+_GRANT_FIELDS = {
+    "CreationDate": 1.5e9,
+    "IssuingAccount": f"arn:aws:iam::{ACCOUNT}:root",
+    "Operations": ["Decrypt"],
+}
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        {},
+        {"EncryptionContextEquals": {"a": "1"}},
+        {"EncryptionContextSubset": {"a": "1", "b": ""}},
+        {"SourceArn": "arn:aws:s3:::a-bucket"},
+    ],
+)
+def test_a_stored_grant_reads_back_equal(constraints: dict[str, Any]) -> None:
+    record = json.dumps({**_GRANT_FIELDS, "Constraints": constraints}, sort_keys=True)
+    grant = Grant.from_record("g", "k", record)
+    assert grant.constraints == constraints
+    assert Grant.from_record("g", "k", grant.record()) == grant
+    listed = grant.to_json()
+    assert listed.get("Constraints", {}) == constraints
+    if constraints:  # the answer shares no dict with the grant
+        assert listed["Constraints"] is not grant.constraints
+
+
+@pytest.mark.parametrize(
+    ("constraints", "error"),
+    [
+        ([], TypeError),
+        ({"EncryptionContextEquals": "a=1"}, TypeError),
+        ({"EncryptionContextSubset": {"a": 1}}, TypeError),
+        ({"SourceArn": ["arn:aws:s3:::a-bucket"]}, TypeError),
+        # A constraint this daemon does not know: the grant is not read (it grants nothing)
+        # rather than read without the constraint (which would grant more than it says).
+        ({"SourceAccount": "123456789012"}, ValueError),
+    ],
+)
+def test_a_stored_grant_of_the_wrong_shape_is_refused(constraints: object, error: type) -> None:
+    """What a daemon's load catches (kms_grant_unreadable: the grant is ignored, the key and
+    the other grants serve); before, a wrong shape loaded and failed a later request."""
+    record = json.dumps({**_GRANT_FIELDS, "Constraints": constraints}, sort_keys=True)
+    with pytest.raises(error, match="grant Constraints"):
+        Grant.from_record("g", "k", record)
