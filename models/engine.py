@@ -418,6 +418,32 @@ class ModelEngine:
         assert req.result is not None
         return req.result
 
+    def infer_now(self, inputs: Mapping[str, Array]) -> dict[str, Array] | None:
+        """Run one request at once in the calling task, if that is what :meth:`infer` would do
+        now: a short run (the inline policy), nothing queued, no request just before it to
+        batch with, the run slot free. Otherwise return None having done nothing, and the
+        caller uses :meth:`infer` (which may wait). For a server answering in its reader task.
+
+        Raises:
+            InvalidInputError: the inputs do not match the signature.
+            InferenceError: onnxruntime failed.
+        """
+        samples = self.signature.validate(inputs, max_batch=self.config.max_batch)
+        if self._queue or not self._inline(samples):
+            return None
+        batchable = self.config.batching and self.signature.batchable
+        if batchable and time.perf_counter() - self._last_end < _BACK_TO_BACK_S:
+            return None  # under load: infer() gives the requests behind it a chance to join
+        try:
+            self._slot.acquire_nowait()
+        except trio.WouldBlock:
+            return None
+        try:
+            self._stats.requests += 1
+            return self._run_inline_now(inputs, samples)
+        finally:
+            self._slot.release()
+
     def _run_inline_now(self, inputs: Mapping[str, Array], samples: int) -> dict[str, Array]:
         stats = self._stats
         stats.runs += 1

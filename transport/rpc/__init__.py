@@ -71,6 +71,7 @@ from transport.rpc._events import StreamEnded as StreamEnded
 from transport.rpc._events import StreamErrored as StreamErrored
 from transport.rpc._events import StreamOpened as StreamOpened
 from transport.rpc._events import WindowUpdated as WindowUpdated
+from transport.rpc._routing import DEFER as DEFER
 from transport.rpc._routing import Handler as Handler
 from transport.rpc._routing import InlineFunction as InlineFunction
 from transport.rpc._routing import InlineUnary as InlineUnary
@@ -98,6 +99,7 @@ __all__ = [
     "Handler",
     "unary",
     "unary_inline",
+    "DEFER",
     "route",
     "Router",
     "InlineUnary",

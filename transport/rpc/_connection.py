@@ -114,6 +114,10 @@ class RpcStatistics:
         closed: True once the connection failed or was closed.
         buffered_bytes: every received message byte not yet consumed, closed streams included
             (bounded by ``max_buffered_bytes``).
+        inline_answers: unary requests a server answered in its reader task
+            (:func:`~transport.rpc.unary_inline`), 0 on a client.
+        deferred_answers: unary requests its inline function deferred to a handler task
+            (:data:`~transport.rpc.DEFER`), 0 on a client.
     """
 
     open_streams: int
@@ -132,6 +136,8 @@ class RpcStatistics:
     running_handlers: int
     closed: bool
     buffered_bytes: int = 0
+    inline_answers: int = 0
+    deferred_answers: int = 0
 
 
 class Connection:
@@ -154,6 +160,8 @@ class Connection:
         self.failure: tuple[type[TransportError], str, BaseException | None] | None = None
         self.blocked_senders = 0
         self.running_handlers = 0
+        self.inline_answers = 0  # server only (see RpcStatistics)
+        self.deferred_answers = 0
         self.pings: dict[bytes, Parker] = {}
         self.nursery: trio.Nursery | None = None  # where background flushes run
         self.background_flush = False
@@ -546,6 +554,8 @@ class Connection:
             running_handlers=self.running_handlers,
             closed=self.failure is not None,
             buffered_bytes=c.buffered_bytes,
+            inline_answers=self.inline_answers,
+            deferred_answers=self.deferred_answers,
         )
 
 

@@ -50,7 +50,13 @@ from transport.rpc._core import (
 )
 from transport.rpc._errors import RpcError
 from transport.rpc._events import RequestReceived, StreamOpened
-from transport.rpc._routing import Handler, InlineFunction, inline_function
+from transport.rpc._routing import (
+    DEFER,
+    Handler,
+    InlineFunction,
+    has_otherwise,
+    inline_function,
+)
 from transport.rpc._stream import ACTIVE_STATES, RpcStream
 from transport.sync import Parker, TaskPool
 
@@ -105,7 +111,7 @@ class _InlineCall:
         self.fn = fn
 
     def deliver(self, message: Any, size: int, end: bool) -> None:
-        self._conn.answer_inline(self.stream, self.fn, message, size)
+        self._conn.answer_inline(self.stream, self.fn, message, size, end)
 
     def deliver_end(self) -> None:  # the stream ended without a request
         conn = self._conn
@@ -170,7 +176,8 @@ class _ServerConnection(Connection):
         self.deferred_cancels: list[trio.CancelScope] = []
         self.reader_scope = trio.CancelScope()
         self.closed_reason: str | None = None  # why the watchdog closed the connection
-        self.inline_cache: dict[str, InlineFunction | None] = {}  # method -> inline fn
+        # method -> (its inline fn, whether that fn has an `otherwise` handler)
+        self.inline_cache: dict[str, tuple[InlineFunction | None, bool]] = {}
 
     # ------------------------------------------------------------ hooks
 
@@ -188,19 +195,19 @@ class _ServerConnection(Connection):
                 scope.cancel()
             self.deferred_cancels.clear()
 
-    def inline_for(self, method: str) -> InlineFunction | None:
+    def inline_for(self, method: str) -> tuple[InlineFunction | None, bool]:
         try:
             return self.inline_cache[method]
         except KeyError:
-            fn = inline_function(self.handler, method)
+            found = (inline_function(self.handler, method), has_otherwise(self.handler, method))
             if len(self.inline_cache) < _INLINE_CACHE_SIZE:
-                self.inline_cache[method] = fn
-            return fn
+                self.inline_cache[method] = found
+            return found
 
     def on_open(self, ev: StreamOpened) -> None:
         stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
-        fn = self.inline_for(ev.method)
-        if fn is not None:
+        fn, otherwise = self.inline_for(ev.method)
+        if fn is not None and not otherwise:
             self.streams[ev.stream_id] = _InlineCall(self, stream, fn)
             return  # answered by answer_inline() when the request arrives
         self.streams[ev.stream_id] = stream
@@ -210,13 +217,14 @@ class _ServerConnection(Connection):
     def on_request(self, ev: RequestReceived) -> None:
         # The unary fast path: an inline method whose request came with the OPEN is answered
         # at once, without registering anything for the stream.
-        fn = self.inline_for(ev.method)
+        fn, otherwise = self.inline_for(ev.method)
         if fn is not None and ev.end:
             view = _InlineView(self, ev.stream_id, ev.method, ev.metadata)
-            self.answer_inline(view, fn, ev.message, ev.size)
+            self.answer_inline(view, fn, ev.message, ev.size, True)
             return
         stream = RpcStream(self, ev.stream_id, ev.method, ev.metadata)
-        if fn is not None:  # an inline method whose client keeps sending: answer, then drain
+        if fn is not None and not otherwise:
+            # An inline method whose client keeps sending: answer, then drain.
             call = _InlineCall(self, stream, fn)
             self.streams[ev.stream_id] = call
             call.deliver(ev.message, ev.size, ev.end)
@@ -240,15 +248,19 @@ class _ServerConnection(Connection):
 
     # ------------------------------------------------------------ inline methods
 
-    def answer_inline(self, stream: RpcStream, fn: InlineFunction, request: Any, size: int) -> None:
-        """Answer a unary request in the reader task: no task, no cancel scope, no hop."""
+    def answer_inline(
+        self, stream: RpcStream, fn: InlineFunction, request: Any, size: int, end: bool
+    ) -> None:
+        """Answer a unary request in the reader task: no task, no cancel scope, no hop; or, if
+        ``fn`` returns DEFER, hand the request to a handler task (:meth:`defer`)."""
         core = self.core
         stream_id = stream.stream_id
-        grant = core.message_consumed(stream_id, size)
-        if grant:
-            self.outbox.append(grant)
         try:
-            data = core.send_message(stream_id, fn(request, stream), end=True)
+            response = fn(request, stream)
+            if response is DEFER:
+                self.defer(stream, request, size, end)
+                return
+            data = core.send_message(stream_id, response, end=True)
         except RpcError as exc:
             data = core.send_error(stream_id, exc.code, exc.message)
         except Exception as exc:
@@ -260,11 +272,27 @@ class _ServerConnection(Connection):
                 exc_info=exc,
             )
             data = core.send_error(stream_id, "internal", "internal error")
+        self.inline_answers += 1
+        grant = core.message_consumed(stream_id, size)
+        if grant:
+            self.outbox.append(grant)
         self.outbox.append(data)
         if core.stream_state(stream_id) in ACTIVE_STATES:
             self.streams[stream_id] = _Drain(self, stream_id)  # the client still sends
         else:
             self.streams.pop(stream_id, None)
+
+    def defer(self, stream: RpcStream, request: Any, size: int, end: bool) -> None:
+        """Run the method's handler for a request its inline function deferred: the stream
+        becomes an ordinary one, with the request as its first message (not yet consumed: the
+        handler's receive reports it, as for any handler), in a handler task."""
+        if type(stream) is _InlineView:  # the fast path's view: make the real stream
+            stream = RpcStream(self, stream.stream_id, stream.method, stream.metadata)
+        self.deferred_answers += 1
+        self.streams[stream.stream_id] = stream
+        stream.deliver(request, size, end)
+        self.running_handlers += 1
+        self.pool.start(stream)
 
     # ------------------------------------------------------------ handler tasks
 
