@@ -242,15 +242,7 @@ class Params(Mapping[str, object]):
             for k, v in value.items()
         )
         self._member(name, ok, "grant constraints")
-        assert isinstance(value, dict)
-        out: GrantConstraints = {}
-        if "EncryptionContextEquals" in value:
-            out["EncryptionContextEquals"] = dict(value["EncryptionContextEquals"])
-        if "EncryptionContextSubset" in value:
-            out["EncryptionContextSubset"] = dict(value["EncryptionContextSubset"])
-        if "SourceArn" in value:
-            out["SourceArn"] = value["SourceArn"]
-        return out
+        return _checked_constraints(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +357,7 @@ class Grant:
             if value is not None:
                 out[name] = value
         if self.constraints:
-            out["Constraints"] = _copy_constraints(self.constraints)
+            out["Constraints"] = _checked_constraints(self.constraints)  # a copy
         return out
 
     @classmethod
@@ -381,33 +373,22 @@ class Grant:
             retiring=d.get("RetiringPrincipal"),
             issuing_account=str(d["IssuingAccount"]),
             operations=frozenset(d["Operations"]),
-            constraints=_stored_constraints(d.get("Constraints", {})),
+            constraints=_checked_constraints(d.get("Constraints", {})),
             grantee_service=d.get("GranteeServicePrincipal"),
             retiring_service=d.get("RetiringServicePrincipal"),
         )
 
 
-def _copy_constraints(c: GrantConstraints) -> GrantConstraints:
-    """A copy that shares no dict with ``c``."""
-    out: GrantConstraints = {}
-    if "EncryptionContextEquals" in c:
-        out["EncryptionContextEquals"] = dict(c["EncryptionContextEquals"])
-    if "EncryptionContextSubset" in c:
-        out["EncryptionContextSubset"] = dict(c["EncryptionContextSubset"])
-    if "SourceArn" in c:
-        out["SourceArn"] = c["SourceArn"]
-    return out
-
-
-def _stored_pairs(name: str, value: object) -> dict[str, str]:
+def _string_pairs(name: str, value: object) -> dict[str, str]:
     if not isinstance(value, dict) or not _is_str_map(value):
         raise TypeError(f"grant Constraints.{name}: not a map of strings")
     return dict(value)
 
 
-def _stored_constraints(value: object) -> GrantConstraints:
-    """A stored grant's ``Constraints``, checked member by member (TypeError if a member has
-    the wrong type, ValueError for a member CreateGrant never stores)."""
+def _checked_constraints(value: object) -> GrantConstraints:
+    """A grant's ``Constraints`` (from a request, a stored grant or a grant), checked member
+    by member and copied (TypeError if a member has the wrong type, ValueError for a member
+    CreateGrant never stores)."""
     if not isinstance(value, dict):
         raise TypeError("grant Constraints: not an object")
     out: GrantConstraints = {}
@@ -417,9 +398,9 @@ def _stored_constraints(value: object) -> GrantConstraints:
                 raise TypeError("grant Constraints.SourceArn: not a string")
             out["SourceArn"] = member
         elif name == "EncryptionContextEquals":
-            out["EncryptionContextEquals"] = _stored_pairs(name, member)
+            out["EncryptionContextEquals"] = _string_pairs(name, member)
         elif name == "EncryptionContextSubset":
-            out["EncryptionContextSubset"] = _stored_pairs(name, member)
+            out["EncryptionContextSubset"] = _string_pairs(name, member)
         else:
             raise ValueError(f"grant Constraints: unknown member {name!r}")
     return out
