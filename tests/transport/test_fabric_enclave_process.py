@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 import trio
 
 from transport.vsock import (
@@ -56,11 +57,10 @@ async def main():
         print("20 concurrent connects ok", flush=True)
 
         for target in (VsockAddr(3, 8001), VsockAddr(17, 5005), VsockAddr(2, 8000)):
-            t = time.monotonic()
             try:
                 await open_vsock_stream(target)
             except VsockConnectionRefused:
-                print("refused", target, "%.3f" % (time.monotonic() - t), flush=True)
+                print("refused", target, flush=True)
 
         listener = await open_vsock_listener(5005)
         print("listening", *listener.socket.getsockname(), flush=True)
@@ -123,7 +123,7 @@ async def test_enclave_process_end_to_end(fabric_dir: Path) -> None:
     ours, theirs = fabric_socketpair()
     lines: list[str] = []
     listening = trio.Event()
-    with trio.fail_after(TIMEOUT_S):
+    with trio.fail_after(TIMEOUT_S), structlog.testing.capture_logs() as logs:
         async with (
             await open_vsock_listener(8000, fabric_dir=fabric_dir) as host,
             trio.open_nursery() as nursery,
@@ -159,7 +159,10 @@ async def test_enclave_process_end_to_end(fabric_dir: Path) -> None:
     assert lines[:2] == ["heartbeat ok", "20 concurrent connects ok"]
     refused = [line.split() for line in lines if line.startswith("refused")]
     assert [r[1] for r in refused] == ["vsock:3:8001", "vsock:17:5005", "vsock:2:8000"]
-    assert all(float(r[2]) < 0.5 for r in refused), "refusals are prompt"
+    # Refusals are answers (an enclave's connect has no timeout of its own: it is refused only
+    # by the broker's reply), decided by policy without a connection attempt.
+    denied = [e["target"] for e in logs if e["event"] == "vsock_connect_denied"]
+    assert denied == ["vsock:3:8001", "vsock:17:5005", "vsock:2:8000"]
     assert "listening 16 5005" in lines
     assert lines[-1] == "done"
 
