@@ -218,3 +218,120 @@ async def test_commit_with_fsync_is_on_disk_before_it_returns(
         assert synced[-1] == path.stat().st_size  # this line was synced before the return
     log.close()
     assert verify_audit_log(path, master) == 3
+
+
+# ------------------------------------------------- group commit: inline while syncs are fast
+
+
+class _Disk:
+    """A sync whose duration a test sets, on a fake clock; records the thread it ran on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.now = 0.0
+        self.threads: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sync(self) -> None:
+        self.threads.append(threading.get_ident())
+        self.now += self.seconds
+
+
+async def test_fast_syncs_run_inline_and_writers_that_are_ready_share_one() -> None:
+    disk = _Disk(0.0002)
+    group = GroupCommit(disk.sync, inline_max_s=0.002, clock=disk.clock)
+    assert group.inline
+
+    async def writer() -> None:
+        await group.durable(group.wrote())
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(writer)
+    # The leader yielded once before syncing: all 20 had written, one sync covered them.
+    assert (group.syncs, group.inline_syncs) == (1, 1)
+    assert disk.threads == [threading.get_ident()]  # in the event loop's thread
+    for _ in range(5):
+        await writer()
+    assert (group.syncs, group.inline_syncs) == (6, 6)
+
+
+async def test_a_slow_sync_moves_syncs_to_a_thread_until_they_are_fast_again() -> None:
+    disk = _Disk(0.0002)
+    group = GroupCommit(disk.sync, inline_max_s=0.002, clock=disk.clock)
+    me = threading.get_ident()
+    await group.durable(group.wrote())
+    assert group.inline
+    disk.seconds = 0.010  # one sync over four times the limit: the loop must not wait on it
+    await group.durable(group.wrote())
+    assert not group.inline
+    await group.durable(group.wrote())
+    assert disk.threads[-1] != me  # this one ran in a worker thread
+    disk.seconds = 0.0002  # the disk recovers: the average falls under half the limit
+    for _ in range(30):
+        await group.durable(group.wrote())
+        if group.inline:
+            break
+    assert group.inline
+    await group.durable(group.wrote())
+    assert disk.threads[-1] == me
+    assert group.syncs == len(disk.threads)
+
+
+async def test_a_slowly_drifting_disk_moves_syncs_to_a_thread_on_the_average() -> None:
+    """No single sync over four times the limit, but an average over it: thread too."""
+    disk = _Disk(0.0035)
+    group = GroupCommit(disk.sync, inline_max_s=0.002, clock=disk.clock)
+    for _ in range(30):
+        await group.durable(group.wrote())
+        if not group.inline:
+            break
+    assert not group.inline
+    assert group.inline_syncs >= 2  # it took the average a few syncs to cross the limit
+
+
+async def test_a_failed_inline_sync_fails_its_batch_and_every_later_one() -> None:
+    def sync() -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    group = GroupCommit(sync, inline_max_s=0.002)
+    with pytest.raises(OSError, match="I/O error"):
+        await group.durable(group.wrote())
+    with pytest.raises(SyncFailed):
+        await group.durable(group.wrote())
+
+
+async def test_a_cancelled_inline_leader_still_syncs_its_batch() -> None:
+    disk = _Disk(0.0002)
+    group = GroupCommit(disk.sync, inline_max_s=0.002, clock=disk.clock)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await group.durable(group.wrote())  # the yield before the sync is shielded
+    assert group.syncs == 1
+    await group.durable(1)  # durable already: returns without another sync
+    assert group.syncs == 1
+
+
+async def test_the_audit_log_syncs_inline_on_a_healthy_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[int] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        threads.append(threading.get_ident())
+        real(fd)
+
+    monkeypatch.setattr(audit_mod.os, "fdatasync", fdatasync)
+    log = AuditLog(tmp_path / "audit.jsonl", MasterKey(os.urandom(32)), fsync=True)
+    try:
+        for i in range(20):
+            await log.commit({"operation": "Encrypt", "i": i})
+    finally:
+        log.close()
+    # The log starts with syncs inline (whether they stay so depends on this disk's speed).
+    assert threads[0] == threading.get_ident()
+    assert len(threads) == 20
