@@ -19,6 +19,7 @@ symlinks or extra files (a stray ``__pycache__`` would let unmeasured bytecode r
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator, Mapping, Sequence
@@ -109,6 +110,11 @@ def extract(ramdisks: Ramdisks, dest: Path) -> None:
 def verify_tree(ramdisks: Ramdisks, root: Path) -> None:
     """Check that ``root`` holds exactly what :func:`extract` would write from ``ramdisks``.
 
+    It runs before every warm start, on the start's critical path, so each file costs one
+    ``open`` (``O_NOFOLLOW``: a symlink fails it), one ``fstat`` (type, mode, size) and one
+    ``read``, and directories are walked with ``scandir``; a file's type comes from that
+    ``fstat`` on the opened file, so nothing can swap it between the check and the read.
+
     Raises:
         ImageTamperedError: any difference (missing, extra, changed, re-moded, symlinked).
     """
@@ -121,34 +127,72 @@ def verify_tree(ramdisks: Ramdisks, root: Path) -> None:
         raise ImageTamperedError(f"unpacked image {root} is not readable: {exc}") from exc
     if not stat.S_ISDIR(root_st.st_mode):
         raise ImageTamperedError(f"unpacked image root {root} is not a directory")
-    for current, subdirs, names in os.walk(root, followlinks=False):
-        rel_dir = os.path.relpath(current, root)
-        for name in [*subdirs, *names]:
-            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
-            path = Path(current, name)
-            st = path.lstat()
-            if rel in expected_dirs:
-                if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != _DIR_MODE:
-                    raise ImageTamperedError(f"unpacked image entry {rel} was changed")
-                seen.add(rel)
-                continue
+    pending: list[tuple[str, str]] = [(str(root), "")]  # (directory path, its relative name)
+    while pending:
+        current, rel_dir = pending.pop()
+        try:
+            with os.scandir(current) as listing:
+                found = list(listing)
+        except OSError as exc:
+            raise ImageTamperedError(f"unpacked image {current} is not readable: {exc}") from exc
+        for item in found:
+            rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
             entry = expected.get(rel)
-            if entry is None:
+            if entry is None and rel not in expected_dirs:
                 raise ImageTamperedError(f"unpacked image has an unexpected entry {rel}")
-            want_type = stat.S_IFDIR if entry.is_dir else stat.S_IFREG
-            if stat.S_IFMT(st.st_mode) != want_type:
-                raise ImageTamperedError(f"unpacked image entry {rel} changed type")
-            if stat.S_IMODE(st.st_mode) != _expected_mode(entry):
-                raise ImageTamperedError(f"unpacked image entry {rel} changed mode")
-            if not entry.is_dir and (
-                st.st_size != len(entry.data)
-                or read_member(path, limit=len(entry.data)) != entry.data
-            ):
-                raise ImageTamperedError(f"unpacked image file {rel} was modified")
+            if entry is None or entry.is_dir:  # a directory: its mode, then what it holds
+                st = item.stat(follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    if entry is None:
+                        raise ImageTamperedError(f"unpacked image entry {rel} was changed")
+                    raise ImageTamperedError(f"unpacked image entry {rel} changed type")
+                want = _DIR_MODE if entry is None else _expected_mode(entry)
+                if stat.S_IMODE(st.st_mode) != want:
+                    if entry is None:
+                        raise ImageTamperedError(f"unpacked image entry {rel} was changed")
+                    raise ImageTamperedError(f"unpacked image entry {rel} changed mode")
+                pending.append((item.path, rel))
+            else:
+                _check_file(item.path, rel, entry)
             seen.add(rel)
     missing = (expected.keys() | expected_dirs) - seen
     if missing:
         raise ImageTamperedError(f"unpacked image lacks {sorted(missing)[0]}")
+
+
+def _check_file(path: str, rel: str, entry: CpioEntry) -> None:
+    """One regular file of the tree against its entry (see :func:`verify_tree`)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a symlink where a file was unpacked
+            raise ImageTamperedError(f"unpacked image entry {rel} changed type") from None
+        raise ImageTamperedError(f"unpacked image file {path} is unreadable: {exc}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageTamperedError(f"unpacked image entry {rel} changed type")
+        if stat.S_IMODE(st.st_mode) != _expected_mode(entry):
+            raise ImageTamperedError(f"unpacked image entry {rel} changed mode")
+        size = len(entry.data)
+        if st.st_size != size or _read_file(fd, size) != entry.data:
+            raise ImageTamperedError(f"unpacked image file {rel} was modified")
+    finally:
+        os.close(fd)
+
+
+def _read_file(fd: int, size: int) -> bytes:
+    """The content of a regular file expected to hold ``size`` bytes, plus one more byte if
+    it grew: one ``read`` of ``size + 1`` (short only at the end of the file), continued only
+    if a read stops before ``size`` (over 2 GiB, or a signal)."""
+    data = os.read(fd, size + 1)
+    while len(data) < size:
+        more = os.read(fd, size + 1 - len(data))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def read_member(path: Path, *, limit: int) -> bytes:

@@ -143,9 +143,67 @@ def _tamper_cases() -> dict[str, object]:
         img.root.chmod(0o755)
         (img.root / "sitecustomize.py").write_text("")
 
+    def file_to_dir(img: UnpackedImage) -> None:
+        img.app_dir.chmod(0o755)
+        (img.app_dir / "main.py").unlink()
+        (img.app_dir / "main.py").mkdir(0o555)
+
+    def dir_to_file(img: UnpackedImage) -> None:
+        img.app_dir.chmod(0o755)
+        (img.app_dir / "pkg").chmod(0o755)
+        shutil.rmtree(img.app_dir / "pkg")
+        (img.app_dir / "pkg").write_bytes(b"")
+
+    def dir_symlink(img: UnpackedImage) -> None:
+        img.app_dir.chmod(0o755)
+        (img.app_dir / "pkg").chmod(0o755)
+        shutil.rmtree(img.app_dir / "pkg")
+        (img.app_dir / "pkg").symlink_to("/tmp")
+
+    def fifo(img: UnpackedImage) -> None:
+        img.app_dir.chmod(0o755)
+        (img.app_dir / "main.py").unlink()
+        os.mkfifo(img.app_dir / "main.py", 0o444)
+
+    def dir_mode(img: UnpackedImage) -> None:
+        (img.app_dir / "pkg").chmod(0o755)
+
+    def top_dir_mode(img: UnpackedImage) -> None:
+        (img.root / "bootstrap").chmod(0o755)
+
+    def top_dir_gone(img: UnpackedImage) -> None:
+        img.root.chmod(0o755)
+        for current, dirs, _files in os.walk(img.root / "bootstrap"):
+            for d in dirs:
+                os.chmod(os.path.join(current, d), 0o755)
+        (img.root / "bootstrap").chmod(0o755)
+        shutil.rmtree(img.root / "bootstrap")
+
+    def nested_extra(img: UnpackedImage) -> None:
+        d = img.bootstrap_dir / "transport"
+        d.chmod(0o755)
+        (d / "evil.py").write_text("")
+
     return {
         f.__name__: f
-        for f in (modify, same_size, add_pycache, remove, symlink, chmod, manifest, extra_root)
+        for f in (
+            modify,
+            same_size,
+            add_pycache,
+            remove,
+            symlink,
+            chmod,
+            manifest,
+            extra_root,
+            file_to_dir,
+            dir_to_file,
+            dir_symlink,
+            fifo,
+            dir_mode,
+            top_dir_mode,
+            top_dir_gone,
+            nested_extra,
+        )
     }
 
 
