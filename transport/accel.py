@@ -30,9 +30,7 @@ from __future__ import annotations
 
 # Imports kept to what ``import transport`` loads anyway (no dataclasses, importlib.abc/util or
 # sysconfig: ~15 ms more per process start).
-import hashlib
 import importlib.machinery
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -92,6 +90,11 @@ def source_digest(root: Path = _SOURCE_ROOT) -> str:
     """SHA-256 over every ``transport/**/*.py`` under ``root`` (path and bytes) and the
     interpreter's version: what the compiled cores were built from. (The compiler's version is
     the build's business: an older mypyc's output still matches its source.)"""
+    # Imported here, not at the top: a process that has no build for this tree (every
+    # enclave: its transport is the measured bootstrap copy) never loads OpenSSL's hashlib
+    # for it, a few ms of each fresh start (``enclave bench runtime``: cold_start_ms).
+    import hashlib
+
     h = hashlib.sha256()
     h.update(sys.version.encode() + b"\0")
     for path in sorted((root / "transport").rglob("*.py")):
@@ -125,6 +128,8 @@ def check_build(directory: Path) -> tuple[dict[str, Path] | None, str]:
     """The compiled module files if the build in ``directory`` matches this tree (its stamp
     names this source root and this tree's :func:`source_digest`, and every module file is
     there), else None; with what to tell the user either way."""
+    import json  # only where a build may exist (see source_digest)
+
     stamp_path = directory / STAMP_NAME
     try:
         stamp = json.loads(stamp_path.read_text())
