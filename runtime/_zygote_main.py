@@ -31,6 +31,7 @@ PREIMPORT = (
     "transport", "transport.vsock", "transport.fabric.enclave", "transport.channel",
     "transport.rpc", "attest", "attest.nsm.client", "attest.channel", "kms", "kms.client",
     "models", "models.server", "runtime.enclave_init",
+    "transport.blocking",  # init's boot handshake (imported lazily there, eagerly here)
 )  # fmt: skip
 #: Largest fork request (JSON: env + sandbox parameters).
 MAX_REQUEST = 1 << 20
