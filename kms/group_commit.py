@@ -13,9 +13,10 @@ the disk works, but the hand-off to and from the thread costs ~0.4 ms on this pr
 disk (~0.2 ms). So while syncs stay fast they run inline, in the event loop, the way a model
 that runs in under a millisecond is run inline (models.engine): the loop stops for the sync,
 but every request waiting on it would have waited anyway. Before an inline sync the leader
-yields once, so that the writers that are ready write first and share it; if some task is still
-ready to run after that (a request being worked on), the sync goes to the thread after all, so
-that work overlaps the disk's. A sync slower than
+yields once, so that the writers that are ready write first and share it. (Sending the sync to
+the thread whenever some other task is ready to run, so that its work overlaps the disk's, was
+tried: trio's current batch of runnable tasks is not visible, so the rule held only half the
+time, and no throughput difference showed.) A sync slower than
 ``inline_max_s`` (a busy or failing disk; measured as an average, and any one sync over four
 times the limit counts at once) moves the syncs to the worker thread, so a slow disk never
 stops the loop for long; they come back inline once the thread measures them fast again.
@@ -132,8 +133,6 @@ class GroupCommit:
                 if self._inline:
                     # Writers that are ready now write first and share this sync.
                     await trio.lowlevel.cancel_shielded_checkpoint()
-                if self._inline and not trio.lowlevel.current_statistics().tasks_runnable:
-                    # Nothing else could run meanwhile: the loop may as well wait here.
                     covered = self._issued  # every write before this sync starts
                     elapsed = self._timed_sync()
                     self.inline_syncs += 1

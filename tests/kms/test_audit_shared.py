@@ -336,27 +336,3 @@ async def test_the_audit_log_syncs_inline_on_a_healthy_disk(
     assert threads[0] == threading.get_ident()
     assert len(threads) == 20
 
-
-async def test_a_sync_overlaps_work_that_is_ready_to_run() -> None:
-    """If a task is still ready to run when the leader would sync inline, the sync goes to the
-    thread, so that work proceeds while the disk works (it stays in inline mode)."""
-    disk = _Disk(0.0002)
-    group = GroupCommit(disk.sync, inline_max_s=0.002, clock=disk.clock)
-    me = threading.get_ident()
-    steps = 0
-
-    async def busy() -> None:
-        nonlocal steps
-        for _ in range(50):  # ready to run at every scheduling round for a while
-            steps += 1
-            await trio.lowlevel.checkpoint()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(busy)
-        await trio.lowlevel.checkpoint()
-        await group.durable(group.wrote())
-        assert disk.threads[-1] != me  # in the thread: busy() was runnable
-        assert group.inline  # still the mode: only this sync overlapped
-    await group.durable(group.wrote())
-    assert disk.threads[-1] == me  # nothing else to run: inline
-    assert steps == 50
