@@ -206,11 +206,13 @@ def read_member(path: Path, *, limit: int) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ImageTamperedError(f"unpacked image file {path} is unreadable: {exc}") from exc
-    with os.fdopen(fd, "rb") as f:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
             raise ImageTamperedError(f"unpacked image entry {path} is not what was unpacked")
-        data = f.read(limit + 1)
+        data = _read_file(fd, limit)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise ImageTamperedError(f"unpacked image file {path} grew while being read")
     return data
